@@ -1,0 +1,1 @@
+"""Devoid Generator: a durable websocket balancer for image-generation backends."""

@@ -1,0 +1,1 @@
+"""Clients for the GPU servers requests are balanced across (../shared/BACKENDS.md)."""

@@ -1,0 +1,25 @@
+"""Devoid Kandinsky 2.1 API client (`/text2img`, `/mix2images`; JPEG bodies)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+
+from app.backends.base import Backend, BackendSpec
+from app.jobs import GenType
+
+_ROUTES = {GenType.TEXT2IMG: "text2img", GenType.MIX2IMG: "mix2images"}
+
+
+class KandinskyBackend(Backend):
+    def __init__(self, spec: BackendSpec, session: aiohttp.ClientSession, api_token: str) -> None:
+        super().__init__(spec, session)
+        self.api_url = spec.endpoint.rstrip("/")
+        self._api_token = api_token
+
+    async def _call(self, gen_type: GenType, payload: dict[str, Any]) -> bytes:
+        response = await self._post_json(f"{self.api_url}/{_ROUTES[gen_type]}", payload,
+                                         headers={"authorization": self._api_token})
+        async with response:
+            return await response.read()

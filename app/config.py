@@ -1,0 +1,213 @@
+"""Every setting of the server, declared once: name, default, unit and one line of help.
+
+`Config.from_env(environ)` is the only place settings are read. A bad value raises
+`ConfigError` with one sentence naming the setting; `main()` prints it and exits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(Exception):
+    """A setting is missing or malformed; the message names it."""
+
+
+def _parse_flag(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected 0 or 1, got {raw!r}")
+
+
+def _parse_level(raw: str) -> str:
+    level = raw.strip().upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ValueError(f"expected DEBUG, INFO, WARNING, ERROR or CRITICAL, got {raw!r}")
+    return level
+
+
+def _parse_port(raw: str) -> int:
+    port = int(raw)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"expected a port number 0-65535, got {raw!r}")
+    return port
+
+
+def _parse_positive_int(raw: str) -> int:
+    value = int(raw)
+    if value <= 0:
+        raise ValueError(f"expected a whole number above 0, got {raw!r}")
+    return value
+
+
+def _parse_non_negative_float(raw: str) -> float:
+    value = float(raw)
+    if not value >= 0:  # also refuses NaN
+        raise ValueError(f"expected a number of seconds >= 0, got {raw!r}")
+    return value
+
+
+def _parse_services(raw: str) -> dict[str, str]:
+    """`telegram:k1 discord:k2` -> {"telegram": "k1", "discord": "k2"}."""
+    services: dict[str, str] = {}
+    for pair in raw.split():
+        name, sep, key = pair.partition(":")
+        if not sep or not name or not key:
+            # Never echo the pair itself: it holds a key.
+            raise ValueError("expected space-separated name:key pairs")
+        if name in services:
+            raise ValueError(f"service {name!r} is listed twice")
+        services[name] = key
+    return services
+
+
+def _parse_ratio(raw: str) -> tuple[int, int]:
+    parts = raw.split()
+    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        raise ValueError(f"expected two whole numbers 'general premium', got {raw!r}")
+    general, premium = int(parts[0]), int(parts[1])
+    if general == 0 and premium == 0:
+        raise ValueError("at least one of the two weights must be above 0")
+    return general, premium
+
+
+def _parse_url(raw: str) -> str:
+    url = raw.strip().rstrip("/")
+    if url and not url.startswith(("http://", "https://")):
+        raise ValueError(f"expected an http:// or https:// URL, got {raw!r}")
+    return url
+
+
+def _text(raw: str) -> str:
+    return raw.strip()
+
+
+@dataclass(frozen=True)
+class Setting:
+    env_name: str
+    default: str
+    parse: Callable[[str], Any]
+    help: str
+    secret: bool = False
+
+
+# The single declaration of every setting. README.md and .env.example document each one
+# (tests/test_config.py fails when one is missing there).
+SETTINGS: tuple[Setting, ...] = (
+    Setting("TEST_MODE", "0", _parse_flag,
+            "1: run built-in demo backends for both executor types instead of EXECUTORS_FILE"),
+    Setting("LOGGING_LEVEL", "INFO", _parse_level,
+            "DEBUG, INFO, WARNING, ERROR or CRITICAL"),
+    Setting("API_HOST", "127.0.0.1", _text,
+            "address to listen on; the default accepts local connections only"),
+    Setting("API_PORT", "8080", _parse_port, "port to listen on"),
+    Setting("PUBLIC_URL", "", _parse_url,
+            "URL clients reach this server at, used in image_url results; "
+            "empty = http://API_HOST:API_PORT"),
+    Setting("SERVICES", "", _parse_services,
+            "space-separated name:key pairs; empty with TEST_MODE=1 means test:demo-key",
+            secret=True),
+    Setting("DATABASE_PATH", "data/devoid.sqlite3", _text,
+            "SQLite file that holds every request (the source of truth)"),
+    Setting("EXECUTORS_FILE", "data/executors.json", _text,
+            "JSON list of backends: name, gpu, timeout (s), model, exec_type, endpoint"),
+    Setting("GENERAL_PREMIUM_RATIO", "1 3", _parse_ratio,
+            "'a b': of every a+b dispatches while both wait, a general and b premium"),
+    Setting("KANDINSKY_API_TOKEN", "", _text,
+            "sent as the authorization header to Kandinsky backends", secret=True),
+    Setting("SAVE_IMAGES_LOCALLY", "1", _parse_flag,
+            "1: write each image under IMAGES_PATH and answer with an image_url served at "
+            "/img/{file_name}; 0: answer with base64"),
+    Setting("IMAGES_PATH", "data/images", _text, "folder for local images"),
+    Setting("MAX_MESSAGE_BYTES", "16777216", _parse_positive_int,
+            "largest websocket message accepted, in bytes (img2img images are large)"),
+    Setting("DEMO_DELAY_S", "2.0", _parse_non_negative_float,
+            "seconds a TEST_MODE demo backend takes per image"),
+    Setting("SHUTDOWN_GRACE_S", "10", _parse_non_negative_float,
+            "seconds running jobs get to finish on shutdown before they are re-queued"),
+    Setting("MONGODB_URI", "", _text, "MongoDB mirror of request records; empty = off",
+            secret=True),
+    Setting("MONGODB_DB", "", _text, "MongoDB database name for the mirror"),
+    Setting("S3_ENDPOINT", "", _parse_url, "S3 server for images; empty = off"),
+    Setting("S3_ACCESS_KEY", "", _text, "S3 access key", secret=True),
+    Setting("S3_SECRET_KEY", "", _text, "S3 secret key", secret=True),
+    Setting("S3_BUCKET_NAME", "", _text, "S3 bucket for images"),
+    Setting("S3_IMAGE_ENDPOINT", "", _text,
+            "public URL prefix of uploaded images: image_url = S3_IMAGE_ENDPOINT + file_name"),
+)
+
+DEMO_SERVICES = {"test": "demo-key"}
+
+
+@dataclass(frozen=True)
+class Config:
+    test_mode: bool
+    logging_level: str
+    api_host: str
+    api_port: int
+    public_url: str
+    services: dict[str, str] = dataclasses.field(repr=False)
+    database_path: Path
+    executors_file: Path
+    general_premium_ratio: tuple[int, int]
+    kandinsky_api_token: str = dataclasses.field(repr=False)
+    save_images_locally: bool
+    images_path: Path
+    max_message_bytes: int
+    demo_delay_s: float
+    shutdown_grace_s: float
+    mongodb_uri: str = dataclasses.field(repr=False)
+    mongodb_db: str
+    s3_endpoint: str
+    s3_access_key: str = dataclasses.field(repr=False)
+    s3_secret_key: str = dataclasses.field(repr=False)
+    s3_bucket_name: str
+    s3_image_endpoint: str
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> Config:
+        """Build the config from a mapping of environment variables.
+
+        Raises ConfigError naming the first bad setting.
+        """
+        values: dict[str, Any] = {}
+        for setting in SETTINGS:
+            raw = environ.get(setting.env_name, setting.default)
+            try:
+                values[setting.env_name.lower()] = setting.parse(raw)
+            except ValueError as exc:
+                raise ConfigError(f"{setting.env_name}: {exc}") from None
+        for path_name in ("database_path", "executors_file", "images_path"):
+            if not values[path_name]:
+                raise ConfigError(f"{path_name.upper()}: must not be empty")
+            values[path_name] = Path(values[path_name])
+        if not values["services"]:
+            if not values["test_mode"]:
+                raise ConfigError("SERVICES: no services configured "
+                                  "(expected space-separated name:key pairs)")
+            values["services"] = dict(DEMO_SERVICES)
+        if not values["public_url"]:
+            values["public_url"] = f"http://{values['api_host']}:{values['api_port']}"
+        return cls(**values)
+
+    def with_changes(self, **changes: Any) -> Config:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def image_url_prefix(self) -> str:
+        return f"{self.public_url}/img/"
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )

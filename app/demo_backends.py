@@ -1,0 +1,145 @@
+"""Demo GPU servers that speak the real HTTP contracts of ../shared/BACKENDS.md.
+
+TEST_MODE=1 serves them on a loopback port and sends requests to them through the same
+scheduler and HTTP clients as real backends. The tests use them as their backends too:
+`DemoBackendState` records what each one received and can hold requests at a gate.
+They draw a real image with Pillow after `delay_s`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import io
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+from PIL import Image, ImageDraw
+
+# Demo images are drawn small whatever size was asked for: they show the flow, not art.
+MAX_DEMO_SIDE_PX = 256
+
+
+@dataclass
+class ReceivedCall:
+    path: str
+    body: dict[str, Any]
+    headers: dict[str, str]
+    started_at: float
+    finished_at: float | None = None
+
+
+@dataclass
+class DemoBackendState:
+    """What a demo backend does and has seen. `gate` cleared = requests wait until it is set."""
+
+    delay_s: float = 0.0
+    api_token: str = ""
+    received: list[ReceivedCall] = field(default_factory=list)
+    gate: asyncio.Event = field(default_factory=asyncio.Event)
+    running: int = 0
+    max_running: int = 0
+
+    def __post_init__(self) -> None:
+        self.gate.set()
+
+
+STATE = web.AppKey("demo_backend_state", DemoBackendState)
+
+
+def draw_image(prompt: str, width: int, height: int, image_format: str) -> bytes:
+    """A real image: a colour taken from the prompt, with the prompt written on it."""
+    colour = tuple(hashlib.sha256(prompt.encode()).digest()[:3])
+    scale = min(1.0, MAX_DEMO_SIDE_PX / max(width, height, 1))
+    size = (max(8, int(width * scale)), max(8, int(height * scale)))
+    image = Image.new("RGB", size, colour)
+    ImageDraw.Draw(image).text((4, 4), prompt[:40], fill=(255, 255, 255))
+    out = io.BytesIO()
+    image.save(out, format=image_format)
+    return out.getvalue()
+
+
+async def _run_call(request: web.Request) -> tuple[DemoBackendState, dict[str, Any], ReceivedCall]:
+    state = request.app[STATE]
+    body = json.loads(await request.text())
+    call = ReceivedCall(path=request.path, body=body, headers=dict(request.headers),
+                        started_at=time.monotonic())
+    state.received.append(call)
+    # Like the real servers, one generation runs at a time; the balancer is meant to see to
+    # that, and max_running lets the tests check that it did.
+    state.running += 1
+    state.max_running = max(state.max_running, state.running)
+    try:
+        await state.gate.wait()
+        if state.delay_s:
+            await asyncio.sleep(state.delay_s)
+    finally:
+        state.running -= 1
+    return state, body, call
+
+
+def _prompt_of(body: dict[str, Any]) -> str:
+    if "images_texts" in body:
+        return " + ".join(item for item in body["images_texts"] if isinstance(item, str) and len(item) < 200)
+    return str(body.get("prompt", ""))
+
+
+# -- AUTOMATIC1111 ---------------------------------------------------------------------
+
+async def _a1111_generate(request: web.Request) -> web.Response:
+    state, body, call = await _run_call(request)
+    png = draw_image(_prompt_of(body), body.get("width", 512), body.get("height", 512), "PNG")
+    call.finished_at = time.monotonic()
+    return web.json_response({
+        "images": [base64.b64encode(png).decode()],
+        "parameters": body,
+        "info": json.dumps({"prompt": body.get("prompt", ""), "seed": body.get("seed", -1)}),
+    })
+
+
+async def _a1111_memory(request: web.Request) -> web.Response:
+    return web.json_response({"ram": {"free": 1, "used": 1, "total": 2},
+                              "cuda": {"system": {"free": 1, "used": 1, "total": 2}}})
+
+
+async def _a1111_ping(request: web.Request) -> web.Response:
+    return web.json_response({})
+
+
+def automatic1111_app(state: DemoBackendState) -> web.Application:
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app[STATE] = state
+    app.router.add_post("/sdapi/v1/txt2img", _a1111_generate)
+    app.router.add_post("/sdapi/v1/img2img", _a1111_generate)
+    app.router.add_get("/sdapi/v1/memory", _a1111_memory)
+    app.router.add_get("/internal/ping", _a1111_ping)
+    return app
+
+
+# -- Kandinsky -------------------------------------------------------------------------
+
+async def _kandinsky_generate(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    if request.headers.get("authorization", "") != state.api_token:
+        return web.json_response({"detail": "Invalid token"}, status=401)
+    state, body, call = await _run_call(request)
+    jpeg = draw_image(_prompt_of(body), body.get("width", 512), body.get("height", 512), "JPEG")
+    call.finished_at = time.monotonic()
+    return web.Response(body=jpeg, content_type="image/jpg")
+
+
+async def _kandinsky_root(request: web.Request) -> web.Response:
+    return web.json_response({"RestAPI": "Kandinskiy 2.1 Model", "website": "demo"})
+
+
+def kandinsky_app(state: DemoBackendState) -> web.Application:
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app[STATE] = state
+    app.router.add_get("/", _kandinsky_root)
+    app.router.add_post("/text2img", _kandinsky_generate)
+    app.router.add_post("/mix2images", _kandinsky_generate)
+    return app

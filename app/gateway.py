@@ -1,0 +1,170 @@
+"""The websocket gateway: who may connect, and what happens to each message they send.
+
+A request's path here: parse_request (schema + payload contract) -> Store.add (committed)
+-> `queued` answer -> Scheduler.submit. A bad message is answered (an error `response`
+when its executor and gen_type are valid, an `info` message otherwise) and the
+connection carries on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+
+from aiohttp import WSMsgType, web
+
+from app import keys
+from app.errors import InvalidRequest
+from app.ids import new_object_id
+from app.jobs import Job
+from app.schemas import (info_message, parse_request, readable_envelope, rejection_response,
+                         short_response)
+
+log = logging.getLogger(__name__)
+
+# Requests one connection may have between receipt and their `queued` answer. Past this the
+# gateway stops reading that socket until commits catch up (backpressure, bounded memory).
+MAX_PENDING_ACCEPTS = 512
+# aiohttp drops a connection whose frame passes its limit, and the client only sees the
+# close. Frames up to twice MAX_MESSAGE_BYTES are read and refused with a readable answer.
+FRAME_LIMIT_FACTOR = 2
+HEARTBEAT_S = 30.0
+
+
+def authenticate(request: web.Request) -> str:
+    """Return the service of a connecting client, or raise 401 before the upgrade.
+
+    The service comes from the `service` header or the `/ws/{service}` path (both must agree
+    when both are given); the key from the `authorization` header.
+    """
+    services = request.app[keys.CONFIG].services
+    path_service = request.match_info.get("service")
+    header_service = request.headers.get("service")
+    if path_service and header_service and path_service != header_service:
+        raise web.HTTPUnauthorized(text="Service in the path and the service header differ.")
+    service = header_service or path_service or ""
+    expected = services.get(service)
+    given = request.headers.get("authorization", "")
+    # compare_digest even for unknown services, so timing does not tell which names exist.
+    if not hmac.compare_digest(given.encode(), (expected or "\0").encode()) or expected is None:
+        log.info("refused a websocket connection for service %r from %s", service, request.remote)
+        raise web.HTTPUnauthorized(text="Service or key is not valid.")
+    return service
+
+
+async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
+    service = authenticate(request)
+    config = request.app[keys.CONFIG]
+    hub = request.app[keys.HUB]
+    # No permessage-deflate: compressing multi-MB base64 images costs 10-20x the CPU.
+    ws = web.WebSocketResponse(max_msg_size=config.max_message_bytes * FRAME_LIMIT_FACTOR,
+                               compress=False, heartbeat=HEARTBEAT_S)
+    await ws.prepare(request)
+    hub.add(service, ws)
+    log.info("%s connected from %s (%d open)", service, request.remote, hub.connection_count(service))
+    connection = _Connection(request.app, service, ws)
+    backlog = asyncio.create_task(hub.deliver_backlog(service, ws))
+    try:
+        async for message in ws:
+            if message.type is WSMsgType.TEXT:
+                await connection.on_text(message.data)
+            elif message.type is WSMsgType.BINARY:
+                await hub.send_to(ws, info_message(
+                    "error", "Binary frames are not accepted: send each request as a JSON text message."))
+            elif message.type is WSMsgType.ERROR:
+                log.info("%s connection error: %s", service, ws.exception())
+    finally:
+        hub.discard(service, ws)
+        await connection.drain()
+        await backlog
+        log.info("%s disconnected (close code %s)", service, ws.close_code)
+    return ws
+
+
+class _Connection:
+    """Per-connection state: the accepts in flight on it."""
+
+    def __init__(self, app: web.Application, service: str, ws: web.WebSocketResponse) -> None:
+        self._app = app
+        self._service = service
+        self._ws = ws
+        self._limit = app[keys.CONFIG].max_message_bytes
+        self._slots = asyncio.Semaphore(MAX_PENDING_ACCEPTS)
+        self._accepts: set[asyncio.Task[None]] = set()
+
+    async def on_text(self, text: str) -> None:
+        hub = self._app[keys.HUB]
+        try:
+            if len(text) > self._limit:
+                # Still parsed, so the refusal can name the request it belongs to.
+                _refuse_oversized(text, self._limit)
+            request = parse_request(text)
+        except InvalidRequest as exc:
+            await hub.send_to(self._ws, self._rejection(exc))
+            return
+        scheduler = self._app[keys.SCHEDULER]
+        executor = request["executor"]
+        if not scheduler.has_backends(executor):
+            exc = InvalidRequest(f"No {executor.value} backend is configured on this server.",
+                                 envelope=request)
+            await hub.send_to(self._ws, self._rejection(exc))
+            return
+        job = Job(object_id=new_object_id(), service=self._service, executor=executor,
+                  gen_type=request["gen_type"], premium=request["flags"]["premium"],
+                  settings=request["settings"], service_info=request["service_info"],
+                  payload=request["payload"], created_at=time.time(), origin=self._ws)
+        # Commits are grouped: accepting concurrently lets one transaction carry many requests.
+        await self._slots.acquire()
+        task = asyncio.create_task(self._accept(job))
+        self._accepts.add(task)
+        task.add_done_callback(self._accept_done)
+
+    def _accept_done(self, task: asyncio.Task[None]) -> None:
+        self._accepts.discard(task)
+        self._slots.release()
+
+    async def _accept(self, job: Job) -> None:
+        store, hub, scheduler = self._app[keys.STORE], self._app[keys.HUB], self._app[keys.SCHEDULER]
+        try:
+            await store.add(job)
+        except Exception as exc:
+            log.exception("%s could not be stored", job.object_id)
+            error = InvalidRequest(f"The request could not be stored, it was not queued: {exc}",
+                                   envelope={"executor": job.executor, "gen_type": job.gen_type,
+                                             "settings": job.settings, "service_info": job.service_info,
+                                             "payload": job.payload})
+            await hub.send_to(self._ws, rejection_response(job.object_id, self._service, error))
+            return
+        log.info("%s queued: %s %s from %s%s", job.object_id, job.executor.value, job.gen_type.value,
+                 self._service, " (premium)" if job.premium else "")
+        eta_s = scheduler.eta_for_new(job.executor, job.premium)
+        # `queued` goes out before the job can be dispatched, so it always precedes `generating`.
+        await hub.send_to(self._ws, short_response(job, "queued", eta_s))
+        scheduler.submit(job)
+
+    def _rejection(self, error: InvalidRequest) -> dict:
+        log.info("refused a message from %s: %s", self._service, error.reason[:300])
+        if error.envelope:
+            return rejection_response(new_object_id(), self._service, error)
+        return info_message("error", error.reason, errors=error.field_errors)
+
+    async def drain(self) -> None:
+        """Let accepts already started finish: their requests are committed and will run."""
+        if self._accepts:
+            await asyncio.wait(set(self._accepts))
+
+
+def _refuse_oversized(text: str, limit: int) -> None:
+    reason = (f"Message is {len(text)} bytes, over this server's limit of {limit} bytes "
+              f"(MAX_MESSAGE_BYTES).")
+    try:
+        message = json.loads(text)
+    except ValueError:
+        message = None
+    envelope = readable_envelope(message) if isinstance(message, dict) else {}
+    # The oversized payload is not echoed back: the client's own frame limit may be lower.
+    envelope.pop("payload", None)
+    raise InvalidRequest(reason, envelope=envelope)

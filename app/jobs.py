@@ -1,0 +1,69 @@
+"""The domain of one generation request: its enums, its life cycle and its record."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ExecutorType(str, enum.Enum):
+    KANDINSKY = "kandinsky"
+    AUTOMATIC1111 = "automatic1111"
+
+
+class GenType(str, enum.Enum):
+    TEXT2IMG = "text2img"
+    IMG2IMG = "img2img"
+    MIX2IMG = "mix2img"
+
+
+# What each backend kind can do (PROTOCOL.md "Valid pairs").
+SUPPORTED_GEN_TYPES: dict[ExecutorType, frozenset[GenType]] = {
+    ExecutorType.AUTOMATIC1111: frozenset({GenType.TEXT2IMG, GenType.IMG2IMG}),
+    ExecutorType.KANDINSKY: frozenset({GenType.TEXT2IMG, GenType.MIX2IMG}),
+}
+
+
+class JobStatus(str, enum.Enum):
+    """A request's life: queued -> generating -> ok | error.
+
+    QUEUED      committed and waiting for a backend; also where a GENERATING job returns
+                when the server restarts before it finished.
+    GENERATING  claimed by one backend (the claim counted an attempt).
+    OK / ERROR  final; the result is stored and is delivered (again) until a connection of
+                the service has been sent it.
+    """
+
+    QUEUED = "queued"
+    GENERATING = "generating"
+    OK = "ok"
+    ERROR = "error"
+
+    @property
+    def is_final(self) -> bool:
+        return self in (JobStatus.OK, JobStatus.ERROR)
+
+
+@dataclass
+class Job:
+    """One accepted request as the scheduler and the store see it."""
+
+    object_id: str
+    service: str
+    executor: ExecutorType
+    gen_type: GenType
+    premium: bool
+    settings: dict[str, Any]
+    service_info: dict[str, Any]
+    payload: dict[str, Any]
+    created_at: float
+    seq: int = 0
+    attempts: int = 0
+    status: JobStatus = JobStatus.QUEUED
+    backend: str | None = None
+    result: dict[str, Any] | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    # Not stored: the connection the request came in on, preferred for its answers.
+    origin: Any = field(default=None, repr=False, compare=False)

@@ -1,0 +1,21 @@
+"""Typed keys of the application's state: every long-lived part, declared in one place."""
+
+from __future__ import annotations
+
+import aiohttp
+from aiohttp import web
+
+from app.backends.base import Backend
+from app.config import Config
+from app.delivery import ConnectionHub
+from app.results import ResultWriter
+from app.scheduler import Scheduler
+from app.store import Store
+
+CONFIG = web.AppKey("config", Config)
+STORE = web.AppKey("store", Store)
+HTTP_SESSION = web.AppKey("http_session", aiohttp.ClientSession)
+BACKENDS = web.AppKey("backends", list[Backend])
+RESULTS = web.AppKey("results", ResultWriter)
+HUB = web.AppKey("hub", ConnectionHub)
+SCHEDULER = web.AppKey("scheduler", Scheduler)

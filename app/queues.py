@@ -1,0 +1,73 @@
+"""The waiting line of one executor type: general and premium requests, weighted."""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+from app.jobs import Job
+
+
+class WeightedQueue:
+    """Two FIFO classes served in the ratio `general_weight : premium_weight`.
+
+    While both classes wait, of every general+premium picks, `general_weight` take the oldest
+    general job and `premium_weight` the oldest premium one, spread out (smooth weighted
+    round-robin: with 1:3 the order is P P G P, repeating). A class that is empty simply does
+    not take part, and builds no credit meanwhile: the other class is served without gaps,
+    and a class that comes back does not get a burst.
+    """
+
+    def __init__(self, general_weight: int, premium_weight: int) -> None:
+        self._weights = {False: general_weight, True: premium_weight}
+        self._current = {False: 0, True: 0}
+        self._jobs: dict[bool, deque[Job]] = {False: deque(), True: deque()}
+
+    def __len__(self) -> int:
+        return len(self._jobs[False]) + len(self._jobs[True])
+
+    def __repr__(self) -> str:
+        return f"<WeightedQueue general={self.waiting(False)} premium={self.waiting(True)}>"
+
+    def waiting(self, premium: bool) -> int:
+        return len(self._jobs[premium])
+
+    def push(self, job: Job) -> None:
+        self._jobs[job.premium].append(job)
+
+    def push_front(self, job: Job) -> None:
+        """Put a job back at the head of its class (it keeps its place in line)."""
+        self._jobs[job.premium].appendleft(job)
+
+    def remove(self, job: Job) -> bool:
+        try:
+            self._jobs[job.premium].remove(job)
+        except ValueError:
+            return False
+        return True
+
+    def pop(self) -> Job | None:
+        """Take the next job, or None when nothing waits."""
+        candidates = [premium for premium in (True, False) if self._jobs[premium]]
+        if not candidates:
+            return None
+        if len(candidates) == 1:
+            return self._jobs[candidates[0]].popleft()
+        total = 0
+        for premium in candidates:
+            self._current[premium] += self._weights[premium]
+            total += self._weights[premium]
+        # Ties go to premium (candidates lists it first).
+        chosen = max(candidates, key=lambda premium: self._current[premium])
+        self._current[chosen] -= total
+        return self._jobs[chosen].popleft()
+
+    def picks_before_new(self, premium: bool) -> int:
+        """How many jobs would be taken before a job of this class pushed now."""
+        same = len(self._jobs[premium])
+        other = len(self._jobs[not premium])
+        own_weight, other_weight = self._weights[premium], self._weights[not premium]
+        if own_weight == 0:
+            return same + other
+        other_taken = math.ceil((same + 1) * other_weight / own_weight)
+        return same + min(other, other_taken)

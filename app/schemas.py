@@ -1,0 +1,210 @@
+"""Wire messages (../shared/PROTOCOL.md) as marshmallow schemas, and the answers built from them.
+
+Incoming requests are loaded by `parse_request`; every answer to a client is dumped through
+`ResponseSchema` or `InfoSchema`, so the shapes live in one place.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from marshmallow import INCLUDE, Schema, ValidationError, fields, validate
+
+from app.errors import InvalidRequest
+from app.jobs import SUPPORTED_GEN_TYPES, ExecutorType, GenType, Job, JobStatus
+from app.payloads import check_payload
+
+
+class SettingsSchema(Schema):
+    """Per-request flags; 0/1 or true/false. Keys we do not know are echoed back untouched."""
+
+    class Meta:
+        unknown = INCLUDE
+
+    premium = fields.Boolean(load_default=False)
+    moderate = fields.Boolean(load_default=False)
+    sync_with_s3 = fields.Boolean(load_default=False)
+
+
+class ServiceInfoSchema(Schema):
+    """The bot's own bookkeeping; extra keys are echoed back untouched."""
+
+    class Meta:
+        unknown = INCLUDE
+
+    user_id = fields.Integer(strict=True, required=True)
+    chat_id = fields.Integer(strict=True, allow_none=True)
+    message_id = fields.Integer(strict=True, allow_none=True)
+
+
+class RequestMessageSchema(Schema):
+    message_type = fields.String(required=True, validate=validate.Equal("request"))
+    executor = fields.Enum(ExecutorType, by_value=True, required=True)
+    gen_type = fields.Enum(GenType, by_value=True, required=True)
+    settings = fields.Dict(load_default=dict)
+    service_info = fields.Dict(required=True)
+    payload = fields.Dict(required=True)
+
+
+class ResultSchema(Schema):
+    content_type = fields.String(required=True, validate=validate.OneOf(["text", "base64", "image_url"]))
+    content = fields.String(required=True)
+    file_name = fields.String()
+
+
+class ResponseSchema(Schema):
+    """A `response` message. Short form (queued/generating) leaves out result, settings and
+    payload; the full form (ok/error) has them."""
+
+    object_id = fields.String(required=True)
+    service = fields.String(required=True)
+    message_type = fields.Constant("response")
+    executor = fields.String(required=True, validate=validate.OneOf([e.value for e in ExecutorType]))
+    gen_type = fields.String(required=True, validate=validate.OneOf([g.value for g in GenType]))
+    gen_status = fields.String(required=True, validate=validate.OneOf([s.value for s in JobStatus]))
+    avg_time = fields.Float(allow_none=True)
+    result = fields.Nested(ResultSchema)
+    settings = fields.Dict()
+    service_info = fields.Dict()
+    payload = fields.Dict()
+
+
+class InfoSchema(Schema):
+    """An additive `info` message (the official client ignores these). `info_type` says what
+    it is about; `content` is a readable sentence; `errors` maps fields to reasons."""
+
+    message_type = fields.Constant("info")
+    info_type = fields.String(required=True)
+    content = fields.String(required=True)
+    errors = fields.Dict()
+    object_id = fields.String()
+
+
+_request_schema = RequestMessageSchema()
+_settings_schema = SettingsSchema()
+_service_info_schema = ServiceInfoSchema()
+_response_schema = ResponseSchema()
+_info_schema = InfoSchema()
+
+
+def parse_request(text: str) -> dict[str, Any]:
+    """Load one client message and check its payload against the backend contract.
+
+    Returns the envelope with `executor`/`gen_type` as enums, `settings`, `service_info` and
+    `payload` exactly as sent, and `flags`: the settings flags as bools with defaults. Raises InvalidRequest naming every bad field;
+    its `envelope` carries executor and gen_type only when both were valid.
+    """
+    try:
+        message = json.loads(text)
+    except ValueError as exc:
+        raise InvalidRequest(f"Message is not valid JSON: {exc}") from None
+    if not isinstance(message, dict):
+        raise InvalidRequest("Message must be a JSON object.")
+
+    envelope = readable_envelope(message)
+    try:
+        loaded = _request_schema.load(message)
+    except ValidationError as exc:
+        raise InvalidRequest(_summary(exc.normalized_messages()),
+                             field_errors=exc.normalized_messages(), envelope=envelope) from None
+
+    executor, gen_type = loaded["executor"], loaded["gen_type"]
+    if gen_type not in SUPPORTED_GEN_TYPES[executor]:
+        can_do = ", ".join(sorted(g.value for g in SUPPORTED_GEN_TYPES[executor]))
+        raise InvalidRequest(f"{executor.value} does not support {gen_type.value} (it does {can_do}).",
+                             field_errors={"gen_type": [f"Not supported by {executor.value}."]},
+                             envelope=envelope)
+
+    # settings and service_info are checked, but kept as sent: they are echoed back verbatim.
+    field_errors: dict[str, Any] = {}
+    for name, schema in (("settings", _settings_schema), ("service_info", _service_info_schema)):
+        try:
+            checked = schema.load(loaded[name])
+        except ValidationError as exc:
+            field_errors[name] = exc.normalized_messages()
+        else:
+            if name == "settings":
+                loaded["flags"] = checked
+    try:
+        check_payload(executor, gen_type, loaded["payload"])
+    except ValidationError as exc:
+        field_errors["payload"] = exc.normalized_messages()
+    if field_errors:
+        raise InvalidRequest(_summary(field_errors), field_errors=field_errors, envelope=envelope)
+    return loaded
+
+
+def readable_envelope(message: dict[str, Any]) -> dict[str, Any]:
+    """What can be echoed in an error `response`: only when executor and gen_type are valid
+    values, since the official client parses both with its enums."""
+    try:
+        executor = ExecutorType(message.get("executor"))
+        gen_type = GenType(message.get("gen_type"))
+    except ValueError:
+        return {}
+    envelope: dict[str, Any] = {"executor": executor, "gen_type": gen_type}
+    for name in ("settings", "service_info", "payload"):
+        if isinstance(message.get(name), dict):
+            envelope[name] = message[name]
+    return envelope
+
+
+def _summary(field_errors: dict[str, Any]) -> str:
+    """One readable sentence out of marshmallow's nested messages."""
+    parts = []
+    for path, reason in _walk(field_errors, ""):
+        parts.append(f"{path}: {reason}")
+    return "Invalid request: " + "; ".join(parts)
+
+
+def _walk(messages: Any, prefix: str):
+    if isinstance(messages, dict):
+        for key, value in messages.items():
+            yield from _walk(value, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(messages, list):
+        for item in messages:
+            yield from _walk(item, prefix)
+    else:
+        yield prefix, str(messages).rstrip(".")
+
+
+def short_response(job: Job, gen_status: str, avg_time_s: float | None) -> dict[str, Any]:
+    """The queued/generating form."""
+    return _response_schema.dump({
+        "object_id": job.object_id, "service": job.service, "executor": job.executor.value,
+        "gen_type": job.gen_type.value, "gen_status": gen_status, "avg_time": avg_time_s,
+        "service_info": job.service_info,
+    })
+
+
+def final_response(job: Job) -> dict[str, Any]:
+    """The ok/error form, from a finished job (status and result set)."""
+    return _response_schema.dump({
+        "object_id": job.object_id, "service": job.service, "executor": job.executor.value,
+        "gen_type": job.gen_type.value, "gen_status": job.status.value, "avg_time": 0.0,
+        "result": job.result, "settings": job.settings, "service_info": job.service_info,
+        "payload": job.payload,
+    })
+
+
+def rejection_response(object_id: str, service: str, error: InvalidRequest) -> dict[str, Any]:
+    """An error `response` for a message that was refused before it was queued."""
+    envelope = error.envelope
+    return _response_schema.dump({
+        "object_id": object_id, "service": service, "executor": envelope["executor"].value,
+        "gen_type": envelope["gen_type"].value, "gen_status": "error", "avg_time": 0.0,
+        "result": {"content_type": "text", "content": error.reason},
+        "settings": envelope.get("settings", {}), "service_info": envelope.get("service_info", {}),
+        "payload": envelope.get("payload", {}),
+    }) | {"errors": error.field_errors}
+
+
+def info_message(info_type: str, content: str, *, errors: dict[str, Any] | None = None,
+                 object_id: str | None = None) -> dict[str, Any]:
+    data: dict[str, Any] = {"info_type": info_type, "content": content}
+    if errors:
+        data["errors"] = errors
+    if object_id:
+        data["object_id"] = object_id
+    return _info_schema.dump(data)

@@ -1,0 +1,252 @@
+"""SQLite, the source of truth for every request.
+
+Durability: each write is committed (WAL, synchronous=FULL) before the awaiting caller
+resumes, so a client never hears `queued` for a request a crash could lose.
+
+Throughput: one writer task owns the write connection and commits whatever writes are
+waiting in one transaction (group commit). A lone write costs one commit; a burst of a
+hundred costs about the same. Reads use a second connection, so they never see a half-done
+write transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from app.jobs import ExecutorType, GenType, Job, JobStatus
+from app.migrations import apply_migrations
+
+log = logging.getLogger(__name__)
+
+# Rows per transaction. Past ~100 the commit no longer gets cheaper per row, and a bigger
+# batch only makes the first waiter in it wait longer.
+MAX_BATCH_ROWS = 128
+BUSY_TIMEOUT_MS = 5000
+
+Statement = tuple[str, Sequence[Any]]
+
+
+@dataclass
+class _WriteUnit:
+    statements: list[Statement]
+    done: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+async def connect(path: Path, *, read_only: bool = False) -> aiosqlite.Connection:
+    """Open a connection with the pragmas every connection here needs."""
+    db = await aiosqlite.connect(path, isolation_level=None)  # transactions are explicit
+    db.row_factory = aiosqlite.Row
+    await db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    await db.execute("PRAGMA foreign_keys = ON")
+    if read_only:
+        await db.execute("PRAGMA query_only = ON")
+    else:
+        await db.execute("PRAGMA journal_mode = WAL")
+        # FULL: a commit survives power loss, not just a process crash. Group commit keeps
+        # the fsync cost per request small.
+        await db.execute("PRAGMA synchronous = FULL")
+    return db
+
+
+class Store:
+    """The request table. Use `await Store.open(path)`, then `await store.close()`."""
+
+    def __init__(self, writer_db: aiosqlite.Connection, reader_db: aiosqlite.Connection,
+                 max_batch_rows: int) -> None:
+        self._writer_db = writer_db
+        self._reader_db = reader_db
+        self._max_batch_rows = max_batch_rows
+        self._pending: asyncio.Queue[_WriteUnit | None] = asyncio.Queue()
+        self._writer_task = asyncio.create_task(self._write_loop(), name="store-writer")
+        self.commits = 0
+        self.rows_written = 0
+
+    @classmethod
+    async def open(cls, path: Path, *, max_batch_rows: int = MAX_BATCH_ROWS) -> Store:
+        """Open (creating if needed) and migrate the database at `path`."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        writer_db = await connect(path)
+        try:
+            await apply_migrations(writer_db)
+        except Exception:
+            await writer_db.close()
+            raise
+        reader_db = await connect(path, read_only=True)
+        return cls(writer_db, reader_db, max_batch_rows)
+
+    async def close(self) -> None:
+        """Commit every write already submitted, then close both connections."""
+        await self._pending.put(None)
+        await self._writer_task
+        await self._reader_db.close()
+        await self._writer_db.close()
+
+    def __repr__(self) -> str:
+        return (f"<Store commits={self.commits} rows={self.rows_written} "
+                f"waiting={self._pending.qsize()}>")
+
+    # -- writes -------------------------------------------------------------------------
+
+    async def _write(self, *statements: Statement) -> None:
+        """Commit `statements` as one unit. Once submitted, the write happens even if the
+        caller is cancelled (the writer task owns it)."""
+        unit = _WriteUnit(list(statements))
+        self._pending.put_nowait(unit)
+        await asyncio.shield(unit.done)
+
+    async def add(self, job: Job) -> None:
+        """Commit a new queued request. Raises sqlite3.IntegrityError on a duplicate id."""
+        await self._write((
+            "INSERT INTO requests (object_id, service, executor, gen_type, premium, settings,"
+            " service_info, payload, status, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?)",
+            (job.object_id, job.service, job.executor.value, job.gen_type.value, int(job.premium),
+             json.dumps(job.settings), json.dumps(job.service_info), json.dumps(job.payload),
+             job.created_at),
+        ))
+
+    async def claim(self, job: Job, backend_name: str) -> None:
+        """Record that `backend_name` starts `job`; counts the attempt (also on `job`)."""
+        job.attempts += 1
+        job.status = JobStatus.GENERATING
+        job.backend = backend_name
+        job.started_at = time.time()
+        await self._write((
+            "UPDATE requests SET status = 'generating', attempts = ?, backend = ?, started_at = ?"
+            " WHERE object_id = ?",
+            (job.attempts, backend_name, job.started_at, job.object_id),
+        ))
+
+    async def finish(self, job: Job, generation_s: float | None) -> None:
+        """Commit the final status and result already set on `job`, marked undelivered."""
+        assert job.status.is_final and job.result is not None
+        job.finished_at = time.time()
+        await self._write((
+            "UPDATE requests SET status = ?, result = ?, finished_at = ?, generation_s = ?,"
+            " delivered_at = NULL WHERE object_id = ?",
+            (job.status.value, json.dumps(job.result), job.finished_at, generation_s, job.object_id),
+        ))
+
+    async def mark_delivered(self, object_ids: Sequence[str]) -> None:
+        """Record that the final messages of `object_ids` were sent. Safe to call twice."""
+        now = time.time()
+        await self._write(*[
+            ("UPDATE requests SET delivered_at = ? WHERE object_id = ? AND delivered_at IS NULL",
+             (now, object_id))
+            for object_id in object_ids
+        ])
+
+    async def requeue_interrupted(self) -> int:
+        """Put every request a previous run left `generating` back to `queued` (at start-up,
+        before any backend runs: in a single process those rows are all orphaned)."""
+        async with self._reader_db.execute(
+                "SELECT count(*) FROM requests WHERE status = 'generating'") as cursor:
+            (count,) = await cursor.fetchone()
+        if count:
+            await self._write(("UPDATE requests SET status = 'queued' WHERE status = 'generating'", ()))
+        return count
+
+    async def _write_loop(self) -> None:
+        while True:
+            unit = await self._pending.get()
+            if unit is None:
+                return
+            batch, rows, stop = [unit], len(unit.statements), False
+            while rows < self._max_batch_rows and not self._pending.empty():
+                more = self._pending.get_nowait()
+                if more is None:
+                    stop = True
+                    break
+                batch.append(more)
+                rows += len(more.statements)
+            await self._commit_batch(batch)
+            if stop:
+                return
+
+    async def _commit_batch(self, batch: list[_WriteUnit]) -> None:
+        try:
+            await self._run_transaction([s for unit in batch for s in unit.statements])
+        except Exception as exc:
+            if len(batch) == 1:
+                if not batch[0].done.done():
+                    batch[0].done.set_exception(exc)
+                return
+            # One bad unit must not fail its neighbours: retry each on its own.
+            for unit in batch:
+                await self._commit_batch([unit])
+            return
+        for unit in batch:
+            if not unit.done.done():
+                unit.done.set_result(None)
+
+    async def _run_transaction(self, statements: list[Statement]) -> None:
+        db = self._writer_db
+        try:
+            await db.execute("BEGIN IMMEDIATE")
+            # Consecutive runs of one statement go in one executemany: one thread hop.
+            start = 0
+            while start < len(statements):
+                sql = statements[start][0]
+                end = start
+                while end < len(statements) and statements[end][0] == sql:
+                    end += 1
+                await db.executemany(sql, [params for _, params in statements[start:end]])
+                start = end
+            await db.execute("COMMIT")
+        except Exception as exc:
+            if db.in_transaction:
+                await db.execute("ROLLBACK")
+            log.warning("write transaction of %d statements failed: %s", len(statements), exc)
+            raise
+        self.commits += 1
+        self.rows_written += len(statements)
+
+    # -- reads --------------------------------------------------------------------------
+
+    async def _fetch_jobs(self, where: str, params: Sequence[Any] = ()) -> list[Job]:
+        async with self._reader_db.execute(f"SELECT * FROM requests WHERE {where} ORDER BY seq",
+                                           params) as cursor:
+            return [_job_from_row(row) async for row in cursor]
+
+    async def queued_jobs(self) -> list[Job]:
+        """Every queued request, oldest first."""
+        return await self._fetch_jobs("status = 'queued'")
+
+    async def undelivered_jobs(self, service: str) -> list[Job]:
+        """Finished requests of `service` whose final message has not been sent, oldest first."""
+        return await self._fetch_jobs(
+            "service = ? AND delivered_at IS NULL AND status IN ('ok', 'error')", (service,))
+
+    async def get(self, object_id: str) -> Job | None:
+        jobs = await self._fetch_jobs("object_id = ?", (object_id,))
+        return jobs[0] if jobs else None
+
+    async def recent_generation_seconds(self, executor: ExecutorType, limit: int) -> list[float]:
+        """Backend durations of the latest `limit` successful requests, oldest first."""
+        async with self._reader_db.execute(
+                "SELECT generation_s FROM requests WHERE status = 'ok' AND executor = ?"
+                " AND generation_s IS NOT NULL ORDER BY finished_at DESC LIMIT ?",
+                (executor.value, limit)) as cursor:
+            rows = await cursor.fetchall()
+        return [row[0] for row in reversed(rows)]
+
+
+def _job_from_row(row: aiosqlite.Row) -> Job:
+    return Job(
+        object_id=row["object_id"], service=row["service"],
+        executor=ExecutorType(row["executor"]), gen_type=GenType(row["gen_type"]),
+        premium=bool(row["premium"]), settings=json.loads(row["settings"]),
+        service_info=json.loads(row["service_info"]), payload=json.loads(row["payload"]),
+        created_at=row["created_at"], seq=row["seq"], attempts=row["attempts"],
+        status=JobStatus(row["status"]), backend=row["backend"],
+        result=json.loads(row["result"]) if row["result"] else None,
+        started_at=row["started_at"], finished_at=row["finished_at"],
+    )
