@@ -35,10 +35,13 @@ class ReceivedCall:
 
 @dataclass
 class DemoBackendState:
-    """What a demo backend does and has seen. `gate` cleared = requests wait until it is set."""
+    """What a demo backend does and has seen. `gate` cleared = requests wait until it is set;
+    `fail_status` set = generation calls are answered with that status and `fail_body`."""
 
     delay_s: float = 0.0
     api_token: str = ""
+    fail_status: int | None = None
+    fail_body: dict[str, Any] = field(default_factory=dict)
     received: list[ReceivedCall] = field(default_factory=list)
     gate: asyncio.Event = field(default_factory=asyncio.Event)
     running: int = 0
@@ -63,10 +66,16 @@ def draw_image(prompt: str, width: int, height: int, image_format: str) -> bytes
     return out.getvalue()
 
 
+class _Refused(Exception):
+    def __init__(self, response: web.Response) -> None:
+        self.response = response
+
+
 async def _run_call(request: web.Request) -> tuple[DemoBackendState, dict[str, Any], ReceivedCall]:
+    """Record the call and take the time a generation takes; raise _Refused for a failure."""
     state = request.app[STATE]
     body = json.loads(await request.text())
-    call = ReceivedCall(path=request.path, body=body, headers=dict(request.headers),
+    call = ReceivedCall(path=request.path, body=body, headers={k.lower(): v for k, v in request.headers.items()},
                         started_at=time.monotonic())
     state.received.append(call)
     # Like the real servers, one generation runs at a time; the balancer is meant to see to
@@ -79,6 +88,9 @@ async def _run_call(request: web.Request) -> tuple[DemoBackendState, dict[str, A
             await asyncio.sleep(state.delay_s)
     finally:
         state.running -= 1
+    if state.fail_status is not None:
+        call.finished_at = time.monotonic()
+        raise _Refused(web.json_response(state.fail_body, status=state.fail_status))
     return state, body, call
 
 
@@ -91,7 +103,10 @@ def _prompt_of(body: dict[str, Any]) -> str:
 # -- AUTOMATIC1111 ---------------------------------------------------------------------
 
 async def _a1111_generate(request: web.Request) -> web.Response:
-    state, body, call = await _run_call(request)
+    try:
+        state, body, call = await _run_call(request)
+    except _Refused as refused:
+        return refused.response
     png = draw_image(_prompt_of(body), body.get("width", 512), body.get("height", 512), "PNG")
     call.finished_at = time.monotonic()
     return web.json_response({
@@ -126,7 +141,10 @@ async def _kandinsky_generate(request: web.Request) -> web.Response:
     state = request.app[STATE]
     if request.headers.get("authorization", "") != state.api_token:
         return web.json_response({"detail": "Invalid token"}, status=401)
-    state, body, call = await _run_call(request)
+    try:
+        state, body, call = await _run_call(request)
+    except _Refused as refused:
+        return refused.response
     jpeg = draw_image(_prompt_of(body), body.get("width", 512), body.get("height", 512), "JPEG")
     call.finished_at = time.monotonic()
     return web.Response(body=jpeg, content_type="image/jpg")

@@ -51,11 +51,12 @@ class ExecutorPool:
     """One executor type: its queue, its backends and its duration estimate."""
 
     def __init__(self, executor: ExecutorType, ratio: tuple[int, int],
-                 initial_guess_s: float) -> None:
+                 initial_guess_s: float | None = None) -> None:
         self.executor = executor
         self.queue = WeightedQueue(*ratio)
         self.slots: list[BackendSlot] = []
-        self.estimator = DurationEstimator(initial_guess_s)
+        self.estimator = (DurationEstimator(initial_guess_s) if initial_guess_s
+                          else DurationEstimator())
 
     def idle_slot(self) -> BackendSlot | None:
         return next((slot for slot in self.slots if slot.idle), None)
@@ -75,8 +76,8 @@ class Scheduler:
         self._store = store
         self._results = results
         self._listener = listener
-        guess = {} if initial_guess_s is None else {"initial_guess_s": initial_guess_s}
-        self.pools = {executor: ExecutorPool(executor, ratio, **guess) for executor in ExecutorType}
+        self.pools = {executor: ExecutorPool(executor, ratio, initial_guess_s)
+                      for executor in ExecutorType}
         for backend in backends:
             self.pools[backend.executor].slots.append(BackendSlot(backend))
         self._running: set[asyncio.Task[None]] = set()

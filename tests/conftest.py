@@ -1,0 +1,108 @@
+"""Shared fixtures: real servers on real sockets, a real SQLite file per test."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from app.config import Config
+from app.demo_backends import DemoBackendState, automatic1111_app, kandinsky_app
+from app.main import create_app
+from tests.bots import Bot
+
+SERVICE_KEYS = {"telegram": "tg-key", "discord": "dc-key", "test": "test-key"}
+KANDINSKY_TOKEN = "kandinsky-token"
+
+
+@dataclass
+class RunningBackend:
+    """A test GPU server speaking a real BACKENDS.md contract on a loopback port."""
+
+    name: str
+    exec_type: str
+    url: str
+    state: DemoBackendState
+
+    def entry(self, **extra: Any) -> dict[str, Any]:
+        """Its EXECUTORS_FILE entry, in the original's format."""
+        endpoint = f"{self.url}/sdapi/v1" if self.exec_type == "automatic1111" else self.url
+        return {"name": self.name, "gpu": "test", "timeout": 30, "model": "test",
+                "exec_type": self.exec_type, "endpoint": endpoint, **extra}
+
+
+@pytest.fixture
+def start_backend(aiohttp_server) -> Callable[..., Awaitable[RunningBackend]]:
+    """start_backend("automatic1111", delay_s=0.1) -> a running test backend."""
+    counter = {"n": 0}
+
+    async def start(exec_type: str, *, delay_s: float = 0.0, name: str | None = None) -> RunningBackend:
+        counter["n"] += 1
+        state = DemoBackendState(delay_s=delay_s, api_token=KANDINSKY_TOKEN)
+        make_app = automatic1111_app if exec_type == "automatic1111" else kandinsky_app
+        server = await aiohttp_server(make_app(state))
+        return RunningBackend(name or f"{exec_type}-{counter['n']}", exec_type,
+                              str(server.make_url("")).rstrip("/"), state)
+
+    return start
+
+
+def base_env(tmp_path: Path, port: int, **overrides: Any) -> dict[str, str]:
+    """The environment a self-hoster would write, pointing every file into tmp_path."""
+    env = {
+        "API_HOST": "127.0.0.1",
+        "API_PORT": str(port),
+        "SERVICES": " ".join(f"{name}:{key}" for name, key in SERVICE_KEYS.items()),
+        "DATABASE_PATH": str(tmp_path / "data" / "devoid.sqlite3"),
+        "EXECUTORS_FILE": str(tmp_path / "data" / "executors.json"),
+        "IMAGES_PATH": str(tmp_path / "images"),
+        "KANDINSKY_API_TOKEN": KANDINSKY_TOKEN,
+        "SHUTDOWN_GRACE_S": "1",
+        "LOGGING_LEVEL": "INFO",
+    }
+    env.update({key: str(value) for key, value in overrides.items()})
+    return env
+
+
+def write_executors(tmp_path: Path, backends: list[RunningBackend | dict[str, Any]]) -> None:
+    path = tmp_path / "data" / "executors.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    entries = [b.entry() if isinstance(b, RunningBackend) else b for b in backends]
+    path.write_text(json.dumps(entries))
+
+
+@dataclass
+class Balancer:
+    """The real server under test, and a way to connect bots to it."""
+
+    config: Config
+    client: TestClient
+    app: web.Application
+
+    async def connect(self, service: str = "telegram", *, path: str | None = None,
+                      key: str | None = None) -> Bot:
+        ws = await self.client.ws_connect(
+            path or f"/ws/{service}",
+            headers={"authorization": key or SERVICE_KEYS[service], "service": service})
+        return Bot(ws)
+
+
+@pytest.fixture
+def start_balancer(tmp_path, aiohttp_client, unused_tcp_port_factory):
+    """start_balancer([backend, ...], **env) -> the server running on a free port."""
+
+    async def start(backends: list[RunningBackend], **env: Any) -> Balancer:
+        write_executors(tmp_path, backends)
+        port = unused_tcp_port_factory()
+        config = Config.from_env(base_env(tmp_path, port, **env))
+        app = create_app(config)
+        client = await aiohttp_client(TestServer(app, host="127.0.0.1", port=port))
+        return Balancer(config, client, app)
+
+    return start

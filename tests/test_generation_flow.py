@@ -1,0 +1,158 @@
+"""A bot sends each kind of request and gets queued -> generating -> ok with a real image,
+and the backend receives exactly the payload the bot sent."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import pytest
+from PIL import Image
+from yarl import URL
+
+from tests.bots import request_message
+from tests.conftest import KANDINSKY_TOKEN
+
+
+def png_base64(colour: tuple[int, int, int] = (200, 30, 30)) -> str:
+    out = io.BytesIO()
+    Image.new("RGB", (32, 32), colour).save(out, format="PNG")
+    return base64.b64encode(out.getvalue()).decode()
+
+
+PAIRS = {
+    ("automatic1111", "text2img"): (
+        "/sdapi/v1/txt2img",
+        {"prompt": "a lighthouse at dusk", "negative_prompt": "blurry", "steps": 20,
+         "width": 512, "height": 640, "cfg_scale": 7.5, "sampler_name": "Euler a", "seed": 42,
+         "enable_hr": False, "override_settings": {"CLIP_stop_at_last_layers": 2}},
+    ),
+    ("automatic1111", "img2img"): (
+        "/sdapi/v1/img2img",
+        {"prompt": "the same lighthouse in winter", "init_images": [png_base64()],
+         "denoising_strength": 0.55, "steps": 12, "resize_mode": 1},
+    ),
+    ("kandinsky", "text2img"): (
+        "/text2img",
+        {"prompt": "a red fox in snow", "steps": 30, "guidance_scale": 4, "prior_steps": "5",
+         "width": 768, "height": 512, "negative_decoder_prompt": "text"},
+    ),
+    ("kandinsky", "mix2img"): (
+        "/mix2images",
+        {"images_texts": ["a cat", png_base64((0, 0, 255)), "data:image/png;base64," + png_base64(), "a dog"],
+         "weights": [0.3, 0.2, 0.2, 0.3], "steps": 25},
+    ),
+}
+
+
+def assert_jpeg(data: bytes) -> None:
+    with Image.open(io.BytesIO(data)) as image:
+        assert image.format == "JPEG"
+        assert image.width > 0 and image.height > 0
+
+
+@pytest.mark.parametrize(("executor", "gen_type"), list(PAIRS))
+async def test_each_pair_goes_queued_generating_ok_with_the_payload_unchanged(
+        start_backend, start_balancer, executor, gen_type):
+    route, payload = PAIRS[(executor, gen_type)]
+    a1111 = await start_backend("automatic1111")
+    kandinsky = await start_backend("kandinsky")
+    balancer = await start_balancer([a1111, kandinsky])
+    bot = await balancer.connect("telegram")
+
+    queued = await bot.submit(request_message(executor, gen_type, payload, trace="keep-me"))
+    assert queued["gen_status"] == "queued", queued
+    assert len(queued["object_id"]) == 24 and int(queued["object_id"], 16) >= 0
+    assert queued["avg_time"] > 0
+    done = await bot.final(queued["object_id"])
+
+    assert bot.statuses(queued["object_id"]) == ["queued", "generating", "ok"]
+    assert done["executor"] == executor and done["gen_type"] == gen_type
+    assert done["service"] == "telegram" and done["avg_time"] == 0.0
+    assert done["service_info"] == {"user_id": 1, "chat_id": 10, "message_id": 20, "trace": "keep-me"}
+    assert done["payload"] == payload
+    assert done["result"]["file_name"] == f"{queued['object_id']}.jpg"
+
+    backend = a1111 if executor == "automatic1111" else kandinsky
+    [call] = backend.state.received
+    assert call.path == route
+    assert call.body == payload  # same fields, same values
+    if executor == "kandinsky":
+        assert call.headers["authorization"] == KANDINSKY_TOKEN
+
+    # The image is served by this server at the URL in the result.
+    url = URL(done["result"]["content"])
+    assert done["result"]["content_type"] == "image_url"
+    assert url.port == balancer.config.api_port and url.path == f"/img/{queued['object_id']}.jpg"
+    response = await balancer.client.get(url.path)
+    assert response.status == 200 and response.content_type == "image/jpeg"
+    assert_jpeg(await response.read())
+
+
+async def test_without_local_images_the_result_is_base64_jpeg(start_backend, start_balancer):
+    a1111 = await start_backend("automatic1111")
+    balancer = await start_balancer([a1111], SAVE_IMAGES_LOCALLY=0)
+    bot = await balancer.connect("discord")
+
+    queued = await bot.submit(request_message("automatic1111", "text2img", {"prompt": "a boat"}))
+    done = await bot.final(queued["object_id"])
+
+    assert done["gen_status"] == "ok"
+    assert done["result"]["content_type"] == "base64"
+    assert_jpeg(base64.b64decode(done["result"]["content"]))
+    assert not (balancer.config.images_path / f"{queued['object_id']}.jpg").exists()
+
+
+async def test_image_route_serves_only_result_files(start_backend, start_balancer, tmp_path):
+    a1111 = await start_backend("automatic1111")
+    balancer = await start_balancer([a1111])
+    (tmp_path / "secret.jpg").write_bytes(b"not for you")
+    for name in ("..%2Fsecret.jpg", "%2E%2E%2Fsecret.jpg", "secret.jpg", "0" * 24 + ".jpg"):
+        response = await balancer.client.get(f"/img/{name}")
+        assert response.status == 404, name
+
+
+async def test_a_backend_error_ends_the_request_with_its_reason(start_backend, start_balancer):
+    a1111 = await start_backend("automatic1111")
+    a1111.state.fail_status = 404
+    a1111.state.fail_body = {"error": "HTTPException", "detail": "Sampler not found"}
+    balancer = await start_balancer([a1111])
+    bot = await balancer.connect("telegram")
+
+    queued = await bot.submit(request_message("automatic1111", "text2img",
+                                              {"prompt": "x", "sampler_name": "Nope"}))
+    done = await bot.final(queued["object_id"])
+
+    assert done["gen_status"] == "error"
+    assert done["result"]["content_type"] == "text"
+    assert "Sampler not found" in done["result"]["content"]
+    assert "HTTP 404" in done["result"]["content"]
+
+
+async def test_an_unreachable_backend_ends_the_request_with_a_readable_error(
+        start_balancer, unused_tcp_port_factory):
+    dead = {"name": "gpu-gone", "gpu": "3060", "timeout": 5, "model": "sd15",
+            "exec_type": "automatic1111", "endpoint": f"http://127.0.0.1:{unused_tcp_port_factory()}"}
+    balancer = await start_balancer([dead])
+    bot = await balancer.connect("telegram")
+
+    queued = await bot.submit(request_message("automatic1111", "text2img", {"prompt": "x"}))
+    done = await bot.final(queued["object_id"])
+
+    assert done["gen_status"] == "error"
+    assert "gpu-gone is unreachable" in done["result"]["content"]
+
+
+async def test_a_backend_answering_something_that_is_not_an_image_is_an_error(
+        start_backend, start_balancer):
+    kandinsky = await start_backend("kandinsky")
+    kandinsky.state.fail_status = 200
+    kandinsky.state.fail_body = {"not": "an image"}
+    balancer = await start_balancer([kandinsky])
+    bot = await balancer.connect("telegram")
+
+    queued = await bot.submit(request_message("kandinsky", "text2img", {"prompt": "x"}))
+    done = await bot.final(queued["object_id"])
+
+    assert done["gen_status"] == "error"
+    assert "not a readable image" in done["result"]["content"]
