@@ -1,0 +1,71 @@
+"""The balancer as a real process, for tests that kill it or read what it prints."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+import aiohttp
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+READY_TIMEOUT_S = 20.0
+
+
+class ServerProcess:
+    """`python -m app` with the given environment, its output in `log_path`."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.env = env
+        self.log_path = log_path
+        self.process: asyncio.subprocess.Process | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.env['API_PORT']}"
+
+    async def start(self) -> None:
+        # A clean environment: only what the test sets, so nothing from .env or the shell leaks in.
+        env = {"PATH": os.environ.get("PATH", ""), "PYTHONUNBUFFERED": "1", **self.env}
+        log_file = open(self.log_path, "ab")
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "app", cwd=REPO_ROOT, env=env,
+            stdout=log_file, stderr=asyncio.subprocess.STDOUT)
+        log_file.close()
+        await self._wait_ready()
+
+    async def _wait_ready(self) -> None:
+        async with aiohttp.ClientSession() as session:
+            async with asyncio.timeout(READY_TIMEOUT_S):
+                while True:
+                    if self.process.returncode is not None:
+                        raise RuntimeError(f"server exited {self.process.returncode}: {self.log()}")
+                    try:
+                        async with session.get(self.base_url + "/") as response:
+                            if response.status == 200:
+                                return
+                    except aiohttp.ClientConnectionError:
+                        pass
+                    await asyncio.sleep(0.05)
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown code runs, as in a power cut or an OOM kill."""
+        self.process.send_signal(signal.SIGKILL)
+
+    async def wait(self) -> int:
+        return await self.process.wait()
+
+    async def stop(self) -> None:
+        if self.process and self.process.returncode is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                async with asyncio.timeout(15):
+                    await self.process.wait()
+            except TimeoutError:
+                self.process.kill()
+                await self.process.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -1,0 +1,126 @@
+"""The balancer is killed with SIGKILL while requests are queued, generating and finished but
+undelivered; restarted on the same database, it brings every accepted request to `ok`."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+
+import aiohttp
+import pytest
+
+from tests.bots import Bot, request_message
+from tests.conftest import SERVICE_KEYS, base_env, write_executors
+from tests.processes import ServerProcess
+
+
+def rows_by_status(database_path) -> dict[str, list[tuple]]:
+    """Read the real SQLite file the way an operator would, with the stdlib driver."""
+    with sqlite3.connect(database_path) as db:
+        rows = db.execute("SELECT object_id, status, delivered_at, attempts FROM requests").fetchall()
+    grouped: dict[str, list[tuple]] = {}
+    for row in rows:
+        grouped.setdefault(row[1], []).append(row)
+    return grouped
+
+
+async def wait_until(predicate, timeout_s: float = 15.0) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not predicate():
+            await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def server_factory(tmp_path, unused_tcp_port_factory):
+    started: list[ServerProcess] = []
+    port = unused_tcp_port_factory()
+
+    def make(**env) -> ServerProcess:
+        server = ServerProcess(base_env(tmp_path, port, **env), tmp_path / "server.log")
+        started.append(server)
+        return server
+
+    yield make
+    for server in started:
+        await server.stop()
+
+
+async def connect(session: aiohttp.ClientSession, server: ServerProcess, service: str) -> Bot:
+    ws = await session.ws_connect(f"{server.base_url}/ws/{service}",
+                                  headers={"authorization": SERVICE_KEYS[service], "service": service})
+    return Bot(ws)
+
+
+async def test_sigkill_with_requests_queued_generating_and_undelivered_loses_none(
+        tmp_path, start_backend, server_factory):
+    a1111 = await start_backend("automatic1111")
+    kandinsky = await start_backend("kandinsky")
+    write_executors(tmp_path, [a1111, kandinsky])
+    database_path = tmp_path / "data" / "devoid.sqlite3"
+    # The A1111 GPU holds its first job: that one is `generating` when the kill comes,
+    # the other A1111 jobs wait in the queue. Kandinsky works only once the bot has left.
+    a1111.state.gate.clear()
+    kandinsky.state.gate.clear()
+
+    server = server_factory()
+    await server.start()
+    accepted: list[str] = []
+    async with aiohttp.ClientSession() as session:
+        bot = await connect(session, server, "telegram")
+        for index in range(6):
+            for executor in ("automatic1111", "kandinsky"):
+                queued = await bot.submit(request_message(executor, "text2img",
+                                                          {"prompt": f"{executor} {index}"}))
+                assert queued["gen_status"] == "queued"
+                accepted.append(queued["object_id"])
+        await bot.close()  # the bot goes away: Kandinsky results now have nowhere to go
+        kandinsky.state.gate.set()
+
+        await wait_until(lambda: len(rows_by_status(database_path).get("ok", [])) == 6)
+        await wait_until(lambda: a1111.state.running == 1)
+        before = rows_by_status(database_path)
+        assert len(before["generating"]) == 1 and len(before["queued"]) == 5
+        assert all(delivered_at is None for _, _, delivered_at, _ in before["ok"])
+
+        server.kill()
+        assert await server.wait() == -9
+
+        a1111.state.gate.set()
+        restarted = server_factory()
+        await restarted.start()
+        bot = await connect(session, restarted, "telegram")
+        finals = {}
+        while len(finals) < len(accepted):
+            message = await bot.next_message(lambda m: m.get("gen_status") in ("ok", "error"))
+            finals[message["object_id"]] = message
+        await bot.close()
+
+    assert set(finals) == set(accepted)
+    assert {m["gen_status"] for m in finals.values()} == {"ok"}
+    # Marked delivered right after the send: give the last mark its commit.
+    await wait_until(lambda: all(row[2] for row in rows_by_status(database_path)["ok"]))
+    after = rows_by_status(database_path)
+    assert len(after["ok"]) == 12 and set(after) == {"ok"}
+    # The job that was generating at the kill ran again: its attempt was counted twice.
+    interrupted_id = before["generating"][0][0]
+    assert [attempts for oid, _, _, attempts in after["ok"] if oid == interrupted_id] == [2]
+    assert "1 were interrupted by a restart" in restarted.log()
+
+
+async def test_a_result_finished_while_the_service_was_away_is_delivered_on_reconnect(
+        start_backend, start_balancer):
+    kandinsky = await start_backend("kandinsky")
+    kandinsky.state.gate.clear()
+    balancer = await start_balancer([kandinsky])
+    bot = await balancer.connect("discord")
+    queued = await bot.submit(request_message("kandinsky", "text2img", {"prompt": "later"}))
+    await bot.close()
+
+    kandinsky.state.gate.set()
+    await wait_until(lambda: kandinsky.state.received and kandinsky.state.received[0].finished_at)
+    other_service = await balancer.connect("telegram")  # another service must not get it
+    back = await balancer.connect("discord")
+    done = await back.final(queued["object_id"])
+
+    assert done["gen_status"] == "ok" and done["payload"] == {"prompt": "later"}
+    assert not other_service.received

@@ -1,0 +1,103 @@
+"""Premium weighting, first-come order, one job per GPU, and GPUs sharing one queue."""
+
+from __future__ import annotations
+
+import asyncio
+
+from tests.bots import request_message
+
+
+async def fill_queue(bot, jobs: list[tuple[str, int]]) -> dict[str, str]:
+    """Submit (prompt, premium) pairs; returns object_id -> prompt."""
+    ids = {}
+    for prompt, premium in jobs:
+        queued = await bot.submit(request_message("automatic1111", "text2img",
+                                                  {"prompt": prompt}, premium=premium))
+        assert queued["gen_status"] == "queued"
+        ids[queued["object_id"]] = prompt
+    return ids
+
+
+async def run_backlog(start_backend, start_balancer, jobs, **env):
+    """One held GPU, a backlog built behind a first job, then the GPU let go. Returns the
+    prompts in the order the GPU received them, after the first."""
+    gpu = await start_backend("automatic1111")
+    gpu.state.gate.clear()
+    balancer = await start_balancer([gpu], **env)
+    bot = await balancer.connect("telegram")
+    ids = await fill_queue(bot, [("first", 0)] + jobs)
+    gpu.state.gate.set()
+    for object_id in ids:
+        assert (await bot.final(object_id))["gen_status"] == "ok"
+    assert gpu.state.max_running == 1  # never two jobs at once on one GPU
+    order = [call.body["prompt"] for call in gpu.state.received]
+    assert order[0] == "first"
+    return order[1:]
+
+
+async def test_ratio_1_3_gives_three_premium_per_general_while_both_wait(start_backend, start_balancer):
+    jobs = [(f"g{i}", 0) for i in range(8)] + [(f"p{i}", 1) for i in range(12)]
+    order = await run_backlog(start_backend, start_balancer, jobs, GENERAL_PREMIUM_RATIO="1 3")
+
+    # While both classes wait (the first 16 dispatches), every 4 hold 3 premium and 1 general.
+    for window in range(0, 16, 4):
+        classes = [prompt[0] for prompt in order[window:window + 4]]
+        assert sorted(classes) == ["g", "p", "p", "p"], order
+    # Then only general requests are left: they follow without a premium slot left empty.
+    assert order[16:] == ["g4", "g5", "g6", "g7"]
+    # Each class is served oldest first.
+    assert [p for p in order if p[0] == "g"] == [f"g{i}" for i in range(8)]
+    assert [p for p in order if p[0] == "p"] == [f"p{i}" for i in range(12)]
+
+
+async def test_ratio_2_1_favours_general(start_backend, start_balancer):
+    jobs = [(f"g{i}", 0) for i in range(6)] + [(f"p{i}", 1) for i in range(3)]
+    order = await run_backlog(start_backend, start_balancer, jobs, GENERAL_PREMIUM_RATIO="2 1")
+    for window in range(0, 9, 3):
+        assert sorted(p[0] for p in order[window:window + 3]) == ["g", "g", "p"], order
+
+
+async def test_a_lone_class_is_served_in_arrival_order(start_backend, start_balancer):
+    premium_only = await run_backlog(start_backend, start_balancer, [(f"p{i}", 1) for i in range(10)])
+    assert premium_only == [f"p{i}" for i in range(10)]
+
+
+async def test_general_only_is_served_in_arrival_order(start_backend, start_balancer):
+    general_only = await run_backlog(start_backend, start_balancer, [(f"g{i}", 0) for i in range(10)],
+                                     GENERAL_PREMIUM_RATIO="1 3")
+    assert general_only == [f"g{i}" for i in range(10)]
+
+
+async def test_backends_of_one_type_share_its_queue_one_job_each(start_backend, start_balancer):
+    gpus = [await start_backend("automatic1111", delay_s=0.02) for _ in range(3)]
+    for gpu in gpus:
+        gpu.state.gate.clear()
+    balancer = await start_balancer(gpus)
+    bot = await balancer.connect("telegram")
+    ids = await fill_queue(bot, [(f"job{i}", i % 2) for i in range(12)])
+
+    # All three GPUs got a job at once, and none got a second while the first was held.
+    async with asyncio.timeout(5):
+        while sum(len(gpu.state.received) for gpu in gpus) < 3:
+            await asyncio.sleep(0.01)
+    assert [len(gpu.state.received) for gpu in gpus] == [1, 1, 1]
+    for gpu in gpus:
+        gpu.state.gate.set()
+    for object_id in ids:
+        assert (await bot.final(object_id))["gen_status"] == "ok"
+    assert all(gpu.state.max_running == 1 for gpu in gpus)
+    assert sum(len(gpu.state.received) for gpu in gpus) == 12
+    assert all(gpu.state.received for gpu in gpus)
+
+
+async def test_queued_eta_grows_with_the_queue(start_backend, start_balancer):
+    gpu = await start_backend("kandinsky")
+    gpu.state.gate.clear()
+    balancer = await start_balancer([gpu])
+    bot = await balancer.connect("telegram")
+    etas = []
+    for i in range(4):
+        queued = await bot.submit(request_message("kandinsky", "text2img", {"prompt": f"{i}"}))
+        etas.append(queued["avg_time"])
+    gpu.state.gate.set()
+    assert etas == sorted(etas) and etas[-1] > etas[0] > 0
