@@ -35,21 +35,24 @@ def _parse_level(raw: str) -> str:
 
 
 def _parse_port(raw: str) -> int:
-    port = int(raw)
+    port = int(raw) if raw.strip().isdigit() else -1
     if not 0 <= port <= 65535:
         raise ValueError(f"expected a port number 0-65535, got {raw!r}")
     return port
 
 
 def _parse_positive_int(raw: str) -> int:
-    value = int(raw)
+    value = int(raw) if raw.strip().isdigit() else 0
     if value <= 0:
         raise ValueError(f"expected a whole number above 0, got {raw!r}")
     return value
 
 
 def _parse_non_negative_float(raw: str) -> float:
-    value = float(raw)
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
     if not value >= 0:  # also refuses NaN
         raise ValueError(f"expected a number of seconds >= 0, got {raw!r}")
     return value
@@ -117,6 +120,8 @@ SETTINGS: tuple[Setting, ...] = (
             secret=True),
     Setting("DATABASE_PATH", "data/devoid.sqlite3", _text,
             "SQLite file that holds every request (the source of truth)"),
+    Setting("STORE_BATCH_ROWS", "128", _parse_positive_int,
+            "most writes committed in one SQLite transaction (group commit); 1 turns grouping off"),
     Setting("EXECUTORS_FILE", "data/executors.json", _text,
             "JSON list of backends: name, gpu, timeout (s), model, exec_type, endpoint"),
     Setting("GENERAL_PREMIUM_RATIO", "1 3", _parse_ratio,
@@ -156,6 +161,7 @@ class Config:
     public_url: str
     services: dict[str, str] = dataclasses.field(repr=False)
     database_path: Path
+    store_batch_rows: int
     executors_file: Path
     general_premium_ratio: tuple[int, int]
     kandinsky_api_token: str = dataclasses.field(repr=False)

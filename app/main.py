@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
-from dotenv import load_dotenv
+from dotenv import find_dotenv, load_dotenv
 
 from app import keys
 from app.backends.base import BackendSpec
@@ -41,7 +41,8 @@ def create_app(config: Config) -> web.Application:
     specs = None if config.test_mode else load_executors(config.executors_file)
 
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
-        app[keys.STORE] = await Store.open(config.database_path)
+        app[keys.STORE] = await Store.open(config.database_path,
+                                             max_batch_rows=config.store_batch_rows)
         yield
         await app[keys.STORE].close()
 
@@ -108,8 +109,8 @@ async def _demo_backends(config: Config) -> AsyncIterator[list[BackendSpec]]:
 
 
 def main() -> None:
-    # The real environment wins over .env (override=False).
-    load_dotenv(override=False)
+    # .env of the working directory; the real environment wins over it (override=False).
+    load_dotenv(find_dotenv(usecwd=True), override=False)
     try:
         config = Config.from_env(os.environ)
         configure_logging(config.logging_level)

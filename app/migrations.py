@@ -42,11 +42,17 @@ async def apply_migrations(db: aiosqlite.Connection, directory: Path = MIGRATION
             continue
         script = path.read_text(encoding="utf-8")
         # One script, one transaction: a failing migration leaves no half-built schema.
-        await db.executescript(
-            f"BEGIN;\n{script}\n"
-            f"INSERT INTO schema_migrations (version, name, applied_at) "
-            f"VALUES ({version}, '{path.name}', {time.time()});\nCOMMIT;"
-        )
+        try:
+            await db.executescript(
+                f"BEGIN;\n{script}\n"
+                f"INSERT INTO schema_migrations (version, name, applied_at) "
+                f"VALUES ({version}, '{path.name}', {time.time()});\nCOMMIT;"
+            )
+        except Exception:
+            if db.in_transaction:
+                await db.execute("ROLLBACK")
+            log.error("migration %s failed; the database is left as it was before it", path.name)
+            raise
         log.info("applied migration %s", path.name)
         applied.append(version)
     return applied

@@ -27,8 +27,8 @@ from app.migrations import apply_migrations
 
 log = logging.getLogger(__name__)
 
-# Rows per transaction. Past ~100 the commit no longer gets cheaper per row, and a bigger
-# batch only makes the first waiter in it wait longer.
+# Rows per transaction (STORE_BATCH_ROWS). Past ~100 the commit no longer gets cheaper per
+# row, and a bigger batch only makes the first waiter in it wait longer.
 MAX_BATCH_ROWS = 128
 BUSY_TIMEOUT_MS = 5000
 

@@ -17,9 +17,10 @@ READY_TIMEOUT_S = 20.0
 class ServerProcess:
     """`python -m app` with the given environment, its output in `log_path`."""
 
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, env: dict[str, str], log_path: Path, cwd: Path | None = None) -> None:
         self.env = env
         self.log_path = log_path
+        self.cwd = cwd or log_path.parent
         self.process: asyncio.subprocess.Process | None = None
 
     @property
@@ -28,10 +29,12 @@ class ServerProcess:
 
     async def start(self) -> None:
         # A clean environment: only what the test sets, so nothing from .env or the shell leaks in.
-        env = {"PATH": os.environ.get("PATH", ""), "PYTHONUNBUFFERED": "1", **self.env}
+        # It runs in its own folder (where a test may put a .env), importing the app from here.
+        env = {"PATH": os.environ.get("PATH", ""), "PYTHONUNBUFFERED": "1",
+               "PYTHONPATH": str(REPO_ROOT), **self.env}
         log_file = open(self.log_path, "ab")
         self.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "app", cwd=REPO_ROOT, env=env,
+            sys.executable, "-m", "app", cwd=self.cwd, env=env,
             stdout=log_file, stderr=asyncio.subprocess.STDOUT)
         log_file.close()
         await self._wait_ready()

@@ -1,0 +1,187 @@
+"""Core service numbers: accepted requests per second over one websocket (durability on), and
+the gap between a backend finishing and receiving its next request.
+
+Runs the real server as a subprocess (`python -m app`) against instant test backends served
+from this process. Each number is printed beside a baseline measured in the same run:
+
+- accept rate with group commit vs. with STORE_BATCH_ROWS=1 (one commit per request), and
+  pipelined vs. one-request-at-a-time sending;
+- dispatch gap through the balancer vs. a client calling the same backend directly.
+
+Usage: .venv/bin/python bench/core.py [--requests N] [--jobs N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from app.demo_backends import DemoBackendState, automatic1111_app  # noqa: E402
+from tests.processes import ServerProcess  # noqa: E402
+
+KEY = "bench-key"
+
+
+def request(prompt: str) -> str:
+    return json.dumps({"message_type": "request", "executor": "automatic1111", "gen_type": "text2img",
+                       "settings": {"premium": 0}, "service_info": {"user_id": 1},
+                       "payload": {"prompt": prompt, "steps": 20}})
+
+
+async def start_backend(state: DemoBackendState) -> tuple[web.AppRunner, str]:
+    runner = web.AppRunner(automatic1111_app(state), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def start_server(folder: Path, backend_url: str, **env: str) -> ServerProcess:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "executors.json").write_text(json.dumps([
+        {"name": "gpu", "exec_type": "automatic1111", "endpoint": backend_url, "timeout": 60}]))
+    server = ServerProcess({
+        "API_PORT": str(free_port()), "SERVICES": f"bench:{KEY}", "LOGGING_LEVEL": "WARNING",
+        "DATABASE_PATH": str(folder / "db.sqlite3"), "EXECUTORS_FILE": str(folder / "executors.json"),
+        "IMAGES_PATH": str(folder / "images"), **env}, folder / "server.log")
+    await server.start()
+    return server
+
+
+async def accept_rate(folder: Path, count: int, pipelined: bool, **env: str) -> float:
+    """Requests per second from first send to last `queued`, over one connection. The backend
+    holds every job (gate closed) so only accepting is measured."""
+    state = DemoBackendState()
+    state.gate.clear()
+    runner, url = await start_backend(state)
+    server = await start_server(folder, url, **env)
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(f"{server.base_url}/ws/bench",
+                                          headers={"authorization": KEY, "service": "bench"}) as ws:
+                started = time.perf_counter()
+                if pipelined:
+                    sender = asyncio.create_task(_send_all(ws, count))
+                    await _await_queued(ws, count)
+                    await sender
+                else:
+                    for index in range(count):
+                        await ws.send_str(request(f"r{index}"))
+                        await _await_queued(ws, 1)
+                elapsed = time.perf_counter() - started
+    finally:
+        await server.stop()
+        state.gate.set()
+        await runner.cleanup()
+    return count / elapsed
+
+
+async def _send_all(ws: aiohttp.ClientWebSocketResponse, count: int) -> None:
+    for index in range(count):
+        await ws.send_str(request(f"r{index}"))
+
+
+async def _await_queued(ws: aiohttp.ClientWebSocketResponse, count: int) -> None:
+    seen = 0
+    while seen < count:
+        message = json.loads((await ws.receive()).data)
+        if message.get("gen_status") == "queued":
+            seen += 1
+        elif message.get("gen_status") == "error":
+            raise RuntimeError(message)
+
+
+def gaps_ms(state: DemoBackendState) -> list[float]:
+    calls = state.received
+    return [(later.started_at - earlier.finished_at) * 1000 for earlier, later in zip(calls, calls[1:])]
+
+
+def summary(values: list[float]) -> str:
+    ordered = sorted(values)
+    p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+    return f"median {statistics.median(ordered):6.2f} ms   p99 {p99:6.2f} ms   (n={len(ordered)})"
+
+
+async def dispatch_gaps(folder: Path, jobs: int) -> list[float]:
+    """A backlog of `jobs` on one instant backend: time from each response to the next call."""
+    state = DemoBackendState()
+    state.gate.clear()
+    runner, url = await start_backend(state)
+    server = await start_server(folder, url, SAVE_IMAGES_LOCALLY="1")
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(f"{server.base_url}/ws/bench",
+                                          headers={"authorization": KEY, "service": "bench"}) as ws:
+                await _send_all(ws, jobs)
+                await _await_queued(ws, jobs)
+                state.gate.set()
+                done = 0
+                while done < jobs:
+                    message = json.loads((await ws.receive()).data)
+                    done += message.get("gen_status") in ("ok", "error")
+    finally:
+        await server.stop()
+        await runner.cleanup()
+    return gaps_ms(state)[1:]  # the first call waited at the gate
+
+
+async def direct_gaps(jobs: int) -> list[float]:
+    """Baseline: one client calling the backend back to back, no balancer in between."""
+    state = DemoBackendState()
+    runner, url = await start_backend(state)
+    try:
+        async with aiohttp.ClientSession() as session:
+            for index in range(jobs):
+                async with session.post(f"{url}/sdapi/v1/txt2img",
+                                        data=json.dumps({"prompt": f"r{index}", "steps": 20})) as response:
+                    await response.read()
+    finally:
+        await runner.cleanup()
+    return gaps_ms(state)
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=5000)
+    parser.add_argument("--jobs", type=int, default=500)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        print(f"accepted requests/s over one websocket, {args.requests} requests, durability on "
+              "(each committed before its `queued`)")
+        grouped = await accept_rate(root / "grouped", args.requests, pipelined=True)
+        print(f"  pipelined, group commit (STORE_BATCH_ROWS=128): {grouped:8.0f} req/s")
+        single = await accept_rate(root / "single", args.requests, pipelined=True, STORE_BATCH_ROWS="1")
+        print(f"  pipelined, one commit each (STORE_BATCH_ROWS=1): {single:8.0f} req/s   "
+              f"(group commit x{grouped / single:.1f})")
+        sequential = await accept_rate(root / "sequential", min(args.requests, 1000), pipelined=False)
+        print(f"  one at a time (send, wait for queued):          {sequential:8.0f} req/s")
+
+        print(f"\ngap between a backend's response and its next request, backlog of {args.jobs} "
+              "jobs on one instant backend")
+        balancer = await dispatch_gaps(root / "gaps", args.jobs)
+        print(f"  through the balancer:          {summary(balancer)}")
+        baseline = await direct_gaps(args.jobs)
+        print(f"  baseline, direct client loop:  {summary(baseline)}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,123 @@
+"""The SQLite store: migrations on a fresh and an old database, group commit that keeps every
+write, and one bad write that fails alone."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+
+import pytest
+
+from app.ids import new_object_id
+from app.jobs import ExecutorType, GenType, Job, JobStatus
+from app.migrations import MIGRATIONS_DIR, apply_migrations, migration_files
+from app.store import Store, connect
+
+
+def new_job(**changes) -> Job:
+    fields = dict(object_id=new_object_id(), service="telegram", executor=ExecutorType.KANDINSKY,
+                  gen_type=GenType.TEXT2IMG, premium=False, settings={"premium": 0},
+                  service_info={"user_id": 1}, payload={"prompt": "x"}, created_at=time.time())
+    return Job(**(fields | changes))
+
+
+async def test_a_fresh_database_gets_every_migration_once(tmp_path):
+    path = tmp_path / "fresh.sqlite3"
+    store = await Store.open(path)
+    await store.close()
+    store = await Store.open(path)  # a second start applies nothing again
+    await store.close()
+    with sqlite3.connect(path) as db:
+        versions = [row[0] for row in db.execute("SELECT version FROM schema_migrations")]
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert versions == [version for version, _ in migration_files()]
+
+
+async def test_an_old_database_is_upgraded_and_keeps_its_rows(tmp_path):
+    path = tmp_path / "old.sqlite3"
+    store = await Store.open(path)
+    job = new_job()
+    await store.add(job)
+    await store.close()
+
+    newer = tmp_path / "migrations"
+    newer.mkdir()
+    for _, migration in migration_files():
+        (newer / migration.name).write_text(migration.read_text())
+    (newer / "9999_add_note.sql").write_text("ALTER TABLE requests ADD COLUMN note TEXT NOT NULL DEFAULT '';")
+    db = await connect(path)
+    try:
+        assert await apply_migrations(db, newer) == [9999]
+        assert await apply_migrations(db, newer) == []
+    finally:
+        await db.close()
+    with sqlite3.connect(path) as plain:
+        assert plain.execute("SELECT object_id, note FROM requests").fetchall() == [(job.object_id, "")]
+
+
+async def test_a_failing_migration_leaves_no_half_built_schema(tmp_path):
+    broken = tmp_path / "migrations"
+    broken.mkdir()
+    (broken / "0001_broken.sql").write_text("CREATE TABLE a (x INTEGER);\nCREATE TABLE oops (;")
+    db = await connect(tmp_path / "broken.sqlite3")
+    try:
+        with pytest.raises(sqlite3.OperationalError):
+            await apply_migrations(db, broken)
+        async with db.execute("SELECT name FROM sqlite_master WHERE name = 'a'") as cursor:
+            assert await cursor.fetchall() == []
+    finally:
+        await db.close()
+
+
+async def test_concurrent_writes_are_grouped_and_all_committed(tmp_path):
+    store = await Store.open(tmp_path / "busy.sqlite3")
+    jobs = [new_job() for _ in range(500)]
+    await asyncio.gather(*(store.add(job) for job in jobs))
+    commits = store.commits
+    await store.close()
+    with sqlite3.connect(tmp_path / "busy.sqlite3") as db:
+        stored = {row[0] for row in db.execute("SELECT object_id FROM requests")}
+    assert stored == {job.object_id for job in jobs}
+    assert commits < 50  # 500 rows, grouped into few transactions
+
+
+async def test_one_bad_write_fails_alone(tmp_path):
+    store = await Store.open(tmp_path / "dup.sqlite3")
+    existing = new_job()
+    await store.add(existing)
+    others = [new_job() for _ in range(5)]
+    duplicate = new_job(object_id=existing.object_id)
+    results = await asyncio.gather(*(store.add(j) for j in [*others[:2], duplicate, *others[2:]]),
+                                   return_exceptions=True)
+    assert [type(r).__name__ for r in results] == ["NoneType"] * 2 + ["IntegrityError"] + ["NoneType"] * 3
+    assert len(await store.queued_jobs()) == 6
+    await store.close()
+
+
+async def test_the_job_life_cycle_is_recorded(tmp_path):
+    store = await Store.open(tmp_path / "life.sqlite3")
+    job = new_job(service="discord")
+    await store.add(job)
+    await store.claim(job, "gpu-1")
+    assert (await store.get(job.object_id)).status is JobStatus.GENERATING
+    assert await store.requeue_interrupted() == 1
+    assert [j.object_id for j in await store.queued_jobs()] == [job.object_id]
+
+    await store.claim(job, "gpu-2")
+    job.status, job.result = JobStatus.OK, {"content_type": "base64", "content": "eA=="}
+    await store.finish(job, generation_s=1.5)
+    assert [j.object_id for j in await store.undelivered_jobs("discord")] == [job.object_id]
+    assert await store.undelivered_jobs("telegram") == []
+    await store.mark_delivered([job.object_id])
+    await store.mark_delivered([job.object_id])  # safe twice
+    stored = await store.get(job.object_id)
+    assert (stored.status, stored.attempts, stored.backend) == (JobStatus.OK, 2, "gpu-2")
+    assert await store.undelivered_jobs("discord") == []
+    assert await store.recent_generation_seconds(ExecutorType.KANDINSKY, 5) == [1.5]
+    await store.close()
+
+
+def test_migration_files_are_numbered_without_gaps():
+    versions = [version for version, _ in migration_files(MIGRATIONS_DIR)]
+    assert versions == list(range(1, len(versions) + 1))
