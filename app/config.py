@@ -58,6 +58,13 @@ def _parse_non_negative_float(raw: str) -> float:
     return value
 
 
+def _parse_positive_float(raw: str) -> float:
+    value = _parse_non_negative_float(raw)
+    if value == 0:
+        raise ValueError(f"expected a number of seconds above 0, got {raw!r}")
+    return value
+
+
 def _parse_services(raw: str) -> dict[str, str]:
     """`telegram:k1 discord:k2` -> {"telegram": "k1", "discord": "k2"}."""
     services: dict[str, str] = {}
@@ -126,6 +133,27 @@ SETTINGS: tuple[Setting, ...] = (
             "JSON list of backends: name, gpu, timeout (s), model, exec_type, endpoint"),
     Setting("GENERAL_PREMIUM_RATIO", "1 3", _parse_ratio,
             "'a b': of every a+b dispatches while both wait, a general and b premium"),
+    Setting("MAX_ATTEMPTS", "3", _parse_positive_int,
+            "backend attempts a request gets (each on another healthy backend when one exists)"),
+    Setting("RETRY_BACKOFF_S", "2.0", _parse_non_negative_float,
+            "seconds before the first retry of a failed job; doubles each attempt, with jitter"),
+    Setting("BREAKER_FAILURES", "3", _parse_positive_int,
+            "failed jobs in a row that take a backend out of service until its probe answers"),
+    Setting("HEALTH_INTERVAL_S", "10", _parse_positive_float,
+            "seconds between health probes of an idle healthy backend"),
+    Setting("PROBE_TIMEOUT_S", "3", _parse_positive_float, "seconds a health probe may take"),
+    Setting("PROBE_BACKOFF_MAX_S", "60", _parse_positive_float,
+            "longest wait between probes of a backend that is down (the wait doubles from 1 s)"),
+    Setting("JOB_TIMEOUT_FLOOR_S", "30", _parse_positive_float,
+            "least time a job gets before its backend call is abandoned (an executor's "
+            "`timeout` raises it for that backend)"),
+    Setting("JOB_TIMEOUT_FACTOR", "4", _parse_positive_float,
+            "a job's timeout is this many times its expected duration, between floor and cap"),
+    Setting("JOB_TIMEOUT_CAP_S", "1800", _parse_positive_float, "most time any job gets"),
+    Setting("MAX_QUEUE_WAIT_S", "3600", _parse_positive_float,
+            "a request still waiting for a backend after this long is ended with an error"),
+    Setting("PROGRESS_INTERVAL_S", "1.0", _parse_non_negative_float,
+            "seconds between AUTOMATIC1111 progress polls sent as info messages; 0 = off"),
     Setting("KANDINSKY_API_TOKEN", "", _text,
             "sent as the authorization header to Kandinsky backends", secret=True),
     Setting("SAVE_IMAGES_LOCALLY", "1", _parse_flag,
@@ -164,6 +192,17 @@ class Config:
     store_batch_rows: int
     executors_file: Path
     general_premium_ratio: tuple[int, int]
+    max_attempts: int
+    retry_backoff_s: float
+    breaker_failures: int
+    health_interval_s: float
+    probe_timeout_s: float
+    probe_backoff_max_s: float
+    job_timeout_floor_s: float
+    job_timeout_factor: float
+    job_timeout_cap_s: float
+    max_queue_wait_s: float
+    progress_interval_s: float
     kandinsky_api_token: str = dataclasses.field(repr=False)
     save_images_locally: bool
     images_path: Path
@@ -217,3 +256,34 @@ def configure_logging(level: str) -> None:
         level=level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+
+
+def settings_table() -> str:
+    """The README's settings table, generated from SETTINGS."""
+    rows = ["| setting | default | meaning |", "| --- | --- | --- |"]
+    for setting in SETTINGS:
+        default = f"`{setting.default}`" if setting.default else "(empty)"
+        rows.append(f"| `{setting.env_name}` | {default} | {setting.help} |")
+    return "\n".join(rows)
+
+
+def env_example() -> str:
+    """.env.example, generated from SETTINGS."""
+    lines = ["# Devoid Generator settings. Copy to .env; real environment variables win over this file.",
+             "# Every line shows the default; a commented line means the default is empty or derived.",
+             ""]
+    for setting in SETTINGS:
+        lines.append(f"# {setting.help}")
+        lines.append(f"# {setting.env_name}=" if not setting.default else f"{setting.env_name}={setting.default}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    # `python -m app.config` rewrites the settings table in README.md and .env.example.
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    start = readme.index("| setting | default | meaning |")
+    end = readme.index("\n\n", start)
+    (root / "README.md").write_text(readme[:start] + settings_table() + readme[end:])
+    (root / ".env.example").write_text(env_example())

@@ -15,8 +15,9 @@ from typing import Any
 
 from aiohttp import WSCloseCode, web
 
+from app.backends.base import Progress
 from app.jobs import Job
-from app.schemas import final_response, short_response
+from app.schemas import final_response, info_message, short_response
 from app.store import Store
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,17 @@ class ConnectionHub:
 
     async def job_generating(self, job: Job, avg_time_s: float) -> None:
         await self.send_for_job(job, short_response(job, "generating", avg_time_s))
+
+    async def job_progress(self, job: Job, progress: Progress) -> None:
+        await self.send_for_job(job, info_message(
+            "progress", f"{progress.fraction:.0%}", object_id=job.object_id,
+            progress=round(progress.fraction, 3),
+            eta_relative=round(progress.eta_s, 1) if progress.eta_s is not None else None))
+
+    async def job_retrying(self, job: Job, reason: str, delay_s: float) -> None:
+        await self.send_for_job(job, info_message(
+            "retrying", reason, object_id=job.object_id, attempt=job.attempts,
+            retry_in_s=round(delay_s, 1)))
 
     async def job_finished(self, job: Job) -> None:
         if await self.send_for_job(job, final_response(job)):

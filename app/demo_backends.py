@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import io
 import json
@@ -19,6 +20,9 @@ from typing import Any
 
 from aiohttp import web
 from PIL import Image, ImageDraw
+
+from app.costs import payload_cost_units
+from app.jobs import ExecutorType, GenType
 
 # Demo images are drawn small whatever size was asked for: they show the flow, not art.
 MAX_DEMO_SIDE_PX = 256
@@ -35,17 +39,29 @@ class ReceivedCall:
 
 @dataclass
 class DemoBackendState:
-    """What a demo backend does and has seen. `gate` cleared = requests wait until it is set;
-    `fail_status` set = generation calls are answered with that status and `fail_body`."""
+    """What a demo backend does and has seen.
+
+    delay_s      seconds per image; with `units_per_s` set, the job's cost / units_per_s
+                 instead (a GPU of that speed, app/costs.py)
+    gate         cleared = generation calls wait until it is set
+    fail_status  set = generation calls are answered with that status and `fail_body`
+    probe_status the health routes' status (503 = the probe fails)
+    """
 
     delay_s: float = 0.0
+    units_per_s: float | None = None
     api_token: str = ""
     fail_status: int | None = None
     fail_body: dict[str, Any] = field(default_factory=dict)
+    probe_status: int = 200
     received: list[ReceivedCall] = field(default_factory=list)
     gate: asyncio.Event = field(default_factory=asyncio.Event)
+    interrupted: asyncio.Event = field(default_factory=asyncio.Event)
     running: int = 0
     max_running: int = 0
+    current_started: float = 0.0
+    current_duration_s: float = 0.0
+    interrupts: int = 0
 
     def __post_init__(self) -> None:
         self.gate.set()
@@ -71,6 +87,18 @@ class _Refused(Exception):
         self.response = response
 
 
+_GEN_TYPES = {"/sdapi/v1/txt2img": (ExecutorType.AUTOMATIC1111, GenType.TEXT2IMG),
+              "/sdapi/v1/img2img": (ExecutorType.AUTOMATIC1111, GenType.IMG2IMG),
+              "/text2img": (ExecutorType.KANDINSKY, GenType.TEXT2IMG),
+              "/mix2images": (ExecutorType.KANDINSKY, GenType.MIX2IMG)}
+
+
+def _duration_s(state: DemoBackendState, path: str, body: dict[str, Any]) -> float:
+    if state.units_per_s:
+        return payload_cost_units(*_GEN_TYPES[path], body) / state.units_per_s
+    return state.delay_s
+
+
 async def _run_call(request: web.Request) -> tuple[DemoBackendState, dict[str, Any], ReceivedCall]:
     """Record the call and take the time a generation takes; raise _Refused for a failure."""
     state = request.app[STATE]
@@ -84,10 +112,17 @@ async def _run_call(request: web.Request) -> tuple[DemoBackendState, dict[str, A
     state.max_running = max(state.max_running, state.running)
     try:
         await state.gate.wait()
-        if state.delay_s:
-            await asyncio.sleep(state.delay_s)
+        state.current_started = time.monotonic()
+        state.current_duration_s = _duration_s(state, request.path, body)
+        state.interrupted.clear()
+        if state.current_duration_s:
+            # /sdapi/v1/interrupt ends the wait early, as it stops a real sampler.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(state.current_duration_s):
+                    await state.interrupted.wait()
     finally:
         state.running -= 1
+        state.current_duration_s = 0.0
     if state.fail_status is not None:
         call.finished_at = time.monotonic()
         raise _Refused(web.json_response(state.fail_body, status=state.fail_status))
@@ -118,10 +153,33 @@ async def _a1111_generate(request: web.Request) -> web.Response:
 
 async def _a1111_memory(request: web.Request) -> web.Response:
     return web.json_response({"ram": {"free": 1, "used": 1, "total": 2},
-                              "cuda": {"system": {"free": 1, "used": 1, "total": 2}}})
+                              "cuda": {"system": {"free": 1, "used": 1, "total": 2}}},
+                             status=request.app[STATE].probe_status)
 
 
 async def _a1111_ping(request: web.Request) -> web.Response:
+    return web.json_response({}, status=request.app[STATE].probe_status)
+
+
+async def _a1111_progress(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    fraction, eta = 0.0, 0.0
+    if state.running and state.current_duration_s:
+        elapsed = time.monotonic() - state.current_started
+        fraction = min(1.0, elapsed / state.current_duration_s)
+        eta = max(0.0, state.current_duration_s - elapsed)
+    return web.json_response({
+        "progress": fraction, "eta_relative": eta,
+        "state": {"skipped": False, "interrupted": state.interrupted.is_set(), "job": "",
+                  "job_count": state.running, "job_timestamp": "0", "job_no": 0,
+                  "sampling_step": int(fraction * 20), "sampling_steps": 20},
+        "current_image": None, "textinfo": None})
+
+
+async def _a1111_interrupt(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    state.interrupts += 1
+    state.interrupted.set()
     return web.json_response({})
 
 
@@ -132,6 +190,8 @@ def automatic1111_app(state: DemoBackendState) -> web.Application:
     app.router.add_post("/sdapi/v1/img2img", _a1111_generate)
     app.router.add_get("/sdapi/v1/memory", _a1111_memory)
     app.router.add_get("/internal/ping", _a1111_ping)
+    app.router.add_get("/sdapi/v1/progress", _a1111_progress)
+    app.router.add_post("/sdapi/v1/interrupt", _a1111_interrupt)
     return app
 
 
@@ -151,7 +211,8 @@ async def _kandinsky_generate(request: web.Request) -> web.Response:
 
 
 async def _kandinsky_root(request: web.Request) -> web.Response:
-    return web.json_response({"RestAPI": "Kandinskiy 2.1 Model", "website": "demo"})
+    return web.json_response({"RestAPI": "Kandinskiy 2.1 Model", "website": "demo"},
+                             status=request.app[STATE].probe_status)
 
 
 def kandinsky_app(state: DemoBackendState) -> web.Application:

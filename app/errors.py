@@ -35,11 +35,26 @@ class NoBackend(DevoidError):
 
 
 class BackendFailed(DevoidError):
-    """A backend call failed: connection refused, timeout, HTTP error or a body that is not an
-    image. `retryable` is False when the backend said the request itself is bad (4xx)."""
+    """A backend call failed. `kind` says how:
+
+    refused    the connection failed (down, wrong address, tunnel gone)
+    timeout    no answer within the job's timeout
+    server     HTTP 5xx
+    malformed  a 2xx whose body is not the image it should be
+    rejected   HTTP 4xx: the request itself is bad; not the backend's fault, not retried
+    """
 
     status = 502
 
-    def __init__(self, reason: str, *, retryable: bool = True) -> None:
+    def __init__(self, reason: str, *, kind: str = "server") -> None:
         super().__init__(reason)
-        self.retryable = retryable
+        self.kind = kind
+
+    @property
+    def retryable(self) -> bool:
+        return self.kind != "rejected"
+
+    @property
+    def backend_is_down(self) -> bool:
+        """Failures that say the backend is gone rather than having a bad moment."""
+        return self.kind in ("refused", "timeout")

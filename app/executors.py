@@ -14,10 +14,6 @@ from app.backends.kandinsky import KandinskyBackend
 from app.config import ConfigError
 from app.jobs import ExecutorType
 
-# Used when an entry has no `timeout`: large A1111 jobs take minutes.
-DEFAULT_TIMEOUT_S = 300.0
-
-
 class ExecutorEntrySchema(Schema):
     class Meta:
         unknown = EXCLUDE  # the original's files carry extra notes
@@ -25,14 +21,19 @@ class ExecutorEntrySchema(Schema):
     name = fields.String(required=True, validate=validate.Length(min=1))
     exec_type = fields.Enum(ExecutorType, by_value=True, required=True)
     endpoint = fields.Url(required=True, require_tld=False, schemes={"http", "https"})
-    timeout = fields.Float(load_default=DEFAULT_TIMEOUT_S, validate=validate.Range(min=0, min_inclusive=False))
+    # The least time a job gets on this backend; longer jobs get more (JOB_TIMEOUT_*).
+    timeout = fields.Float(load_default=None, validate=validate.Range(min=0, min_inclusive=False))
     gpu = fields.String(load_default="")
     model = fields.String(load_default="")
+    # Optional additions: relative speed seed (1.0 = an RTX 3060) and an off switch.
+    speed = fields.Float(load_default=None, validate=validate.Range(min=0, min_inclusive=False))
+    disabled = fields.Boolean(load_default=False)
 
     @post_load
     def to_spec(self, data: dict, **_: object) -> BackendSpec:
         return BackendSpec(name=data["name"], exec_type=data["exec_type"], endpoint=data["endpoint"],
-                           timeout_s=data["timeout"], gpu=data["gpu"], model=data["model"])
+                           timeout_s=data["timeout"], gpu=data["gpu"], model=data["model"],
+                           speed=data["speed"], disabled=data["disabled"])
 
 
 def load_executors(path: Path) -> list[BackendSpec]:
@@ -57,12 +58,7 @@ def load_executors(path: Path) -> list[BackendSpec]:
     return specs
 
 
-def build_backends(specs: list[BackendSpec], session: aiohttp.ClientSession,
-                   kandinsky_api_token: str) -> list[Backend]:
-    backends: list[Backend] = []
-    for spec in specs:
-        if spec.exec_type is ExecutorType.AUTOMATIC1111:
-            backends.append(Automatic1111Backend(spec, session))
-        else:
-            backends.append(KandinskyBackend(spec, session, kandinsky_api_token))
-    return backends
+def build_backend(spec: BackendSpec, session: aiohttp.ClientSession, kandinsky_api_token: str) -> Backend:
+    if spec.exec_type is ExecutorType.AUTOMATIC1111:
+        return Automatic1111Backend(spec, session)
+    return KandinskyBackend(spec, session, kandinsky_api_token)

@@ -20,8 +20,9 @@ from app import keys
 from app.errors import InvalidRequest
 from app.ids import new_object_id
 from app.jobs import Job
-from app.schemas import (info_message, parse_request, readable_envelope, rejection_response,
-                         short_response)
+from app.costs import payload_cost_units
+from app.schemas import (decode_message, info_message, parse_cancel_action, parse_request,
+                         readable_envelope, rejection_response, short_response)
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,11 @@ class _Connection:
             if len(text) > self._limit:
                 # Still parsed, so the refusal can name the request it belongs to.
                 _refuse_oversized(text, self._limit)
-            request = parse_request(text)
+            message = decode_message(text)
+            if message.get("message_type") == "info" and "action" in message:
+                await self._on_action(message)
+                return
+            request = parse_request(message)
         except InvalidRequest as exc:
             await hub.send_to(self._ws, self._rejection(exc))
             return
@@ -122,6 +127,15 @@ class _Connection:
         self._accepts.add(task)
         task.add_done_callback(self._accept_done)
 
+    async def _on_action(self, message: dict) -> None:
+        """Additive client actions. Only `cancel` exists: it answers with an info message,
+        and a cancelled request also gets its final `error` response ("cancelled")."""
+        object_id = parse_cancel_action(message)
+        outcome = await self._app[keys.SCHEDULER].cancel(self._service, object_id)
+        content = ("cancelled" if outcome == "cancelled" else
+                   "No queued or running request of this service has that object_id.")
+        await self._app[keys.HUB].send_to(self._ws, info_message("cancel", content, object_id=object_id))
+
     def _accept_done(self, task: asyncio.Task[None]) -> None:
         self._accepts.discard(task)
         self._slots.release()
@@ -140,16 +154,20 @@ class _Connection:
             return
         log.info("%s queued: %s %s from %s%s", job.object_id, job.executor.value, job.gen_type.value,
                  self._service, " (premium)" if job.premium else "")
-        eta_s = scheduler.eta_for_new(job.executor, job.premium)
+        eta_s = scheduler.eta_for_new(job.executor, job.premium, payload_cost_units(
+            job.executor, job.gen_type, job.payload))
         # `queued` goes out before the job can be dispatched, so it always precedes `generating`.
         await hub.send_to(self._ws, short_response(job, "queued", eta_s))
+        notice = scheduler.no_backend_notice(job.executor)
+        if notice:
+            await hub.send_to(self._ws, info_message("no_backend", notice, object_id=job.object_id))
         scheduler.submit(job)
 
     def _rejection(self, error: InvalidRequest) -> dict:
         log.info("refused a message from %s: %s", self._service, error.reason[:300])
         if error.envelope:
             return rejection_response(new_object_id(), self._service, error)
-        return info_message("error", error.reason, errors=error.field_errors)
+        return info_message("error", error.reason, errors=error.field_errors or None)
 
     async def drain(self) -> None:
         """Let accepts already started finish: their requests are committed and will run."""

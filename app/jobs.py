@@ -65,5 +65,11 @@ class Job:
     result: dict[str, Any] | None = None
     started_at: float | None = None
     finished_at: float | None = None
-    # Not stored: the connection the request came in on, preferred for its answers.
+    last_error: str | None = None
+    # Not stored: the connection the request came in on, preferred for its answers, and the
+    # scheduler's working state.
     origin: Any = field(default=None, repr=False, compare=False)
+    cost_units: float = field(default=0.0, repr=False, compare=False)
+    avoid_backends: set[str] = field(default_factory=set, repr=False, compare=False)
+    cancelled: bool = field(default=False, repr=False, compare=False)
+    finishing: bool = field(default=False, repr=False, compare=False)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import aiohttp
 from aiohttp import web
 
-from app.backends.base import Backend
 from app.config import Config
 from app.delivery import ConnectionHub
 from app.results import ResultWriter
@@ -15,7 +14,6 @@ from app.store import Store
 CONFIG = web.AppKey("config", Config)
 STORE = web.AppKey("store", Store)
 HTTP_SESSION = web.AppKey("http_session", aiohttp.ClientSession)
-BACKENDS = web.AppKey("backends", list[Backend])
 RESULTS = web.AppKey("results", ResultWriter)
 HUB = web.AppKey("hub", ConnectionHub)
 SCHEDULER = web.AppKey("scheduler", Scheduler)

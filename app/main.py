@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
+import signal
 import sys
 from collections.abc import AsyncIterator
 
@@ -12,11 +15,11 @@ from aiohttp import web
 from dotenv import find_dotenv, load_dotenv
 
 from app import keys
-from app.backends.base import BackendSpec
+from app.backends.base import Backend, BackendSpec
 from app.config import Config, ConfigError, configure_logging
 from app.delivery import ConnectionHub
 from app.demo_backends import DemoBackendState, automatic1111_app, kandinsky_app
-from app.executors import build_backends, load_executors
+from app.executors import build_backend, load_executors
 from app.jobs import ExecutorType
 from app.results import ResultWriter
 from app.routes import add_routes
@@ -25,8 +28,6 @@ from app.store import Store
 
 log = logging.getLogger(__name__)
 
-# Demo backends answer within DEMO_DELAY_S; this only stops a wedged one holding a job forever.
-DEMO_TIMEOUT_S = 120.0
 # HTTP bodies larger than a websocket message are not expected anywhere.
 CLIENT_MAX_SIZE_FACTOR = 2
 
@@ -38,7 +39,8 @@ def create_app(config: Config) -> web.Application:
     app[keys.RESULTS] = ResultWriter(save_locally=config.save_images_locally,
                                      images_path=config.images_path,
                                      url_prefix=config.image_url_prefix)
-    specs = None if config.test_mode else load_executors(config.executors_file)
+    if not config.test_mode:
+        load_executors(config.executors_file)  # a bad file stops start-up here, before serving
 
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
         app[keys.STORE] = await Store.open(config.database_path,
@@ -52,39 +54,40 @@ def create_app(config: Config) -> web.Application:
             app[keys.HTTP_SESSION] = session
             yield
 
-    async def backends_ctx(app: web.Application) -> AsyncIterator[None]:
-        if specs is not None:
-            app[keys.BACKENDS] = build_backends(specs, app[keys.HTTP_SESSION], config.kandinsky_api_token)
-            yield
-            return
-        async for demo_specs in _demo_backends(config):
-            app[keys.BACKENDS] = build_backends(demo_specs, app[keys.HTTP_SESSION],
-                                                config.kandinsky_api_token)
-            yield
-
     async def scheduler_ctx(app: web.Application) -> AsyncIterator[None]:
-        app[keys.HUB] = ConnectionHub(app[keys.STORE])
-        # Demo backends take DEMO_DELAY_S; a real GPU's time is learned from its first jobs.
-        guess_s = config.demo_delay_s if config.test_mode and config.demo_delay_s > 0 else None
-        scheduler = Scheduler(app[keys.STORE], app[keys.RESULTS], app[keys.HUB], app[keys.BACKENDS],
-                              config.general_premium_ratio, initial_guess_s=guess_s)
-        app[keys.SCHEDULER] = scheduler
-        await scheduler.start()
-        yield
-        await scheduler.stop(config.shutdown_grace_s)
+        session = app[keys.HTTP_SESSION]
+
+        def make_backend(spec: BackendSpec) -> Backend:
+            return build_backend(spec, session, config.kandinsky_api_token)
+
+        async with _backend_specs(config) as initial_specs:
+            app[keys.HUB] = ConnectionHub(app[keys.STORE])
+            scheduler = Scheduler(config, app[keys.STORE], app[keys.RESULTS], app[keys.HUB],
+                                  [make_backend(spec) for spec in initial_specs], make_backend)
+            app[keys.SCHEDULER] = scheduler
+            await scheduler.start()
+            reload_on_hangup(config, scheduler)
+            yield
+            stop_reloading_on_hangup()
+            await scheduler.stop(config.shutdown_grace_s)
 
     async def close_connections(app: web.Application) -> None:
         await app[keys.HUB].close_all()
 
     # Dependency order; shutdown runs it in reverse (scheduler first, store last).
-    app.cleanup_ctx.extend([store_ctx, http_session_ctx, backends_ctx, scheduler_ctx])
+    app.cleanup_ctx.extend([store_ctx, http_session_ctx, scheduler_ctx])
     app.on_shutdown.append(close_connections)
     add_routes(app)
     return app
 
 
-async def _demo_backends(config: Config) -> AsyncIterator[list[BackendSpec]]:
-    """Serve one demo backend of each executor type on a free loopback port."""
+@contextlib.asynccontextmanager
+async def _backend_specs(config: Config) -> AsyncIterator[list[BackendSpec]]:
+    """EXECUTORS_FILE's backends, or with TEST_MODE=1 one demo backend of each executor type
+    served on a free loopback port for as long as the context lasts."""
+    if not config.test_mode:
+        yield load_executors(config.executors_file)
+        return
     runners = []
     specs = []
     for exec_type, make_app in ((ExecutorType.AUTOMATIC1111, automatic1111_app),
@@ -97,8 +100,7 @@ async def _demo_backends(config: Config) -> AsyncIterator[list[BackendSpec]]:
         runners.append(runner)
         port = runner.addresses[0][1]
         specs.append(BackendSpec(name=f"demo-{exec_type.value}", exec_type=exec_type,
-                                 endpoint=f"http://127.0.0.1:{port}", timeout_s=DEMO_TIMEOUT_S,
-                                 gpu="demo", model="demo"))
+                                 endpoint=f"http://127.0.0.1:{port}", gpu="demo", model="demo"))
     log.warning("TEST_MODE=1: using demo backends (%s) instead of %s",
                 ", ".join(f"{s.name} at {s.endpoint}" for s in specs), config.executors_file)
     try:
@@ -106,6 +108,29 @@ async def _demo_backends(config: Config) -> AsyncIterator[list[BackendSpec]]:
     finally:
         for runner in runners:
             await runner.cleanup()
+
+
+def reload_on_hangup(config: Config, scheduler: Scheduler) -> None:
+    """SIGHUP re-reads EXECUTORS_FILE; a bad file is logged and the running pool kept."""
+    if config.test_mode:
+        return
+
+    def reload() -> None:
+        try:
+            specs = load_executors(config.executors_file)
+        except ConfigError as exc:
+            log.error("SIGHUP: kept the current backends: %s", exc)
+            return
+        log.info("SIGHUP: reloading %s (%d backends)", config.executors_file, len(specs))
+        scheduler.reload(specs)
+
+    with contextlib.suppress(NotImplementedError, RuntimeError):  # no signals off the main thread
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload)
+
+
+def stop_reloading_on_hangup() -> None:
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
 
 
 def main() -> None:

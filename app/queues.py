@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable, Iterator
 
 from app.jobs import Job
 
@@ -46,21 +47,44 @@ class WeightedQueue:
             return False
         return True
 
-    def pop(self) -> Job | None:
-        """Take the next job, or None when nothing waits."""
-        candidates = [premium for premium in (True, False) if self._jobs[premium]]
+    def pop(self, accept: Callable[[Job], bool] | None = None) -> Job | None:
+        """Take the next job, or None when nothing (acceptable) waits.
+
+        `accept` lets the caller pass over jobs that cannot run now (say, ones that should
+        not go back to the backend that just failed them); the first acceptable job of the
+        class whose turn it is is taken, so a passed-over job keeps its place.
+        """
+        heads = {premium: self._first(premium, accept) for premium in (True, False)}
+        candidates = [premium for premium in (True, False) if heads[premium] is not None]
         if not candidates:
             return None
         if len(candidates) == 1:
-            return self._jobs[candidates[0]].popleft()
-        total = 0
-        for premium in candidates:
-            self._current[premium] += self._weights[premium]
-            total += self._weights[premium]
-        # Ties go to premium (candidates lists it first).
-        chosen = max(candidates, key=lambda premium: self._current[premium])
-        self._current[chosen] -= total
-        return self._jobs[chosen].popleft()
+            chosen = candidates[0]
+        else:
+            total = 0
+            for premium in candidates:
+                self._current[premium] += self._weights[premium]
+                total += self._weights[premium]
+            # Ties go to premium (candidates lists it first).
+            chosen = max(candidates, key=lambda premium: self._current[premium])
+            self._current[chosen] -= total
+        job = heads[chosen]
+        line = self._jobs[chosen]
+        if line[0] is job:
+            line.popleft()
+        else:
+            line.remove(job)
+        return job
+
+    def _first(self, premium: bool, accept: Callable[[Job], bool] | None) -> Job | None:
+        for job in self._jobs[premium]:
+            if accept is None or accept(job):
+                return job
+        return None
+
+    def __iter__(self) -> Iterator[Job]:
+        yield from self._jobs[True]
+        yield from self._jobs[False]
 
     def picks_before_new(self, premium: bool) -> int:
         """How many jobs would be taken before a job of this class pushed now."""

@@ -1,31 +1,40 @@
-"""Hands queued requests to free backends, one job per backend at a time.
+"""Hands queued requests to healthy backends, one job per backend at a time.
 
-Event-driven: `submit()` and a backend finishing both call `dispatch()`, which starts a job
-on every idle backend that has work waiting, then returns. Nothing polls or sleeps.
+Event-driven: a new request, a backend finishing, a backend coming back up and a retry's
+backoff ending all call `dispatch()`, which starts a job on every available backend that
+has work waiting, then returns. Nothing polls the queue.
 
-A job's path: queued (in a WeightedQueue) -> claimed (attempt counted in SQLite) ->
-`generating` sent -> backend call -> backend released and next job dispatched -> image
-stored -> final status committed -> final message delivered.
+A job's path: queued (WeightedQueue) -> claimed (attempt counted in SQLite) -> `generating`
+-> backend call (with progress polling on AUTOMATIC1111) -> backend released, next job
+dispatched -> image stored -> final status committed -> final message delivered.
+A backend failure sends the job back to the head of its line after a backoff, to be tried
+on another healthy backend, until MAX_ATTEMPTS; a 4xx ends it at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
-from collections.abc import Awaitable
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Protocol
 
-from app.backends.base import Backend
+import aiohttp
+
+from app.backends.base import Backend, BackendSpec, Progress
+from app.config import Config
+from app.costs import job_cost_units, payload_cost_units
 from app.errors import BackendFailed
-from app.estimates import DurationEstimator
 from app.jobs import ExecutorType, Job, JobStatus
+from app.pool import BackendSlot, watch_health
 from app.queues import WeightedQueue
 from app.results import ResultWriter
 from app.store import Store
 
 log = logging.getLogger(__name__)
+
+CANCELLED_REASON = "cancelled"
 
 
 class JobListener(Protocol):
@@ -33,63 +42,76 @@ class JobListener(Protocol):
 
     async def job_generating(self, job: Job, avg_time_s: float) -> None: ...
 
+    async def job_progress(self, job: Job, progress: Progress) -> None: ...
+
+    async def job_retrying(self, job: Job, reason: str, delay_s: float) -> None: ...
+
     async def job_finished(self, job: Job) -> None: ...
 
 
-@dataclass
-class BackendSlot:
-    backend: Backend
-    job: Job | None = None
-    started_monotonic: float = 0.0
-
-    @property
-    def idle(self) -> bool:
-        return self.job is None
-
-
 class ExecutorPool:
-    """One executor type: its queue, its backends and its duration estimate."""
+    """One executor type: its queue and its backends."""
 
-    def __init__(self, executor: ExecutorType, ratio: tuple[int, int],
-                 initial_guess_s: float | None = None) -> None:
+    def __init__(self, executor: ExecutorType, ratio: tuple[int, int]) -> None:
         self.executor = executor
         self.queue = WeightedQueue(*ratio)
         self.slots: list[BackendSlot] = []
-        self.estimator = (DurationEstimator(initial_guess_s) if initial_guess_s
-                          else DurationEstimator())
 
-    def idle_slot(self) -> BackendSlot | None:
-        return next((slot for slot in self.slots if slot.idle), None)
+    def available_slots(self) -> list[BackendSlot]:
+        return [slot for slot in self.slots if slot.available]
 
-    def eta_for_new(self, premium: bool) -> float:
-        """Seconds until a request of this class, queued now, is expected to be done."""
+    def in_service(self) -> list[BackendSlot]:
+        return [slot for slot in self.slots if slot.in_service]
+
+    def eta_for_new(self, premium: bool, cost_units: float) -> float | None:
+        """Seconds until a request of this class and cost, queued now, is expected to be done;
+        None when no backend of this type is in service."""
+        serving = self.in_service()
+        if not serving:
+            return None
+        fastest_free = max((s.units_per_s for s in serving if s.job is None), default=None)
+        ahead = self.queue.picks_before_new(premium)
+        if ahead == 0 and fastest_free:
+            return round(cost_units / fastest_free, 1)
         now = time.monotonic()
-        running = [now - slot.started_monotonic for slot in self.slots if not slot.idle]
-        return round(self.estimator.wait_s(self.queue.picks_before_new(premium), running,
-                                           len(self.slots)), 1)
+        total_speed = sum(slot.units_per_s for slot in serving)
+        waiting = [job.cost_units for job in self.queue]
+        mean_waiting = sum(waiting) / len(waiting) if waiting else cost_units
+        backlog_units = sum(slot.remaining_units(now) for slot in serving) + ahead * mean_waiting
+        return round(backlog_units / total_speed + cost_units / (total_speed / len(serving)), 1)
+
+    def status_line(self) -> str:
+        return ", ".join(f"{slot.name}: {slot.state.value}"
+                         + (f" ({slot.last_error})" if slot.last_error and not slot.up else "")
+                         for slot in self.slots) or "none configured"
 
 
 class Scheduler:
-    def __init__(self, store: Store, results: ResultWriter, listener: JobListener,
-                 backends: list[Backend], ratio: tuple[int, int],
-                 initial_guess_s: float | None = None) -> None:
+    def __init__(self, config: Config, store: Store, results: ResultWriter, listener: JobListener,
+                 backends: list[Backend], make_backend: Callable[[BackendSpec], Backend]) -> None:
+        self._config = config
         self._store = store
         self._results = results
         self._listener = listener
-        self.pools = {executor: ExecutorPool(executor, ratio, initial_guess_s)
+        self._make_backend = make_backend
+        self.pools = {executor: ExecutorPool(executor, config.general_premium_ratio)
                       for executor in ExecutorType}
-        for backend in backends:
-            self.pools[backend.executor].slots.append(BackendSlot(backend))
-        self._running: set[asyncio.Task[None]] = set()
+        self._initial_backends = backends
+        self._watchers: dict[BackendSlot, asyncio.Task[None]] = {}
+        self._running: dict[str, tuple[asyncio.Task[None], BackendSlot]] = {}
+        self._progress: dict[str, asyncio.Task[None]] = {}
+        self._retry_timers: dict[str, tuple[Job, asyncio.TimerHandle]] = {}
+        self._expiry_timers: dict[str, asyncio.TimerHandle] = {}
         self._finishing: set[asyncio.Task[None]] = set()
         self._stopping = False
         self.dispatched = 0
         self.finished = 0
+        self.retried = 0
 
     def __repr__(self) -> str:
         waiting = {e.value: len(p.queue) for e, p in self.pools.items()}
         return (f"<Scheduler waiting={waiting} running={len(self._running)} "
-                f"dispatched={self.dispatched} finished={self.finished}>")
+                f"dispatched={self.dispatched} retried={self.retried} finished={self.finished}>")
 
     def has_backends(self, executor: ExecutorType) -> bool:
         return bool(self.pools[executor].slots)
@@ -101,14 +123,17 @@ class Scheduler:
     # -- life cycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Rebuild the queues from SQLite: interrupted jobs go back in line, in arrival order."""
+        """Start watching the backends and rebuild the queues from SQLite: interrupted jobs
+        go back in line, in arrival order."""
+        for backend in self._initial_backends:
+            slot = self._add_slot(backend)
+            # Speeds learned before the restart are not thrown away.
+            for gen_type, payload, seconds in await self._store.recent_successes(backend.name, 10):
+                slot.record_success(payload_cost_units(backend.executor, gen_type, payload), seconds)
         requeued = await self._store.requeue_interrupted()
         queued = await self._store.queued_jobs()
-        for pool in self.pools.values():
-            for duration_s in await self._store.recent_generation_seconds(pool.executor, 20):
-                pool.estimator.record(duration_s)
         for job in queued:
-            self.pools[job.executor].queue.push(job)
+            self._enqueue(job)
         for pool in self.pools.values():
             if len(pool.queue) and not pool.slots:
                 log.warning("%d %s requests wait, but no %s backend is configured",
@@ -116,14 +141,19 @@ class Scheduler:
         log.info("scheduler started: %d queued (%d were interrupted by a restart); backends: %s",
                  len(queued), requeued,
                  ", ".join(f"{e.value}={len(p.slots)}" for e, p in self.pools.items()))
-        self.dispatch()
+        self.dispatch()  # backends whose first probe already answered
 
     async def stop(self, grace_s: float) -> None:
         """Stop claiming; give running jobs `grace_s` to finish, then cancel them. A cancelled
         job stays `generating` in SQLite and is queued again at the next start."""
         self._stopping = True
-        if self._running:
-            done, pending = await asyncio.wait(set(self._running), timeout=grace_s)
+        for _, timer in self._retry_timers.values():
+            timer.cancel()
+        for timer in self._expiry_timers.values():
+            timer.cancel()
+        running = [task for task, _ in self._running.values()]
+        if running:
+            _, pending = await asyncio.wait(running, timeout=grace_s)
             for task in pending:
                 task.cancel()
             if pending:
@@ -132,68 +162,303 @@ class Scheduler:
                 await asyncio.wait(pending)
         if self._finishing:
             await asyncio.wait(set(self._finishing))
+        for slot in list(self._watchers):
+            self._stop_watching(slot)
+        if self._watchers:
+            await asyncio.wait(list(self._watchers.values()))
 
-    # -- dispatch -----------------------------------------------------------------------
+    # -- backends -----------------------------------------------------------------------
+
+    def _add_slot(self, backend: Backend) -> BackendSlot:
+        slot = BackendSlot.for_backend(backend)
+        self.pools[backend.executor].slots.append(slot)
+        task = asyncio.create_task(watch_health(slot, self._config, self.dispatch),
+                                   name=f"health-{backend.name}")
+        self._watchers[slot] = task
+        task.add_done_callback(lambda _: self._watchers.pop(slot, None))
+        return slot
+
+    def _stop_watching(self, slot: BackendSlot) -> None:
+        slot.removed = True
+        slot.wake.set()
+
+    def _retire_if_removed(self, slot: BackendSlot) -> None:
+        if slot.removed and slot.job is None and slot in self.pools[slot.backend.executor].slots:
+            self.pools[slot.backend.executor].slots.remove(slot)
+            log.info("backend %s removed", slot.name)
+
+    def reload(self, specs: list[BackendSpec]) -> None:
+        """Apply a new EXECUTORS_FILE: add, change, disable or remove backends. A removed
+        backend's running job finishes there (or is retried elsewhere if it fails)."""
+        current = {slot.name: slot for pool in self.pools.values() for slot in pool.slots
+                   if not slot.removed}
+        wanted = {spec.name: spec for spec in specs}
+        for name, slot in current.items():
+            spec = wanted.get(name)
+            if spec is None or spec.exec_type is not slot.backend.executor:
+                self._stop_watching(slot)
+                self._retire_if_removed(slot)
+                log.info("backend %s leaves the pool%s", name, " after its job" if slot.job else "")
+        for name, spec in wanted.items():
+            slot = current.get(name)
+            if slot is not None and not slot.removed:
+                if slot.backend.spec != spec:
+                    # The running job keeps its client; the next one uses the new settings.
+                    slot.backend = self._make_backend(spec)
+                    slot.wake.set()
+                    log.info("backend %s updated%s", name, " (disabled)" if spec.disabled else "")
+                continue
+            self._add_slot(self._make_backend(spec))
+            log.info("backend %s added (%s at %s)", name, spec.exec_type.value, spec.endpoint)
+        self.dispatch()
+
+    def backends_status(self) -> list[dict[str, object]]:
+        return [{"name": slot.name, "executor": pool.executor.value, "state": slot.state.value,
+                 "units_per_s": round(slot.units_per_s), "jobs_done": slot.jobs_done,
+                 "last_error": slot.last_error, "job": slot.job.object_id if slot.job else None}
+                for pool in self.pools.values() for slot in pool.slots]
+
+    # -- queueing -----------------------------------------------------------------------
+
+    def _enqueue(self, job: Job) -> None:
+        job.cost_units = job_cost_units(job)
+        self.pools[job.executor].queue.push(job)
+        wait_left_s = job.created_at + self._config.max_queue_wait_s - time.time()
+        self._expiry_timers[job.object_id] = asyncio.get_running_loop().call_later(
+            max(0.0, wait_left_s), self._expire, job)
 
     def submit(self, job: Job) -> None:
         """Queue a job that is already committed to the store."""
-        self.pools[job.executor].queue.push(job)
+        self._enqueue(job)
         self.dispatch()
 
-    def eta_for_new(self, executor: ExecutorType, premium: bool) -> float:
-        return self.pools[executor].eta_for_new(premium)
+    def eta_for_new(self, executor: ExecutorType, premium: bool, cost_units: float) -> float | None:
+        return self.pools[executor].eta_for_new(premium, cost_units)
+
+    def no_backend_notice(self, executor: ExecutorType) -> str | None:
+        """A sentence for the client when no backend of `executor` is in service."""
+        pool = self.pools[executor]
+        if pool.in_service():
+            return None
+        return (f"No {executor.value} backend is in service right now ({pool.status_line()}); "
+                f"the request stays queued for up to {self._config.max_queue_wait_s:g} s.")
+
+    def _expire(self, job: Job) -> None:
+        self._expiry_timers.pop(job.object_id, None)
+        pool = self.pools[job.executor]
+        retry = self._retry_timers.pop(job.object_id, None)
+        if retry is not None:
+            retry[1].cancel()
+        elif not pool.queue.remove(job):
+            return  # running or finished
+        reason = (f"No {job.executor.value} backend took this request within "
+                  f"{self._config.max_queue_wait_s:g} s ({pool.status_line()}). It was not generated.")
+        if job.last_error:
+            reason += f" Last attempt: {job.last_error}"
+        log.warning("%s expired in the queue", job.object_id)
+        self._track_finish(job, None, reason, None)
+
+    # -- dispatch -----------------------------------------------------------------------
 
     def dispatch(self) -> None:
-        """Start a job on every idle backend that has one waiting. Returns at once."""
+        """Start a job on every available backend that has one waiting. Returns at once."""
         if self._stopping:
             return
         for pool in self.pools.values():
             while len(pool.queue):
-                slot = pool.idle_slot()
-                if slot is None:
+                free = pool.available_slots()
+                if not free:
                     break
-                job = pool.queue.pop()
-                assert job is not None
-                slot.job = job
-                slot.started_monotonic = time.monotonic()
-                self.dispatched += 1
-                self._track(self._running, self._run(pool, slot, job), f"run-{job.object_id}")
+                serving = {slot.name for slot in pool.in_service()}
 
-    def _track(self, tasks: set[asyncio.Task[None]], coro: Awaitable[None], name: str) -> None:
-        task = asyncio.ensure_future(coro)
-        task.set_name(name)
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
+                def can_start(job: Job) -> bool:
+                    # A retried job waits for a backend that has not failed it yet, unless
+                    # every backend in service already has.
+                    return (any(slot.name not in job.avoid_backends for slot in free)
+                            or serving <= job.avoid_backends)
+
+                job = pool.queue.pop(accept=can_start)
+                if job is None:
+                    break
+                choices = [slot for slot in free if slot.name not in job.avoid_backends] or free
+                # Of the free backends, the one expected to finish this job first.
+                slot = min(choices, key=lambda s: s.expected_s(job.cost_units))
+                self._start(pool, slot, job)
+
+    def _start(self, pool: ExecutorPool, slot: BackendSlot, job: Job) -> None:
+        slot.job = job
+        slot.started_monotonic = time.monotonic()
+        self.dispatched += 1
+        task = asyncio.create_task(self._run(pool, slot, job), name=f"run-{job.object_id}")
+        self._running[job.object_id] = (task, slot)
+        task.add_done_callback(lambda _: self._running.pop(job.object_id, None))
+
+    def job_timeout_s(self, slot: BackendSlot, job: Job) -> float:
+        """Expected duration x JOB_TIMEOUT_FACTOR, at least the floor (raised by the backend's
+        own `timeout`), at most JOB_TIMEOUT_CAP_S."""
+        config = self._config
+        floor = max(config.job_timeout_floor_s, slot.backend.spec.timeout_s or 0.0)
+        expected = slot.expected_s(job.cost_units) * config.job_timeout_factor
+        return min(config.job_timeout_cap_s, max(floor, expected))
 
     async def _run(self, pool: ExecutorPool, slot: BackendSlot, job: Job) -> None:
         backend = slot.backend
         jpeg: bytes | None = None
-        failure = ""
-        generation_s: float | None = None
+        failure: BackendFailed | None = None
+        seconds: float | None = None
+        timeout_s = self.job_timeout_s(slot, job)
         try:
             await self._store.claim(job, backend.name)
-            log.info("%s dispatched to %s (attempt %d)", job.object_id, backend.name, job.attempts)
-            await self._listener.job_generating(job, round(pool.estimator.typical_s, 1))
+            log.info("%s dispatched to %s (attempt %d, expected %.1f s, timeout %.0f s)",
+                     job.object_id, backend.name, job.attempts, slot.expected_s(job.cost_units), timeout_s)
+            await self._listener.job_generating(job, round(slot.expected_s(job.cost_units), 1))
+            self._start_progress(backend, job)
             started = time.monotonic()
             try:
-                jpeg = await backend.generate(job.gen_type, job.payload)
+                jpeg = await backend.generate(job.gen_type, job.payload, timeout_s)
             except BackendFailed as exc:
-                failure = exc.reason
-            generation_s = time.monotonic() - started
+                failure = exc
+            finally:
+                await self._stop_progress(job)
+            seconds = time.monotonic() - started
         except asyncio.CancelledError:
             slot.job = None
             raise
         except Exception:
             log.exception("%s failed inside the balancer", job.object_id)
-            failure = "internal error in the balancer; the request was not generated"
-        # The backend is free as soon as it has answered; storing and delivering the result
-        # overlaps with its next job.
+            failure = BackendFailed("internal error in the balancer; the request was not generated",
+                                    kind="rejected")
         slot.job = None
+        self._retire_if_removed(slot)
+        try:
+            if job.cancelled:
+                return  # already answered by cancel()
+            if jpeg is not None:
+                slot.record_success(job.cost_units, seconds or 0.0)
+                self._track_finish(job, jpeg, "", seconds)
+            elif failure is not None and not failure.retryable:
+                # The request is bad (4xx): the backend is not to blame.
+                self._track_finish(job, None, failure.reason, seconds)
+            elif failure is not None:
+                await self._after_failure(pool, slot, job, failure)
+        finally:
+            self.dispatch()
+
+    async def _after_failure(self, pool: ExecutorPool, slot: BackendSlot, job: Job,
+                             failure: BackendFailed) -> None:
+        config = self._config
+        slot.record_failure(failure.reason, backend_is_down=failure.backend_is_down,
+                            breaker_failures=config.breaker_failures,
+                            max_cooldown_s=config.probe_backoff_max_s)
+        job.avoid_backends.add(slot.name)
+        if job.attempts >= config.max_attempts:
+            reason = f"Failed after {job.attempts} attempts; the last: {failure.reason}"
+            self._track_finish(job, None, reason, None)
+            return
+        delay_s = config.retry_backoff_s * 2 ** (job.attempts - 1) * random.uniform(0.75, 1.25)
+        await self._store.requeue(job, failure.reason)
+        self.retried += 1
+        log.warning("%s attempt %d failed on %s (%s); retrying in %.1f s",
+                    job.object_id, job.attempts, slot.name, failure.reason, delay_s)
+        await self._listener.job_retrying(job, failure.reason, delay_s)
+        if job.cancelled:
+            return
+        timer = asyncio.get_running_loop().call_later(delay_s, self._back_in_line, job)
+        self._retry_timers[job.object_id] = (job, timer)
+
+    def _back_in_line(self, job: Job) -> None:
+        self._retry_timers.pop(job.object_id, None)
+        # At the head of its class: it keeps its place in line.
+        self.pools[job.executor].queue.push_front(job)
         self.dispatch()
-        if jpeg is not None and generation_s is not None:
-            pool.estimator.record(generation_s)
-        self._track(self._finishing, self._finish(job, jpeg, failure, generation_s),
-                    f"finish-{job.object_id}")
+
+    # -- progress -----------------------------------------------------------------------
+
+    def _start_progress(self, backend: Backend, job: Job) -> None:
+        if backend.supports_progress and self._config.progress_interval_s > 0:
+            self._progress[job.object_id] = asyncio.create_task(
+                self._report_progress(backend, job), name=f"progress-{job.object_id}")
+
+    async def _stop_progress(self, job: Job) -> None:
+        """Stop polling before the final answer, so no progress message follows it."""
+        task = self._progress.pop(job.object_id, None)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def _report_progress(self, backend: Backend, job: Job) -> None:
+        last_fraction = 0.0
+        while True:
+            await asyncio.sleep(self._config.progress_interval_s)
+            try:
+                async with asyncio.timeout(self._config.probe_timeout_s):
+                    progress = await backend.progress()
+            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                log.debug("%s: progress poll failed: %s", job.object_id, exc)
+                continue
+            # Only forward: a backend's counter restarts between passes (hires fix).
+            if progress is not None and progress.fraction > last_fraction:
+                last_fraction = progress.fraction
+                await self._listener.job_progress(job, progress)
+
+    # -- cancel -------------------------------------------------------------------------
+
+    async def cancel(self, service: str, object_id: str) -> str:
+        """Cancel a queued or running request of `service`. Returns "cancelled", or
+        "unknown" when `service` has no such request waiting or running (another service's
+        request is "unknown" too, so ids cannot be probed)."""
+        job, where = self._locate(object_id)
+        if job is None or job.service != service or job.cancelled or job.finishing:
+            return "unknown"
+        job.cancelled = True
+        if where == "queued":
+            self.pools[job.executor].queue.remove(job)
+        elif where == "retrying":
+            self._retry_timers.pop(object_id)[1].cancel()
+        else:
+            await self._stop_progress(job)
+            backend = self._running[object_id][1].backend
+            try:
+                interrupted = await backend.interrupt()
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                interrupted = False
+                log.warning("%s: interrupt on %s failed: %s", object_id, backend.name, exc)
+            # Without an interrupt the backend finishes the image; it is thrown away, and the
+            # backend takes no new job until then (it would queue it behind this one).
+            log.info("%s cancelled while running on %s (interrupted: %s)", object_id,
+                     backend.name, interrupted)
+        timer = self._expiry_timers.pop(object_id, None)
+        if timer is not None:
+            timer.cancel()
+        self._track_finish(job, None, CANCELLED_REASON, None)
+        self.dispatch()
+        return "cancelled"
+
+    def _locate(self, object_id: str) -> tuple[Job | None, str]:
+        if object_id in self._running:
+            return self._running[object_id][1].job, "running"
+        if object_id in self._retry_timers:
+            return self._retry_timers[object_id][0], "retrying"
+        for pool in self.pools.values():
+            for job in pool.queue:
+                if job.object_id == object_id:
+                    return job, "queued"
+        return None, ""
+
+    # -- finishing ----------------------------------------------------------------------
+
+    def _track_finish(self, job: Job, jpeg: bytes | None, failure: str, seconds: float | None) -> None:
+        if job.finishing:
+            return
+        job.finishing = True
+        timer = self._expiry_timers.pop(job.object_id, None)
+        if timer is not None:
+            timer.cancel()
+        # A task of its own: the backend is free for its next job while this one is stored.
+        task = asyncio.create_task(self._finish(job, jpeg, failure, seconds),
+                                   name=f"finish-{job.object_id}")
+        self._finishing.add(task)
+        task.add_done_callback(self._finishing.discard)
 
     async def _finish(self, job: Job, jpeg: bytes | None, failure: str,
                       generation_s: float | None) -> None:
@@ -211,13 +476,13 @@ class Scheduler:
         try:
             await self._store.finish(job, generation_s)
         except Exception:
-            # Not committed: the job stays `generating` and runs again after a restart.
+            # Not committed: the job stays where SQLite has it and runs again after a restart.
             log.exception("%s: recording the result failed", job.object_id)
             return
         self.finished += 1
         if job.status is JobStatus.OK:
             log.info("%s ok on %s in %.2f s", job.object_id, job.backend, generation_s or 0.0)
         else:
-            log.info("%s error on %s: %s", job.object_id, job.backend, failure)
+            log.info("%s error: %s", job.object_id, failure)
         await self._listener.job_finished(job)
 

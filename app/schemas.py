@@ -72,13 +72,34 @@ class ResponseSchema(Schema):
 
 class InfoSchema(Schema):
     """An additive `info` message (the official client ignores these). `info_type` says what
-    it is about; `content` is a readable sentence; `errors` maps fields to reasons."""
+    it is about:
+
+    error       a message that could not be tied to a request was refused (`errors` maps
+                fields to reasons)
+    no_backend  the request is queued, but no backend of its type is in service
+    progress    `progress` (0..1) and `eta_relative` (seconds left) of a generating request
+    retrying    the request's attempt failed (`content` says why); it runs again in
+                `retry_in_s` seconds, on another backend when one is healthy
+    cancel      the answer to a cancel action: `content` is "cancelled" or why not
+    """
 
     message_type = fields.Constant("info")
     info_type = fields.String(required=True)
     content = fields.String(required=True)
-    errors = fields.Dict()
     object_id = fields.String()
+    errors = fields.Dict()
+    progress = fields.Float()
+    eta_relative = fields.Float(allow_none=True)
+    attempt = fields.Integer()
+    retry_in_s = fields.Float()
+
+
+class CancelActionSchema(Schema):
+    """Client -> server, additive: `{"message_type": "info", "action": "cancel", "object_id": ...}`."""
+
+    message_type = fields.String(required=True, validate=validate.Equal("info"))
+    action = fields.String(required=True, validate=validate.Equal("cancel"))
+    object_id = fields.String(required=True, validate=validate.Regexp(r"^[0-9a-f]{24}$"))
 
 
 _request_schema = RequestMessageSchema()
@@ -86,22 +107,27 @@ _settings_schema = SettingsSchema()
 _service_info_schema = ServiceInfoSchema()
 _response_schema = ResponseSchema()
 _info_schema = InfoSchema()
+_cancel_schema = CancelActionSchema()
 
 
-def parse_request(text: str) -> dict[str, Any]:
-    """Load one client message and check its payload against the backend contract.
-
-    Returns the envelope with `executor`/`gen_type` as enums, `settings`, `service_info` and
-    `payload` exactly as sent, and `flags`: the settings flags as bools with defaults. Raises InvalidRequest naming every bad field;
-    its `envelope` carries executor and gen_type only when both were valid.
-    """
+def decode_message(text: str) -> dict[str, Any]:
+    """A websocket text frame as a JSON object. Raises InvalidRequest otherwise."""
     try:
         message = json.loads(text)
     except ValueError as exc:
         raise InvalidRequest(f"Message is not valid JSON: {exc}") from None
     if not isinstance(message, dict):
         raise InvalidRequest("Message must be a JSON object.")
+    return message
 
+
+def parse_request(message: dict[str, Any]) -> dict[str, Any]:
+    """Load one request message and check its payload against the backend contract.
+
+    Returns the envelope with `executor`/`gen_type` as enums, `settings`, `service_info` and
+    `payload` exactly as sent, and `flags`: the settings flags as bools with defaults. Raises InvalidRequest naming every bad field;
+    its `envelope` carries executor and gen_type only when both were valid.
+    """
     envelope = readable_envelope(message)
     try:
         loaded = _request_schema.load(message)
@@ -200,11 +226,17 @@ def rejection_response(object_id: str, service: str, error: InvalidRequest) -> d
     }) | {"errors": error.field_errors}
 
 
-def info_message(info_type: str, content: str, *, errors: dict[str, Any] | None = None,
-                 object_id: str | None = None) -> dict[str, Any]:
-    data: dict[str, Any] = {"info_type": info_type, "content": content}
-    if errors:
-        data["errors"] = errors
-    if object_id:
-        data["object_id"] = object_id
+def info_message(info_type: str, content: str, **extra: Any) -> dict[str, Any]:
+    """An info message; `extra` holds the optional InfoSchema fields (None values left out)."""
+    data = {"info_type": info_type, "content": content}
+    data.update({key: value for key, value in extra.items() if value is not None})
     return _info_schema.dump(data)
+
+
+def parse_cancel_action(message: dict[str, Any]) -> str:
+    """The object_id of a cancel action. Raises InvalidRequest when the action is malformed."""
+    try:
+        return _cancel_schema.load(message)["object_id"]
+    except ValidationError as exc:
+        raise InvalidRequest(_summary(exc.normalized_messages()),
+                             field_errors=exc.normalized_messages()) from None

@@ -125,6 +125,15 @@ class Store:
             (job.attempts, backend_name, job.started_at, job.object_id),
         ))
 
+    async def requeue(self, job: Job, reason: str) -> None:
+        """Put a job whose attempt failed back in line (its attempt stays counted)."""
+        job.status = JobStatus.QUEUED
+        job.last_error = reason
+        await self._write((
+            "UPDATE requests SET status = 'queued', last_error = ? WHERE object_id = ?",
+            (reason, job.object_id),
+        ))
+
     async def finish(self, job: Job, generation_s: float | None) -> None:
         """Commit the final status and result already set on `job`, marked undelivered."""
         assert job.status.is_final and job.result is not None
@@ -229,14 +238,15 @@ class Store:
         jobs = await self._fetch_jobs("object_id = ?", (object_id,))
         return jobs[0] if jobs else None
 
-    async def recent_generation_seconds(self, executor: ExecutorType, limit: int) -> list[float]:
-        """Backend durations of the latest `limit` successful requests, oldest first."""
+    async def recent_successes(self, backend_name: str, limit: int) -> list[tuple[GenType, dict[str, Any], float]]:
+        """(gen_type, payload, generation seconds) of the backend's latest `limit` successful
+        jobs, oldest first: what its learned speed is rebuilt from after a restart."""
         async with self._reader_db.execute(
-                "SELECT generation_s FROM requests WHERE status = 'ok' AND executor = ?"
-                " AND generation_s IS NOT NULL ORDER BY finished_at DESC LIMIT ?",
-                (executor.value, limit)) as cursor:
+                "SELECT gen_type, payload, generation_s FROM requests WHERE status = 'ok'"
+                " AND backend = ? AND generation_s IS NOT NULL ORDER BY finished_at DESC LIMIT ?",
+                (backend_name, limit)) as cursor:
             rows = await cursor.fetchall()
-        return [row[0] for row in reversed(rows)]
+        return [(GenType(row[0]), json.loads(row[1]), row[2]) for row in reversed(rows)]
 
 
 def _job_from_row(row: aiosqlite.Row) -> Job:
@@ -248,5 +258,5 @@ def _job_from_row(row: aiosqlite.Row) -> Job:
         created_at=row["created_at"], seq=row["seq"], attempts=row["attempts"],
         status=JobStatus(row["status"]), backend=row["backend"],
         result=json.loads(row["result"]) if row["result"] else None,
-        started_at=row["started_at"], finished_at=row["finished_at"],
+        started_at=row["started_at"], finished_at=row["finished_at"], last_error=row["last_error"],
     )

@@ -64,6 +64,9 @@ def base_env(tmp_path: Path, port: int, **overrides: Any) -> dict[str, str]:
         "IMAGES_PATH": str(tmp_path / "images"),
         "KANDINSKY_API_TOKEN": KANDINSKY_TOKEN,
         "SHUTDOWN_GRACE_S": "1",
+        # Retries and probes on a test's time scale.
+        "RETRY_BACKOFF_S": "0.05",
+        "PROBE_BACKOFF_MAX_S": "0.2",
         "LOGGING_LEVEL": "INFO",
     }
     env.update({key: str(value) for key, value in overrides.items()})

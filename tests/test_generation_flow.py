@@ -129,21 +129,27 @@ async def test_a_backend_error_ends_the_request_with_its_reason(start_backend, s
     assert "HTTP 404" in done["result"]["content"]
 
 
-async def test_an_unreachable_backend_ends_the_request_with_a_readable_error(
+async def test_with_every_backend_down_a_request_waits_queued_then_ends_with_a_clear_error(
         start_balancer, unused_tcp_port_factory):
     dead = {"name": "gpu-gone", "gpu": "3060", "timeout": 5, "model": "sd15",
             "exec_type": "automatic1111", "endpoint": f"http://127.0.0.1:{unused_tcp_port_factory()}"}
-    balancer = await start_balancer([dead])
+    balancer = await start_balancer([dead], MAX_QUEUE_WAIT_S=0.5, PROBE_BACKOFF_MAX_S=0.1)
     bot = await balancer.connect("telegram")
 
     queued = await bot.submit(request_message("automatic1111", "text2img", {"prompt": "x"}))
+    notice = await bot.next_message(lambda m: m.get("info_type") == "no_backend")
     done = await bot.final(queued["object_id"])
 
-    assert done["gen_status"] == "error"
-    assert "gpu-gone is unreachable" in done["result"]["content"]
+    assert queued["gen_status"] == "queued" and queued["avg_time"] is None
+    assert notice["object_id"] == queued["object_id"]
+    assert "No automatic1111 backend is in service right now (gpu-gone: " in notice["content"]
+    assert bot.statuses(queued["object_id"]) == ["queued", "error"]
+    assert done["result"]["content"].startswith(
+        "No automatic1111 backend took this request within 0.5 s (gpu-gone: unhealthy (health probe failed")
+    assert done["result"]["content"].endswith("It was not generated.")
 
 
-async def test_a_backend_answering_something_that_is_not_an_image_is_an_error(
+async def test_a_lone_backend_answering_something_that_is_not_an_image_fails_after_every_attempt(
         start_backend, start_balancer):
     kandinsky = await start_backend("kandinsky")
     kandinsky.state.fail_status = 200
@@ -155,4 +161,6 @@ async def test_a_backend_answering_something_that_is_not_an_image_is_an_error(
     done = await bot.final(queued["object_id"])
 
     assert done["gen_status"] == "error"
-    assert "not a readable image" in done["result"]["content"]
+    assert done["result"]["content"].startswith("Failed after 3 attempts; the last: backend kandinsky-")
+    assert "returned an image that is not a readable image" in done["result"]["content"]
+    assert len(kandinsky.state.received) == 3

@@ -114,7 +114,8 @@ async def test_the_job_life_cycle_is_recorded(tmp_path):
     stored = await store.get(job.object_id)
     assert (stored.status, stored.attempts, stored.backend) == (JobStatus.OK, 2, "gpu-2")
     assert await store.undelivered_jobs("discord") == []
-    assert await store.recent_generation_seconds(ExecutorType.KANDINSKY, 5) == [1.5]
+    assert await store.recent_successes("gpu-2", 5) == [(GenType.TEXT2IMG, {"prompt": "x"}, 1.5)]
+    assert await store.recent_successes("gpu-1", 5) == []
     await store.close()
 
 

@@ -8,25 +8,28 @@ from typing import Any
 
 import aiohttp
 
-from app.backends.base import Backend, BackendSpec
+from app.backends.base import Backend, BackendSpec, Progress
 from app.errors import BackendFailed
 from app.jobs import GenType
 
 _ROUTES = {GenType.TEXT2IMG: "txt2img", GenType.IMG2IMG: "img2img"}
 
 
-def api_base(endpoint: str) -> str:
+def api_root(endpoint: str) -> str:
     """Accept both `http://host:port` and the original's `http://host:port/sdapi/v1`."""
-    base = endpoint.rstrip("/")
-    if base.endswith("/sdapi/v1"):
-        base = base[: -len("/sdapi/v1")]
-    return base + "/sdapi/v1"
+    root = endpoint.rstrip("/")
+    if root.endswith("/sdapi/v1"):
+        root = root[: -len("/sdapi/v1")]
+    return root
 
 
 class Automatic1111Backend(Backend):
+    supports_progress = True
+
     def __init__(self, spec: BackendSpec, session: aiohttp.ClientSession) -> None:
         super().__init__(spec, session)
-        self.api_url = api_base(spec.endpoint)
+        self.root_url = api_root(spec.endpoint)
+        self.api_url = self.root_url + "/sdapi/v1"
 
     async def _call(self, gen_type: GenType, payload: dict[str, Any]) -> bytes:
         response = await self._post_json(f"{self.api_url}/{_ROUTES[gen_type]}", payload)
@@ -34,13 +37,40 @@ class Automatic1111Backend(Backend):
             try:
                 body = await response.json(content_type=None)
             except ValueError:
-                raise BackendFailed(f"backend {self.name} answered with a body that is not JSON") from None
+                raise BackendFailed(f"backend {self.name} answered with a body that is not JSON",
+                                    kind="malformed") from None
         images = body.get("images") if isinstance(body, dict) else None
         if not images or not isinstance(images[0], str):
-            raise BackendFailed(f"backend {self.name} answered without an image")
+            raise BackendFailed(f"backend {self.name} answered without an image", kind="malformed")
         # Extensions may append extra images (masks, grids): the first is the result.
         first = images[0].split(",", 1)[1] if images[0].startswith("data:") else images[0]
         try:
             return base64.b64decode(first, validate=True)
         except (binascii.Error, ValueError):
-            raise BackendFailed(f"backend {self.name} answered with an image that is not base64") from None
+            raise BackendFailed(f"backend {self.name} answered with an image that is not base64",
+                                kind="malformed") from None
+
+    async def _probe(self) -> str | None:
+        # /memory answers in API-only and UI mode, even mid-generation; /internal/ping only
+        # in UI mode, so it is the fallback for servers that lack /memory.
+        reason = await self._get_ok(f"{self.api_url}/memory")
+        if reason and "HTTP 404" in reason:
+            reason = await self._get_ok(f"{self.root_url}/internal/ping")
+        return reason
+
+    async def progress(self) -> Progress | None:
+        async with self._session.get(f"{self.api_url}/progress",
+                                     params={"skip_current_image": "true"}) as response:
+            if response.status != 200:
+                return None
+            body = await response.json(content_type=None)
+        fraction = body.get("progress") if isinstance(body, dict) else None
+        if not isinstance(fraction, (int, float)):
+            return None
+        eta = body.get("eta_relative")
+        return Progress(fraction=min(1.0, max(0.0, float(fraction))),
+                        eta_s=float(eta) if isinstance(eta, (int, float)) and eta >= 0 else None)
+
+    async def interrupt(self) -> bool:
+        async with self._session.post(f"{self.api_url}/interrupt", json={}) as response:
+            return response.status < 300

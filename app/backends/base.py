@@ -27,49 +27,93 @@ class BackendSpec:
     name: str
     exec_type: ExecutorType
     endpoint: str
-    timeout_s: float
+    timeout_s: float | None = None  # the least time a job gets on it; None = JOB_TIMEOUT_FLOOR_S
     gpu: str = ""
     model: str = ""
+    speed: float | None = None      # relative to the reference GPU (app/costs.py)
+    disabled: bool = False
+
+
+@dataclass(frozen=True)
+class Progress:
+    fraction: float      # 0..1
+    eta_s: float | None  # seconds left, as the backend estimates them
 
 
 class Backend:
     """A client for one backend instance; it runs one job at a time (the scheduler sees to it).
 
-    Subclasses implement `_call`, which returns the raw image bytes of the first image.
+    Subclasses implement `_call` (returns the raw bytes of the first image) and `_probe`.
     """
+
+    supports_progress = False
 
     def __init__(self, spec: BackendSpec, session: aiohttp.ClientSession) -> None:
         self.spec = spec
-        self.name = spec.name
-        self.executor = spec.exec_type
         self._session = session
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def executor(self) -> ExecutorType:
+        return self.spec.exec_type
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name} {self.spec.endpoint}>"
 
-    async def generate(self, gen_type: GenType, payload: dict[str, Any]) -> bytes:
+    async def generate(self, gen_type: GenType, payload: dict[str, Any], timeout_s: float) -> bytes:
         """Run one generation and return its image as JPEG bytes.
 
-        Raises BackendFailed with a readable reason: retryable=False when the backend
-        answered 4xx (the request is bad), True for everything that is the backend's fault
-        (refused connection, timeout, 5xx, a body that is not an image).
+        Raises BackendFailed with a readable reason and a `kind` (see BackendFailed).
         """
         try:
-            raw = await asyncio.wait_for(self._call(gen_type, payload), self.spec.timeout_s)
-        except asyncio.TimeoutError:
-            raise BackendFailed(f"backend {self.name} did not answer within "
-                                f"{self.spec.timeout_s:g} s") from None
+            async with asyncio.timeout(timeout_s):
+                raw = await self._call(gen_type, payload)
+        except TimeoutError:
+            raise BackendFailed(f"backend {self.name} did not answer within {timeout_s:g} s",
+                                kind="timeout") from None
         except aiohttp.ClientConnectionError as exc:
-            raise BackendFailed(f"backend {self.name} is unreachable: {exc}") from None
+            raise BackendFailed(f"backend {self.name} is unreachable: {exc}", kind="refused") from None
         except aiohttp.ClientError as exc:
             raise BackendFailed(f"backend {self.name} failed: {exc}") from None
         try:
             return await asyncio.to_thread(to_jpeg, raw)
         except NotAnImage as exc:
-            raise BackendFailed(f"backend {self.name} returned an image that is {exc}") from None
+            raise BackendFailed(f"backend {self.name} returned an image that is {exc}",
+                                kind="malformed") from None
+
+    async def probe(self, timeout_s: float) -> str | None:
+        """A cheap health check. Returns None when healthy, else a readable reason."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await self._probe()
+        except TimeoutError:
+            return f"health probe got no answer within {timeout_s:g} s"
+        except aiohttp.ClientError as exc:
+            return f"health probe failed: {exc or type(exc).__name__}"
+
+    async def progress(self) -> Progress | None:
+        """What the backend says of its running job, if it can say anything."""
+        return None
+
+    async def interrupt(self) -> bool:
+        """Ask the backend to stop its running job. Returns True if it took the request."""
+        return False
 
     async def _call(self, gen_type: GenType, payload: dict[str, Any]) -> bytes:
         raise NotImplementedError
+
+    async def _probe(self) -> str | None:
+        raise NotImplementedError
+
+    async def _get_ok(self, url: str, headers: dict[str, str] | None = None) -> str | None:
+        """None if GET `url` answers 2xx, else the reason."""
+        async with self._session.get(url, headers=headers) as response:
+            if response.status < 300:
+                return None
+            return f"health probe answered HTTP {response.status}"
 
     async def _post_json(self, url: str, payload: dict[str, Any],
                          headers: dict[str, str] | None = None) -> aiohttp.ClientResponse:
@@ -81,9 +125,13 @@ class Backend:
             body = await response.text(errors="replace")
             response.release()
             reason = _error_reason(body)
+            if response.status in (401, 403):
+                # Our credentials, not the request: the backend is unusable until fixed.
+                raise BackendFailed(f"backend {self.name} refused the balancer's credentials "
+                                    f"(HTTP {response.status}): {reason}", kind="server")
             if response.status < 500:
                 raise BackendFailed(f"backend {self.name} refused the request "
-                                    f"(HTTP {response.status}): {reason}", retryable=False)
+                                    f"(HTTP {response.status}): {reason}", kind="rejected")
             raise BackendFailed(f"backend {self.name} failed (HTTP {response.status}): {reason}")
         return response
 

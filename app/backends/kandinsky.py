@@ -16,10 +16,13 @@ class KandinskyBackend(Backend):
     def __init__(self, spec: BackendSpec, session: aiohttp.ClientSession, api_token: str) -> None:
         super().__init__(spec, session)
         self.api_url = spec.endpoint.rstrip("/")
-        self._api_token = api_token
+        self._headers = {"authorization": api_token}
 
     async def _call(self, gen_type: GenType, payload: dict[str, Any]) -> bytes:
         response = await self._post_json(f"{self.api_url}/{_ROUTES[gen_type]}", payload,
-                                         headers={"authorization": self._api_token})
+                                         headers=self._headers)
         async with response:
             return await response.read()
+
+    async def _probe(self) -> str | None:
+        return await self._get_ok(f"{self.api_url}/", headers=self._headers)
