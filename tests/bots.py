@@ -67,3 +67,10 @@ class Bot:
 
     async def close(self) -> None:
         await self.ws.close()
+
+
+async def wait_until(predicate: Callable[[], Any], timeout_s: float = 15.0) -> None:
+    """Wait for something a test can see (a row, a backend's state) to become true."""
+    async with asyncio.timeout(timeout_s):
+        while not predicate():
+            await asyncio.sleep(0.01)

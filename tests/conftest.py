@@ -29,6 +29,8 @@ class RunningBackend:
     exec_type: str
     url: str
     state: DemoBackendState
+    server: TestServer
+    restart_server: Callable[[], Awaitable[TestServer]]
 
     def entry(self, **extra: Any) -> dict[str, Any]:
         """Its EXECUTORS_FILE entry, in the original's format."""
@@ -36,19 +38,31 @@ class RunningBackend:
         return {"name": self.name, "gpu": "test", "timeout": 30, "model": "test",
                 "exec_type": self.exec_type, "endpoint": endpoint, **extra}
 
+    async def stop(self) -> None:
+        """Close the port: connections are refused, as when the GPU box is off."""
+        await self.server.close()
+
+    async def restart(self) -> None:
+        self.server = await self.restart_server()
+
 
 @pytest.fixture
-def start_backend(aiohttp_server) -> Callable[..., Awaitable[RunningBackend]]:
+def start_backend(aiohttp_server, unused_tcp_port_factory) -> Callable[..., Awaitable[RunningBackend]]:
     """start_backend("automatic1111", delay_s=0.1) -> a running test backend."""
     counter = {"n": 0}
 
-    async def start(exec_type: str, *, delay_s: float = 0.0, name: str | None = None) -> RunningBackend:
+    async def start(exec_type: str, *, delay_s: float = 0.0, units_per_s: float | None = None,
+                    name: str | None = None) -> RunningBackend:
         counter["n"] += 1
-        state = DemoBackendState(delay_s=delay_s, api_token=KANDINSKY_TOKEN)
+        state = DemoBackendState(delay_s=delay_s, units_per_s=units_per_s, api_token=KANDINSKY_TOKEN)
         make_app = automatic1111_app if exec_type == "automatic1111" else kandinsky_app
-        server = await aiohttp_server(make_app(state))
+        port = unused_tcp_port_factory()
+
+        async def serve() -> TestServer:
+            return await aiohttp_server(make_app(state), host="127.0.0.1", port=port)
+
         return RunningBackend(name or f"{exec_type}-{counter['n']}", exec_type,
-                              str(server.make_url("")).rstrip("/"), state)
+                              f"http://127.0.0.1:{port}", state, await serve(), serve)
 
     return start
 

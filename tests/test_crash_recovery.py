@@ -3,13 +3,12 @@ undelivered; restarted on the same database, it brings every accepted request to
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 
 import aiohttp
 import pytest
 
-from tests.bots import Bot, request_message
+from tests.bots import Bot, request_message, wait_until
 from tests.conftest import SERVICE_KEYS, base_env, write_executors
 from tests.processes import ServerProcess
 
@@ -22,12 +21,6 @@ def rows_by_status(database_path) -> dict[str, list[tuple]]:
     for row in rows:
         grouped.setdefault(row[1], []).append(row)
     return grouped
-
-
-async def wait_until(predicate, timeout_s: float = 15.0) -> None:
-    async with asyncio.timeout(timeout_s):
-        while not predicate():
-            await asyncio.sleep(0.02)
 
 
 @pytest.fixture
@@ -124,3 +117,30 @@ async def test_a_result_finished_while_the_service_was_away_is_delivered_on_reco
 
     assert done["gen_status"] == "ok" and done["payload"] == {"prompt": "later"}
     assert not other_service.received
+
+
+async def test_sigkill_while_a_failed_job_waits_to_retry_loses_nothing(
+        tmp_path, start_backend, server_factory):
+    gpu = await start_backend("automatic1111", name="flaky")
+    gpu.state.fail_status = 503
+    write_executors(tmp_path, [gpu])
+    database_path = tmp_path / "data" / "devoid.sqlite3"
+    # A long backoff: the kill lands while the job waits for its second attempt.
+    server = server_factory(RETRY_BACKOFF_S="60", BREAKER_FAILURES="5")
+    await server.start()
+    async with aiohttp.ClientSession() as session:
+        bot = await connect(session, server, "telegram")
+        queued = await bot.submit(request_message("automatic1111", "text2img", {"prompt": "retry me"}))
+        await bot.next_message(lambda m: m.get("info_type") == "retrying")
+        [(object_id, status, _, attempts)] = rows_by_status(database_path)["queued"]
+        assert (object_id, attempts) == (queued["object_id"], 1)
+        server.kill()
+        await server.wait()
+
+        gpu.state.fail_status = None
+        restarted = server_factory()
+        await restarted.start()
+        bot = await connect(session, restarted, "telegram")
+        done = await bot.final(queued["object_id"])
+    assert done["gen_status"] == "ok"
+    assert [row[3] for row in rows_by_status(database_path)["ok"]] == [2]

@@ -1,0 +1,132 @@
+"""Balancing mixed GPUs: 4 simulated backends of speeds 1x, 1x, 2x, 4x and a backlog of mixed-size
+jobs. Prints the makespan against the ideal (total work / total speed) and against a
+speed-blind "first free backend" schedule of the same jobs, plus each backend's busy fraction.
+
+The backends learn nothing from the executors file (no `speed` hint): the balancer has to
+learn their speeds from their first jobs.
+
+Usage: .venv/bin/python bench/heterogeneous.py [--jobs N] [--seconds S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import heapq
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from app.costs import payload_cost_units  # noqa: E402
+from app.demo_backends import DemoBackendState, automatic1111_app  # noqa: E402
+from app.jobs import ExecutorType, GenType  # noqa: E402
+from bench.core import KEY, free_port  # noqa: E402
+from tests.processes import ServerProcess  # noqa: E402
+
+SPEEDS = {"gpu-1x-a": 1.0, "gpu-1x-b": 1.0, "gpu-2x": 2.0, "gpu-4x": 4.0}
+
+
+def mixed_jobs(count: int, seed: int = 7) -> list[dict]:
+    rng = random.Random(seed)
+    return [{"prompt": f"job {i}", "steps": rng.choice([10, 20, 30, 50]),
+             "width": rng.choice([256, 512, 768]), "height": rng.choice([256, 512, 768])}
+            for i in range(count)]
+
+
+def cost(payload: dict) -> float:
+    return payload_cost_units(ExecutorType.AUTOMATIC1111, GenType.TEXT2IMG, payload)
+
+
+def first_free_makespan(costs: list[float], speeds: list[float]) -> float:
+    """FIFO jobs, each to whichever backend frees up first (ties: list order), speed-blind."""
+    free_at = [(0.0, index) for index in range(len(speeds))]
+    heapq.heapify(free_at)
+    end = 0.0
+    for units in costs:
+        start, index = heapq.heappop(free_at)
+        finish = start + units / speeds[index]
+        end = max(end, finish)
+        heapq.heappush(free_at, (finish, index))
+    return end
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=500)
+    parser.add_argument("--seconds", type=float, default=15.0, help="target ideal makespan")
+    args = parser.parse_args()
+    jobs = mixed_jobs(args.jobs)
+    total_units = sum(cost(job) for job in jobs)
+    base_units_per_s = total_units / sum(SPEEDS.values()) / args.seconds
+
+    runners, states, entries = [], {}, []
+    for name, factor in SPEEDS.items():
+        state = DemoBackendState(units_per_s=base_units_per_s * factor)
+        state.gate.clear()
+        runner = web.AppRunner(automatic1111_app(state), access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        runners.append(runner)
+        states[name] = state
+        entries.append({"name": name, "exec_type": "automatic1111", "gpu": "unknown",
+                        "endpoint": f"http://127.0.0.1:{runner.addresses[0][1]}"})
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        (folder / "executors.json").write_text(json.dumps(entries))
+        server = ServerProcess({
+            "API_PORT": str(free_port()), "SERVICES": f"bench:{KEY}", "LOGGING_LEVEL": "WARNING",
+            "DATABASE_PATH": str(folder / "db.sqlite3"), "EXECUTORS_FILE": str(folder / "executors.json"),
+            "SAVE_IMAGES_LOCALLY": "0", "PROGRESS_INTERVAL_S": "0"}, folder / "server.log")
+        await server.start()
+        try:
+            async with aiohttp.ClientSession() as session:
+                async with session.ws_connect(f"{server.base_url}/ws/bench",
+                                              headers={"authorization": KEY, "service": "bench"},
+                                              max_msg_size=0) as ws:
+                    for job in jobs:
+                        await ws.send_json({"message_type": "request", "executor": "automatic1111",
+                                            "gen_type": "text2img", "settings": {},
+                                            "service_info": {"user_id": 1}, "payload": job})
+                    queued = 0
+                    while queued < len(jobs):
+                        queued += json.loads((await ws.receive()).data).get("gen_status") == "queued"
+                    released = time.monotonic()
+                    for state in states.values():
+                        state.gate.set()
+                    done = 0
+                    while done < len(jobs):
+                        message = json.loads((await ws.receive()).data)
+                        if message.get("gen_status") == "error":
+                            raise RuntimeError(message["result"]["content"])
+                        done += message.get("gen_status") == "ok"
+        finally:
+            await server.stop()
+            for runner in runners:
+                await runner.cleanup()
+
+    calls = [call for state in states.values() for call in state.received]
+    makespan = max(call.finished_at for call in calls) - released
+    ideal = total_units / (base_units_per_s * sum(SPEEDS.values()))
+    blind = first_free_makespan([cost(job) for job in jobs],
+                                [base_units_per_s * factor for factor in SPEEDS.values()])
+    print(f"{len(jobs)} mixed jobs on 4 backends (1x, 1x, 2x, 4x), speeds learned, not hinted")
+    print(f"  ideal makespan (work / total speed):     {ideal:6.2f} s")
+    print(f"  balancer makespan (measured):            {makespan:6.2f} s   ({makespan / ideal:.3f} x ideal)")
+    print(f"  speed-blind first-free (computed):       {blind:6.2f} s   ({blind / ideal:.3f} x ideal)")
+    print("  backend     speed  jobs  busy fraction")
+    for name, state in states.items():
+        busy = sum(call.finished_at - max(call.started_at, released) for call in state.received)
+        print(f"  {name:10s} {SPEEDS[name]:4.0f}x  {len(state.received):4d}  {busy / makespan:6.1%}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
