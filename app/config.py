@@ -169,12 +169,22 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MONGODB_URI", "", _text, "MongoDB mirror of request records; empty = off",
             secret=True),
     Setting("MONGODB_DB", "", _text, "MongoDB database name for the mirror"),
+    Setting("MONGODB_TIMEOUT_S", "5", _parse_positive_float,
+            "seconds a MongoDB write may wait for the server before it is retried later"),
     Setting("S3_ENDPOINT", "", _parse_url, "S3 server for images; empty = off"),
     Setting("S3_ACCESS_KEY", "", _text, "S3 access key", secret=True),
     Setting("S3_SECRET_KEY", "", _text, "S3 secret key", secret=True),
     Setting("S3_BUCKET_NAME", "", _text, "S3 bucket for images"),
+    Setting("S3_REGION", "us-east-1", _text, "S3 region name"),
     Setting("S3_IMAGE_ENDPOINT", "", _text,
             "public URL prefix of uploaded images: image_url = S3_IMAGE_ENDPOINT + file_name"),
+    Setting("S3_SYNC_TIMEOUT_S", "30", _parse_positive_float,
+            "with sync_with_s3=1, how long the ok waits for the upload before it is sent with a "
+            "local (or base64) result instead; the upload carries on"),
+    Setting("SPOOL_PATH", "data/spool", _text,
+            "folder for images waiting for their S3 upload when SAVE_IMAGES_LOCALLY=0"),
+    Setting("MIRROR_RETRY_MAX_S", "30", _parse_positive_float,
+            "longest wait between retries of a mirror that is down (the wait doubles from 0.5 s)"),
 )
 
 DEMO_SERVICES = {"test": "demo-key"}
@@ -211,11 +221,16 @@ class Config:
     shutdown_grace_s: float
     mongodb_uri: str = dataclasses.field(repr=False)
     mongodb_db: str
+    mongodb_timeout_s: float
     s3_endpoint: str
     s3_access_key: str = dataclasses.field(repr=False)
     s3_secret_key: str = dataclasses.field(repr=False)
     s3_bucket_name: str
+    s3_region: str
     s3_image_endpoint: str
+    s3_sync_timeout_s: float
+    spool_path: Path
+    mirror_retry_max_s: float
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Config:
@@ -230,7 +245,7 @@ class Config:
                 values[setting.env_name.lower()] = setting.parse(raw)
             except ValueError as exc:
                 raise ConfigError(f"{setting.env_name}: {exc}") from None
-        for path_name in ("database_path", "executors_file", "images_path"):
+        for path_name in ("database_path", "executors_file", "images_path", "spool_path"):
             if not values[path_name]:
                 raise ConfigError(f"{path_name.upper()}: must not be empty")
             values[path_name] = Path(values[path_name])
@@ -239,6 +254,9 @@ class Config:
                 raise ConfigError("SERVICES: no services configured "
                                   "(expected space-separated name:key pairs)")
             values["services"] = dict(DEMO_SERVICES)
+        _check_all_or_none(values, ("mongodb_uri", "mongodb_db"))
+        _check_all_or_none(values, ("s3_endpoint", "s3_access_key", "s3_secret_key",
+                                    "s3_bucket_name", "s3_image_endpoint"))
         if not values["public_url"]:
             values["public_url"] = f"http://{values['api_host']}:{values['api_port']}"
         return cls(**values)
@@ -249,6 +267,22 @@ class Config:
     @property
     def image_url_prefix(self) -> str:
         return f"{self.public_url}/img/"
+
+    @property
+    def mongodb_enabled(self) -> bool:
+        return bool(self.mongodb_uri)
+
+    @property
+    def s3_enabled(self) -> bool:
+        return bool(self.s3_endpoint)
+
+
+def _check_all_or_none(values: dict[str, Any], names: tuple[str, ...]) -> None:
+    """A mirror is on when all its settings are set, off when none are; half is a mistake."""
+    missing = [name.upper() for name in names if not values[name]]
+    if missing and len(missing) < len(names):
+        raise ConfigError(f"{missing[0]}: must be set when {names[0].upper()} is "
+                          f"(set all of {', '.join(n.upper() for n in names)}, or none)")
 
 
 def configure_logging(level: str) -> None:

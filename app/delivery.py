@@ -79,18 +79,18 @@ class ConnectionHub:
 
     async def job_finished(self, job: Job) -> None:
         if await self.send_for_job(job, final_response(job)):
-            await self._store.mark_delivered([job.object_id])
+            await self._store.mark_delivered([job])
         else:
             log.info("%s: no %s connection open; the result waits for the next one",
                      job.object_id, job.service)
 
     async def deliver_backlog(self, service: str, ws: web.WebSocketResponse) -> int:
         """Send `ws` every final message of `service` not yet delivered. Returns how many."""
-        delivered: list[str] = []
+        delivered: list[Job] = []
         for job in await self._store.undelivered_jobs(service):
             if not await self.send_to(ws, final_response(job)):
                 break
-            delivered.append(job.object_id)
+            delivered.append(job)
         if delivered:
             await self._store.mark_delivered(delivered)
             log.info("delivered %d waiting results to a new %s connection", len(delivered), service)

@@ -45,6 +45,9 @@ class JobStatus(str, enum.Enum):
         return self in (JobStatus.OK, JobStatus.ERROR)
 
 
+_TRUE_FLAGS = {True, 1, "1", "true", "True", "TRUE", "yes", "on"}
+
+
 @dataclass
 class Job:
     """One accepted request as the scheduler and the store see it."""
@@ -66,6 +69,9 @@ class Job:
     started_at: float | None = None
     finished_at: float | None = None
     last_error: str | None = None
+    generation_s: float | None = None
+    delivered_at: float | None = None
+    revision: int = 0
     # Not stored: the connection the request came in on, preferred for its answers, and the
     # scheduler's working state.
     origin: Any = field(default=None, repr=False, compare=False)
@@ -73,3 +79,8 @@ class Job:
     avoid_backends: set[str] = field(default_factory=set, repr=False, compare=False)
     cancelled: bool = field(default=False, repr=False, compare=False)
     finishing: bool = field(default=False, repr=False, compare=False)
+
+    def flag(self, name: str) -> bool:
+        """A settings flag (`premium`, `moderate`, `sync_with_s3`), as sent: 0/1 or true/false."""
+        value = self.settings.get(name, False)
+        return not isinstance(value, (dict, list)) and value in _TRUE_FLAGS

@@ -7,6 +7,7 @@ from aiohttp import web
 
 from app.config import Config
 from app.delivery import ConnectionHub
+from app.mirrors.outbox import OutboxWorker
 from app.results import ResultWriter
 from app.scheduler import Scheduler
 from app.store import Store
@@ -17,3 +18,4 @@ HTTP_SESSION = web.AppKey("http_session", aiohttp.ClientSession)
 RESULTS = web.AppKey("results", ResultWriter)
 HUB = web.AppKey("hub", ConnectionHub)
 SCHEDULER = web.AppKey("scheduler", Scheduler)
+MIRRORS = web.AppKey("mirrors", list[OutboxWorker])

@@ -10,6 +10,7 @@ import signal
 import sys
 from collections.abc import AsyncIterator
 
+import aioboto3
 import aiohttp
 from aiohttp import web
 from dotenv import find_dotenv, load_dotenv
@@ -21,6 +22,9 @@ from app.delivery import ConnectionHub
 from app.demo_backends import DemoBackendState, automatic1111_app, kandinsky_app
 from app.executors import build_backend, load_executors
 from app.jobs import ExecutorType
+from app.mirrors import mongodb, s3
+from app.mirrors.outbox import OutboxWorker
+from app.mirrors.s3 import S3Mirror
 from app.results import ResultWriter
 from app.routes import add_routes
 from app.scheduler import Scheduler
@@ -36,15 +40,16 @@ def create_app(config: Config) -> web.Application:
     """Wire every part. Raises ConfigError if EXECUTORS_FILE is missing or malformed."""
     app = web.Application(client_max_size=config.max_message_bytes * CLIENT_MAX_SIZE_FACTOR)
     app[keys.CONFIG] = config
-    app[keys.RESULTS] = ResultWriter(save_locally=config.save_images_locally,
-                                     images_path=config.images_path,
-                                     url_prefix=config.image_url_prefix)
+    app[keys.RESULTS] = ResultWriter(
+        save_locally=config.save_images_locally, images_path=config.images_path,
+        url_prefix=config.image_url_prefix, spool_path=config.spool_path,
+        s3_url_prefix=config.s3_image_endpoint if config.s3_enabled else None)
     if not config.test_mode:
         load_executors(config.executors_file)  # a bad file stops start-up here, before serving
 
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
-        app[keys.STORE] = await Store.open(config.database_path,
-                                             max_batch_rows=config.store_batch_rows)
+        app[keys.STORE] = await Store.open(config.database_path, max_batch_rows=config.store_batch_rows,
+                                           mirror_records=config.mongodb_enabled)
         yield
         await app[keys.STORE].close()
 
@@ -54,6 +59,16 @@ def create_app(config: Config) -> web.Application:
             app[keys.HTTP_SESSION] = session
             yield
 
+    async def mirrors_ctx(app: web.Application) -> AsyncIterator[None]:
+        async with contextlib.AsyncExitStack() as stack:
+            app[keys.MIRRORS] = await _open_mirrors(config, app[keys.STORE], stack)
+            for mirror in app[keys.MIRRORS]:
+                app[keys.STORE].outbox_listeners[mirror.target] = mirror.notify
+                mirror.start()
+            yield
+            for mirror in app[keys.MIRRORS]:
+                await mirror.stop()
+
     async def scheduler_ctx(app: web.Application) -> AsyncIterator[None]:
         session = app[keys.HTTP_SESSION]
 
@@ -62,8 +77,10 @@ def create_app(config: Config) -> web.Application:
 
         async with _backend_specs(config) as initial_specs:
             app[keys.HUB] = ConnectionHub(app[keys.STORE])
+            uploads = next((m for m in app[keys.MIRRORS] if isinstance(m, S3Mirror)), None)
             scheduler = Scheduler(config, app[keys.STORE], app[keys.RESULTS], app[keys.HUB],
-                                  [make_backend(spec) for spec in initial_specs], make_backend)
+                                  [make_backend(spec) for spec in initial_specs], make_backend,
+                                  uploads=uploads)
             app[keys.SCHEDULER] = scheduler
             await scheduler.start()
             reload_on_hangup(config, scheduler)
@@ -75,10 +92,29 @@ def create_app(config: Config) -> web.Application:
         await app[keys.HUB].close_all()
 
     # Dependency order; shutdown runs it in reverse (scheduler first, store last).
-    app.cleanup_ctx.extend([store_ctx, http_session_ctx, scheduler_ctx])
+    app.cleanup_ctx.extend([store_ctx, mirrors_ctx, http_session_ctx, scheduler_ctx])
     app.on_shutdown.append(close_connections)
     add_routes(app)
     return app
+
+
+async def _open_mirrors(config: Config, store: Store, stack: contextlib.AsyncExitStack) -> list[OutboxWorker]:
+    """The configured mirrors, their clients closed by `stack`. Nothing here waits for a
+    mirror server: an unreachable one is reported by its worker, which keeps retrying."""
+    mirrors: list[OutboxWorker] = []
+    if config.mongodb_enabled:
+        client = mongodb.open_client(config)
+        stack.push_async_callback(client.close)
+        mirrors.append(mongodb.MongoMirror(store, config, client))
+    if config.s3_enabled:
+        client = await stack.enter_async_context(aioboto3.Session().client(
+            "s3", endpoint_url=config.s3_endpoint, region_name=config.s3_region,
+            aws_access_key_id=config.s3_access_key, aws_secret_access_key=config.s3_secret_key,
+            config=s3.client_config()))
+        mirrors.append(S3Mirror(store, config, client))
+    if mirrors:
+        log.info("mirrors: %s", ", ".join(mirror.target for mirror in mirrors))
+    return mirrors
 
 
 @contextlib.asynccontextmanager

@@ -27,6 +27,7 @@ from app.config import Config
 from app.costs import job_cost_units, payload_cost_units
 from app.errors import BackendFailed
 from app.jobs import ExecutorType, Job, JobStatus
+from app.mirrors.s3 import S3Mirror
 from app.pool import BackendSlot, watch_health
 from app.queues import WeightedQueue
 from app.results import ResultWriter
@@ -88,8 +89,10 @@ class ExecutorPool:
 
 class Scheduler:
     def __init__(self, config: Config, store: Store, results: ResultWriter, listener: JobListener,
-                 backends: list[Backend], make_backend: Callable[[BackendSpec], Backend]) -> None:
+                 backends: list[Backend], make_backend: Callable[[BackendSpec], Backend],
+                 uploads: S3Mirror | None = None) -> None:
         self._config = config
+        self._uploads = uploads
         self._store = store
         self._results = results
         self._listener = listener
@@ -161,7 +164,13 @@ class Scheduler:
                             len(pending))
                 await asyncio.wait(pending)
         if self._finishing:
-            await asyncio.wait(set(self._finishing))
+            # A finishing job is committed before it waits on anything (a sync S3 upload), so
+            # cutting the wait short loses nothing: its answer is delivered at the next start.
+            _, pending = await asyncio.wait(set(self._finishing), timeout=grace_s)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
         for slot in list(self._watchers):
             self._stop_watching(slot)
         if self._watchers:
@@ -462,9 +471,11 @@ class Scheduler:
 
     async def _finish(self, job: Job, jpeg: bytes | None, failure: str,
                       generation_s: float | None) -> None:
+        upload = None
         try:
             if jpeg is not None:
-                job.result = await self._results.result_for(job, jpeg)
+                stored = await self._results.store_image(job, jpeg)
+                job.result, upload = stored.result, stored.upload
                 job.status = JobStatus.OK
             else:
                 job.result = {"content_type": "text", "content": failure}
@@ -473,16 +484,38 @@ class Scheduler:
             log.exception("%s: storing the image failed", job.object_id)
             job.result = {"content_type": "text", "content": f"the image could not be stored: {exc}"}
             job.status = JobStatus.ERROR
+        wait_for_upload = upload is not None and self._uploads is not None and job.flag("sync_with_s3")
+        uploaded = self._uploads.expect(job.object_id) if wait_for_upload else None
         try:
-            await self._store.finish(job, generation_s)
+            await self._store.finish(job, generation_s, upload=upload)
         except Exception:
             # Not committed: the job stays where SQLite has it and runs again after a restart.
             log.exception("%s: recording the result failed", job.object_id)
+            if uploaded is not None:
+                self._uploads.forget(job.object_id)
             return
         self.finished += 1
         if job.status is JobStatus.OK:
             log.info("%s ok on %s in %.2f s", job.object_id, job.backend, generation_s or 0.0)
         else:
             log.info("%s error: %s", job.object_id, failure)
+        if uploaded is not None:
+            await self._await_upload(job, upload, uploaded)
         await self._listener.job_finished(job)
 
+    async def _await_upload(self, job: Job, upload: dict, uploaded: asyncio.Future[None]) -> None:
+        """sync_with_s3: hold the ok until the image is in S3, at most S3_SYNC_TIMEOUT_S; then
+        answer with the local (or base64) image while the upload carries on."""
+        try:
+            async with asyncio.timeout(self._config.s3_sync_timeout_s):
+                await uploaded
+            return
+        except TimeoutError:
+            self._uploads.forget(job.object_id)
+        try:
+            job.result = await self._results.fallback_result(job, upload)
+        except FileNotFoundError:
+            return  # the upload finished and removed its spooled file just now
+        log.warning("%s: S3 upload not done within %.0f s; answering with a %s result",
+                    job.object_id, self._config.s3_sync_timeout_s, job.result["content_type"])
+        await self._store.replace_result(job)

@@ -15,7 +15,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ import aiosqlite
 
 from app.jobs import ExecutorType, GenType, Job, JobStatus
 from app.migrations import apply_migrations
+from app.mirrors.records import request_record
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,15 @@ MAX_BATCH_ROWS = 128
 BUSY_TIMEOUT_MS = 5000
 
 Statement = tuple[str, Sequence[Any]]
+
+
+@dataclass(frozen=True)
+class OutboxItem:
+    id: int
+    object_id: str
+    revision: int
+    document: dict[str, Any]
+    attempts: int
 
 
 @dataclass
@@ -61,7 +71,10 @@ class Store:
     """The request table. Use `await Store.open(path)`, then `await store.close()`."""
 
     def __init__(self, writer_db: aiosqlite.Connection, reader_db: aiosqlite.Connection,
-                 max_batch_rows: int) -> None:
+                 max_batch_rows: int, mirror_records: bool) -> None:
+        self._mirror_records = mirror_records
+        # Called after mirror work for that target is committed (the mirror's worker wakes).
+        self.outbox_listeners: dict[str, Callable[[], None]] = {}
         self._writer_db = writer_db
         self._reader_db = reader_db
         self._max_batch_rows = max_batch_rows
@@ -71,8 +84,10 @@ class Store:
         self.rows_written = 0
 
     @classmethod
-    async def open(cls, path: Path, *, max_batch_rows: int = MAX_BATCH_ROWS) -> Store:
-        """Open (creating if needed) and migrate the database at `path`."""
+    async def open(cls, path: Path, *, max_batch_rows: int = MAX_BATCH_ROWS,
+                   mirror_records: bool = False) -> Store:
+        """Open (creating if needed) and migrate the database at `path`. With `mirror_records`,
+        every status change also queues the request's record for MongoDB."""
         path.parent.mkdir(parents=True, exist_ok=True)
         writer_db = await connect(path)
         try:
@@ -81,7 +96,7 @@ class Store:
             await writer_db.close()
             raise
         reader_db = await connect(path, read_only=True)
-        return cls(writer_db, reader_db, max_batch_rows)
+        return cls(writer_db, reader_db, max_batch_rows, mirror_records)
 
     async def close(self) -> None:
         """Commit every write already submitted, then close both connections."""
@@ -103,14 +118,41 @@ class Store:
         self._pending.put_nowait(unit)
         await asyncio.shield(unit.done)
 
+    async def _commit_change(self, job: Job, *statements: Statement, upload: dict[str, Any] | None = None) -> None:
+        """Commit a change of `job` (its revision already bumped) together with its mirror
+        work: the new version of its record for MongoDB, and an S3 upload if given."""
+        statements_ = list(statements)
+        now = time.time()
+        if self._mirror_records:
+            statements_.append((
+                "INSERT INTO outbox (target, object_id, revision, document, created_at)"
+                " VALUES ('mongodb', ?, ?, ?, ?)",
+                (job.object_id, job.revision, json.dumps(request_record(job)), now)))
+        if upload is not None:
+            statements_.append((
+                "INSERT INTO outbox (target, object_id, revision, document, created_at)"
+                " VALUES ('s3', ?, ?, ?, ?)", (job.object_id, job.revision, json.dumps(upload), now)))
+        await self._write(*statements_)
+        if self._mirror_records:
+            self._wake_mirror("mongodb")
+        if upload is not None:
+            self._wake_mirror("s3")
+
+    def _wake_mirror(self, target: str) -> None:
+        listener = self.outbox_listeners.get(target)
+        if listener is not None:
+            listener()
+
     async def add(self, job: Job) -> None:
         """Commit a new queued request. Raises sqlite3.IntegrityError on a duplicate id."""
-        await self._write((
+        job.revision = 1
+        await self._commit_change(job, (
             "INSERT INTO requests (object_id, service, executor, gen_type, premium, settings,"
-            " service_info, payload, status, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?)",
+            " service_info, payload, status, created_at, revision)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?)",
             (job.object_id, job.service, job.executor.value, job.gen_type.value, int(job.premium),
              json.dumps(job.settings), json.dumps(job.service_info), json.dumps(job.payload),
-             job.created_at),
+             job.created_at, job.revision),
         ))
 
     async def claim(self, job: Job, backend_name: str) -> None:
@@ -119,49 +161,89 @@ class Store:
         job.status = JobStatus.GENERATING
         job.backend = backend_name
         job.started_at = time.time()
-        await self._write((
-            "UPDATE requests SET status = 'generating', attempts = ?, backend = ?, started_at = ?"
-            " WHERE object_id = ?",
-            (job.attempts, backend_name, job.started_at, job.object_id),
+        job.revision += 1
+        await self._commit_change(job, (
+            "UPDATE requests SET status = 'generating', attempts = ?, backend = ?, started_at = ?,"
+            " revision = ? WHERE object_id = ?",
+            (job.attempts, backend_name, job.started_at, job.revision, job.object_id),
         ))
 
     async def requeue(self, job: Job, reason: str) -> None:
         """Put a job whose attempt failed back in line (its attempt stays counted)."""
         job.status = JobStatus.QUEUED
         job.last_error = reason
-        await self._write((
-            "UPDATE requests SET status = 'queued', last_error = ? WHERE object_id = ?",
-            (reason, job.object_id),
+        job.revision += 1
+        await self._commit_change(job, (
+            "UPDATE requests SET status = 'queued', last_error = ?, revision = ? WHERE object_id = ?",
+            (reason, job.revision, job.object_id),
         ))
 
-    async def finish(self, job: Job, generation_s: float | None) -> None:
-        """Commit the final status and result already set on `job`, marked undelivered."""
+    async def finish(self, job: Job, generation_s: float | None, upload: dict[str, Any] | None = None) -> None:
+        """Commit the final status and result already set on `job`, marked undelivered, with
+        the S3 upload it needs (`upload`: an outbox document) in the same transaction."""
         assert job.status.is_final and job.result is not None
         job.finished_at = time.time()
-        await self._write((
+        job.generation_s = generation_s
+        job.revision += 1
+        await self._commit_change(job, (
             "UPDATE requests SET status = ?, result = ?, finished_at = ?, generation_s = ?,"
-            " delivered_at = NULL WHERE object_id = ?",
-            (job.status.value, json.dumps(job.result), job.finished_at, generation_s, job.object_id),
+            " delivered_at = NULL, revision = ? WHERE object_id = ?",
+            (job.status.value, json.dumps(job.result), job.finished_at, generation_s, job.revision,
+             job.object_id),
+        ), upload=upload)
+
+    async def replace_result(self, job: Job) -> None:
+        """Commit a changed result of a finished job (a fallback for a slow S3 upload)."""
+        job.revision += 1
+        await self._commit_change(job, (
+            "UPDATE requests SET result = ?, revision = ? WHERE object_id = ?",
+            (json.dumps(job.result), job.revision, job.object_id),
         ))
 
-    async def mark_delivered(self, object_ids: Sequence[str]) -> None:
-        """Record that the final messages of `object_ids` were sent. Safe to call twice."""
+    async def mark_delivered(self, jobs: Sequence[Job]) -> None:
+        """Record that the final messages of `jobs` were sent. Safe to call twice."""
         now = time.time()
-        await self._write(*[
-            ("UPDATE requests SET delivered_at = ? WHERE object_id = ? AND delivered_at IS NULL",
-             (now, object_id))
-            for object_id in object_ids
-        ])
+        changes = []
+        for job in jobs:
+            if job.delivered_at is not None:
+                continue
+            job.delivered_at = now
+            job.revision += 1
+            changes.append(self._commit_change(job, (
+                "UPDATE requests SET delivered_at = ?, revision = ? WHERE object_id = ?"
+                " AND delivered_at IS NULL", (now, job.revision, job.object_id))))
+        await asyncio.gather(*changes)  # submitted together: one group commit
 
     async def requeue_interrupted(self) -> int:
         """Put every request a previous run left `generating` back to `queued` (at start-up,
         before any backend runs: in a single process those rows are all orphaned)."""
+        interrupted = await self._fetch_jobs("status = 'generating'")
+        for job in interrupted:
+            await self.requeue(job, "interrupted by a restart of the balancer")
+        return len(interrupted)
+
+    # -- outbox -------------------------------------------------------------------------
+
+    async def outbox_batch(self, target: str, limit: int) -> list[OutboxItem]:
+        """The oldest `limit` pieces of work for one mirror, in order."""
         async with self._reader_db.execute(
-                "SELECT count(*) FROM requests WHERE status = 'generating'") as cursor:
+                "SELECT id, object_id, revision, document, attempts FROM outbox WHERE target = ?"
+                " ORDER BY id LIMIT ?", (target, limit)) as cursor:
+            return [OutboxItem(row[0], row[1], row[2], json.loads(row[3]), row[4])
+                    async for row in cursor]
+
+    async def outbox_count(self, target: str) -> int:
+        async with self._reader_db.execute("SELECT count(*) FROM outbox WHERE target = ?",
+                                           (target,)) as cursor:
             (count,) = await cursor.fetchone()
-        if count:
-            await self._write(("UPDATE requests SET status = 'queued' WHERE status = 'generating'", ()))
         return count
+
+    async def outbox_done(self, ids: Sequence[int]) -> None:
+        await self._write(*[("DELETE FROM outbox WHERE id = ?", (row_id,)) for row_id in ids])
+
+    async def outbox_failed(self, row_id: int, reason: str) -> None:
+        await self._write(("UPDATE outbox SET attempts = attempts + 1, last_error = ? WHERE id = ?",
+                           (reason[:500], row_id)))
 
     async def _write_loop(self) -> None:
         while True:
@@ -259,4 +341,5 @@ def _job_from_row(row: aiosqlite.Row) -> Job:
         status=JobStatus(row["status"]), backend=row["backend"],
         result=json.loads(row["result"]) if row["result"] else None,
         started_at=row["started_at"], finished_at=row["finished_at"], last_error=row["last_error"],
+        generation_s=row["generation_s"], delivered_at=row["delivered_at"], revision=row["revision"],
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from app.config import Config
 from app.demo_backends import DemoBackendState, automatic1111_app, kandinsky_app
 from app.main import create_app
 from tests.bots import Bot
+from tests.mirror_servers import MongoServer, S3Server
 
 SERVICE_KEYS = {"telegram": "tg-key", "discord": "dc-key", "test": "test-key"}
 KANDINSKY_TOKEN = "kandinsky-token"
@@ -123,3 +125,23 @@ def start_balancer(tmp_path, aiohttp_client, unused_tcp_port_factory):
         return Balancer(config, client, app)
 
     return start
+
+
+@pytest.fixture
+async def s3_server(unused_tcp_port_factory):
+    """moto's S3 server with the images bucket created."""
+    server = S3Server(unused_tcp_port_factory())
+    await server.start()
+    await server.create_bucket()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+async def mongo_server(unused_tcp_port_factory):
+    server = MongoServer(unused_tcp_port_factory(), database=f"devoid_test_{uuid.uuid4().hex[:8]}")
+    await server.start()
+    yield server
+    if not server.stoppable:
+        await server.drop()
+    await server.stop()

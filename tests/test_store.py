@@ -109,8 +109,8 @@ async def test_the_job_life_cycle_is_recorded(tmp_path):
     await store.finish(job, generation_s=1.5)
     assert [j.object_id for j in await store.undelivered_jobs("discord")] == [job.object_id]
     assert await store.undelivered_jobs("telegram") == []
-    await store.mark_delivered([job.object_id])
-    await store.mark_delivered([job.object_id])  # safe twice
+    await store.mark_delivered([job])
+    await store.mark_delivered([job])  # safe twice
     stored = await store.get(job.object_id)
     assert (stored.status, stored.attempts, stored.backend) == (JobStatus.OK, 2, "gpu-2")
     assert await store.undelivered_jobs("discord") == []

@@ -1,0 +1,69 @@
+"""Request records in MongoDB (PyMongo's async API), never moving backwards.
+
+Each outbox row carries one version of a record and its `revision`. A write only applies
+if MongoDB holds an older revision (or none): `update_one({_id, revision < r}, $set, upsert)`.
+When a newer revision is already there, the filter misses, the upsert collides on `_id`
+(duplicate key), and that is the answer "already newer": the row is done.
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any
+
+from bson import ObjectId
+from pymongo import AsyncMongoClient, UpdateOne
+from pymongo.errors import BulkWriteError
+
+from app.config import Config
+from app.mirrors.outbox import OutboxWorker
+from app.store import OutboxItem, Store
+
+COLLECTION = "requests"
+DUPLICATE_KEY = 11000
+_TIME_FIELDS = ("queued_at", "generating_at", "finished_at", "delivered_at")
+
+
+def open_client(config: Config) -> AsyncMongoClient:
+    """A client that connects lazily: start-up never waits for (or fails on) MongoDB."""
+    timeout_ms = int(config.mongodb_timeout_s * 1000)
+    return AsyncMongoClient(config.mongodb_uri, serverSelectionTimeoutMS=timeout_ms,
+                            connectTimeoutMS=timeout_ms, socketTimeoutMS=timeout_ms,
+                            appname="devoid-generator")
+
+
+def to_document(record: dict[str, Any]) -> dict[str, Any]:
+    document = dict(record)
+    for name in _TIME_FIELDS:
+        if document.get(name) is not None:
+            document[name] = datetime.datetime.fromtimestamp(document[name], datetime.UTC)
+    return document
+
+
+class MongoMirror(OutboxWorker):
+    target = "mongodb"
+
+    def __init__(self, store: Store, config: Config, client: AsyncMongoClient) -> None:
+        super().__init__(store, config.mirror_retry_max_s)
+        self._collection = client[config.mongodb_db][COLLECTION]
+
+    async def deliver(self, items: list[OutboxItem], done: list[int]) -> None:
+        # Only the newest version of each record in the batch needs writing.
+        newest: dict[str, OutboxItem] = {}
+        for item in items:
+            if item.object_id not in newest or item.revision > newest[item.object_id].revision:
+                newest[item.object_id] = item
+        operations = [
+            UpdateOne({"_id": ObjectId(item.object_id),
+                       "$or": [{"revision": {"$lt": item.revision}}, {"revision": {"$exists": False}}]},
+                      {"$set": to_document(item.document)}, upsert=True)
+            for item in newest.values()
+        ]
+        try:
+            await self._collection.bulk_write(operations, ordered=False)
+        except BulkWriteError as exc:
+            errors = exc.details.get("writeErrors", [])
+            if any(error.get("code") != DUPLICATE_KEY for error in errors) or exc.details.get(
+                    "writeConcernErrors"):
+                raise
+        done.extend(item.id for item in items)

@@ -1,0 +1,111 @@
+"""Draining one mirror's outbox rows, in order, through outages.
+
+One worker per mirror. It takes the oldest rows, hands them to the mirror, and deletes the
+ones the mirror has. When the mirror fails, the rest stay and the worker waits (0.5 s,
+doubling to MIRROR_RETRY_MAX_S) before trying the oldest again, so work drains in the order
+it was queued. New rows wake it at once; an empty outbox costs nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import asdict, dataclass
+
+from app.store import OutboxItem, Store
+
+log = logging.getLogger(__name__)
+
+BATCH_ROWS = 100
+FIRST_RETRY_S = 0.5
+
+
+@dataclass
+class MirrorHealth:
+    """What an operator sees of a mirror (logged on every change of `state`)."""
+
+    name: str
+    state: str = "starting"  # starting (nothing sent yet) | connected | down
+    backlog: int = 0
+    last_error: str = ""
+    last_success_at: float | None = None
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+class OutboxWorker:
+    """Base of a mirror: subclasses set `target` and implement `deliver`."""
+
+    target = ""
+
+    def __init__(self, store: Store, retry_max_s: float) -> None:
+        self._store = store
+        self._retry_max_s = retry_max_s
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.health = MirrorHealth(self.target)
+
+    def notify(self) -> None:
+        """New rows were committed for this mirror."""
+        self._wake.set()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"mirror-{self.target}")
+
+    async def stop(self) -> None:
+        """Stop at once; rows not yet delivered stay in the outbox for the next start."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def deliver(self, items: list[OutboxItem], done: list[int]) -> None:
+        """Hand `items` to the mirror, appending each row id to `done` once the mirror has it.
+        Raises on the first failure (rows after it are tried again later)."""
+        raise NotImplementedError
+
+    async def _run(self) -> None:
+        retry_s = FIRST_RETRY_S
+        while True:
+            self._wake.clear()
+            items = await self._store.outbox_batch(self.target, BATCH_ROWS)
+            if not items:
+                # Nothing to send says nothing of the server: the state stays as it was.
+                self.health.backlog = 0
+                await self._wake.wait()
+                continue
+            done: list[int] = []
+            try:
+                await self.deliver(items, done)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if done:
+                    await self._store.outbox_done(done)
+                failed = items[len(done)] if len(done) < len(items) else items[-1]
+                reason = f"{type(exc).__name__}: {exc}"[:300]
+                await self._store.outbox_failed(failed.id, reason)
+                self._set_state("down", backlog=await self._store.outbox_count(self.target),
+                                error=reason)
+                await asyncio.sleep(retry_s)
+                retry_s = min(retry_s * 2, self._retry_max_s)
+                continue
+            await self._store.outbox_done(done)
+            retry_s = FIRST_RETRY_S
+            self.health.last_success_at = time.time()
+            self._set_state("connected", backlog=await self._store.outbox_count(self.target))
+
+    def _set_state(self, state: str, *, backlog: int, error: str = "") -> None:
+        previous = self.health.state
+        self.health.backlog = backlog
+        if error:
+            self.health.last_error = error
+        self.health.state = state
+        if state == previous:
+            return
+        if state == "down":
+            log.warning("mirror %s is down (%s); %d items wait and will be retried",
+                        self.target, error, backlog)
+        else:
+            log.info("mirror %s is connected; %d items wait", self.target, backlog)
