@@ -144,3 +144,48 @@ async def test_sigkill_while_a_failed_job_waits_to_retry_loses_nothing(
         done = await bot.final(queued["object_id"])
     assert done["gen_status"] == "ok"
     assert [row[3] for row in rows_by_status(database_path)["ok"]] == [2]
+
+
+async def test_sigkill_with_mirror_work_pending_drains_it_after_restart(
+        tmp_path, start_backend, server_factory, s3_server, mongo_server):
+    if not mongo_server.stoppable:
+        pytest.skip("a real MongoDB cannot be stopped from the test")
+    kandinsky = await start_backend("kandinsky")
+    write_executors(tmp_path, [kandinsky])
+    await s3_server.stop()
+    await mongo_server.stop()
+    env = {**s3_server.env(), **mongo_server.env(), "SAVE_IMAGES_LOCALLY": "0",
+           "MIRROR_RETRY_MAX_S": "0.2"}
+    server = server_factory(**env)
+    await server.start()
+    async with aiohttp.ClientSession() as session:
+        bot = await connect(session, server, "telegram")
+        ids = []
+        for index in range(4):
+            queued = await bot.submit(request_message("kandinsky", "text2img", {"prompt": f"m{index}"}))
+            ids.append(queued["object_id"])
+        for object_id in ids:
+            assert (await bot.final(object_id))["gen_status"] == "ok"
+        database_path = tmp_path / "data" / "devoid.sqlite3"
+        with sqlite3.connect(database_path) as db:
+            pending = dict(db.execute("SELECT target, count(*) FROM outbox GROUP BY target").fetchall())
+        assert pending["s3"] == 4 and pending["mongodb"] >= 4
+        server.kill()
+        await server.wait()
+
+    await s3_server.start()
+    await mongo_server.start()
+    restarted = server_factory(**env)
+    await restarted.start()
+    try:
+        def outbox_empty() -> bool:
+            with sqlite3.connect(database_path) as db:
+                return db.execute("SELECT count(*) FROM outbox").fetchone()[0] == 0
+        await wait_until(outbox_empty)
+    finally:
+        await restarted.stop()
+    assert sorted(await s3_server.objects()) == sorted(f"{oid}.jpg" for oid in ids)
+    records = await mongo_server.records()
+    assert sorted(records) == sorted(ids)
+    assert {record["status"] for record in records.values()} == {"ok"}
+    assert not list((tmp_path / "data" / "spool").iterdir())

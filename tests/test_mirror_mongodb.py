@@ -1,0 +1,129 @@
+"""Every request's record reaches MongoDB (the real PyMongo driver against the wire-protocol
+test server, or a real MongoDB at TEST_MONGODB_URI) with `_id` = ObjectId(object_id) and its
+final status; through an outage nothing is lost, and no record ever moves backwards."""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import io
+import logging
+import os
+import time
+
+import pytest
+from bson import ObjectId
+from PIL import Image
+
+from app import keys
+from app.config import Config
+from app.ids import new_object_id
+from app.jobs import ExecutorType, GenType, Job, JobStatus
+from app.mirrors.mongodb import MongoMirror, open_client
+from app.store import Store
+from tests.bots import request_message, wait_until
+from tests.conftest import base_env
+
+
+def noisy_png_base64() -> str:
+    """A photo-sized input image (noise does not compress)."""
+    out = io.BytesIO()
+    Image.frombytes("RGB", (64, 64), os.urandom(64 * 64 * 3)).save(out, format="PNG")
+    return base64.b64encode(out.getvalue()).decode()
+
+
+def mongo_mirror(balancer) -> MongoMirror:
+    return next(m for m in balancer.app[keys.MIRRORS] if m.target == "mongodb")
+
+
+async def test_each_request_has_a_record_with_its_final_status(start_backend, start_balancer, mongo_server):
+    balancer = await start_balancer([await start_backend("automatic1111", name="gpu-a")],
+                                    **mongo_server.env())
+    bot = await balancer.connect("discord")
+    image = noisy_png_base64()
+    queued = await bot.submit(request_message("automatic1111", "img2img",
+                                              {"prompt": "winter", "init_images": [image], "steps": 5}))
+    await bot.final(queued["object_id"])
+    mirror = mongo_mirror(balancer)
+    await wait_until(lambda: mirror.health.backlog == 0 and mirror.health.state == "connected")
+
+    records = await mongo_server.records()
+    record = records[queued["object_id"]]
+    assert record["_id"] == ObjectId(queued["object_id"])
+    assert (record["status"], record["service"], record["backend"], record["attempts"]) == \
+        ("ok", "discord", "gpu-a", 1)
+    assert record["result"]["file_name"] == f"{queued['object_id']}.jpg"
+    assert record["payload"]["prompt"] == "winter"
+    # The input image is summarized, not copied.
+    assert record["payload"]["init_images"][0]["chars"] == len(image)
+    assert len(record["payload"]["init_images"][0]["sha256"]) == 64
+    for name in ("queued_at", "generating_at", "finished_at", "delivered_at"):
+        assert isinstance(record[name], datetime.datetime), name
+    assert record["queued_at"] <= record["generating_at"] <= record["finished_at"]
+    assert record["generation_s"] >= 0 and record["revision"] >= 4
+
+
+async def test_a_mongodb_outage_loses_nothing_and_nothing_regresses(
+        start_backend, start_balancer, mongo_server, caplog):
+    if not mongo_server.stoppable:
+        pytest.skip("a real MongoDB cannot be stopped from the test")
+    caplog.set_level(logging.INFO, logger="app.mirrors.outbox")
+    await mongo_server.stop()  # down before the balancer starts: start-up must not care
+    balancer = await start_balancer([await start_backend("kandinsky")], MIRROR_RETRY_MAX_S=0.2,
+                                    **mongo_server.env())
+    bot = await balancer.connect("telegram")
+    ids = []
+    for index in range(5):
+        queued = await bot.submit(request_message("kandinsky", "text2img", {"prompt": f"p{index}"}))
+        ids.append(queued["object_id"])
+    for object_id in ids:
+        assert (await bot.final(object_id))["gen_status"] == "ok"  # clients carry on
+    mirror = mongo_mirror(balancer)
+    await wait_until(lambda: mirror.health.state == "down")
+    assert mirror.health.backlog > 0
+
+    await mongo_server.start()
+    await wait_until(lambda: mirror.health.state == "connected" and mirror.health.backlog == 0)
+    records = await mongo_server.records()
+    assert sorted(records) == sorted(ids)
+    store = balancer.app[keys.STORE]
+    for object_id in ids:
+        stored = await store.get(object_id)
+        assert records[object_id]["status"] == "ok"
+        assert records[object_id]["revision"] == stored.revision  # the newest version won
+        assert records[object_id]["delivered_at"] is not None
+    logged = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("mirror mongodb is down (") for m in logged)
+    assert any(m.startswith("mirror mongodb is connected") for m in logged)
+
+
+def make_job() -> Job:
+    return Job(object_id=new_object_id(), service="telegram", executor=ExecutorType.KANDINSKY,
+               gen_type=GenType.TEXT2IMG, premium=False, settings={}, service_info={"user_id": 1},
+               payload={"prompt": "x"}, created_at=time.time())
+
+
+async def test_an_older_version_written_late_does_not_overwrite_a_newer_one(tmp_path, mongo_server):
+    config = Config.from_env(base_env(tmp_path, 8080, **mongo_server.env()))
+    store = await Store.open(tmp_path / "order.sqlite3", mirror_records=True)
+    client = open_client(config)
+    mirror = MongoMirror(store, config, client)
+    try:
+        job = make_job()
+        await store.add(job)
+        stale = await store.outbox_batch("mongodb", 10)       # revision 1: queued
+        await store.claim(job, "gpu")
+        job.status, job.result = JobStatus.OK, {"content_type": "text", "content": "x"}
+        await store.finish(job, 1.0)                           # revision 3: ok
+        mirror.start()
+        await wait_until(lambda: mirror.health.state == "connected" and mirror.health.backlog == 0)
+        # A retry of the first write arrives after the last one.
+        done: list[int] = []
+        await mirror.deliver(stale, done)
+        assert done == [stale[0].id]  # accepted as "already newer", not an error
+        record = (await mongo_server.records())[job.object_id]
+        assert (record["status"], record["revision"]) == ("ok", 3)
+    finally:
+        await mirror.stop()
+        await client.close()
+        await store.close()
