@@ -160,6 +160,9 @@ SETTINGS: tuple[Setting, ...] = (
             "1: write each image under IMAGES_PATH and answer with an image_url served at "
             "/img/{file_name}; 0: answer with base64"),
     Setting("IMAGES_PATH", "data/images", _text, "folder for local images"),
+    Setting("STATUS_PAGE", "1", _parse_flag,
+            "1: a browser opening / gets a live status page (queues, backends, recent requests "
+            "with thumbnails), also as /status.json, without a key; 0: off"),
     Setting("MAX_MESSAGE_BYTES", "16777216", _parse_positive_int,
             "largest websocket message accepted, in bytes (img2img images are large)"),
     Setting("DEMO_DELAY_S", "2.0", _parse_non_negative_float,
@@ -216,6 +219,7 @@ class Config:
     kandinsky_api_token: str = dataclasses.field(repr=False)
     save_images_locally: bool
     images_path: Path
+    status_page: bool
     max_message_bytes: int
     demo_delay_s: float
     shutdown_grace_s: float

@@ -53,7 +53,10 @@ class ConnectionHub:
         return True
 
     async def send_for_job(self, job: Job, message: dict[str, Any]) -> bool:
-        """Send to the connection the job came in on, else to any of its service's."""
+        """Send to the connection the job came in on, else to any of its service's. Requests
+        submitted over HTTP are fetched by their client, never pushed."""
+        if job.channel != "ws":
+            return False
         candidates = [job.origin] if job.origin is not None else []
         candidates += [ws for ws in self._connections[job.service] if ws is not job.origin]
         for ws in candidates:
@@ -78,6 +81,8 @@ class ConnectionHub:
             retry_in_s=round(delay_s, 1)))
 
     async def job_finished(self, job: Job) -> None:
+        if job.channel != "ws":
+            return  # marked delivered when its client fetches it
         if await self.send_for_job(job, final_response(job)):
             await self._store.mark_delivered([job])
         else:

@@ -12,7 +12,6 @@ import asyncio
 import hmac
 import json
 import logging
-import time
 
 from aiohttp import WSMsgType, web
 
@@ -20,9 +19,9 @@ from app import keys
 from app.errors import InvalidRequest
 from app.ids import new_object_id
 from app.jobs import Job
-from app.costs import payload_cost_units
-from app.schemas import (decode_message, info_message, parse_cancel_action, parse_request,
-                         readable_envelope, rejection_response, short_response)
+from app.intake import accept, build_job
+from app.schemas import (decode_message, info_message, parse_cancel_action, readable_envelope,
+                         rejection_response)
 
 log = logging.getLogger(__name__)
 
@@ -106,21 +105,10 @@ class _Connection:
             if message.get("message_type") == "info" and "action" in message:
                 await self._on_action(message)
                 return
-            request = parse_request(message)
+            job = build_job(self._app, self._service, message, origin=self._ws)
         except InvalidRequest as exc:
             await hub.send_to(self._ws, self._rejection(exc))
             return
-        scheduler = self._app[keys.SCHEDULER]
-        executor = request["executor"]
-        if not scheduler.has_backends(executor):
-            exc = InvalidRequest(f"No {executor.value} backend is configured on this server.",
-                                 envelope=request)
-            await hub.send_to(self._ws, self._rejection(exc))
-            return
-        job = Job(object_id=new_object_id(), service=self._service, executor=executor,
-                  gen_type=request["gen_type"], premium=request["flags"]["premium"],
-                  settings=request["settings"], service_info=request["service_info"],
-                  payload=request["payload"], created_at=time.time(), origin=self._ws)
         # Commits are grouped: accepting concurrently lets one transaction carry many requests.
         await self._slots.acquire()
         task = asyncio.create_task(self._accept(job))
@@ -141,9 +129,13 @@ class _Connection:
         self._slots.release()
 
     async def _accept(self, job: Job) -> None:
-        store, hub, scheduler = self._app[keys.STORE], self._app[keys.HUB], self._app[keys.SCHEDULER]
+        hub = self._app[keys.HUB]
+
+        async def announce(message: dict) -> None:
+            await hub.send_to(self._ws, message)
+
         try:
-            await store.add(job)
+            await accept(self._app, job, announce)
         except Exception as exc:
             log.exception("%s could not be stored", job.object_id)
             error = InvalidRequest(f"The request could not be stored, it was not queued: {exc}",
@@ -151,17 +143,6 @@ class _Connection:
                                              "settings": job.settings, "service_info": job.service_info,
                                              "payload": job.payload})
             await hub.send_to(self._ws, rejection_response(job.object_id, self._service, error))
-            return
-        log.info("%s queued: %s %s from %s%s", job.object_id, job.executor.value, job.gen_type.value,
-                 self._service, " (premium)" if job.premium else "")
-        eta_s = scheduler.eta_for_new(job.executor, job.premium, payload_cost_units(
-            job.executor, job.gen_type, job.payload))
-        # `queued` goes out before the job can be dispatched, so it always precedes `generating`.
-        await hub.send_to(self._ws, short_response(job, "queued", eta_s))
-        notice = scheduler.no_backend_notice(job.executor)
-        if notice:
-            await hub.send_to(self._ws, info_message("no_backend", notice, object_id=job.object_id))
-        scheduler.submit(job)
 
     def _rejection(self, error: InvalidRequest) -> dict:
         log.info("refused a message from %s: %s", self._service, error.reason[:300])

@@ -72,6 +72,7 @@ class Job:
     generation_s: float | None = None
     delivered_at: float | None = None
     revision: int = 0
+    channel: str = "ws"  # "ws": answers pushed on the websocket; "http": fetched by GET
     # Not stored: the connection the request came in on, preferred for its answers, and the
     # scheduler's working state.
     origin: Any = field(default=None, repr=False, compare=False)
@@ -79,6 +80,7 @@ class Job:
     avoid_backends: set[str] = field(default_factory=set, repr=False, compare=False)
     cancelled: bool = field(default=False, repr=False, compare=False)
     finishing: bool = field(default=False, repr=False, compare=False)
+    eta_s: float | None = field(default=None, repr=False, compare=False)  # told with `queued`
 
     def flag(self, name: str) -> bool:
         """A settings flag (`premium`, `moderate`, `sync_with_s3`), as sent: 0/1 or true/false."""

@@ -7,6 +7,7 @@ from aiohttp import web
 
 from app.config import Config
 from app.delivery import ConnectionHub
+from app.metrics import Metrics
 from app.mirrors.outbox import OutboxWorker
 from app.results import ResultWriter
 from app.scheduler import Scheduler
@@ -19,3 +20,5 @@ RESULTS = web.AppKey("results", ResultWriter)
 HUB = web.AppKey("hub", ConnectionHub)
 SCHEDULER = web.AppKey("scheduler", Scheduler)
 MIRRORS = web.AppKey("mirrors", list[OutboxWorker])
+METRICS = web.AppKey("metrics", Metrics)
+OPENAPI = web.AppKey("openapi", dict)

@@ -18,6 +18,7 @@ from dotenv import find_dotenv, load_dotenv
 from app import keys
 from app.backends.base import Backend, BackendSpec
 from app.config import Config, ConfigError, configure_logging
+from app.costs import REFERENCE_UNITS_PER_S
 from app.delivery import ConnectionHub
 from app.demo_backends import DemoBackendState, automatic1111_app, kandinsky_app
 from app.executors import build_backend, load_executors
@@ -25,6 +26,10 @@ from app.jobs import ExecutorType
 from app.mirrors import mongodb, s3
 from app.mirrors.outbox import OutboxWorker
 from app.mirrors.s3 import S3Mirror
+from app.api import api_errors
+from app.metrics import Metrics, live_families
+from app.openapi import build_spec
+from app.pages import SERVER_NAME, VERSION
 from app.results import ResultWriter
 from app.routes import add_routes
 from app.scheduler import Scheduler
@@ -32,14 +37,19 @@ from app.store import Store
 
 log = logging.getLogger(__name__)
 
+# How long the reference GPU takes for a default-sized job (app/costs.py).
+DEMO_TYPICAL_JOB_S = 512 * 512 * 50 / REFERENCE_UNITS_PER_S
 # HTTP bodies larger than a websocket message are not expected anywhere.
 CLIENT_MAX_SIZE_FACTOR = 2
 
 
 def create_app(config: Config) -> web.Application:
     """Wire every part. Raises ConfigError if EXECUTORS_FILE is missing or malformed."""
-    app = web.Application(client_max_size=config.max_message_bytes * CLIENT_MAX_SIZE_FACTOR)
+    app = web.Application(client_max_size=config.max_message_bytes * CLIENT_MAX_SIZE_FACTOR,
+                          middlewares=[api_errors])
     app[keys.CONFIG] = config
+    app[keys.METRICS] = Metrics()
+    app[keys.OPENAPI] = build_spec(SERVER_NAME, VERSION)
     app[keys.RESULTS] = ResultWriter(
         save_locally=config.save_images_locally, images_path=config.images_path,
         url_prefix=config.image_url_prefix, spool_path=config.spool_path,
@@ -80,8 +90,11 @@ def create_app(config: Config) -> web.Application:
             uploads = next((m for m in app[keys.MIRRORS] if isinstance(m, S3Mirror)), None)
             scheduler = Scheduler(config, app[keys.STORE], app[keys.RESULTS], app[keys.HUB],
                                   [make_backend(spec) for spec in initial_specs], make_backend,
-                                  uploads=uploads)
+                                  uploads=uploads, metrics=app[keys.METRICS])
             app[keys.SCHEDULER] = scheduler
+            app[keys.METRICS].watch(lambda: live_families(
+                scheduler.queues_status(), scheduler.backends_status(),
+                [mirror.health.as_dict() for mirror in app[keys.MIRRORS]]))
             await scheduler.start()
             reload_on_hangup(config, scheduler)
             yield
@@ -135,8 +148,11 @@ async def _backend_specs(config: Config) -> AsyncIterator[list[BackendSpec]]:
         await site.start()
         runners.append(runner)
         port = runner.addresses[0][1]
+        # Seeded so a typical job is expected to take DEMO_DELAY_S, as it will.
+        speed = DEMO_TYPICAL_JOB_S / config.demo_delay_s if config.demo_delay_s else None
         specs.append(BackendSpec(name=f"demo-{exec_type.value}", exec_type=exec_type,
-                                 endpoint=f"http://127.0.0.1:{port}", gpu="demo", model="demo"))
+                                 endpoint=f"http://127.0.0.1:{port}", gpu="demo", model="demo",
+                                 speed=speed))
     log.warning("TEST_MODE=1: using demo backends (%s) instead of %s",
                 ", ".join(f"{s.name} at {s.endpoint}" for s in specs), config.executors_file)
     try:

@@ -26,7 +26,8 @@ from app.backends.base import Backend, BackendSpec, Progress
 from app.config import Config
 from app.costs import job_cost_units, payload_cost_units
 from app.errors import BackendFailed
-from app.jobs import ExecutorType, Job, JobStatus
+from app.jobs import ExecutorType, GenType, Job, JobStatus
+from app.metrics import Metrics
 from app.mirrors.s3 import S3Mirror
 from app.pool import BackendSlot, watch_health
 from app.queues import WeightedQueue
@@ -90,8 +91,9 @@ class ExecutorPool:
 class Scheduler:
     def __init__(self, config: Config, store: Store, results: ResultWriter, listener: JobListener,
                  backends: list[Backend], make_backend: Callable[[BackendSpec], Backend],
-                 uploads: S3Mirror | None = None) -> None:
+                 uploads: S3Mirror | None = None, metrics: Metrics | None = None) -> None:
         self._config = config
+        self._metrics = metrics or Metrics()
         self._uploads = uploads
         self._store = store
         self._results = results
@@ -220,6 +222,21 @@ class Scheduler:
             self._add_slot(self._make_backend(spec))
             log.info("backend %s added (%s at %s)", name, spec.exec_type.value, spec.endpoint)
         self.dispatch()
+
+    def queues_status(self) -> list[dict[str, object]]:
+        """Per executor type: who waits, what runs, and the ETA of a typical new request."""
+        states = []
+        for executor, pool in self.pools.items():
+            typical = payload_cost_units(executor, GenType.TEXT2IMG, {})
+            states.append({
+                "executor": executor.value,
+                "general_waiting": pool.queue.waiting(False), "premium_waiting": pool.queue.waiting(True),
+                "generating": sum(1 for slot in pool.slots if slot.job is not None),
+                "backends": len(pool.slots), "backends_in_service": len(pool.in_service()),
+                "eta_new_general_s": pool.eta_for_new(False, typical),
+                "eta_new_premium_s": pool.eta_for_new(True, typical),
+            })
+        return states
 
     def backends_status(self) -> list[dict[str, object]]:
         return [{"name": slot.name, "executor": pool.executor.value, "state": slot.state.value,
@@ -495,6 +512,7 @@ class Scheduler:
                 self._uploads.forget(job.object_id)
             return
         self.finished += 1
+        self._metrics.request_finished(job, generation_s)
         if job.status is JobStatus.OK:
             log.info("%s ok on %s in %.2f s", job.object_id, job.backend, generation_s or 0.0)
         else:

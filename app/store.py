@@ -148,11 +148,11 @@ class Store:
         job.revision = 1
         await self._commit_change(job, (
             "INSERT INTO requests (object_id, service, executor, gen_type, premium, settings,"
-            " service_info, payload, status, created_at, revision)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?)",
+            " service_info, payload, status, created_at, revision, channel)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?)",
             (job.object_id, job.service, job.executor.value, job.gen_type.value, int(job.premium),
              json.dumps(job.settings), json.dumps(job.service_info), json.dumps(job.payload),
-             job.created_at, job.revision),
+             job.created_at, job.revision, job.channel),
         ))
 
     async def claim(self, job: Job, backend_name: str) -> None:
@@ -314,7 +314,20 @@ class Store:
     async def undelivered_jobs(self, service: str) -> list[Job]:
         """Finished requests of `service` whose final message has not been sent, oldest first."""
         return await self._fetch_jobs(
-            "service = ? AND delivered_at IS NULL AND status IN ('ok', 'error')", (service,))
+            "service = ? AND channel = 'ws' AND delivered_at IS NULL AND status IN ('ok', 'error')",
+            (service,))
+
+    async def recent_jobs(self, limit: int) -> list[Job]:
+        """The latest `limit` requests, newest first."""
+        async with self._reader_db.execute(
+                "SELECT * FROM requests ORDER BY created_at DESC LIMIT ?", (limit,)) as cursor:
+            return [_job_from_row(row) async for row in cursor]
+
+    async def check_writable(self, timeout_s: float) -> None:
+        """Commit a heartbeat row within `timeout_s`. Raises if the database takes no writes."""
+        async with asyncio.timeout(timeout_s):
+            await self._write(("INSERT INTO heartbeat (id, at) VALUES (1, ?)"
+                               " ON CONFLICT (id) DO UPDATE SET at = excluded.at", (time.time(),)))
 
     async def get(self, object_id: str) -> Job | None:
         jobs = await self._fetch_jobs("object_id = ?", (object_id,))
@@ -342,4 +355,5 @@ def _job_from_row(row: aiosqlite.Row) -> Job:
         result=json.loads(row["result"]) if row["result"] else None,
         started_at=row["started_at"], finished_at=row["finished_at"], last_error=row["last_error"],
         generation_s=row["generation_s"], delivered_at=row["delivered_at"], revision=row["revision"],
+        channel=row["channel"],
     )

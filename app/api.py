@@ -1,0 +1,154 @@
+"""The HTTP API: the same requests as the websocket, plus the operator's views.
+
+Every route under /api/ takes the service key in the same headers as the websocket
+(`authorization`, `service`), and every error has one JSON shape (ErrorSchema):
+`{"error": {"status": 400, "message": "...", "fields": {...}}}`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from app import keys
+from app.api_schemas import (BackendStateSchema, CancelResultSchema, ErrorSchema, HealthSchema,
+                             MirrorStateSchema, QueueStateSchema, SubmittedSchema)
+from app.errors import DevoidError, InvalidRequest
+from app.gateway import authenticate
+from app.intake import accept, build_job
+from app.jobs import Job
+from app.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from app.schemas import final_response, short_response
+
+log = logging.getLogger(__name__)
+
+OBJECT_ID = re.compile(r"^[0-9a-f]{24}$")
+HEALTH_WRITE_TIMEOUT_S = 2.0
+NOT_FOUND = "No request of this service has that object_id."
+
+_error_schema = ErrorSchema()
+_submitted_schema = SubmittedSchema()
+_queues_schema = QueueStateSchema(many=True)
+_backends_schema = BackendStateSchema(many=True)
+_mirrors_schema = MirrorStateSchema(many=True)
+
+
+def error_response(status: int, message: str, field_errors: dict | None = None) -> web.Response:
+    body = _error_schema.dump({"error": {"status": status, "message": message,
+                                         "field_errors": field_errors or {}}})
+    return web.json_response(body, status=status)
+
+
+@web.middleware
+async def api_errors(request: web.Request,
+                     handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    """Turn every failure of an /api/ route into the one error shape."""
+    if not request.path.startswith("/api/"):
+        return await handler(request)
+    try:
+        return await handler(request)
+    except DevoidError as exc:
+        return error_response(exc.status, exc.reason, exc.field_errors)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error_response(exc.status, exc.text or exc.reason)
+    except Exception:
+        log.exception("unexpected error on %s %s", request.method, request.path)
+        return error_response(500, "Internal error; it has been logged.")
+
+
+def _authenticate(request: web.Request) -> str:
+    if request.match_info.get("service"):  # the API names the service in the header only
+        raise web.HTTPUnauthorized(text="Service or key is not valid.")
+    return authenticate(request)
+
+
+async def submit_request(request: web.Request) -> web.Response:
+    """POST /api/v1/requests: the websocket's request message as the body."""
+    service = _authenticate(request)
+    try:
+        message = json.loads(await request.text())
+    except ValueError as exc:
+        raise InvalidRequest(f"Body is not valid JSON: {exc}") from None
+    if not isinstance(message, dict):
+        raise InvalidRequest("Body must be a JSON object.")
+    job = build_job(request.app, service, message, channel="http")
+    notices: list[dict] = []
+
+    async def announce(answer: dict) -> None:
+        if answer.get("message_type") == "info":
+            notices.append(answer)
+
+    queued = await accept(request.app, job, announce)
+    return web.json_response(_submitted_schema.dump({**queued, "notices": notices}), status=202)
+
+
+async def _own_job(request: web.Request) -> Job:
+    service = _authenticate(request)
+    object_id = request.match_info["object_id"]
+    job = await request.app[keys.STORE].get(object_id) if OBJECT_ID.match(object_id) else None
+    # Another service's request is "not found" too: ids cannot be probed.
+    if job is None or job.service != service:
+        raise web.HTTPNotFound(text=NOT_FOUND)
+    return job
+
+
+async def get_request(request: web.Request) -> web.Response:
+    """GET /api/v1/requests/{object_id}: current state; the full answer once final."""
+    job = await _own_job(request)
+    if job.status.is_final:
+        if job.channel == "http" and job.delivered_at is None:
+            await request.app[keys.STORE].mark_delivered([job])
+        return web.json_response(final_response(job))
+    return web.json_response(short_response(job, job.status.value, None))
+
+
+async def cancel_request(request: web.Request) -> web.Response:
+    """DELETE /api/v1/requests/{object_id}: cancel a queued or running request."""
+    job = await _own_job(request)
+    outcome = await request.app[keys.SCHEDULER].cancel(job.service, job.object_id)
+    if outcome != "cancelled":
+        raise web.HTTPConflict(text=f"The request is {job.status.value}: nothing to cancel.")
+    return web.json_response(CancelResultSchema().dump({"object_id": job.object_id, "outcome": outcome}))
+
+
+async def queues(request: web.Request) -> web.Response:
+    _authenticate(request)
+    return web.json_response(_queues_schema.dump(request.app[keys.SCHEDULER].queues_status()))
+
+
+async def backends(request: web.Request) -> web.Response:
+    _authenticate(request)
+    return web.json_response(_backends_schema.dump(request.app[keys.SCHEDULER].backends_status()))
+
+
+async def mirrors(request: web.Request) -> web.Response:
+    _authenticate(request)
+    return web.json_response(_mirrors_schema.dump(
+        [mirror.health.as_dict() for mirror in request.app[keys.MIRRORS]]))
+
+
+async def health(request: web.Request) -> web.Response:
+    """GET /health (no key): 200 when the database takes a write and the scheduler runs."""
+    reason = ""
+    if not request.app[keys.SCHEDULER].running:
+        reason = "the scheduler is not running"
+    else:
+        try:
+            await request.app[keys.STORE].check_writable(HEALTH_WRITE_TIMEOUT_S)
+        except Exception as exc:
+            reason = f"the database takes no writes: {type(exc).__name__} {exc}".strip()
+    body = HealthSchema().dump({"status": "unavailable" if reason else "ok",
+                                "reason": reason or "database writable, scheduler running"})
+    return web.json_response(body, status=503 if reason else 200)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """GET /metrics (no key): Prometheus text format."""
+    return web.Response(body=request.app[keys.METRICS].render(),
+                        headers={"Content-Type": METRICS_CONTENT_TYPE})

@@ -1,0 +1,60 @@
+"""Taking in one generation request, the same way for the websocket and the HTTP API:
+validate it, commit it, tell the client `queued`, hand it to the scheduler."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from app import keys
+from app.costs import payload_cost_units
+from app.errors import InvalidRequest
+from app.ids import new_object_id
+from app.jobs import Job
+from app.schemas import info_message, parse_request, short_response
+
+log = logging.getLogger(__name__)
+
+Announce = Callable[[dict[str, Any]], Awaitable[Any]]
+
+
+def build_job(app: web.Application, service: str, message: dict[str, Any], *,
+              origin: Any = None, channel: str = "ws") -> Job:
+    """A Job from a request message. Raises InvalidRequest (with what could be read of the
+    message) when it is malformed or no backend of its executor type is configured."""
+    request = parse_request(message)
+    executor = request["executor"]
+    if not app[keys.SCHEDULER].has_backends(executor):
+        raise InvalidRequest(f"No {executor.value} backend is configured on this server.",
+                             envelope=request)
+    return Job(object_id=new_object_id(), service=service, executor=executor,
+               gen_type=request["gen_type"], premium=request["flags"]["premium"],
+               settings=request["settings"], service_info=request["service_info"],
+               payload=request["payload"], created_at=time.time(), origin=origin, channel=channel)
+
+
+async def accept(app: web.Application, job: Job, announce: Announce) -> dict[str, Any]:
+    """Commit `job`, announce its `queued` answer (and a `no_backend` notice when no backend
+    of its type is in service), then queue it. Returns the `queued` answer.
+
+    Raises whatever the store raises when the request could not be committed; nothing was
+    queued then.
+    """
+    store, scheduler = app[keys.STORE], app[keys.SCHEDULER]
+    await store.add(job)
+    log.info("%s queued: %s %s from %s%s (%s)", job.object_id, job.executor.value, job.gen_type.value,
+             job.service, " (premium)" if job.premium else "", job.channel)
+    job.eta_s = scheduler.eta_for_new(job.executor, job.premium,
+                                      payload_cost_units(job.executor, job.gen_type, job.payload))
+    queued = short_response(job, "queued", job.eta_s)
+    # `queued` goes out before the job can be dispatched, so it always precedes `generating`.
+    await announce(queued)
+    notice = scheduler.no_backend_notice(job.executor)
+    if notice:
+        await announce(info_message("no_backend", notice, object_id=job.object_id))
+    scheduler.submit(job)
+    return queued

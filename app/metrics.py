@@ -1,0 +1,77 @@
+"""Prometheus metrics: counters and histograms fed as requests finish, gauges read from the
+live scheduler and mirrors at scrape time. Each app has its own registry (no globals)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from app.jobs import Job
+
+GENERATION_BUCKETS_S = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
+ETA_ERROR_BUCKETS_S = (-120, -60, -30, -10, -5, -2, 0, 2, 5, 10, 30, 60, 120)
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("devoid_requests", "Finished requests by final status",
+                                ["status", "executor", "service"], registry=self.registry)
+        self.generation = Histogram("devoid_generation_seconds", "Backend time per successful job",
+                                    ["backend"], buckets=GENERATION_BUCKETS_S, registry=self.registry)
+        self.eta_error = Histogram("devoid_eta_error_seconds",
+                                   "Actual minus promised (avg_time of `queued`) seconds to result",
+                                   buckets=ETA_ERROR_BUCKETS_S, registry=self.registry)
+
+    def watch(self, read_live: Callable[[], Iterator[GaugeMetricFamily]]) -> None:
+        """Register gauges computed by `read_live` at each scrape."""
+        self.registry.register(_LiveCollector(read_live))
+
+    def request_finished(self, job: Job, generation_s: float | None) -> None:
+        self.requests.labels(job.status.value, job.executor.value, job.service).inc()
+        if generation_s is not None and job.backend and job.status.value == "ok":
+            self.generation.labels(job.backend).observe(generation_s)
+        if job.eta_s is not None and job.finished_at is not None:
+            self.eta_error.observe(job.finished_at - job.created_at - job.eta_s)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def live_families(queues: list[dict], backends: list[dict],
+                  mirrors: list[dict]) -> Iterator[GaugeMetricFamily]:
+    """Gauges of the moment, from the scheduler's and the mirrors' status."""
+    depth = GaugeMetricFamily("devoid_queue_depth", "Requests waiting", labels=["executor", "class"])
+    running = GaugeMetricFamily("devoid_generating", "Requests generating", labels=["executor"])
+    for queue in queues:
+        depth.add_metric([queue["executor"], "general"], queue["general_waiting"])
+        depth.add_metric([queue["executor"], "premium"], queue["premium_waiting"])
+        running.add_metric([queue["executor"]], queue["generating"])
+    up = GaugeMetricFamily("devoid_backend_up", "1 if the backend is in service (healthy or busy)",
+                           labels=["backend", "executor", "state"])
+    speed = GaugeMetricFamily("devoid_backend_speed_units_per_second", "Learned backend speed",
+                              labels=["backend"])
+    for backend in backends:
+        up.add_metric([backend["name"], backend["executor"], backend["state"]],
+                      1 if backend["state"] in ("healthy", "busy") else 0)
+        speed.add_metric([backend["name"]], backend["units_per_s"])
+    backlog = GaugeMetricFamily("devoid_mirror_backlog", "Mirror work waiting in the outbox",
+                                labels=["mirror", "state"])
+    for mirror in mirrors:
+        backlog.add_metric([mirror["name"], mirror["state"]], mirror["backlog"])
+    yield from (depth, running, up, speed, backlog)
+
+
+class _LiveCollector(Collector):
+    def __init__(self, read_live: Callable[[], Iterator[GaugeMetricFamily]]) -> None:
+        self._read_live = read_live
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        yield from self._read_live()
+
+    def describe(self) -> list:
+        return []

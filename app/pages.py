@@ -1,0 +1,74 @@
+"""What a person or a probe opens in a browser: the identity/status home page, local images,
+the OpenAPI document and Swagger UI (served from the swagger-ui-bundle package, offline)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import swagger_ui_bundle
+from aiohttp import web
+
+from app import keys
+from app.api_schemas import IdentitySchema, StatusSchema
+
+SERVER_NAME = "Devoid Generator"
+VERSION = "0.3.0"
+RECENT_REQUESTS = 20
+STATUS_PAGE_HTML = Path(__file__).with_name("status_page.html")
+SWAGGER_STATIC = "/docs/static"
+
+
+async def home(request: web.Request) -> web.StreamResponse:
+    """JSON identity for tools (as the original answered); HTML status page for browsers."""
+    wants_html = "text/html" in request.headers.get("Accept", "")
+    if wants_html and request.app[keys.CONFIG].status_page:
+        return web.FileResponse(STATUS_PAGE_HTML, headers={"Content-Type": "text/html; charset=utf-8"})
+    return web.json_response(IdentitySchema().dump(
+        {"name": SERVER_NAME, "version": VERSION, "websocket": "/ws/{service}"}))
+
+
+async def status(request: web.Request) -> web.Response:
+    if not request.app[keys.CONFIG].status_page:
+        raise web.HTTPNotFound(text="The status page is off (STATUS_PAGE=0).")
+    scheduler, results = request.app[keys.SCHEDULER], request.app[keys.RESULTS]
+    recent = []
+    for job in await request.app[keys.STORE].recent_jobs(RECENT_REQUESTS):
+        thumbnail = None
+        if job.result and job.result.get("content_type") == "image_url":
+            # Locally saved images are shown from this server; others from their URL.
+            local = results.local_file(job.result.get("file_name", ""))
+            thumbnail = f"/img/{local.name}" if local else job.result["content"]
+        recent.append({"object_id": job.object_id, "service": job.service,
+                       "executor": job.executor.value, "gen_type": job.gen_type.value,
+                       "status": job.status.value, "created_at": job.created_at, "thumbnail": thumbnail})
+    return web.json_response(StatusSchema().dump({
+        "queues": scheduler.queues_status(), "backends": scheduler.backends_status(),
+        "mirrors": [mirror.health.as_dict() for mirror in request.app[keys.MIRRORS]],
+        "recent": recent}))
+
+
+async def image(request: web.Request) -> web.FileResponse:
+    """Serve a result image written under IMAGES_PATH, and nothing else."""
+    path = request.app[keys.RESULTS].local_file(request.match_info["file_name"])
+    if path is None:
+        raise web.HTTPNotFound(text="No such image.")
+    return web.FileResponse(path, headers={"Content-Type": "image/jpeg",
+                                           "Cache-Control": "public, max-age=86400, immutable"})
+
+
+async def openapi_document(request: web.Request) -> web.Response:
+    return web.json_response(request.app[keys.OPENAPI])
+
+
+async def docs(request: web.Request) -> web.Response:
+    return web.Response(content_type="text/html", text=f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{SERVER_NAME} API</title>
+<link rel="stylesheet" href="{SWAGGER_STATIC}/swagger-ui.css"></head>
+<body><div id="swagger-ui"></div>
+<script src="{SWAGGER_STATIC}/swagger-ui-bundle.js"></script>
+<script>SwaggerUIBundle({{url: "/openapi.json", dom_id: "#swagger-ui"}});</script>
+</body></html>""")
+
+
+def add_static(app: web.Application) -> None:
+    app.router.add_static(SWAGGER_STATIC, swagger_ui_bundle.swagger_ui_path, name="swagger_static")
