@@ -70,7 +70,13 @@ class Bot:
 
 
 async def wait_until(predicate: Callable[[], Any], timeout_s: float = 15.0) -> None:
-    """Wait for something a test can see (a row, a backend's state) to become true."""
+    """Wait for something a test can see (a row, a backend's state) to become true.
+    `predicate` may be a coroutine function (to read a server, say)."""
     async with asyncio.timeout(timeout_s):
-        while not predicate():
+        while True:
+            outcome = predicate()
+            if asyncio.iscoroutine(outcome):
+                outcome = await outcome
+            if outcome:
+                return
             await asyncio.sleep(0.01)

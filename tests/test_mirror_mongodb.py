@@ -44,11 +44,14 @@ async def test_each_request_has_a_record_with_its_final_status(start_backend, st
     queued = await bot.submit(request_message("automatic1111", "img2img",
                                               {"prompt": "winter", "init_images": [image], "steps": 5}))
     await bot.final(queued["object_id"])
-    mirror = mongo_mirror(balancer)
-    await wait_until(lambda: mirror.health.backlog == 0 and mirror.health.state == "connected")
 
-    records = await mongo_server.records()
-    record = records[queued["object_id"]]
+    async def delivered_record() -> dict | None:
+        record = (await mongo_server.records()).get(queued["object_id"])
+        return record if record and record["delivered_at"] else None
+
+    # The last version (delivered) is committed just after the ok is sent.
+    await wait_until(delivered_record)
+    record = await delivered_record()
     assert record["_id"] == ObjectId(queued["object_id"])
     assert (record["status"], record["service"], record["backend"], record["attempts"]) == \
         ("ok", "discord", "gpu-a", 1)
