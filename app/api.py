@@ -37,10 +37,11 @@ _backends_schema = BackendStateSchema(many=True)
 _mirrors_schema = MirrorStateSchema(many=True)
 
 
-def error_response(status: int, message: str, field_errors: dict | None = None) -> web.Response:
+def error_response(status: int, message: str, field_errors: dict | None = None,
+                   headers: dict[str, str] | None = None) -> web.Response:
     body = _error_schema.dump({"error": {"status": status, "message": message,
                                          "field_errors": field_errors or {}}})
-    return web.json_response(body, status=status)
+    return web.json_response(body, status=status, headers=headers)
 
 
 @web.middleware
@@ -56,7 +57,9 @@ async def api_errors(request: web.Request,
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return error_response(exc.status, exc.text or exc.reason)
+        # Keep what the exception says in headers (Allow on a 405).
+        headers = {key: value for key, value in exc.headers.items() if key.lower() == "allow"}
+        return error_response(exc.status, exc.text or exc.reason, headers=headers)
     except Exception:
         log.exception("unexpected error on %s %s", request.method, request.path)
         return error_response(500, "Internal error; it has been logged.")

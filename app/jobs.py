@@ -45,7 +45,6 @@ class JobStatus(str, enum.Enum):
         return self in (JobStatus.OK, JobStatus.ERROR)
 
 
-_TRUE_FLAGS = {True, 1, "1", "true", "True", "TRUE", "yes", "on"}
 
 
 @dataclass
@@ -83,6 +82,6 @@ class Job:
     eta_s: float | None = field(default=None, repr=False, compare=False)  # told with `queued`
 
     def flag(self, name: str) -> bool:
-        """A settings flag (`premium`, `moderate`, `sync_with_s3`), as sent: 0/1 or true/false."""
-        value = self.settings.get(name, False)
-        return not isinstance(value, (dict, list)) and value in _TRUE_FLAGS
+        """A settings flag (`premium`, `moderate`, `sync_with_s3`), checked at intake to be
+        true/false or 0/1."""
+        return self.settings.get(name) in (True, 1)

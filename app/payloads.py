@@ -10,12 +10,11 @@ known name as a hint) is the only way the client hears of it.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import difflib
+import re
 from typing import Any
 
-from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
+from marshmallow import EXCLUDE, RAISE, Schema, ValidationError, fields, validate
 
 from app.jobs import ExecutorType, GenType
 
@@ -26,36 +25,76 @@ MAX_STEPS = 1000
 MAX_IMAGES_PER_JOB = 64
 
 
-class Base64Image(fields.String):
-    """A base64 image, raw or as a `data:image/...;base64,` URI (both backends accept both)."""
+# Raw base64 (whole 4-character groups, padded) or a data: URI of an image. Both backends take
+# both forms. The same pattern is documented in the OpenAPI document.
+BASE64_IMAGE_PATTERN = (r"^(data:image/[a-z0-9.+-]+;base64,)?([A-Za-z0-9+/]{4})*"
+                        r"([A-Za-z0-9+/]{4}|[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)$")
+_BASE64_IMAGE = re.compile(BASE64_IMAGE_PATTERN)
 
-    default_error_messages = {"invalid_image": "Not a base64 image (raw or data: URI)."}
+
+class Base64Image(fields.String):
+    """A base64 image, raw or as a `data:image/...;base64,` URI."""
+
+    default_error_messages = {"invalid_image": "Not a base64 image (raw or data:image/...;base64, URI)."}
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(metadata={"pattern": BASE64_IMAGE_PATTERN}, **kwargs)
 
     def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> str:
         text = super()._deserialize(value, attr, data, **kwargs)
-        encoded = text.split(",", 1)[1] if text.startswith("data:") else text
-        try:
-            decoded = base64.b64decode(encoded, validate=True)
-        except (binascii.Error, ValueError):
-            raise self.make_error("invalid_image") from None
-        if not decoded:
+        if not _BASE64_IMAGE.match(text):
             raise self.make_error("invalid_image")
         return text
+
+
+class Flag(fields.Field):
+    """A flag as true/false or 0/1, nothing else (settings flags per PROTOCOL.md; the backends'
+    booleans, which their servers also take as 0/1)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        choices: list[dict[str, Any]] = [{"type": "boolean"}, {"type": "integer", "enum": [0, 1]}]
+        if kwargs.get("allow_none"):
+            choices.append({"type": "null"})
+        super().__init__(metadata={"oneOf": choices}, **kwargs)
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> bool:
+        if isinstance(value, bool):
+            return value
+        if type(value) is int and value in (0, 1):
+            return bool(value)
+        raise ValidationError("Not a valid flag: use true/false or 0/1.")
 
 
 class TextOrInteger(fields.Field):
     """Kandinsky's `prior_steps` is documented as a string ("5"); clients also send 5."""
 
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(metadata={
+            "oneOf": [{"type": "string", "pattern": r"^\s*[0-9]+\s*$"}, {"type": "integer", "minimum": 0}],
+            "description": "A whole number, as a string (or an integer)."}, **kwargs)
+
     def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> Any:
-        if isinstance(value, bool) or not isinstance(value, (str, int)):
-            raise ValidationError("Not a valid string or integer.")
-        if isinstance(value, str) and not value.strip().isdigit():
-            raise ValidationError("Not a whole number.")
-        return value
+        if isinstance(value, str):
+            if not value.strip().isdigit():
+                raise ValidationError("Not a whole number.")
+            return value
+        return WholeNumber(validate=validate.Range(min=0)).deserialize(value)
+
+
+class WholeNumber(fields.Integer):
+    """An integer as JSON Schema means it: 5 or 5.0, never 5.5, "5" or true."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(strict=True, **kwargs)
+
+    def _validated(self, value: Any) -> int:
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        return super()._validated(value)
 
 
 def _int(**kwargs: Any) -> fields.Integer:
-    return fields.Integer(strict=True, **kwargs)
+    return WholeNumber(**kwargs)
 
 
 def _side() -> fields.Integer:
@@ -74,7 +113,9 @@ class Automatic1111Common(Schema):
     """Fields both /sdapi/v1/txt2img and /sdapi/v1/img2img take; every one is optional."""
 
     class Meta:
-        unknown = EXCLUDE  # unknown keys are reported by check_payload with a hint
+        # Unknown keys are refused (and documented as refused: additionalProperties false);
+        # check_payload reports them itself, with a hint.
+        unknown = RAISE
 
     prompt = fields.String()
     negative_prompt = fields.String()
@@ -93,10 +134,10 @@ class Automatic1111Common(Schema):
     cfg_scale = fields.Float()
     width = _side()
     height = _side()
-    restore_faces = _optional(fields.Boolean)
-    tiling = _optional(fields.Boolean)
-    do_not_save_samples = fields.Boolean()
-    do_not_save_grid = fields.Boolean()
+    restore_faces = _optional(Flag)
+    tiling = _optional(Flag)
+    do_not_save_samples = Flag()
+    do_not_save_grid = Flag()
     eta = _optional(fields.Float)
     s_min_uncond = _optional(fields.Float)
     s_churn = _optional(fields.Float)
@@ -104,23 +145,23 @@ class Automatic1111Common(Schema):
     s_tmin = _optional(fields.Float)
     s_noise = _optional(fields.Float)
     override_settings = _optional(fields.Dict)
-    override_settings_restore_afterwards = fields.Boolean()
+    override_settings_restore_afterwards = Flag()
     refiner_checkpoint = _optional(fields.String)
     refiner_switch_at = _optional(fields.Float)
-    disable_extra_networks = fields.Boolean()
+    disable_extra_networks = Flag()
     firstpass_image = _optional(fields.String)
     comments = _optional(fields.Dict)
     denoising_strength = _optional(fields.Float, validate=validate.Range(min=0, max=1))
     script_name = _optional(fields.String)
-    script_args = fields.List(fields.Raw())
-    send_images = fields.Boolean()
-    save_images = fields.Boolean()
+    script_args = fields.List(fields.Raw(allow_none=True))
+    send_images = Flag()
+    save_images = Flag()
     alwayson_scripts = fields.Dict()
     infotext = _optional(fields.String)
 
 
 class Automatic1111Txt2Img(Automatic1111Common):
-    enable_hr = fields.Boolean()
+    enable_hr = Flag()
     firstphase_width = _int(validate=validate.Range(min=0, max=MAX_SIDE_PX))
     firstphase_height = _int(validate=validate.Range(min=0, max=MAX_SIDE_PX))
     hr_scale = fields.Float(validate=validate.Range(min=0, max=8))
@@ -142,24 +183,24 @@ class Automatic1111Img2Img(Automatic1111Common):
     resize_mode = _int(validate=validate.Range(min=0, max=3))
     image_cfg_scale = _optional(fields.Float)
     mask = _optional(Base64Image)
-    mask_blur = _optional(fields.Integer, strict=True)
+    mask_blur = _optional(WholeNumber)
     mask_blur_x = _int()
     mask_blur_y = _int()
-    mask_round = fields.Boolean()
+    mask_round = Flag()
     inpainting_fill = _int(validate=validate.Range(min=0, max=3))
-    inpaint_full_res = fields.Boolean()
+    inpaint_full_res = Flag()
     inpaint_full_res_padding = _int(validate=validate.Range(min=0))
     inpainting_mask_invert = _int(validate=validate.Range(min=0, max=1))
     initial_noise_multiplier = _optional(fields.Float)
     latent_mask = _optional(Base64Image)
-    include_init_images = fields.Boolean()
+    include_init_images = Flag()
 
 
 class KandinskyCommon(Schema):
     """Optional fields of the Kandinsky API's /text2img and /mix2images."""
 
     class Meta:
-        unknown = EXCLUDE
+        unknown = RAISE  # see Automatic1111Common
 
     steps = _int(validate=validate.Range(min=1, max=MAX_STEPS))
     guidance_scale = fields.Float()
@@ -192,7 +233,9 @@ def _check_mix_items(items: list[Any]) -> None:
 
 
 class KandinskyMix2Images(KandinskyCommon):
-    images_texts = fields.List(fields.Raw(), required=True, validate=_check_mix_items)
+    images_texts = fields.List(fields.String(), required=True, validate=_check_mix_items, metadata={
+        "minItems": 4, "maxItems": 4,
+        "description": "Exactly 4 items: a text, a base64 image, a base64 image, a text."})
     weights = fields.List(fields.Float(), required=True, validate=validate.Length(equal=4))
 
 
@@ -219,7 +262,7 @@ def check_payload(executor: ExecutorType, gen_type: GenType, payload: dict[str, 
         errors[name] = [f"Unknown field for {executor.value} {gen_type.value}{suggestion} "
                         "(the backend would ignore it and use its default)"]
     try:
-        schema.load(payload)
+        schema.load(payload, unknown=EXCLUDE)
     except ValidationError as exc:
         for name, messages in exc.normalized_messages().items():
             errors.setdefault(name, []).extend(_flatten(messages))

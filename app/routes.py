@@ -13,7 +13,7 @@ from app.api_schemas import (BackendStateSchema, CancelResultSchema, ErrorSchema
                              IdentitySchema, MirrorStateSchema, QueueStateSchema, StatusSchema,
                              SubmittedSchema)
 from app.gateway import websocket_handler
-from app.schemas import RequestMessageSchema, ResponseSchema
+from app.schemas import ResponseSchema
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ERROR = ErrorSchema
@@ -28,7 +28,7 @@ class Route:
     summary: str
     # status -> (description, schema class, or a media type for non-JSON bodies)
     responses: dict[int, tuple[str, type[Schema] | str]]
-    body: type[Schema] | None = None
+    body: str | None = None  # a component schema of the OpenAPI document
     needs_key: bool = False
     tags: tuple[str, ...] = field(default=())
 
@@ -52,7 +52,7 @@ ROUTES: tuple[Route, ...] = (
           "Submit a generation request (the websocket's request message as the body)",
           {202: ("Queued", SubmittedSchema), 400: ("Invalid request", ERROR),
            401: ("Wrong key or service", ERROR), 413: ("Body too large", ERROR)},
-          body=RequestMessageSchema, needs_key=True, tags=("requests",)),
+          body="RequestMessage", needs_key=True, tags=("requests",)),
     Route("GET", OBJECT_ID_PATH, api.get_request, "get_request",
           "A request's current state; its full answer (result included) once final",
           {200: ("State or final answer", ResponseSchema), 401: ("Wrong key or service", ERROR),

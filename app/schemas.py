@@ -13,18 +13,18 @@ from marshmallow import INCLUDE, Schema, ValidationError, fields, validate
 
 from app.errors import InvalidRequest
 from app.jobs import SUPPORTED_GEN_TYPES, ExecutorType, GenType, Job, JobStatus
-from app.payloads import check_payload
+from app.payloads import Flag, WholeNumber, check_payload
 
 
 class SettingsSchema(Schema):
-    """Per-request flags; 0/1 or true/false. Keys we do not know are echoed back untouched."""
+    """Per-request flags. Keys we do not know are echoed back untouched."""
 
     class Meta:
         unknown = INCLUDE
 
-    premium = fields.Boolean(load_default=False)
-    moderate = fields.Boolean(load_default=False)
-    sync_with_s3 = fields.Boolean(load_default=False)
+    premium = Flag(load_default=False)
+    moderate = Flag(load_default=False)
+    sync_with_s3 = Flag(load_default=False)
 
 
 class ServiceInfoSchema(Schema):
@@ -33,9 +33,9 @@ class ServiceInfoSchema(Schema):
     class Meta:
         unknown = INCLUDE
 
-    user_id = fields.Integer(strict=True, required=True)
-    chat_id = fields.Integer(strict=True, allow_none=True)
-    message_id = fields.Integer(strict=True, allow_none=True)
+    user_id = WholeNumber(required=True)
+    chat_id = WholeNumber(allow_none=True)
+    message_id = WholeNumber(allow_none=True)
 
 
 class RequestMessageSchema(Schema):

@@ -102,7 +102,7 @@ async def test_wrong_types_in_service_info_are_named(setup, field, value, reason
      "payload.steps: Must be greater than or equal to 1"),
     ("automatic1111", "img2img", {"prompt": "x"}, "payload.init_images: Missing data for required field"),
     ("automatic1111", "img2img", {"init_images": ["not base64!"]},
-     "payload.init_images: 0: Not a base64 image (raw or data: URI)"),
+     "payload.init_images: 0: Not a base64 image (raw or data:image/...;base64, URI)"),
     ("kandinsky", "mix2img", {"images_texts": ["a", "b"], "weights": [1, 1, 1, 1]},
      "payload.images_texts: Must hold exactly 4 items (text, image, image, text), got 2"),
     ("kandinsky", "mix2img", {"images_texts": ["a", "aGk=", "aGk=", "b"], "weights": [1, 2]},
@@ -164,9 +164,10 @@ async def test_settings_flags_accept_numbers_and_booleans_and_are_echoed_as_sent
     done = await bot.final(queued["object_id"])
     assert done["settings"] == message["settings"]
 
-    message["settings"] = {"premium": "maybe"}
-    answer = await bot.submit(message)
-    assert "settings.premium: Not a valid boolean" in answer["result"]["content"]
+    for flag in ("maybe", "1", 2, 1.0):
+        message["settings"] = {"premium": flag}
+        answer = await bot.submit(message)
+        assert "settings.premium: Not a valid flag: use true/false or 0/1" in answer["result"]["content"]
 
 
 async def test_a_message_that_is_not_a_request_gets_an_info_message(setup):
