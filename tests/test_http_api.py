@@ -1,0 +1,204 @@
+"""Every HTTP route through the real server: submit, fetch, cancel, the operator's views,
+health, metrics and the home page; auth failures and bad input in the one error shape."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from app import keys
+from tests.bots import request_message, wait_until
+from tests.conftest import SERVICE_KEYS
+
+TELEGRAM = {"authorization": SERVICE_KEYS["telegram"], "service": "telegram"}
+DISCORD = {"authorization": SERVICE_KEYS["discord"], "service": "discord"}
+KEYED_ROUTES = [("POST", "/api/v1/requests"), ("GET", "/api/v1/requests/" + "0" * 24),
+                ("DELETE", "/api/v1/requests/" + "0" * 24), ("GET", "/api/v1/queues"),
+                ("GET", "/api/v1/backends"), ("GET", "/api/v1/mirrors")]
+
+
+def assert_error_shape(body: dict, status: int) -> None:
+    assert set(body) == {"error"} and set(body["error"]) == {"status", "message", "fields"}
+    assert body["error"]["status"] == status and body["error"]["message"]
+
+
+@pytest.fixture
+async def balancer(start_backend, start_balancer):
+    gpu = await start_backend("kandinsky", name="kd-1")
+    balancer = await start_balancer([gpu])
+    balancer.gpu = gpu
+    return balancer
+
+
+async def fetch_until_final(client, object_id: str, headers: dict) -> dict:
+    async with asyncio.timeout(15):
+        while True:
+            response = await client.get(f"/api/v1/requests/{object_id}", headers=headers)
+            body = await response.json()
+            if body["gen_status"] in ("ok", "error"):
+                return body
+            await asyncio.sleep(0.02)
+
+
+async def test_submit_then_fetch_the_result_over_http(balancer):
+    client = balancer.client
+    bot = await balancer.connect("telegram")  # a websocket of the same service hears nothing of it
+    response = await client.post("/api/v1/requests", headers=TELEGRAM,
+                                 json=request_message("kandinsky", "text2img", {"prompt": "via http"}))
+    queued = await response.json()
+    assert response.status == 202
+    assert (queued["gen_status"], queued["service"], queued["notices"]) == ("queued", "telegram", [])
+    done = await fetch_until_final(client, queued["object_id"], TELEGRAM)
+
+    assert done["gen_status"] == "ok" and done["payload"] == {"prompt": "via http"}
+    image = await client.get(f"/img/{done['result']['file_name']}")
+    assert image.status == 200 and image.content_type == "image/jpeg"
+    assert (await balancer.app[keys.STORE].get(queued["object_id"])).delivered_at is not None
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(bot.ws.receive(), 0.2)
+
+
+async def test_only_the_submitting_service_may_fetch_or_cancel(balancer):
+    client = balancer.client
+    response = await client.post("/api/v1/requests", headers=TELEGRAM,
+                                 json=request_message("kandinsky", "text2img", {"prompt": "mine"}))
+    object_id = (await response.json())["object_id"]
+    for method in ("GET", "DELETE"):
+        response = await client.request(method, f"/api/v1/requests/{object_id}", headers=DISCORD)
+        assert response.status == 404
+        body = await response.json()
+        assert_error_shape(body, 404)
+        assert body["error"]["message"] == "No request of this service has that object_id."
+    response = await client.get("/api/v1/requests/not-an-id", headers=TELEGRAM)
+    assert response.status == 404
+
+
+async def test_cancel_over_http(balancer):
+    client = balancer.client
+    balancer.gpu.state.gate.clear()
+    ids = []
+    for prompt in ("running", "waiting"):
+        response = await client.post("/api/v1/requests", headers=TELEGRAM,
+                                     json=request_message("kandinsky", "text2img", {"prompt": prompt}))
+        ids.append((await response.json())["object_id"])
+
+    response = await client.delete(f"/api/v1/requests/{ids[1]}", headers=TELEGRAM)
+    assert response.status == 200
+    assert await response.json() == {"object_id": ids[1], "outcome": "cancelled"}
+    done = await fetch_until_final(client, ids[1], TELEGRAM)
+    assert done["gen_status"] == "error" and done["result"]["content"] == "cancelled"
+    again = await client.delete(f"/api/v1/requests/{ids[1]}", headers=TELEGRAM)
+    assert again.status == 409
+    assert_error_shape(await again.json(), 409)
+    balancer.gpu.state.gate.set()
+    assert (await fetch_until_final(client, ids[0], TELEGRAM))["gen_status"] == "ok"
+
+
+@pytest.mark.parametrize(("method", "path"), KEYED_ROUTES)
+@pytest.mark.parametrize("headers", [{}, {"service": "telegram", "authorization": "wrong"},
+                                     {"service": "nosuch", "authorization": SERVICE_KEYS["telegram"]},
+                                     {"authorization": SERVICE_KEYS["telegram"]}])
+async def test_every_keyed_route_refuses_a_bad_key_in_the_error_shape(balancer, method, path, headers):
+    response = await balancer.client.request(method, path, headers=headers, json={})
+    assert response.status == 401
+    assert_error_shape(await response.json(), 401)
+
+
+@pytest.mark.parametrize(("body", "message", "field"), [
+    ("{not json", "Body is not valid JSON", None),
+    ("[1]", "Body must be a JSON object.", None),
+    ('{"message_type": "request", "executor": "dalle", "gen_type": "text2img", "service_info": '
+     '{"user_id": 1}, "payload": {}}', "executor: Must be one of", "executor"),
+    ('{"message_type": "request", "executor": "kandinsky", "gen_type": "text2img", "service_info": '
+     '{"user_id": 1}, "payload": {"promt": "x"}}', "did you mean 'prompt'", "payload"),
+])
+async def test_bad_bodies_are_refused_naming_the_fields(balancer, body, message, field):
+    response = await balancer.client.post("/api/v1/requests", headers=TELEGRAM, data=body)
+    assert response.status == 400
+    answer = await response.json()
+    assert_error_shape(answer, 400)
+    assert message in answer["error"]["message"]
+    if field:
+        assert field in answer["error"]["fields"]
+
+
+async def test_a_wrong_method_is_405_with_allow(balancer):
+    response = await balancer.client.put("/api/v1/queues", headers=TELEGRAM)
+    assert response.status == 405 and response.headers["Allow"] == "GET"
+    assert_error_shape(await response.json(), 405)
+
+
+async def test_operator_views(balancer):
+    client = balancer.client
+    balancer.gpu.state.gate.clear()
+    for premium in (0, 0, 1):
+        await client.post("/api/v1/requests", headers=TELEGRAM,
+                          json=request_message("kandinsky", "text2img", {"prompt": "q"}, premium=premium))
+    await wait_until(lambda: balancer.gpu.state.received)
+
+    queues = {q["executor"]: q for q in await (await client.get("/api/v1/queues", headers=TELEGRAM)).json()}
+    assert (queues["kandinsky"]["general_waiting"], queues["kandinsky"]["premium_waiting"],
+            queues["kandinsky"]["generating"]) == (1, 1, 1)
+    assert queues["kandinsky"]["eta_new_general_s"] > 0
+    assert queues["automatic1111"]["backends"] == 0 and queues["automatic1111"]["eta_new_general_s"] is None
+
+    [backend] = await (await client.get("/api/v1/backends", headers=TELEGRAM)).json()
+    assert (backend["name"], backend["state"]) == ("kd-1", "busy") and len(backend["job"]) == 24
+    assert await (await client.get("/api/v1/mirrors", headers=TELEGRAM)).json() == []
+    balancer.gpu.state.gate.set()
+
+
+async def test_health_says_ok_then_why_not(balancer):
+    response = await balancer.client.get("/health")
+    assert response.status == 200 and (await response.json())["status"] == "ok"
+
+    await balancer.app[keys.SCHEDULER].stop(0)
+    response = await balancer.client.get("/health")
+    assert response.status == 503
+    assert await response.json() == {"status": "unavailable", "reason": "the scheduler is not running"}
+
+
+async def test_health_fails_when_the_database_takes_no_writes(balancer):
+    await balancer.app[keys.STORE].close()
+    response = await balancer.client.get("/health")
+    assert response.status == 503
+    assert (await response.json())["reason"].startswith("the database takes no writes")
+
+
+async def test_metrics_count_requests_and_show_queues_and_backends(balancer):
+    bot = await balancer.connect("telegram")
+    queued = await bot.submit(request_message("kandinsky", "text2img", {"prompt": "m"}))
+    await bot.final(queued["object_id"])
+    response = await balancer.client.get("/metrics")
+    text = await response.text()
+    assert response.status == 200 and response.content_type == "text/plain"
+    assert 'devoid_requests_total{executor="kandinsky",service="telegram",status="ok"} 1.0' in text
+    assert 'devoid_generation_seconds_count{backend="kd-1"} 1.0' in text
+    assert 'devoid_queue_depth{class="general",executor="kandinsky"} 0.0' in text
+    assert 'devoid_backend_up{backend="kd-1",executor="kandinsky",state="healthy"} 1.0' in text
+    assert "devoid_eta_error_seconds_count 1.0" in text
+
+
+async def test_home_answers_json_to_tools_and_html_to_browsers(balancer):
+    tool = await balancer.client.get("/")
+    assert tool.content_type == "application/json"
+    assert (await tool.json())["name"] == "Devoid Generator"
+    browser = await balancer.client.get("/", headers={"Accept": "text/html,application/xhtml+xml"})
+    assert browser.content_type == "text/html" and "/status.json" in await browser.text()
+    status = await (await balancer.client.get("/status.json")).json()
+    assert [b["name"] for b in status["backends"]] == ["kd-1"]
+
+
+async def test_the_status_page_can_be_switched_off(start_backend, start_balancer):
+    balancer = await start_balancer([await start_backend("kandinsky")], STATUS_PAGE=0)
+    browser = await balancer.client.get("/", headers={"Accept": "text/html"})
+    assert browser.content_type == "application/json"
+    assert (await balancer.client.get("/status.json")).status == 404
+
+
+async def test_swagger_ui_is_served_from_this_server(balancer):
+    page = await (await balancer.client.get("/docs")).text()
+    assert "/docs/static/swagger-ui-bundle.js" in page and "/openapi.json" in page
+    script = await balancer.client.get("/docs/static/swagger-ui-bundle.js")
+    assert script.status == 200 and len(await script.read()) > 100_000
