@@ -78,6 +78,7 @@ def base_env(tmp_path: Path, port: int, **overrides: Any) -> dict[str, str]:
         "DATABASE_PATH": str(tmp_path / "data" / "devoid.sqlite3"),
         "EXECUTORS_FILE": str(tmp_path / "data" / "executors.json"),
         "IMAGES_PATH": str(tmp_path / "images"),
+        "SPOOL_PATH": str(tmp_path / "spool"),
         "KANDINSKY_API_TOKEN": KANDINSKY_TOKEN,
         "SHUTDOWN_GRACE_S": "1",
         # Retries and probes on a test's time scale.

@@ -188,4 +188,4 @@ async def test_sigkill_with_mirror_work_pending_drains_it_after_restart(
     records = await mongo_server.records()
     assert sorted(records) == sorted(ids)
     assert {record["status"] for record in records.values()} == {"ok"}
-    assert not list((tmp_path / "data" / "spool").iterdir())
+    assert not list((tmp_path / "spool").iterdir())
