@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,11 +83,6 @@ def draw_image(prompt: str, width: int, height: int, image_format: str) -> bytes
     return out.getvalue()
 
 
-class _Refused(Exception):
-    def __init__(self, response: web.Response) -> None:
-        self.response = response
-
-
 _GEN_TYPES = {"/sdapi/v1/txt2img": (ExecutorType.AUTOMATIC1111, GenType.TEXT2IMG),
               "/sdapi/v1/img2img": (ExecutorType.AUTOMATIC1111, GenType.IMG2IMG),
               "/text2img": (ExecutorType.KANDINSKY, GenType.TEXT2IMG),
@@ -99,8 +95,10 @@ def _duration_s(state: DemoBackendState, path: str, body: dict[str, Any]) -> flo
     return state.delay_s
 
 
-async def _run_call(request: web.Request) -> tuple[DemoBackendState, dict[str, Any], ReceivedCall]:
-    """Record the call and take the time a generation takes; raise _Refused for a failure."""
+async def _generate(request: web.Request,
+                    render: Callable[[dict[str, Any]], web.Response]) -> web.Response:
+    """Record the call, take the time a generation takes, then answer with `render(body)`
+    (or with the configured failure)."""
     state = request.app[STATE]
     body = json.loads(await request.text())
     call = ReceivedCall(path=request.path, body=body, headers={k.lower(): v for k, v in request.headers.items()},
@@ -124,9 +122,11 @@ async def _run_call(request: web.Request) -> tuple[DemoBackendState, dict[str, A
         state.running -= 1
         state.current_duration_s = 0.0
     if state.fail_status is not None:
-        call.finished_at = time.monotonic()
-        raise _Refused(web.json_response(state.fail_body, status=state.fail_status))
-    return state, body, call
+        response = web.json_response(state.fail_body, status=state.fail_status)
+    else:
+        response = render(body)
+    call.finished_at = time.monotonic()
+    return response
 
 
 def _prompt_of(body: dict[str, Any]) -> str:
@@ -137,18 +137,17 @@ def _prompt_of(body: dict[str, Any]) -> str:
 
 # -- AUTOMATIC1111 ---------------------------------------------------------------------
 
-async def _a1111_generate(request: web.Request) -> web.Response:
-    try:
-        state, body, call = await _run_call(request)
-    except _Refused as refused:
-        return refused.response
+def _a1111_answer(body: dict[str, Any]) -> web.Response:
     png = draw_image(_prompt_of(body), body.get("width", 512), body.get("height", 512), "PNG")
-    call.finished_at = time.monotonic()
     return web.json_response({
         "images": [base64.b64encode(png).decode()],
         "parameters": body,
         "info": json.dumps({"prompt": body.get("prompt", ""), "seed": body.get("seed", -1)}),
     })
+
+
+async def _a1111_generate(request: web.Request) -> web.Response:
+    return await _generate(request, _a1111_answer)
 
 
 async def _a1111_memory(request: web.Request) -> web.Response:
@@ -197,17 +196,15 @@ def automatic1111_app(state: DemoBackendState) -> web.Application:
 
 # -- Kandinsky -------------------------------------------------------------------------
 
-async def _kandinsky_generate(request: web.Request) -> web.Response:
-    state = request.app[STATE]
-    if request.headers.get("authorization", "") != state.api_token:
-        return web.json_response({"detail": "Invalid token"}, status=401)
-    try:
-        state, body, call = await _run_call(request)
-    except _Refused as refused:
-        return refused.response
+def _kandinsky_answer(body: dict[str, Any]) -> web.Response:
     jpeg = draw_image(_prompt_of(body), body.get("width", 512), body.get("height", 512), "JPEG")
-    call.finished_at = time.monotonic()
     return web.Response(body=jpeg, content_type="image/jpg")
+
+
+async def _kandinsky_generate(request: web.Request) -> web.Response:
+    if request.headers.get("authorization", "") != request.app[STATE].api_token:
+        return web.json_response({"detail": "Invalid token"}, status=401)
+    return await _generate(request, _kandinsky_answer)
 
 
 async def _kandinsky_root(request: web.Request) -> web.Response:

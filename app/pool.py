@@ -13,11 +13,14 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from app.backends.base import Backend
 from app.config import Config
+from app.jobs import ExecutorType
+from app.queues import WeightedQueue
 from app.costs import initial_units_per_s
 from app.jobs import Job
 
@@ -165,3 +168,39 @@ async def watch_health(slot: BackendSlot, config: Config, on_up: Callable[[], No
         await _sleep_or_wake(slot, down_wait_s)
         down_wait_s = min(down_wait_s * 2, config.probe_backoff_max_s)
 
+
+class ExecutorPool:
+    """One executor type: its queue and its backends."""
+
+    def __init__(self, executor: ExecutorType, ratio: tuple[int, int]) -> None:
+        self.executor = executor
+        self.queue = WeightedQueue(*ratio)
+        self.slots: list[BackendSlot] = []
+
+    def available_slots(self) -> list[BackendSlot]:
+        return [slot for slot in self.slots if slot.available]
+
+    def in_service(self) -> list[BackendSlot]:
+        return [slot for slot in self.slots if slot.in_service]
+
+    def eta_for_new(self, premium: bool, cost_units: float) -> float | None:
+        """Seconds until a request of this class and cost, queued now, is expected to be done;
+        None when no backend of this type is in service."""
+        serving = self.in_service()
+        if not serving:
+            return None
+        fastest_free = max((s.units_per_s for s in serving if s.job is None), default=None)
+        ahead = self.queue.picks_before_new(premium)
+        if ahead == 0 and fastest_free:
+            return round(cost_units / fastest_free, 1)
+        now = time.monotonic()
+        total_speed = sum(slot.units_per_s for slot in serving)
+        waiting = [job.cost_units for job in self.queue]
+        mean_waiting = sum(waiting) / len(waiting) if waiting else cost_units
+        backlog_units = sum(slot.remaining_units(now) for slot in serving) + ahead * mean_waiting
+        return round(backlog_units / total_speed + cost_units / (total_speed / len(serving)), 1)
+
+    def status_line(self) -> str:
+        return ", ".join(f"{slot.name}: {slot.state.value}"
+                         + (f" ({slot.last_error})" if slot.last_error and not slot.up else "")
+                         for slot in self.slots) or "none configured"

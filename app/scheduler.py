@@ -29,8 +29,8 @@ from app.errors import BackendFailed
 from app.jobs import ExecutorType, GenType, Job, JobStatus
 from app.metrics import Metrics
 from app.mirrors.s3 import S3Mirror
-from app.pool import BackendSlot, watch_health
-from app.queues import WeightedQueue
+from app.pool import BackendSlot, ExecutorPool, watch_health
+from app.progress import ProgressReporter
 from app.results import ResultWriter
 from app.store import Store
 
@@ -51,43 +51,6 @@ class JobListener(Protocol):
     async def job_finished(self, job: Job) -> None: ...
 
 
-class ExecutorPool:
-    """One executor type: its queue and its backends."""
-
-    def __init__(self, executor: ExecutorType, ratio: tuple[int, int]) -> None:
-        self.executor = executor
-        self.queue = WeightedQueue(*ratio)
-        self.slots: list[BackendSlot] = []
-
-    def available_slots(self) -> list[BackendSlot]:
-        return [slot for slot in self.slots if slot.available]
-
-    def in_service(self) -> list[BackendSlot]:
-        return [slot for slot in self.slots if slot.in_service]
-
-    def eta_for_new(self, premium: bool, cost_units: float) -> float | None:
-        """Seconds until a request of this class and cost, queued now, is expected to be done;
-        None when no backend of this type is in service."""
-        serving = self.in_service()
-        if not serving:
-            return None
-        fastest_free = max((s.units_per_s for s in serving if s.job is None), default=None)
-        ahead = self.queue.picks_before_new(premium)
-        if ahead == 0 and fastest_free:
-            return round(cost_units / fastest_free, 1)
-        now = time.monotonic()
-        total_speed = sum(slot.units_per_s for slot in serving)
-        waiting = [job.cost_units for job in self.queue]
-        mean_waiting = sum(waiting) / len(waiting) if waiting else cost_units
-        backlog_units = sum(slot.remaining_units(now) for slot in serving) + ahead * mean_waiting
-        return round(backlog_units / total_speed + cost_units / (total_speed / len(serving)), 1)
-
-    def status_line(self) -> str:
-        return ", ".join(f"{slot.name}: {slot.state.value}"
-                         + (f" ({slot.last_error})" if slot.last_error and not slot.up else "")
-                         for slot in self.slots) or "none configured"
-
-
 class Scheduler:
     def __init__(self, config: Config, store: Store, results: ResultWriter, listener: JobListener,
                  backends: list[Backend], make_backend: Callable[[BackendSpec], Backend],
@@ -104,7 +67,8 @@ class Scheduler:
         self._initial_backends = backends
         self._watchers: dict[BackendSlot, asyncio.Task[None]] = {}
         self._running: dict[str, tuple[asyncio.Task[None], BackendSlot]] = {}
-        self._progress: dict[str, asyncio.Task[None]] = {}
+        self._progress = ProgressReporter(config.progress_interval_s, config.probe_timeout_s,
+                                          listener.job_progress)
         self._retry_timers: dict[str, tuple[Job, asyncio.TimerHandle]] = {}
         self._expiry_timers: dict[str, asyncio.TimerHandle] = {}
         self._finishing: set[asyncio.Task[None]] = set()
@@ -338,14 +302,14 @@ class Scheduler:
             log.info("%s dispatched to %s (attempt %d, expected %.1f s, timeout %.0f s)",
                      job.object_id, backend.name, job.attempts, slot.expected_s(job.cost_units), timeout_s)
             await self._listener.job_generating(job, round(slot.expected_s(job.cost_units), 1))
-            self._start_progress(backend, job)
+            self._progress.start(backend, job)
             started = time.monotonic()
             try:
                 jpeg = await backend.generate(job.gen_type, job.payload, timeout_s)
             except BackendFailed as exc:
                 failure = exc
             finally:
-                await self._stop_progress(job)
+                await self._progress.stop(job)
             seconds = time.monotonic() - started
         except asyncio.CancelledError:
             slot.job = None
@@ -398,35 +362,6 @@ class Scheduler:
         self.pools[job.executor].queue.push_front(job)
         self.dispatch()
 
-    # -- progress -----------------------------------------------------------------------
-
-    def _start_progress(self, backend: Backend, job: Job) -> None:
-        if backend.supports_progress and self._config.progress_interval_s > 0:
-            self._progress[job.object_id] = asyncio.create_task(
-                self._report_progress(backend, job), name=f"progress-{job.object_id}")
-
-    async def _stop_progress(self, job: Job) -> None:
-        """Stop polling before the final answer, so no progress message follows it."""
-        task = self._progress.pop(job.object_id, None)
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-
-    async def _report_progress(self, backend: Backend, job: Job) -> None:
-        last_fraction = 0.0
-        while True:
-            await asyncio.sleep(self._config.progress_interval_s)
-            try:
-                async with asyncio.timeout(self._config.probe_timeout_s):
-                    progress = await backend.progress()
-            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-                log.debug("%s: progress poll failed: %s", job.object_id, exc)
-                continue
-            # Only forward: a backend's counter restarts between passes (hires fix).
-            if progress is not None and progress.fraction > last_fraction:
-                last_fraction = progress.fraction
-                await self._listener.job_progress(job, progress)
-
     # -- cancel -------------------------------------------------------------------------
 
     async def cancel(self, service: str, object_id: str) -> str:
@@ -442,7 +377,7 @@ class Scheduler:
         elif where == "retrying":
             self._retry_timers.pop(object_id)[1].cancel()
         else:
-            await self._stop_progress(job)
+            await self._progress.stop(job)
             backend = self._running[object_id][1].backend
             try:
                 interrupted = await backend.interrupt()
