@@ -195,8 +195,7 @@ class ExecutorPool:
             return round(cost_units / fastest_free, 1)
         now = time.monotonic()
         total_speed = sum(slot.units_per_s for slot in serving)
-        waiting = [job.cost_units for job in self.queue]
-        mean_waiting = sum(waiting) / len(waiting) if waiting else cost_units
+        mean_waiting = self.queue.waiting_units / len(self.queue) if len(self.queue) else cost_units
         backlog_units = sum(slot.remaining_units(now) for slot in serving) + ahead * mean_waiting
         return round(backlog_units / total_speed + cost_units / (total_speed / len(serving)), 1)
 

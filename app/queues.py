@@ -23,6 +23,8 @@ class WeightedQueue:
         self._weights = {False: general_weight, True: premium_weight}
         self._current = {False: 0, True: 0}
         self._jobs: dict[bool, deque[Job]] = {False: deque(), True: deque()}
+        # Sum of the waiting jobs' cost, kept as they come and go (ETAs read it per request).
+        self.waiting_units = 0.0
 
     def __len__(self) -> int:
         return len(self._jobs[False]) + len(self._jobs[True])
@@ -35,16 +37,19 @@ class WeightedQueue:
 
     def push(self, job: Job) -> None:
         self._jobs[job.premium].append(job)
+        self.waiting_units += job.cost_units
 
     def push_front(self, job: Job) -> None:
         """Put a job back at the head of its class (it keeps its place in line)."""
         self._jobs[job.premium].appendleft(job)
+        self.waiting_units += job.cost_units
 
     def remove(self, job: Job) -> bool:
         try:
             self._jobs[job.premium].remove(job)
         except ValueError:
             return False
+        self.waiting_units -= job.cost_units
         return True
 
     def pop(self, accept: Callable[[Job], bool] | None = None) -> Job | None:
@@ -74,6 +79,7 @@ class WeightedQueue:
             line.popleft()
         else:
             line.remove(job)
+        self.waiting_units -= job.cost_units
         return job
 
     def _first(self, premium: bool, accept: Callable[[Job], bool] | None) -> Job | None:

@@ -1,0 +1,68 @@
+"""The weighted line of one executor type, on its own: ratio, order, passing over, cost sum."""
+
+from __future__ import annotations
+
+import time
+
+from app.jobs import ExecutorType, GenType, Job
+from app.queues import WeightedQueue
+
+
+def job(name: str, premium: bool, cost: float = 1.0) -> Job:
+    made = Job(object_id=name, service="s", executor=ExecutorType.KANDINSKY, gen_type=GenType.TEXT2IMG,
+               premium=premium, settings={}, service_info={}, payload={}, created_at=time.time())
+    made.cost_units = cost
+    return made
+
+
+def drain(queue: WeightedQueue) -> list[str]:
+    taken = []
+    while (next_job := queue.pop()) is not None:
+        taken.append(next_job.object_id)
+    return taken
+
+
+def test_ratio_1_3_repeats_p_p_g_p_while_both_wait():
+    queue = WeightedQueue(1, 3)
+    for index in range(3):
+        queue.push(job(f"g{index}", False))
+    for index in range(9):
+        queue.push(job(f"p{index}", True))
+    assert drain(queue) == ["p0", "p1", "g0", "p2", "p3", "p4", "g1", "p5", "p6", "p7", "g2", "p8"]
+
+
+def test_an_empty_class_banks_no_credit():
+    queue = WeightedQueue(1, 3)
+    for index in range(4):
+        queue.push(job(f"g{index}", False))
+    assert [queue.pop().object_id for _ in range(4)] == ["g0", "g1", "g2", "g3"]
+    for index in range(4):
+        queue.push(job(f"p{index}", True))
+        queue.push(job(f"h{index}", False))
+    # General was served alone for a while; it gets no burst now that premium is back.
+    assert [j[0] for j in drain(queue)][:4].count("h") == 1
+
+
+def test_a_passed_over_job_keeps_its_place_and_costs_add_up():
+    queue = WeightedQueue(1, 1)
+    first, second, third = job("a", False, 5), job("b", False, 7), job("c", False, 11)
+    for item in (first, second, third):
+        queue.push(item)
+    assert queue.waiting_units == 23
+    assert queue.pop(accept=lambda j: j.object_id != "a").object_id == "b"
+    assert queue.waiting_units == 16
+    assert queue.remove(third) and not queue.remove(third)
+    queue.push_front(job("r", False, 2))
+    assert drain(queue) == ["r", "a"] and queue.waiting_units == 0
+
+
+def test_picks_before_a_new_job_follow_the_ratio():
+    queue = WeightedQueue(1, 3)
+    for index in range(6):
+        queue.push(job(f"g{index}", False))
+    for index in range(6):
+        queue.push(job(f"p{index}", True))
+    # A new premium job waits for the 6 premium ahead and ceil(7/3) = 3 general.
+    assert queue.picks_before_new(True) == 9
+    # A new general job waits for the 6 general ahead and all 6 premium (3 per general).
+    assert queue.picks_before_new(False) == 12
