@@ -1,9 +1,9 @@
 """The websocket gateway: who may connect, and what happens to each message they send.
 
-A request's path here: parse_request (schema + payload contract) -> Store.add (committed)
--> `queued` answer -> Scheduler.submit. A bad message is answered (an error `response`
-when its executor and gen_type are valid, an `info` message otherwise) and the
-connection carries on.
+A request's path here: decode_message -> intake.build_job (schema + payload contract) ->
+intake.accept (committed, `queued` answered, queued for the scheduler). A bad message is
+answered (an error `response` when its executor and gen_type are valid, an `info` message
+otherwise) and the connection carries on.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from aiohttp import WSMsgType, web
 from app import keys
 from app.errors import InvalidRequest
 from app.ids import new_object_id
-from app.jobs import Job
 from app.intake import accept, build_job
+from app.jobs import Job
 from app.schemas import (decode_message, info_message, parse_cancel_action, readable_envelope,
                          rejection_response)
 
