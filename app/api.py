@@ -112,7 +112,8 @@ async def get_request(request: web.Request) -> web.Response:
 
 
 async def cancel_request(request: web.Request) -> web.Response:
-    """DELETE /api/v1/requests/{object_id}: cancel a queued or running request."""
+    """POST /api/v1/requests/{object_id}/cancel: cancel a queued or running request. The
+    request is not deleted: it ends with the error "cancelled" and can still be fetched."""
     job = await _own_job(request)
     outcome = await request.app[keys.SCHEDULER].cancel(job.service, job.object_id)
     if outcome != "cancelled":

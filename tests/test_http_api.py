@@ -14,7 +14,7 @@ from tests.conftest import SERVICE_KEYS
 TELEGRAM = {"authorization": SERVICE_KEYS["telegram"], "service": "telegram"}
 DISCORD = {"authorization": SERVICE_KEYS["discord"], "service": "discord"}
 KEYED_ROUTES = [("POST", "/api/v1/requests"), ("GET", "/api/v1/requests/" + "0" * 24),
-                ("DELETE", "/api/v1/requests/" + "0" * 24), ("GET", "/api/v1/queues"),
+                ("POST", "/api/v1/requests/" + "0" * 24 + "/cancel"), ("GET", "/api/v1/queues"),
                 ("GET", "/api/v1/backends"), ("GET", "/api/v1/mirrors")]
 
 
@@ -64,8 +64,9 @@ async def test_only_the_submitting_service_may_fetch_or_cancel(balancer):
     response = await client.post("/api/v1/requests", headers=TELEGRAM,
                                  json=request_message("kandinsky", "text2img", {"prompt": "mine"}))
     object_id = (await response.json())["object_id"]
-    for method in ("GET", "DELETE"):
-        response = await client.request(method, f"/api/v1/requests/{object_id}", headers=DISCORD)
+    for method, path in (("GET", f"/api/v1/requests/{object_id}"),
+                         ("POST", f"/api/v1/requests/{object_id}/cancel")):
+        response = await client.request(method, path, headers=DISCORD)
         assert response.status == 404
         body = await response.json()
         assert_error_shape(body, 404)
@@ -83,12 +84,12 @@ async def test_cancel_over_http(balancer):
                                      json=request_message("kandinsky", "text2img", {"prompt": prompt}))
         ids.append((await response.json())["object_id"])
 
-    response = await client.delete(f"/api/v1/requests/{ids[1]}", headers=TELEGRAM)
+    response = await client.post(f"/api/v1/requests/{ids[1]}/cancel", headers=TELEGRAM)
     assert response.status == 200
     assert await response.json() == {"object_id": ids[1], "outcome": "cancelled"}
     done = await fetch_until_final(client, ids[1], TELEGRAM)
     assert done["gen_status"] == "error" and done["result"]["content"] == "cancelled"
-    again = await client.delete(f"/api/v1/requests/{ids[1]}", headers=TELEGRAM)
+    again = await client.post(f"/api/v1/requests/{ids[1]}/cancel", headers=TELEGRAM)
     assert again.status == 409
     assert_error_shape(await again.json(), 409)
     balancer.gpu.state.gate.set()
