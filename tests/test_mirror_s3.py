@@ -100,3 +100,18 @@ async def test_an_s3_outage_loses_no_image_and_uploads_each_once(
     assert sorted(uploads) == sorted(f"{oid} uploaded to S3 as {oid}.jpg" for oid in ids)
     # Local copies are kept alongside S3.
     assert sorted(p.name for p in balancer.config.images_path.iterdir()) == sorted(stored)
+
+
+async def test_a_missing_bucket_is_reported_at_start_up_and_nothing_stops(
+        start_backend, start_balancer, s3_server, caplog):
+    caplog.set_level(logging.INFO, logger="app.mirrors.outbox")
+    balancer = await start_balancer([await start_backend("kandinsky")],
+                                    **{**s3_server.env(), "S3_BUCKET_NAME": "no-such-bucket"})
+    mirror = balancer.app[keys.MIRRORS][0]
+    await wait_until(lambda: mirror.health.state == "down")
+    assert "404" in mirror.health.last_error or "Not Found" in mirror.health.last_error
+    assert any(r.getMessage().startswith("mirror s3 is down (") for r in caplog.records)
+
+    bot = await balancer.connect("telegram")  # the queue carries on
+    queued = await bot.submit(kandinsky_request("still served", sync=0))
+    assert (await bot.final(queued["object_id"]))["gen_status"] == "ok"

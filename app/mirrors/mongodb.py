@@ -45,7 +45,11 @@ class MongoMirror(OutboxWorker):
 
     def __init__(self, store: Store, config: Config, client: AsyncMongoClient) -> None:
         super().__init__(store, config.mirror_retry_max_s)
-        self._collection = client[config.mongodb_db][COLLECTION]
+        self._database = client[config.mongodb_db]
+        self._collection = self._database[COLLECTION]
+
+    async def check(self) -> None:
+        await self._database.command("ping")
 
     async def deliver(self, items: list[OutboxItem], done: list[int]) -> None:
         # Only the newest version of each record in the batch needs writing.

@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 
 BATCH_ROWS = 100
 FIRST_RETRY_S = 0.5
+START_CHECK_TIMEOUT_S = 10.0
 
 
 @dataclass
@@ -65,7 +66,25 @@ class OutboxWorker:
         Raises on the first failure (rows after it are tried again later)."""
         raise NotImplementedError
 
+    async def check(self) -> None:
+        """A cheap round trip to the mirror's server; raises when it is not usable."""
+        raise NotImplementedError
+
+    async def _check_at_start(self) -> None:
+        # One clear line at start-up either way; a failure stops nothing (work is retried).
+        try:
+            async with asyncio.timeout(START_CHECK_TIMEOUT_S):
+                await self.check()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._set_state("down", backlog=await self._store.outbox_count(self.target),
+                            error=f"{type(exc).__name__}: {exc}"[:300])
+            return
+        self._set_state("connected", backlog=await self._store.outbox_count(self.target))
+
     async def _run(self) -> None:
+        await self._check_at_start()
         retry_s = FIRST_RETRY_S
         while True:
             self._wake.clear()

@@ -47,6 +47,10 @@ class S3Mirror(OutboxWorker):
         self._bucket = config.s3_bucket_name
         self._waiters: dict[str, asyncio.Future[None]] = {}
 
+    async def check(self) -> None:
+        # Also tells a missing bucket apart from a missing server.
+        await self._client.head_bucket(Bucket=self._bucket)
+
     def expect(self, object_id: str) -> asyncio.Future[None]:
         """A future resolved when `object_id`'s image is in S3. Take it before committing the
         upload row, so a fast upload cannot be missed."""
