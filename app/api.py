@@ -7,7 +7,6 @@ Every route under /api/ takes the service key in the same headers as the websock
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Awaitable, Callable
@@ -17,12 +16,12 @@ from aiohttp import web
 from app import keys
 from app.api_schemas import (BackendStateSchema, CancelResultSchema, ErrorSchema, HealthSchema,
                              MirrorStateSchema, QueueStateSchema, SubmittedSchema)
-from app.errors import DevoidError, InvalidRequest
+from app.errors import DevoidError
 from app.gateway import authenticate
 from app.intake import accept, build_job
 from app.jobs import Job
 from app.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from app.schemas import final_response, short_response
+from app.schemas import decode_message, final_response, short_response
 
 log = logging.getLogger(__name__)
 
@@ -74,12 +73,7 @@ def _authenticate(request: web.Request) -> str:
 async def submit_request(request: web.Request) -> web.Response:
     """POST /api/v1/requests: the websocket's request message as the body."""
     service = _authenticate(request)
-    try:
-        message = json.loads(await request.text())
-    except ValueError as exc:
-        raise InvalidRequest(f"Body is not valid JSON: {exc}") from None
-    if not isinstance(message, dict):
-        raise InvalidRequest("Body must be a JSON object.")
+    message = decode_message(await request.text(), what="Body")
     job = build_job(request.app, service, message, channel="http")
     notices: list[dict] = []
 

@@ -110,14 +110,15 @@ _info_schema = InfoSchema()
 _cancel_schema = CancelActionSchema()
 
 
-def decode_message(text: str) -> dict[str, Any]:
-    """A websocket text frame as a JSON object. Raises InvalidRequest otherwise."""
+def decode_message(text: str, what: str = "Message") -> dict[str, Any]:
+    """A websocket text frame (or an HTTP body: `what`="Body") as a JSON object. Raises
+    InvalidRequest otherwise."""
     try:
         message = json.loads(text)
     except ValueError as exc:
-        raise InvalidRequest(f"Message is not valid JSON: {exc}") from None
+        raise InvalidRequest(f"{what} is not valid JSON: {exc}") from None
     if not isinstance(message, dict):
-        raise InvalidRequest("Message must be a JSON object.")
+        raise InvalidRequest(f"{what} must be a JSON object.")
     return message
 
 
