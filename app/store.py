@@ -36,6 +36,10 @@ BUSY_TIMEOUT_MS = 5000
 Statement = tuple[str, Sequence[Any]]
 
 
+class StoreClosed(RuntimeError):
+    """A write came after close(): it was not committed."""
+
+
 @dataclass(frozen=True)
 class OutboxItem:
     id: int
@@ -80,6 +84,7 @@ class Store:
         self._max_batch_rows = max_batch_rows
         self._pending: asyncio.Queue[_WriteUnit | None] = asyncio.Queue()
         self._writer_task = asyncio.create_task(self._write_loop(), name="store-writer")
+        self._closed = False
         self.commits = 0
         self.rows_written = 0
 
@@ -100,6 +105,7 @@ class Store:
 
     async def close(self) -> None:
         """Commit every write already submitted, then close both connections."""
+        self._closed = True
         await self._pending.put(None)
         await self._writer_task
         await self._reader_db.close()
@@ -114,6 +120,8 @@ class Store:
     async def _write(self, *statements: Statement) -> None:
         """Commit `statements` as one unit. Once submitted, the write happens even if the
         caller is cancelled (the writer task owns it)."""
+        if self._closed:
+            raise StoreClosed("the database is closed (the server is shutting down)")
         unit = _WriteUnit(list(statements))
         self._pending.put_nowait(unit)
         await asyncio.shield(unit.done)
