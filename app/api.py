@@ -16,7 +16,7 @@ from aiohttp import web
 from app import keys
 from app.api_schemas import (BackendStateSchema, CancelResultSchema, ErrorSchema, HealthSchema,
                              MirrorStateSchema, QueueStateSchema, SubmittedSchema)
-from app.errors import DevoidError
+from app.errors import DevoidError, InvalidRequest
 from app.gateway import authenticate
 from app.intake import accept, build_job
 from app.jobs import Job
@@ -73,7 +73,11 @@ def _authenticate(request: web.Request) -> str:
 async def submit_request(request: web.Request) -> web.Response:
     """POST /api/v1/requests: the websocket's request message as the body."""
     service = _authenticate(request)
-    message = decode_message(await request.text(), what="Body")
+    try:
+        text = (await request.read()).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidRequest(f"Body is not UTF-8 text: {exc.reason} at byte {exc.start}.") from None
+    message = decode_message(text, what="Body")
     job = build_job(request.app, service, message, channel="http")
     notices: list[dict] = []
 

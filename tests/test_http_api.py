@@ -108,6 +108,7 @@ async def test_every_keyed_route_refuses_a_bad_key_in_the_error_shape(balancer, 
 
 @pytest.mark.parametrize(("body", "message", "field"), [
     ("{not json", "Body is not valid JSON", None),
+    (b"!Lij\xff\xfe", "Body is not UTF-8 text: invalid start byte at byte 4.", None),
     ("[1]", "Body must be a JSON object.", None),
     ('{"message_type": "request", "executor": "dalle", "gen_type": "text2img", "service_info": '
      '{"user_id": 1}, "payload": {}}', "executor: Must be one of", "executor"),
