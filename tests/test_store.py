@@ -122,3 +122,30 @@ async def test_the_job_life_cycle_is_recorded(tmp_path):
 def test_migration_files_are_numbered_without_gaps():
     versions = [version for version, _ in migration_files(MIGRATIONS_DIR)]
     assert versions == list(range(1, len(versions) + 1))
+
+
+async def test_a_database_from_the_first_release_upgrades_and_its_queue_resumes(tmp_path):
+    first_release = tmp_path / "first"
+    first_release.mkdir()
+    [(_, first)] = migration_files()[:1]
+    (first_release / first.name).write_text(first.read_text())
+    path = tmp_path / "old.sqlite3"
+    db = await connect(path)
+    try:
+        await apply_migrations(db, first_release)
+        await db.execute(
+            "INSERT INTO requests (object_id, service, executor, gen_type, payload, status, created_at)"
+            " VALUES ('6b0000000000000000000001', 'telegram', 'kandinsky', 'text2img',"
+            " '{\"prompt\": \"old\"}', 'generating', 1.0)")
+    finally:
+        await db.close()
+
+    store = await Store.open(path)
+    try:
+        assert await store.requeue_interrupted() == 1
+        [job] = await store.queued_jobs()
+        assert (job.object_id, job.payload, job.channel, job.attempts) == \
+            ("6b0000000000000000000001", {"prompt": "old"}, "ws", 0)
+        assert job.revision == 1  # the requeue was the record's first change since the upgrade
+    finally:
+        await store.close()
