@@ -3,6 +3,7 @@ undelivered; restarted on the same database, it brings every accepted request to
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 
 import aiohttp
@@ -189,3 +190,36 @@ async def test_sigkill_with_mirror_work_pending_drains_it_after_restart(
     assert sorted(records) == sorted(ids)
     assert {record["status"] for record in records.values()} == {"ok"}
     assert not list((tmp_path / "spool").iterdir())
+
+
+async def test_every_request_acknowledged_before_a_sigkill_is_in_the_database(
+        tmp_path, start_backend, server_factory):
+    gpu = await start_backend("kandinsky")
+    gpu.state.gate.clear()  # nothing runs: only accepting is under test
+    write_executors(tmp_path, [gpu])
+    server = server_factory()
+    await server.start()
+    acknowledged: set[str] = set()
+    async with aiohttp.ClientSession() as session:
+        bot = await connect(session, server, "telegram")
+
+        async def send_many() -> None:
+            for index in range(2000):
+                await bot.send(request_message("kandinsky", "text2img", {"prompt": f"burst {index}"}))
+
+        sender = asyncio.create_task(send_many())
+        # Kill in the middle of the burst, with commits and acknowledgements in flight.
+        while len(acknowledged) < 300:
+            message = await bot.next_message()
+            if message.get("gen_status") == "queued":
+                acknowledged.add(message["object_id"])
+        server.kill()
+        await server.wait()
+        sender.cancel()
+        await asyncio.gather(sender, return_exceptions=True)
+
+    database_path = tmp_path / "data" / "devoid.sqlite3"
+    with sqlite3.connect(database_path) as db:
+        stored = {row[0] for row in db.execute("SELECT object_id FROM requests")}
+    assert acknowledged <= stored  # an acknowledged request is never lost
+    assert len(stored) >= len(acknowledged)
