@@ -58,7 +58,7 @@ class Job:
     premium: bool
     settings: dict[str, Any]
     service_info: dict[str, Any]
-    payload: dict[str, Any]
+    payload: dict[str, Any] | None  # None while a large payload waits in SQLite only
     created_at: float
     seq: int = 0
     attempts: int = 0
@@ -80,6 +80,7 @@ class Job:
     cancelled: bool = field(default=False, repr=False, compare=False)
     finishing: bool = field(default=False, repr=False, compare=False)
     eta_s: float | None = field(default=None, repr=False, compare=False)  # told with `queued`
+    payload_chars: int = field(default=0, repr=False, compare=False)  # size of its JSON
 
     def flag(self, name: str) -> bool:
         """A settings flag (`premium`, `moderate`, `sync_with_s3`), checked at intake to be

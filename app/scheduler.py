@@ -37,6 +37,9 @@ from app.store import Store
 log = logging.getLogger(__name__)
 
 CANCELLED_REASON = "cancelled"
+# Payloads larger than this (img2img and mix2img images) wait in SQLite rather than in
+# memory: a backlog of them would otherwise hold every image in RAM. Read back at dispatch.
+PAYLOAD_IN_MEMORY_MAX_CHARS = 64 * 1024
 
 
 class JobListener(Protocol):
@@ -212,6 +215,7 @@ class Scheduler:
 
     def _enqueue(self, job: Job) -> None:
         job.cost_units = job_cost_units(job)
+        _park_payload(job)
         self.pools[job.executor].queue.push(job)
         wait_left_s = job.created_at + self._config.max_queue_wait_s - time.time()
         self._expiry_timers[job.object_id] = asyncio.get_running_loop().call_later(
@@ -298,6 +302,8 @@ class Scheduler:
         seconds: float | None = None
         timeout_s = self.job_timeout_s(slot, job)
         try:
+            if job.payload is None:
+                job.payload = await self._store.load_payload(job.object_id)
             await self._store.claim(job, backend.name)
             log.info("%s dispatched to %s (attempt %d, expected %.1f s, timeout %.0f s)",
                      job.object_id, backend.name, job.attempts, slot.expected_s(job.cost_units), timeout_s)
@@ -358,6 +364,7 @@ class Scheduler:
 
     def _back_in_line(self, job: Job) -> None:
         self._retry_timers.pop(job.object_id, None)
+        _park_payload(job)
         # At the head of its class: it keeps its place in line.
         self.pools[job.executor].queue.push_front(job)
         self.dispatch()
@@ -424,6 +431,8 @@ class Scheduler:
     async def _finish(self, job: Job, jpeg: bytes | None, failure: str,
                       generation_s: float | None) -> None:
         upload = None
+        if job.payload is None:  # cancelled or expired while it waited: echo it all the same
+            job.payload = await self._store.load_payload(job.object_id)
         try:
             if jpeg is not None:
                 stored = await self._results.store_image(job, jpeg)
@@ -472,3 +481,10 @@ class Scheduler:
         log.warning("%s: S3 upload not done within %.0f s; answering with a %s result",
                     job.object_id, self._config.s3_sync_timeout_s, job.result["content_type"])
         await self._store.replace_result(job)
+
+
+def _park_payload(job: Job) -> None:
+    """Let go of a large payload while the job waits; it is committed, and read back at
+    dispatch or when the job is answered."""
+    if job.payload_chars > PAYLOAD_IN_MEMORY_MAX_CHARS:
+        job.payload = None

@@ -154,12 +154,14 @@ class Store:
     async def add(self, job: Job) -> None:
         """Commit a new queued request. Raises sqlite3.IntegrityError on a duplicate id."""
         job.revision = 1
+        payload_json = json.dumps(job.payload)
+        job.payload_chars = len(payload_json)
         await self._commit_change(job, (
             "INSERT INTO requests (object_id, service, executor, gen_type, premium, settings,"
             " service_info, payload, status, created_at, revision, channel)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?)",
             (job.object_id, job.service, job.executor.value, job.gen_type.value, int(job.premium),
-             json.dumps(job.settings), json.dumps(job.service_info), json.dumps(job.payload),
+             json.dumps(job.settings), json.dumps(job.service_info), payload_json,
              job.created_at, job.revision, job.channel),
         ))
 
@@ -337,6 +339,13 @@ class Store:
             await self._write(("INSERT INTO heartbeat (id, at) VALUES (1, ?)"
                                " ON CONFLICT (id) DO UPDATE SET at = excluded.at", (time.time(),)))
 
+    async def load_payload(self, object_id: str) -> dict[str, Any]:
+        """The payload of a committed request, as sent."""
+        async with self._reader_db.execute("SELECT payload FROM requests WHERE object_id = ?",
+                                           (object_id,)) as cursor:
+            (payload,) = await cursor.fetchone()
+        return json.loads(payload)
+
     async def get(self, object_id: str) -> Job | None:
         jobs = await self._fetch_jobs("object_id = ?", (object_id,))
         return jobs[0] if jobs else None
@@ -358,6 +367,7 @@ def _job_from_row(row: aiosqlite.Row) -> Job:
         executor=ExecutorType(row["executor"]), gen_type=GenType(row["gen_type"]),
         premium=bool(row["premium"]), settings=json.loads(row["settings"]),
         service_info=json.loads(row["service_info"]), payload=json.loads(row["payload"]),
+        payload_chars=len(row["payload"]),
         created_at=row["created_at"], seq=row["seq"], attempts=row["attempts"],
         status=JobStatus(row["status"]), backend=row["backend"],
         result=json.loads(row["result"]) if row["result"] else None,

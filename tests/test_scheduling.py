@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import os
 
+from app import keys
 from tests.bots import request_message
 
 
@@ -101,3 +104,26 @@ async def test_queued_eta_grows_with_the_queue(start_backend, start_balancer):
         etas.append(queued["avg_time"])
     gpu.state.gate.set()
     assert etas == sorted(etas) and etas[-1] > etas[0] > 0
+
+
+async def test_a_large_waiting_payload_is_kept_in_sqlite_not_memory(start_backend, start_balancer):
+    gpu = await start_backend("automatic1111")
+    gpu.state.gate.clear()
+    balancer = await start_balancer([gpu])
+    bot = await balancer.connect("telegram")
+    big = {"prompt": "big", "init_images": [base64.b64encode(os.urandom(120_000)).decode()]}
+    first = await bot.submit(request_message("automatic1111", "img2img", big))
+    waiting = await bot.submit(request_message("automatic1111", "img2img", {**big, "prompt": "second"}))
+    cancelled = await bot.submit(request_message("automatic1111", "img2img", {**big, "prompt": "third"}))
+
+    queue = next(p.queue for p in balancer.app[keys.SCHEDULER].pools.values() if len(p.queue))
+    assert [job.payload for job in queue] == [None, None]  # waiting, out of memory
+
+    await bot.send({"message_type": "info", "action": "cancel", "object_id": cancelled["object_id"]})
+    gone = await bot.final(cancelled["object_id"])
+    assert gone["result"]["content"] == "cancelled" and gone["payload"]["prompt"] == "third"
+    gpu.state.gate.set()
+    for queued, prompt in ((first, "big"), (waiting, "second")):
+        done = await bot.final(queued["object_id"])
+        assert done["gen_status"] == "ok" and done["payload"] == {**big, "prompt": prompt}
+    assert [call.body for call in gpu.state.received] == [big, {**big, "prompt": "second"}]
