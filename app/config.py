@@ -289,11 +289,19 @@ def _check_all_or_none(values: dict[str, Any], names: tuple[str, ...]) -> None:
                           f"(set all of {', '.join(n.upper() for n in names)}, or none)")
 
 
+# Libraries whose DEBUG output carries request data: aiosqlite logs every statement with its
+# parameters (payloads, base64 images), botocore logs signed headers, pymongo whole commands.
+# They never log below INFO here, whatever LOGGING_LEVEL says.
+QUIET_LIBRARIES = ("aiosqlite", "botocore", "aiobotocore", "boto3", "s3transfer", "pymongo", "urllib3")
+
+
 def configure_logging(level: str) -> None:
     logging.basicConfig(
         level=level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    for name in QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(max(logging.INFO, logging.getLevelName(level)))
 
 
 def settings_table() -> str:
