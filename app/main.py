@@ -54,8 +54,8 @@ def create_app(config: Config) -> web.Application:
         save_locally=config.save_images_locally, images_path=config.images_path,
         url_prefix=config.image_url_prefix, spool_path=config.spool_path,
         s3_url_prefix=config.s3_image_endpoint if config.s3_enabled else None)
-    if not config.test_mode:
-        load_executors(config.executors_file)  # a bad file stops start-up here, before serving
+    # A bad file stops start-up here, before anything is served.
+    file_specs = None if config.test_mode else load_executors(config.executors_file)
 
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
         app[keys.STORE] = await Store.open(config.database_path, max_batch_rows=config.store_batch_rows,
@@ -64,7 +64,7 @@ def create_app(config: Config) -> web.Application:
         await app[keys.STORE].close()
 
     async def http_session_ctx(app: web.Application) -> AsyncIterator[None]:
-        # No overall timeout here: each backend call gets its own from EXECUTORS_FILE.
+        # No overall timeout here: each backend call gets its own, from its expected duration.
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as session:
             app[keys.HTTP_SESSION] = session
             yield
@@ -85,7 +85,7 @@ def create_app(config: Config) -> web.Application:
         def make_backend(spec: BackendSpec) -> Backend:
             return build_backend(spec, session, config.kandinsky_api_token)
 
-        async with _backend_specs(config) as initial_specs:
+        async with _backend_specs(config, file_specs) as initial_specs:
             app[keys.HUB] = ConnectionHub(app[keys.STORE])
             uploads = next((m for m in app[keys.MIRRORS] if isinstance(m, S3Mirror)), None)
             scheduler = Scheduler(config, app[keys.STORE], app[keys.RESULTS], app[keys.HUB],
@@ -131,11 +131,12 @@ async def _open_mirrors(config: Config, store: Store, stack: contextlib.AsyncExi
 
 
 @contextlib.asynccontextmanager
-async def _backend_specs(config: Config) -> AsyncIterator[list[BackendSpec]]:
+async def _backend_specs(config: Config,
+                         file_specs: list[BackendSpec] | None) -> AsyncIterator[list[BackendSpec]]:
     """EXECUTORS_FILE's backends, or with TEST_MODE=1 one demo backend of each executor type
     served on a free loopback port for as long as the context lasts."""
-    if not config.test_mode:
-        yield load_executors(config.executors_file)
+    if file_specs is not None:
+        yield file_specs
         return
     runners = []
     specs = []
