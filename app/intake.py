@@ -11,7 +11,7 @@ from typing import Any
 from aiohttp import web
 
 from app import keys
-from app.costs import payload_cost_units
+from app.costs import job_cost_units
 from app.errors import InvalidRequest
 from app.ids import new_object_id
 from app.jobs import Job
@@ -48,8 +48,8 @@ async def accept(app: web.Application, job: Job, announce: Announce) -> dict[str
     await store.add(job)
     log.info("%s queued: %s %s from %s%s (%s)", job.object_id, job.executor.value, job.gen_type.value,
              job.service, " (premium)" if job.premium else "", job.channel)
-    job.eta_s = scheduler.eta_for_new(job.executor, job.premium,
-                                      payload_cost_units(job.executor, job.gen_type, job.payload))
+    job.cost_units = job_cost_units(job)
+    job.eta_s = scheduler.eta_for_new(job.executor, job.premium, job.cost_units)
     queued = short_response(job, "queued", job.eta_s)
     # `queued` goes out before the job can be dispatched, so it always precedes `generating`.
     await announce(queued)

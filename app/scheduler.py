@@ -214,7 +214,8 @@ class Scheduler:
     # -- queueing -----------------------------------------------------------------------
 
     def _enqueue(self, job: Job) -> None:
-        job.cost_units = job_cost_units(job)
+        # Intake has costed a new job already; a job read back from SQLite is costed here.
+        job.cost_units = job.cost_units or job_cost_units(job)
         _park_payload(job)
         self.pools[job.executor].queue.push(job)
         wait_left_s = job.created_at + self._config.max_queue_wait_s - time.time()
@@ -395,10 +396,7 @@ class Scheduler:
             # backend takes no new job until then (it would queue it behind this one).
             log.info("%s cancelled while running on %s (interrupted: %s)", object_id,
                      backend.name, interrupted)
-        timer = self._expiry_timers.pop(object_id, None)
-        if timer is not None:
-            timer.cancel()
-        self._track_finish(job, None, CANCELLED_REASON, None)
+        self._track_finish(job, None, CANCELLED_REASON, None)  # also drops its expiry timer
         self.dispatch()
         return "cancelled"
 

@@ -34,6 +34,8 @@ MAX_BATCH_ROWS = 128
 BUSY_TIMEOUT_MS = 5000
 
 Statement = tuple[str, Sequence[Any]]
+_OUTBOX_INSERT = ("INSERT INTO outbox (target, object_id, revision, document, created_at)"
+                  " VALUES (?, ?, ?, ?, ?)")
 
 
 class StoreClosed(RuntimeError):
@@ -132,14 +134,11 @@ class Store:
         statements_ = list(statements)
         now = time.time()
         if self._mirror_records:
-            statements_.append((
-                "INSERT INTO outbox (target, object_id, revision, document, created_at)"
-                " VALUES ('mongodb', ?, ?, ?, ?)",
-                (job.object_id, job.revision, json.dumps(request_record(job)), now)))
+            statements_.append((_OUTBOX_INSERT, ("mongodb", job.object_id, job.revision,
+                                                 json.dumps(request_record(job)), now)))
         if upload is not None:
-            statements_.append((
-                "INSERT INTO outbox (target, object_id, revision, document, created_at)"
-                " VALUES ('s3', ?, ?, ?, ?)", (job.object_id, job.revision, json.dumps(upload), now)))
+            statements_.append((_OUTBOX_INSERT, ("s3", job.object_id, job.revision,
+                                                 json.dumps(upload), now)))
         await self._write(*statements_)
         if self._mirror_records:
             self._wake_mirror("mongodb")
@@ -312,9 +311,11 @@ class Store:
 
     # -- reads --------------------------------------------------------------------------
 
-    async def _fetch_jobs(self, where: str, params: Sequence[Any] = ()) -> list[Job]:
-        async with self._reader_db.execute(f"SELECT * FROM requests WHERE {where} ORDER BY seq",
-                                           params) as cursor:
+    async def _fetch_jobs(self, where: str, params: Sequence[Any] = (), *, order: str = "seq",
+                          limit: int = -1) -> list[Job]:
+        async with self._reader_db.execute(
+                f"SELECT * FROM requests WHERE {where} ORDER BY {order} LIMIT ?",
+                (*params, limit)) as cursor:
             return [_job_from_row(row) async for row in cursor]
 
     async def queued_jobs(self) -> list[Job]:
@@ -329,9 +330,7 @@ class Store:
 
     async def recent_jobs(self, limit: int) -> list[Job]:
         """The latest `limit` requests, newest first."""
-        async with self._reader_db.execute(
-                "SELECT * FROM requests ORDER BY created_at DESC LIMIT ?", (limit,)) as cursor:
-            return [_job_from_row(row) async for row in cursor]
+        return await self._fetch_jobs("1", order="created_at DESC", limit=limit)
 
     async def check_writable(self, timeout_s: float) -> None:
         """Commit a heartbeat row within `timeout_s`. Raises if the database takes no writes."""
