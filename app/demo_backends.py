@@ -219,3 +219,12 @@ def kandinsky_app(state: DemoBackendState) -> web.Application:
     app.router.add_post("/text2img", _kandinsky_generate)
     app.router.add_post("/mix2images", _kandinsky_generate)
     return app
+
+
+async def serve_on_loopback(app: web.Application) -> tuple[web.AppRunner, str]:
+    """Serve a demo backend on a free 127.0.0.1 port. Returns its runner (clean it up when
+    done) and its base URL."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"

@@ -20,7 +20,7 @@ from app.backends.base import Backend, BackendSpec
 from app.config import Config, ConfigError, configure_logging
 from app.costs import REFERENCE_UNITS_PER_S
 from app.delivery import ConnectionHub
-from app.demo_backends import DemoBackendState, automatic1111_app, kandinsky_app
+from app.demo_backends import DemoBackendState, automatic1111_app, kandinsky_app, serve_on_loopback
 from app.executors import build_backend, load_executors
 from app.jobs import ExecutorType
 from app.mirrors import mongodb, s3
@@ -143,16 +143,12 @@ async def _backend_specs(config: Config,
     for exec_type, make_app in ((ExecutorType.AUTOMATIC1111, automatic1111_app),
                                 (ExecutorType.KANDINSKY, kandinsky_app)):
         state = DemoBackendState(delay_s=config.demo_delay_s, api_token=config.kandinsky_api_token)
-        runner = web.AppRunner(make_app(state), access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
+        runner, endpoint = await serve_on_loopback(make_app(state))
         runners.append(runner)
-        port = runner.addresses[0][1]
         # Seeded so a typical job is expected to take DEMO_DELAY_S, as it will.
         speed = DEMO_TYPICAL_JOB_S / config.demo_delay_s if config.demo_delay_s else None
         specs.append(BackendSpec(name=f"demo-{exec_type.value}", exec_type=exec_type,
-                                 endpoint=f"http://127.0.0.1:{port}", gpu="demo", model="demo",
+                                 endpoint=endpoint, gpu="demo", model="demo",
                                  speed=speed))
     log.warning("TEST_MODE=1: using demo backends (%s) instead of %s",
                 ", ".join(f"{s.name} at {s.endpoint}" for s in specs), config.executors_file)

@@ -27,7 +27,7 @@ from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from app.demo_backends import DemoBackendState, automatic1111_app  # noqa: E402
+from app.demo_backends import DemoBackendState, automatic1111_app, serve_on_loopback  # noqa: E402
 from tests.processes import ServerProcess  # noqa: E402
 
 KEY = "bench-key"
@@ -40,11 +40,7 @@ def request(prompt: str) -> str:
 
 
 async def start_backend(state: DemoBackendState) -> tuple[web.AppRunner, str]:
-    runner = web.AppRunner(automatic1111_app(state), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
+    return await serve_on_loopback(automatic1111_app(state))
 
 
 def free_port() -> int:

@@ -21,12 +21,11 @@ import time
 from pathlib import Path
 
 import aiohttp
-from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from app.costs import payload_cost_units  # noqa: E402
-from app.demo_backends import DemoBackendState, automatic1111_app  # noqa: E402
+from app.demo_backends import DemoBackendState, automatic1111_app, serve_on_loopback  # noqa: E402
 from app.jobs import ExecutorType, GenType  # noqa: E402
 from bench.core import KEY, free_port  # noqa: E402
 from tests.processes import ServerProcess  # noqa: E402
@@ -71,13 +70,11 @@ async def main() -> None:
     for name, factor in SPEEDS.items():
         state = DemoBackendState(units_per_s=base_units_per_s * factor)
         state.gate.clear()
-        runner = web.AppRunner(automatic1111_app(state), access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        runner, endpoint = await serve_on_loopback(automatic1111_app(state))
         runners.append(runner)
         states[name] = state
         entries.append({"name": name, "exec_type": "automatic1111", "gpu": "unknown",
-                        "endpoint": f"http://127.0.0.1:{runner.addresses[0][1]}"})
+                        "endpoint": endpoint})
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
