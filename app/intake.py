@@ -34,12 +34,14 @@ def build_job(app: web.Application, service: str, message: dict[str, Any], *,
     return Job(object_id=new_object_id(), service=service, executor=executor,
                gen_type=request["gen_type"], premium=request["flags"]["premium"],
                settings=request["settings"], service_info=request["service_info"],
-               payload=request["payload"], created_at=time.time(), origin=origin, channel=channel)
+               payload=request["payload"], created_at=time.time(), origin=origin, channel=channel,
+               unknown_fields=request["unknown_fields"])
 
 
 async def accept(app: web.Application, job: Job, announce: Announce) -> dict[str, Any]:
-    """Commit `job`, announce its `queued` answer (and a `no_backend` notice when no backend
-    of its type is in service), then queue it. Returns the `queued` answer.
+    """Commit `job`, announce its `queued` answer (then an `unknown_field` notice when its
+    payload has keys the backend does not know, and a `no_backend` notice when no backend of
+    its type is in service), then queue it. Returns the `queued` answer.
 
     Raises whatever the store raises when the request could not be committed; nothing was
     queued then.
@@ -53,6 +55,9 @@ async def accept(app: web.Application, job: Job, announce: Announce) -> dict[str
     queued = short_response(job, "queued", job.eta_s)
     # `queued` goes out before the job can be dispatched, so it always precedes `generating`.
     await announce(queued)
+    if job.unknown_fields is not None:
+        await announce(info_message("unknown_field", job.unknown_fields.sentence(),
+                                    object_id=job.object_id, unknown_fields=job.unknown_fields.hints))
     notice = scheduler.no_backend_notice(job.executor)
     if notice:
         await announce(info_message("no_backend", notice, object_id=job.object_id))

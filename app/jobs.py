@@ -81,6 +81,8 @@ class Job:
     finishing: bool = field(default=False, repr=False, compare=False)
     eta_s: float | None = field(default=None, repr=False, compare=False)  # told with `queued`
     payload_chars: int = field(default=0, repr=False, compare=False)  # size of its JSON
+    # Payload keys its backend does not know (payloads.UnknownFields), told after `queued`.
+    unknown_fields: Any = field(default=None, repr=False, compare=False)
 
     def flag(self, name: str) -> bool:
         """A settings flag (`premium`, `moderate`, `sync_with_s3`), checked at intake to be

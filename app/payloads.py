@@ -1,20 +1,30 @@
-"""The backends' request bodies (../shared/BACKENDS.md), checked before a request is queued.
+"""The backends' request bodies (the contracts in docs/BACKENDS.md), checked before a request is
+queued.
 
-A payload that passes is forwarded byte-for-byte in meaning: the same fields and values the
-client sent. Validation only reads it.
+Lenient in what is accepted, exact in what is forwarded:
 
-Unknown fields are refused. Both backends silently ignore keys they do not know, so a typo
-such as `stpes` would quietly become the default of 50 steps; refusing it (with the nearest
-known name as a hint) is the only way the client hears of it.
+- Every key a backend's API knows for any of its gen types is accepted for every gen type of
+  that executor (the official client sends its whole payload class whatever the gen type),
+  and `null` means "not set".
+- A key the backend does not know at all is not a reason to refuse: it is forwarded (bots
+  use extension fields) and reported back as an `unknown_field` notice naming the nearest
+  known key, so a typo such as `stpes` is still heard of.
+- Values of known keys are checked (types, bounds, base64 images), and a request that cannot
+  work (text2img without a prompt, img2img without an image, mix2img without its four
+  images_texts) is refused.
+
+Validation only reads the payload: the backend receives the fields and values the client sent.
 """
 
 from __future__ import annotations
 
+import binascii
 import difflib
 import re
+from dataclasses import dataclass
 from typing import Any
 
-from marshmallow import EXCLUDE, RAISE, Schema, ValidationError, fields, validate
+from marshmallow import INCLUDE, Schema, ValidationError, fields, validate
 
 from app.jobs import ExecutorType, GenType
 
@@ -23,13 +33,31 @@ from app.jobs import ExecutorType, GenType
 MAX_SIDE_PX = 8192
 MAX_STEPS = 1000
 MAX_IMAGES_PER_JOB = 64
+# Unknown keys named (with a nearest-name hint) in one notice; the rest are only counted, so a
+# payload of a million junk keys costs a million set lookups, not a million fuzzy matches.
+MAX_UNKNOWN_KEYS_REPORTED = 20
+MAX_KEY_CHARS_REPORTED = 64
 
 
 # Raw base64 (whole 4-character groups, padded) or a data: URI of an image. Both backends take
-# both forms. The same pattern is documented in the OpenAPI document.
+# both forms. The same rule is documented as this pattern in the OpenAPI document; it is
+# checked with binascii, which does at C speed what the pattern would do with backtracking.
 BASE64_IMAGE_PATTERN = (r"^(data:image/[a-z0-9.+-]+;base64,)?([A-Za-z0-9+/]{4})*"
                         r"([A-Za-z0-9+/]{4}|[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)$")
-_BASE64_IMAGE = re.compile(BASE64_IMAGE_PATTERN)
+_DATA_URI_PREFIX = re.compile(r"data:image/[a-z0-9.+-]+;base64,")
+
+
+def is_base64_image(text: str) -> bool:
+    """True if `text` matches BASE64_IMAGE_PATTERN."""
+    prefix = _DATA_URI_PREFIX.match(text) if text.startswith("data:") else None
+    data = text[prefix.end():] if prefix else text
+    if not data or len(data) % 4:
+        return False
+    try:
+        binascii.a2b_base64(data, strict_mode=True)
+    except (binascii.Error, ValueError):
+        return False
+    return True
 
 
 class Base64Image(fields.String):
@@ -42,7 +70,7 @@ class Base64Image(fields.String):
 
     def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> str:
         text = super()._deserialize(value, attr, data, **kwargs)
-        if not _BASE64_IMAGE.match(text):
+        if not is_base64_image(text):
             raise self.make_error("invalid_image")
         return text
 
@@ -105,85 +133,90 @@ def _count() -> fields.Integer:
     return _int(validate=validate.Range(min=1, max=MAX_IMAGES_PER_JOB))
 
 
-def _optional(field_cls: type[fields.Field], **kwargs: Any) -> fields.Field:
-    return field_cls(allow_none=True, **kwargs)
-
-
-class Automatic1111Common(Schema):
-    """Fields both /sdapi/v1/txt2img and /sdapi/v1/img2img take; every one is optional."""
+class BackendPayload(Schema):
+    """Base of the payload schemas: keys the schema does not declare are kept (they are
+    forwarded), and every optional field also takes `null`, meaning "not set"."""
 
     class Meta:
-        # Unknown keys are refused (and documented as refused: additionalProperties false);
-        # check_payload reports them itself, with a hint.
-        unknown = RAISE
+        unknown = INCLUDE
+
+    def on_bind_field(self, field_name: str, field_obj: fields.Field) -> None:
+        if field_obj.required:
+            return
+        field_obj.allow_none = True
+        # Typed fields are documented as nullable by apispec; fields described by a oneOf
+        # (flags, prior_steps) say it themselves.
+        choices = field_obj.metadata.get("oneOf")
+        if choices is not None and {"type": "null"} not in choices:
+            field_obj.metadata = {**field_obj.metadata, "oneOf": [*choices, {"type": "null"}]}
+
+
+class Automatic1111Fields(BackendPayload):
+    """Every field of /sdapi/v1/txt2img and /sdapi/v1/img2img, all optional: a key of either
+    route is accepted on both (the other route ignores it)."""
 
     prompt = fields.String()
     negative_prompt = fields.String()
-    styles = _optional(fields.List, cls_or_instance=fields.String())
+    styles = fields.List(fields.String())
     seed = _int()
     subseed = _int()
     subseed_strength = fields.Float()
     seed_resize_from_h = _int()
     seed_resize_from_w = _int()
-    sampler_name = _optional(fields.String)
-    sampler_index = _optional(fields.String)
-    scheduler = _optional(fields.String)
+    sampler_name = fields.String()
+    sampler_index = fields.String()
+    scheduler = fields.String()
     batch_size = _count()
     n_iter = _count()
     steps = _int(validate=validate.Range(min=1, max=MAX_STEPS))
     cfg_scale = fields.Float()
     width = _side()
     height = _side()
-    restore_faces = _optional(Flag)
-    tiling = _optional(Flag)
+    restore_faces = Flag()
+    tiling = Flag()
     do_not_save_samples = Flag()
     do_not_save_grid = Flag()
-    eta = _optional(fields.Float)
-    s_min_uncond = _optional(fields.Float)
-    s_churn = _optional(fields.Float)
-    s_tmax = _optional(fields.Float)
-    s_tmin = _optional(fields.Float)
-    s_noise = _optional(fields.Float)
-    override_settings = _optional(fields.Dict)
+    eta = fields.Float()
+    s_min_uncond = fields.Float()
+    s_churn = fields.Float()
+    s_tmax = fields.Float()
+    s_tmin = fields.Float()
+    s_noise = fields.Float()
+    override_settings = fields.Dict()
     override_settings_restore_afterwards = Flag()
-    refiner_checkpoint = _optional(fields.String)
-    refiner_switch_at = _optional(fields.Float)
+    refiner_checkpoint = fields.String()
+    refiner_switch_at = fields.Float()
     disable_extra_networks = Flag()
-    firstpass_image = _optional(fields.String)
-    comments = _optional(fields.Dict)
-    denoising_strength = _optional(fields.Float, validate=validate.Range(min=0, max=1))
-    script_name = _optional(fields.String)
+    firstpass_image = fields.String()
+    comments = fields.Dict()
+    denoising_strength = fields.Float(validate=validate.Range(min=0, max=1))
+    script_name = fields.String()
     script_args = fields.List(fields.Raw(allow_none=True))
     send_images = Flag()
     save_images = Flag()
     alwayson_scripts = fields.Dict()
-    infotext = _optional(fields.String)
-
-
-class Automatic1111Txt2Img(Automatic1111Common):
+    infotext = fields.String()
+    # txt2img's own
     enable_hr = Flag()
     firstphase_width = _int(validate=validate.Range(min=0, max=MAX_SIDE_PX))
     firstphase_height = _int(validate=validate.Range(min=0, max=MAX_SIDE_PX))
     hr_scale = fields.Float(validate=validate.Range(min=0, max=8))
-    hr_upscaler = _optional(fields.String)
+    hr_upscaler = fields.String()
     hr_second_pass_steps = _int(validate=validate.Range(min=0, max=MAX_STEPS))
     hr_resize_x = _int(validate=validate.Range(min=0, max=MAX_SIDE_PX))
     hr_resize_y = _int(validate=validate.Range(min=0, max=MAX_SIDE_PX))
-    hr_checkpoint_name = _optional(fields.String)
-    hr_sampler_name = _optional(fields.String)
-    hr_scheduler = _optional(fields.String)
+    hr_checkpoint_name = fields.String()
+    hr_sampler_name = fields.String()
+    hr_scheduler = fields.String()
     hr_prompt = fields.String()
     hr_negative_prompt = fields.String()
-    force_task_id = _optional(fields.String)
-
-
-class Automatic1111Img2Img(Automatic1111Common):
-    init_images = fields.List(Base64Image(), required=True,
-                              validate=validate.Length(min=1, max=MAX_IMAGES_PER_JOB))
+    force_task_id = fields.String()
+    # img2img's own
+    init_images = fields.List(Base64Image(), validate=validate.Length(max=MAX_IMAGES_PER_JOB))
     resize_mode = _int(validate=validate.Range(min=0, max=3))
-    image_cfg_scale = _optional(fields.Float)
-    mask = _optional(Base64Image)
-    mask_blur = _optional(WholeNumber)
+    image_cfg_scale = fields.Float()
+    mask = Base64Image()
+    mask_blur = WholeNumber()
     mask_blur_x = _int()
     mask_blur_y = _int()
     mask_round = Flag()
@@ -191,17 +224,37 @@ class Automatic1111Img2Img(Automatic1111Common):
     inpaint_full_res = Flag()
     inpaint_full_res_padding = _int(validate=validate.Range(min=0))
     inpainting_mask_invert = _int(validate=validate.Range(min=0, max=1))
-    initial_noise_multiplier = _optional(fields.Float)
-    latent_mask = _optional(Base64Image)
+    initial_noise_multiplier = fields.Float()
+    latent_mask = Base64Image()
     include_init_images = Flag()
 
 
-class KandinskyCommon(Schema):
-    """Optional fields of the Kandinsky API's /text2img and /mix2images."""
+def _needed(what: str) -> dict[str, str]:
+    """Error messages of a field a gen type cannot do without (missing or null alike)."""
+    return {"required": what, "null": what}
 
-    class Meta:
-        unknown = RAISE  # see Automatic1111Common
 
+_PROMPT_NEEDED = _needed("text2img needs a prompt: what to draw.")
+
+
+class Automatic1111Txt2Img(Automatic1111Fields):
+    prompt = fields.String(required=True, validate=validate.Length(min=1), error_messages=_PROMPT_NEEDED,
+                           metadata={"description": "Required for text2img: what to draw."})
+
+
+class Automatic1111Img2Img(Automatic1111Fields):
+    init_images = fields.List(
+        Base64Image(), required=True, validate=validate.Length(min=1, max=MAX_IMAGES_PER_JOB),
+        error_messages=_needed(f"img2img needs init_images: a list of 1 to {MAX_IMAGES_PER_JOB} base64 images."),
+        metadata={"description": "Required for img2img: the image(s) to start from."})
+
+
+class KandinskyFields(BackendPayload):
+    """Every field of the Kandinsky API's /text2img and /mix2images, all optional."""
+
+    prompt = fields.String()
+    images_texts = fields.List(fields.String(), validate=validate.Length(max=4))
+    weights = fields.List(fields.Float(), validate=validate.Length(max=4))
     steps = _int(validate=validate.Range(min=1, max=MAX_STEPS))
     guidance_scale = fields.Float()
     height = _side()
@@ -213,30 +266,34 @@ class KandinskyCommon(Schema):
     negative_decoder_prompt = fields.String()
 
 
-class KandinskyText2Img(KandinskyCommon):
-    prompt = fields.String(required=True, validate=validate.Length(min=1))
+class KandinskyText2Img(KandinskyFields):
+    prompt = fields.String(required=True, validate=validate.Length(min=1), error_messages=_PROMPT_NEEDED,
+                           metadata={"description": "Required for text2img: what to draw."})
 
 
 def _check_mix_items(items: list[Any]) -> None:
     if len(items) != 4:
         raise ValidationError(f"Must hold exactly 4 items (text, image, image, text), got {len(items)}.")
     text_field, image_field = fields.String(), Base64Image()
-    errors: dict[int, list[str]] = {}
+    errors: list[str] = []
     for index, (item, field) in enumerate(zip(items, (text_field, image_field, image_field, text_field))):
         try:
             field.deserialize(item)
         except ValidationError as exc:
             kind = "a text" if field is text_field else "a base64 image"
-            errors[index] = [f"Item {index} must be {kind}: {' '.join(map(str, exc.messages))}"]
+            errors.append(f"Item {index} must be {kind}: {' '.join(map(str, exc.messages))}")
     if errors:
-        raise ValidationError([msg for msgs in errors.values() for msg in msgs])
+        raise ValidationError(errors)
 
 
-class KandinskyMix2Images(KandinskyCommon):
-    images_texts = fields.List(fields.String(), required=True, validate=_check_mix_items, metadata={
+class KandinskyMix2Images(KandinskyFields):
+    images_texts = fields.List(fields.String(), required=True, validate=_check_mix_items, error_messages=_needed(
+        "mix2img needs images_texts: a text, a base64 image, a base64 image, a text."), metadata={
         "minItems": 4, "maxItems": 4,
-        "description": "Exactly 4 items: a text, a base64 image, a base64 image, a text."})
-    weights = fields.List(fields.Float(), required=True, validate=validate.Length(equal=4))
+        "description": "Required for mix2img: a text, a base64 image, a base64 image, a text."})
+    weights = fields.List(fields.Float(), required=True, validate=validate.Length(equal=4),
+                          error_messages=_needed("mix2img needs weights: one number per images_texts item."),
+                          metadata={"description": "Required for mix2img: one weight per images_texts item."})
 
 
 PAYLOAD_SCHEMAS: dict[tuple[ExecutorType, GenType], Schema] = {
@@ -247,27 +304,54 @@ PAYLOAD_SCHEMAS: dict[tuple[ExecutorType, GenType], Schema] = {
 }
 
 
-def check_payload(executor: ExecutorType, gen_type: GenType, payload: dict[str, Any]) -> None:
+@dataclass(frozen=True)
+class UnknownFields:
+    """Payload keys the backend does not know: forwarded all the same, and reported."""
+
+    executor: ExecutorType
+    hints: dict[str, str | None]  # key (shortened) -> the nearest known key, if any
+    unreported: int  # further unknown keys, counted but not named
+
+    def sentence(self) -> str:
+        parts = []
+        for name, hint in self.hints.items():
+            parts.append(f"payload.{name} is not an {self.executor.value} field"
+                         + (f"; did you mean {hint}?" if hint else "."))
+        if self.unreported:
+            parts.append(f"{self.unreported} more unknown keys are not listed.")
+        many = len(self.hints) + self.unreported > 1
+        parts.append(f"{'They were' if many else 'It was'} forwarded and the backend will ignore "
+                     f"{'them' if many else 'it'}.")
+        return " ".join(parts)
+
+
+def check_payload(executor: ExecutorType, gen_type: GenType, payload: dict[str, Any]) -> UnknownFields | None:
     """Check a payload against its backend contract without changing it.
 
-    Raises ValidationError whose messages map each bad field to readable reasons; an unknown
-    field's reason names the closest known field when there is one.
+    Returns the keys the backend does not know (None if there are none): they are not an
+    error. Raises ValidationError mapping each bad known field to readable reasons.
     """
     schema = PAYLOAD_SCHEMAS[(executor, gen_type)]
-    known = schema.fields.keys()
-    errors: dict[str, list[str]] = {}
-    for name in payload.keys() - known:
-        hint = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
-        suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
-        errors[name] = [f"Unknown field for {executor.value} {gen_type.value}{suggestion} "
-                        "(the backend would ignore it and use its default)"]
     try:
-        schema.load(payload, unknown=EXCLUDE)
+        schema.load(payload)
     except ValidationError as exc:
-        for name, messages in exc.normalized_messages().items():
-            errors.setdefault(name, []).extend(_flatten(messages))
-    if errors:
-        raise ValidationError(errors)
+        raise ValidationError({name: _flatten(messages)
+                               for name, messages in exc.normalized_messages().items()}) from None
+    known = schema.fields.keys()
+    unknown = [name for name in payload if name not in known]
+    if not unknown:
+        return None
+    hints = {}
+    for name in unknown[:MAX_UNKNOWN_KEYS_REPORTED]:
+        close = difflib.get_close_matches(name[:MAX_KEY_CHARS_REPORTED], known, n=1, cutoff=0.6)
+        hints[_printable(name)] = close[0] if close else None
+    return UnknownFields(executor, hints, max(0, len(unknown) - MAX_UNKNOWN_KEYS_REPORTED))
+
+
+def _printable(name: str) -> str:
+    """A key as it may be quoted back: shortened, control characters escaped."""
+    short = name[:MAX_KEY_CHARS_REPORTED] + ("..." if len(name) > MAX_KEY_CHARS_REPORTED else "")
+    return short.encode("unicode_escape").decode("ascii") if not short.isprintable() else short
 
 
 def _flatten(messages: Any) -> list[str]:

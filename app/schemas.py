@@ -78,6 +78,9 @@ class InfoSchema(Schema):
                 fields to reasons)
     no_backend  the request is queued, but no backend of its type is in service
     progress    `progress` (0..1) and `eta_relative` (seconds left) of a generating request
+    unknown_field  the request was queued, but its payload has keys the backend does not know;
+                they were forwarded unchanged. `unknown_fields` maps each (up to 20) to the nearest
+                known key or null
     retrying    the request's attempt failed (`content` says why); it runs again in
                 `retry_in_s` seconds, on another backend when one is healthy
     cancel      the answer to a cancel action: `content` is "cancelled" or why not
@@ -92,6 +95,7 @@ class InfoSchema(Schema):
     eta_relative = fields.Float(allow_none=True)
     attempt = fields.Integer()
     retry_in_s = fields.Float()
+    unknown_fields = fields.Dict(keys=fields.String(), values=fields.String(allow_none=True))
 
 
 class CancelActionSchema(Schema):
@@ -126,7 +130,9 @@ def parse_request(message: dict[str, Any]) -> dict[str, Any]:
     """Load one request message and check its payload against the backend contract.
 
     Returns the envelope with `executor`/`gen_type` as enums, `settings`, `service_info` and
-    `payload` exactly as sent, and `flags`: the settings flags as bools with defaults. Raises InvalidRequest naming every bad field;
+    `payload` exactly as sent, `flags`: the settings flags as bools with defaults, and
+    `unknown_fields`: the payload keys the backend does not know (payloads.UnknownFields, or
+    None), which are forwarded all the same. Raises InvalidRequest naming every bad field;
     its `envelope` carries executor and gen_type only when both were valid.
     """
     envelope = readable_envelope(message)
@@ -154,7 +160,7 @@ def parse_request(message: dict[str, Any]) -> dict[str, Any]:
             if name == "settings":
                 loaded["flags"] = checked
     try:
-        check_payload(executor, gen_type, loaded["payload"])
+        loaded["unknown_fields"] = check_payload(executor, gen_type, loaded["payload"])
     except ValidationError as exc:
         field_errors["payload"] = exc.normalized_messages()
     if field_errors:

@@ -188,7 +188,7 @@ async def test_sigkill_with_mirror_work_pending_drains_it_after_restart(
     assert sorted(await s3_server.objects()) == sorted(f"{oid}.jpg" for oid in ids)
     records = await mongo_server.records()
     assert sorted(records) == sorted(ids)
-    assert {record["status"] for record in records.values()} == {"ok"}
+    assert {record["gen_status"] for record in records.values()} == {"ok"}
     assert not list((tmp_path / "spool").iterdir())
 
 

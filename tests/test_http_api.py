@@ -113,7 +113,7 @@ async def test_every_keyed_route_refuses_a_bad_key_in_the_error_shape(balancer, 
     ('{"message_type": "request", "executor": "dalle", "gen_type": "text2img", "service_info": '
      '{"user_id": 1}, "payload": {}}', "executor: Must be one of", "executor"),
     ('{"message_type": "request", "executor": "kandinsky", "gen_type": "text2img", "service_info": '
-     '{"user_id": 1}, "payload": {"promt": "x"}}', "did you mean 'prompt'", "payload"),
+     '{"user_id": 1}, "payload": {"promt": "x"}}', "payload.prompt: text2img needs a prompt", "payload"),
 ])
 async def test_bad_bodies_are_refused_naming_the_fields(balancer, body, message, field):
     response = await balancer.client.post("/api/v1/requests", headers=TELEGRAM, data=body)

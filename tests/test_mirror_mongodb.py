@@ -53,7 +53,7 @@ async def test_each_request_has_a_record_with_its_final_status(start_backend, st
     await wait_until(delivered_record)
     record = await delivered_record()
     assert record["_id"] == ObjectId(queued["object_id"])
-    assert (record["status"], record["service"], record["backend"], record["attempts"]) == \
+    assert (record["gen_status"], record["service"], record["backend"], record["attempts"]) == \
         ("ok", "discord", "gpu-a", 1)
     assert record["result"]["file_name"] == f"{queued['object_id']}.jpg"
     assert record["payload"]["prompt"] == "winter"
@@ -92,7 +92,7 @@ async def test_a_mongodb_outage_loses_nothing_and_nothing_regresses(
     store = balancer.app[keys.STORE]
     for object_id in ids:
         stored = await store.get(object_id)
-        assert records[object_id]["status"] == "ok"
+        assert records[object_id]["gen_status"] == "ok"
         assert records[object_id]["revision"] == stored.revision  # the newest version won
         assert records[object_id]["delivered_at"] is not None
     logged = [r.getMessage() for r in caplog.records]
@@ -125,7 +125,81 @@ async def test_an_older_version_written_late_does_not_overwrite_a_newer_one(tmp_
         await mirror.deliver(stale, done)
         assert done == [stale[0].id]  # accepted as "already newer", not an error
         record = (await mongo_server.records())[job.object_id]
-        assert (record["status"], record["revision"]) == ("ok", 3)
+        assert (record["gen_status"], record["revision"]) == ("ok", 3)
+    finally:
+        await mirror.stop()
+        await client.close()
+        await store.close()
+
+
+async def test_records_keep_the_original_products_document_shape(start_backend, start_balancer, mongo_server):
+    """Dashboards written against the original product's collection query these names."""
+    kandinsky = await start_backend("kandinsky")
+    balancer = await start_balancer([kandinsky], **mongo_server.env())
+    bot = await balancer.connect("discord")
+    ok = await bot.submit(request_message("kandinsky", "text2img", {"prompt": "a fox"}))
+    await bot.final(ok["object_id"])
+    kandinsky.state.fail_status = 422  # the backend refuses the next request: an error final
+    failed = await bot.submit(request_message("kandinsky", "text2img", {"prompt": "refused"}))
+    await bot.final(failed["object_id"])
+
+    async def both_final() -> dict | None:
+        records = await mongo_server.records()
+        wanted = [records.get(ok["object_id"]), records.get(failed["object_id"])]
+        return records if all(r and r["gen_status"] in ("ok", "error") for r in wanted) else None
+
+    await wait_until(both_final)
+    records = await both_final()
+    original_fields = {"object_id", "service", "message_type", "executor", "gen_type", "gen_status",
+                       "result", "settings", "service_info", "payload"}
+    for object_id in (ok["object_id"], failed["object_id"]):
+        assert original_fields <= set(records[object_id])
+        assert records[object_id]["message_type"] == "response"
+        assert records[object_id]["object_id"] == object_id
+        assert records[object_id]["service_info"] == {"user_id": 1, "chat_id": 10, "message_id": 20}
+    done, error = records[ok["object_id"]], records[failed["object_id"]]
+    assert done["gen_status"] == "ok"
+    assert set(done["result"]) == {"content_type", "content", "file_name"}
+    assert error["gen_status"] == "error"
+    assert set(error["result"]) == {"content_type", "content"} and error["result"]["content_type"] == "text"
+    assert "422" in error["result"]["content"]
+
+
+async def test_a_waiting_record_has_a_null_result(tmp_path, mongo_server):
+    config = Config.from_env(base_env(tmp_path, 8080, **mongo_server.env()))
+    store = await Store.open(tmp_path / "waiting.sqlite3", mirror_records=True)
+    client = open_client(config)
+    mirror = MongoMirror(store, config, client)
+    try:
+        job = make_job()
+        await store.add(job)
+        mirror.start()
+        await wait_until(lambda: mirror.health.state == "connected" and mirror.health.backlog == 0)
+        record = (await mongo_server.records())[job.object_id]
+        assert (record["gen_status"], record["result"]) == ("queued", None)
+    finally:
+        await mirror.stop()
+        await client.close()
+        await store.close()
+
+
+async def test_records_of_the_earlier_release_are_upgraded_at_start(tmp_path, mongo_server):
+    """Release 0.3.0 wrote `status`; such records get `gen_status` when the mirror starts."""
+    config = Config.from_env(base_env(tmp_path, 8080, **mongo_server.env()))
+    old_id = new_object_id()
+    client = open_client(config)
+    await client[config.mongodb_db]["requests"].insert_one(
+        {"_id": ObjectId(old_id), "object_id": old_id, "service": "telegram", "executor": "kandinsky",
+         "gen_type": "text2img", "status": "ok", "revision": 4,
+         "result": {"content_type": "image_url", "content": "http://x/a.jpg", "file_name": f"{old_id}.jpg"}})
+    store = await Store.open(tmp_path / "upgrade.sqlite3", mirror_records=True)
+    mirror = MongoMirror(store, config, client)
+    try:
+        mirror.start()
+        await wait_until(lambda: mirror.health.state == "connected")
+        record = (await mongo_server.records())[old_id]
+        assert (record["gen_status"], record["message_type"], record["status"]) == ("ok", "response", "ok")
+        assert await client[config.mongodb_db]["requests"].count_documents({"gen_status": "ok"}) == 1
     finally:
         await mirror.stop()
         await client.close()

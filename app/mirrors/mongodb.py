@@ -4,11 +4,16 @@ Each outbox row carries one version of a record and its `revision`. A write only
 if MongoDB holds an older revision (or none): `update_one({_id, revision < r}, $set, upsert)`.
 When a newer revision is already there, the filter misses, the upsert collides on `_id`
 (duplicate key), and that is the answer "already newer": the row is done.
+
+Records written by release 0.3.0 named the status `status`; the original product, and so every
+dashboard, names it `gen_status`. Once per process, before its first write, the mirror gives
+such records `gen_status` and `message_type` (their `status` is left in place).
 """
 
 from __future__ import annotations
 
 import datetime
+import logging
 from typing import Any
 
 from bson import ObjectId
@@ -18,6 +23,8 @@ from pymongo.errors import BulkWriteError
 from app.config import Config
 from app.mirrors.outbox import OutboxWorker
 from app.store import OutboxItem, Store
+
+log = logging.getLogger(__name__)
 
 COLLECTION = "requests"
 DUPLICATE_KEY = 11000
@@ -47,11 +54,29 @@ class MongoMirror(OutboxWorker):
         super().__init__(store, config.mirror_retry_max_s)
         self._database = client[config.mongodb_db]
         self._collection = self._database[COLLECTION]
+        self._upgraded = False
 
     async def check(self) -> None:
         await self._database.command("ping")
+        await self._upgrade_old_records()
+
+    async def _upgrade_old_records(self) -> None:
+        """Give records of release 0.3.0 the original's `gen_status` and `message_type`.
+        Safe to run twice: it only touches records that lack `gen_status`."""
+        if self._upgraded:
+            return
+        upgraded = 0
+        for status in ("queued", "generating", "ok", "error"):
+            outcome = await self._collection.update_many(
+                {"gen_status": {"$exists": False}, "status": status},
+                {"$set": {"gen_status": status, "message_type": "response"}})
+            upgraded += outcome.modified_count
+        self._upgraded = True
+        if upgraded:
+            log.info("mongodb: %d records of an earlier release now carry gen_status", upgraded)
 
     async def deliver(self, items: list[OutboxItem], done: list[int]) -> None:
+        await self._upgrade_old_records()
         # Only the newest version of each record in the batch needs writing.
         newest: dict[str, OutboxItem] = {}
         for item in items:

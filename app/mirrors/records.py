@@ -24,11 +24,18 @@ def summarize(value: Any) -> Any:
 
 
 def request_record(job: Job) -> dict[str, Any]:
-    """The record mirrored at every status change. Times are unix seconds (the MongoDB mirror
-    stores them as dates); `revision` orders the versions of one record."""
+    """The record mirrored at every status change.
+
+    A superset of the original product's document, whose names and shapes dashboards query:
+    object_id, service, message_type ("response"), executor, gen_type, gen_status, result
+    (null until final; {content_type, content, file_name} or {content_type: "text", content}),
+    settings, service_info, payload. The rest is this server's own. Times are unix seconds
+    (the MongoDB mirror stores them as dates); `revision` orders the versions of one record.
+    """
     return {
-        "object_id": job.object_id, "service": job.service, "executor": job.executor.value,
-        "gen_type": job.gen_type.value, "status": job.status.value, "premium": job.premium,
+        "object_id": job.object_id, "service": job.service, "message_type": "response",
+        "executor": job.executor.value, "gen_type": job.gen_type.value,
+        "gen_status": job.status.value, "premium": job.premium,
         "settings": job.settings, "service_info": job.service_info,
         "payload": summarize(job.payload), "result": summarize(job.result),
         "backend": job.backend, "attempts": job.attempts, "last_error": job.last_error,
