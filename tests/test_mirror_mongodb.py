@@ -5,11 +5,14 @@ final status; through an outage nothing is lost, and no record ever moves backwa
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime
 import io
 import logging
 import os
 import time
+from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from bson import ObjectId
@@ -106,12 +109,23 @@ def make_job() -> Job:
                payload={"prompt": "x"}, created_at=time.time())
 
 
-async def test_an_older_version_written_late_does_not_overwrite_a_newer_one(tmp_path, mongo_server):
+@contextlib.asynccontextmanager
+async def mirror_on_a_store(tmp_path, mongo_server) -> AsyncIterator[tuple[Store, MongoMirror, Any]]:
+    """A store with record mirroring on, and its (not yet started) MongoDB mirror and client."""
     config = Config.from_env(base_env(tmp_path, 8080, **mongo_server.env()))
-    store = await Store.open(tmp_path / "order.sqlite3", mirror_records=True)
+    store = await Store.open(tmp_path / "mirrored.sqlite3", mirror_records=True)
     client = open_client(config)
     mirror = MongoMirror(store, config, client)
     try:
+        yield store, mirror, client[config.mongodb_db]
+    finally:
+        await mirror.stop()
+        await client.close()
+        await store.close()
+
+
+async def test_an_older_version_written_late_does_not_overwrite_a_newer_one(tmp_path, mongo_server):
+    async with mirror_on_a_store(tmp_path, mongo_server) as (store, mirror, _):
         job = make_job()
         await store.add(job)
         stale = await store.outbox_batch("mongodb", 10)       # revision 1: queued
@@ -126,10 +140,6 @@ async def test_an_older_version_written_late_does_not_overwrite_a_newer_one(tmp_
         assert done == [stale[0].id]  # accepted as "already newer", not an error
         record = (await mongo_server.records())[job.object_id]
         assert (record["gen_status"], record["revision"]) == ("ok", 3)
-    finally:
-        await mirror.stop()
-        await client.close()
-        await store.close()
 
 
 async def test_records_keep_the_original_products_document_shape(start_backend, start_balancer, mongo_server):
@@ -166,41 +176,25 @@ async def test_records_keep_the_original_products_document_shape(start_backend, 
 
 
 async def test_a_waiting_record_has_a_null_result(tmp_path, mongo_server):
-    config = Config.from_env(base_env(tmp_path, 8080, **mongo_server.env()))
-    store = await Store.open(tmp_path / "waiting.sqlite3", mirror_records=True)
-    client = open_client(config)
-    mirror = MongoMirror(store, config, client)
-    try:
+    async with mirror_on_a_store(tmp_path, mongo_server) as (store, mirror, _):
         job = make_job()
         await store.add(job)
         mirror.start()
         await wait_until(lambda: mirror.health.state == "connected" and mirror.health.backlog == 0)
         record = (await mongo_server.records())[job.object_id]
         assert (record["gen_status"], record["result"]) == ("queued", None)
-    finally:
-        await mirror.stop()
-        await client.close()
-        await store.close()
 
 
 async def test_records_of_the_earlier_release_are_upgraded_at_start(tmp_path, mongo_server):
     """Release 0.3.0 wrote `status`; such records get `gen_status` when the mirror starts."""
-    config = Config.from_env(base_env(tmp_path, 8080, **mongo_server.env()))
     old_id = new_object_id()
-    client = open_client(config)
-    await client[config.mongodb_db]["requests"].insert_one(
-        {"_id": ObjectId(old_id), "object_id": old_id, "service": "telegram", "executor": "kandinsky",
-         "gen_type": "text2img", "status": "ok", "revision": 4,
-         "result": {"content_type": "image_url", "content": "http://x/a.jpg", "file_name": f"{old_id}.jpg"}})
-    store = await Store.open(tmp_path / "upgrade.sqlite3", mirror_records=True)
-    mirror = MongoMirror(store, config, client)
-    try:
+    async with mirror_on_a_store(tmp_path, mongo_server) as (_, mirror, database):
+        await database["requests"].insert_one(
+            {"_id": ObjectId(old_id), "object_id": old_id, "service": "telegram", "executor": "kandinsky",
+             "gen_type": "text2img", "status": "ok", "revision": 4,
+             "result": {"content_type": "image_url", "content": "http://x/a.jpg", "file_name": f"{old_id}.jpg"}})
         mirror.start()
         await wait_until(lambda: mirror.health.state == "connected")
         record = (await mongo_server.records())[old_id]
         assert (record["gen_status"], record["message_type"], record["status"]) == ("ok", "response", "ok")
-        assert await client[config.mongodb_db]["requests"].count_documents({"gen_status": "ok"}) == 1
-    finally:
-        await mirror.stop()
-        await client.close()
-        await store.close()
+        assert await database["requests"].count_documents({"gen_status": "ok"}) == 1
