@@ -20,6 +20,7 @@ from app.errors import DevoidError, InvalidRequest
 from app.gateway import authenticate
 from app.intake import accept, build_job
 from app.jobs import Job
+from app.lifecycle import CancelOutcome
 from app.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from app.schemas import decode_message, final_response, short_response
 
@@ -113,10 +114,11 @@ async def cancel_request(request: web.Request) -> web.Response:
     """POST /api/v1/requests/{object_id}/cancel: cancel a queued or running request. The
     request is not deleted: it ends with the error "cancelled" and can still be fetched."""
     job = await _own_job(request)
-    outcome = await request.app[keys.SCHEDULER].cancel(job.service, job.object_id)
-    if outcome != "cancelled":
-        raise web.HTTPConflict(text=f"The request is {job.status.value}: nothing to cancel.")
-    return web.json_response(CancelResultSchema().dump({"object_id": job.object_id, "outcome": outcome}))
+    outcome = request.app[keys.SCHEDULER].cancel(job.service, job.object_id)
+    if outcome is not CancelOutcome.CANCELLED:
+        status = job.status.value if job.status.is_final or outcome is CancelOutcome.NOT_FOUND else "finishing"
+        raise web.HTTPConflict(text=f"The request is {status}: nothing to cancel.")
+    return web.json_response(CancelResultSchema().dump({"object_id": job.object_id, "outcome": outcome.value}))
 
 
 async def queues(request: web.Request) -> web.Response:

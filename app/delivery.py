@@ -1,13 +1,25 @@
-"""Open websocket connections per service, and getting every answer to one of them.
+"""Open websocket connections per service, and getting every answer to exactly one of them.
 
-A final (ok/error) message is committed before it is sent and marked delivered after a
-connection of its service took it. If none is connected, it waits in SQLite and is sent
-when the service connects again. A crash between sending and marking means it is sent
-once more (same object_id): twice is possible, never zero times.
+The guarantee (also in README, "Delivery"):
+
+- A final (ok/error) message is committed before it is sent. It is handed to one connection
+  of its service: the one the request came in on, else another. Handing over is claimed in
+  memory first (`_handing`), so however many connections open at once, each owed final goes to
+  one of them; a claim is released if that socket fails, and the final stays owed.
+- It is marked delivered once sent. If no connection is open it waits in SQLite and is sent
+  when one opens. Within one run of the server a final is sent once; a crash between sending
+  and marking means it is sent once more after the restart (at-least-once across crashes).
+- A request sent with `settings.require_ack` counts as delivered only when the client
+  acknowledges it (`{"message_type": "info", "action": "ack", "object_id": ...}`). Until then
+  it is sent again when the connection that had it closes (to another open connection of the
+  service), and to the first connection after a restart.
+- Private connections (`/ws...?receive=own`, the command-line client) receive answers only for
+  the requests sent on them, and none of the service's waiting finals.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections import defaultdict
@@ -26,17 +38,44 @@ log = logging.getLogger(__name__)
 class ConnectionHub:
     def __init__(self, store: Store) -> None:
         self._store = store
+        # Shared connections: any answer of their service may go to them (bot shards).
         self._connections: dict[str, set[web.WebSocketResponse]] = defaultdict(set)
+        # Private connections: only answers of requests sent on them.
+        self._private: set[web.WebSocketResponse] = set()
+        # Finals being handed to a connection right now (sent, then marked delivered), or
+        # reserved for live delivery from just before their commit until it is done.
+        self._handing: set[str] = set()
+        # object_id -> the connection holding a require_ack final until the client acks it.
+        self._awaiting_ack: dict[str, web.WebSocketResponse] = {}
+        # Accepts in flight on every connection (requests committed or being committed whose
+        # `queued` is not sent yet): shutdown waits for them before closing sockets.
+        self.accepts: set[asyncio.Task[None]] = set()
+        self.closing = False
+        self._handovers: set[asyncio.Task[None]] = set()
 
     def __repr__(self) -> str:
-        return f"<ConnectionHub {({s: len(c) for s, c in self._connections.items() if c})}>"
+        return (f"<ConnectionHub {({s: len(c) for s, c in self._connections.items() if c})} "
+                f"private={len(self._private)} awaiting_ack={len(self._awaiting_ack)}>")
 
-    def add(self, service: str, ws: web.WebSocketResponse) -> None:
-        # Several connections per service (bot shards) live side by side; none evicts another.
-        self._connections[service].add(ws)
+    def add(self, service: str, ws: web.WebSocketResponse, *, private: bool = False) -> None:
+        # Several connections per service live side by side; none evicts another.
+        if private:
+            self._private.add(ws)
+        else:
+            self._connections[service].add(ws)
 
     def discard(self, service: str, ws: web.WebSocketResponse) -> None:
+        """A connection closed. Finals it held unacknowledged go to another connection."""
+        self._private.discard(ws)
         self._connections[service].discard(ws)
+        orphaned = [object_id for object_id, held in self._awaiting_ack.items() if held is ws]
+        for object_id in orphaned:
+            del self._awaiting_ack[object_id]
+        if orphaned and self._connections[service] and not self.closing:
+            other = next(iter(self._connections[service]))
+            task = asyncio.create_task(self.deliver_backlog(service, other))
+            self._handovers.add(task)
+            task.add_done_callback(self._handovers.discard)
 
     def connection_count(self, service: str) -> int:
         return len(self._connections[service])
@@ -52,14 +91,16 @@ class ConnectionHub:
             return False
         return True
 
-    async def send_for_job(self, job: Job, message: dict[str, Any]) -> bool:
-        """Send to the connection the job came in on, else to any of its service's. Requests
-        submitted over HTTP are fetched by their client, never pushed."""
+    def _receivers(self, job: Job) -> list[web.WebSocketResponse]:
+        """Where answers of `job` may go, best first."""
         if job.channel != "ws":
-            return False
+            # Its own client only: the private websocket it came on, if any (else it is fetched).
+            return [job.origin] if job.origin is not None else []
         candidates = [job.origin] if job.origin is not None else []
-        candidates += [ws for ws in self._connections[job.service] if ws is not job.origin]
-        for ws in candidates:
+        return candidates + [ws for ws in self._connections[job.service] if ws is not job.origin]
+
+    async def send_for_job(self, job: Job, message: dict[str, Any]) -> bool:
+        for ws in self._receivers(job):
             if await self.send_to(ws, message):
                 return True
         return False
@@ -80,28 +121,89 @@ class ConnectionHub:
             "retrying", reason, object_id=job.object_id, attempt=job.attempts,
             retry_in_s=round(delay_s, 1)))
 
+    async def job_storage_retry(self, job: Job, reason: str) -> None:
+        await self.send_for_job(job, info_message(
+            "storage_retry", "The server's database is not taking writes right now "
+            f"({reason}); the request is kept and its progress is recorded as soon as it does.",
+            object_id=job.object_id))
+
+    def reserve_final(self, job: Job) -> None:
+        """Called before a final is committed: from then until `job_finished` (or
+        `release_final`), no connection's backlog takes it, so it is sent once."""
+        self._handing.add(job.object_id)
+
+    def release_final(self, job: Job) -> None:
+        self._handing.discard(job.object_id)
+
     async def job_finished(self, job: Job) -> None:
-        if job.channel != "ws":
-            return  # marked delivered when its client fetches it
-        if await self.send_for_job(job, final_response(job)):
-            await self._store.mark_delivered([job])
-        else:
-            log.info("%s: no %s connection open; the result waits for the next one",
-                     job.object_id, job.service)
+        """Hand a just-committed final (reserved by reserve_final) to a receiver."""
+        try:
+            if job.channel != "ws" and job.origin is None:
+                return  # fetched by its client, and marked delivered then
+            if not await self._send_finals([job], self._receivers(job)):
+                log.info("%s: no connection took its answer; it waits for the next one", job.object_id)
+        finally:
+            self._handing.discard(job.object_id)
 
     async def deliver_backlog(self, service: str, ws: web.WebSocketResponse) -> int:
-        """Send `ws` every final message of `service` not yet delivered. Returns how many."""
-        delivered: list[Job] = []
-        for job in await self._store.undelivered_jobs(service):
-            if not await self.send_to(ws, final_response(job)):
-                break
-            delivered.append(job)
-        if delivered:
-            await self._store.mark_delivered(delivered)
-            log.info("delivered %d waiting results to a new %s connection", len(delivered), service)
-        return len(delivered)
+        """Send `ws` every final of `service` still owed and not being handed to (or held by)
+        another open connection. Returns how many were sent."""
+        owed = []
+        for job in await self._store.owed_finals(service):
+            held = self._awaiting_ack.get(job.object_id)
+            if job.object_id in self._handing or (held is not None and not held.closed):
+                continue
+            owed.append(job)
+        # Claimed before the first await, so a connection opening at the same moment skips them.
+        self._handing.update(job.object_id for job in owed)
+        try:
+            sent = await self._send_finals(owed, [ws])
+        finally:
+            self._handing.difference_update(job.object_id for job in owed)
+        if sent:
+            log.info("delivered %d waiting results to a new %s connection", sent, service)
+        return sent
+
+    async def _send_finals(self, jobs: list[Job], receivers: list[web.WebSocketResponse]) -> int:
+        """Send each final (claimed by the caller) to the first receiver that takes it, then
+        mark those sent delivered. Returns how many were sent."""
+        sent: list[Job] = []
+        try:
+            for job in jobs:
+                for ws in receivers:
+                    if await self.send_to(ws, final_response(job)):
+                        sent.append(job)
+                        if job.ack_required:
+                            self._awaiting_ack[job.object_id] = ws
+                        break
+                else:
+                    break  # no receiver takes anything now: the rest stay owed
+            await self._store.mark_delivered(sent)
+        except Exception:
+            # Not marked (the database refused the write): they stay owed and are sent again
+            # to the next connection, which is what at-least-once allows.
+            log.exception("marking %d finals delivered failed", len(sent))
+        return len(sent)
+
+    async def acknowledge(self, service: str, object_id: str) -> bool:
+        """The client acknowledged a final. True if it was a final of `service` (acked now or
+        before); False for an unknown or unfinished request or another service's."""
+        job = await self._store.get(object_id)
+        if job is None or job.service != service or not job.status.is_final:
+            return False
+        self._awaiting_ack.pop(object_id, None)
+        await self._store.mark_acked(job)
+        return True
+
+    async def finish_accepts(self) -> None:
+        """Shutdown, first step: take no new requests, and let those being committed get
+        their `queued` answer before any socket closes."""
+        self.closing = True
+        if self.accepts:
+            await asyncio.wait(set(self.accepts))
 
     async def close_all(self) -> None:
-        for connections in self._connections.values():
-            for ws in list(connections):
-                await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
+        for task in list(self._handovers):
+            task.cancel()
+        for ws in [ws for connections in self._connections.values() for ws in connections] + list(self._private):
+            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")

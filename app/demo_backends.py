@@ -27,6 +27,7 @@ from app.jobs import ExecutorType, GenType
 
 # Demo images are drawn small whatever size was asked for: they show the flow, not art.
 MAX_DEMO_SIDE_PX = 256
+DEMO_SHUTDOWN_TIMEOUT_S = 0.5
 
 
 @dataclass
@@ -224,7 +225,9 @@ def kandinsky_app(state: DemoBackendState) -> web.Application:
 async def serve_on_loopback(app: web.Application) -> tuple[web.AppRunner, str]:
     """Serve a demo backend on a free 127.0.0.1 port. Returns its runner (clean it up when
     done) and its base URL."""
-    runner = web.AppRunner(app, access_log=None)
+    # A demo generation still running at shutdown is not waited for (SHUTDOWN_GRACE_S is the
+    # balancer's to spend, not the demo's).
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=DEMO_SHUTDOWN_TIMEOUT_S)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
     return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"

@@ -4,6 +4,10 @@ A request's path here: decode_message -> intake.build_job (schema + payload cont
 intake.accept (committed, `queued` answered, queued for the scheduler). A bad message is
 answered (an error `response` when its executor and gen_type are valid, an `info` message
 otherwise) and the connection carries on.
+
+A connection opened with `?receive=own` is private: it gets answers only for the requests
+sent on it (they are never handed to the service's other connections) and none of the
+service's waiting finals. The command-line client connects that way.
 """
 
 from __future__ import annotations
@@ -20,8 +24,8 @@ from app.errors import InvalidRequest
 from app.ids import new_object_id
 from app.intake import accept, build_job
 from app.jobs import Job
-from app.schemas import (decode_message, info_message, parse_cancel_action, readable_envelope,
-                         rejection_response)
+from app.lifecycle import CancelOutcome
+from app.schemas import decode_message, info_message, parse_action, readable_envelope, rejection_response
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +36,12 @@ MAX_PENDING_ACCEPTS = 512
 # close. Frames up to twice MAX_MESSAGE_BYTES are read and refused with a readable answer.
 FRAME_LIMIT_FACTOR = 2
 HEARTBEAT_S = 30.0
+SHUTTING_DOWN = "The server is shutting down: this request was not queued. Send it again once the server is back."
+CANCEL_ANSWERS = {
+    CancelOutcome.CANCELLED: "cancelled",
+    CancelOutcome.FINISHING: "Too late to cancel: the request has finished and its answer is on its way.",
+    CancelOutcome.NOT_FOUND: "No queued or running request of this service has that object_id.",
+}
 
 
 def authenticate(request: web.Request) -> str:
@@ -62,11 +72,13 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
     # No permessage-deflate: compressing multi-MB base64 images costs 10-20x the CPU.
     ws = web.WebSocketResponse(max_msg_size=config.max_message_bytes * FRAME_LIMIT_FACTOR,
                                compress=False, heartbeat=HEARTBEAT_S)
+    private = request.query.get("receive") == "own"
     await ws.prepare(request)
-    hub.add(service, ws)
-    log.info("%s connected from %s (%d open)", service, request.remote, hub.connection_count(service))
-    connection = _Connection(request.app, service, ws)
-    backlog = asyncio.create_task(hub.deliver_backlog(service, ws))
+    hub.add(service, ws, private=private)
+    log.info("%s connected from %s (%d open%s)", service, request.remote, hub.connection_count(service),
+             ", private" if private else "")
+    connection = _Connection(request.app, service, ws, private=private)
+    backlog = None if private else asyncio.create_task(hub.deliver_backlog(service, ws))
     try:
         async for message in ws:
             if message.type is WSMsgType.TEXT:
@@ -79,7 +91,8 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
     finally:
         hub.discard(service, ws)
         await connection.drain()
-        await backlog
+        if backlog is not None:
+            await backlog
         log.info("%s disconnected (close code %s)", service, ws.close_code)
     return ws
 
@@ -87,10 +100,13 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
 class _Connection:
     """Per-connection state: the accepts in flight on it."""
 
-    def __init__(self, app: web.Application, service: str, ws: web.WebSocketResponse) -> None:
+    def __init__(self, app: web.Application, service: str, ws: web.WebSocketResponse, *,
+                 private: bool) -> None:
         self._app = app
         self._service = service
         self._ws = ws
+        # Requests sent on a private connection are answered only to their own client.
+        self._channel = "http" if private else "ws"
         self._limit = app[keys.CONFIG].max_message_bytes
         self._slots = asyncio.Semaphore(MAX_PENDING_ACCEPTS)
         self._accepts: set[asyncio.Task[None]] = set()
@@ -105,27 +121,43 @@ class _Connection:
             if message.get("message_type") == "info" and "action" in message:
                 await self._on_action(message)
                 return
-            job = build_job(self._app, self._service, message, origin=self._ws)
+            job = build_job(self._app, self._service, message, origin=self._ws, channel=self._channel)
+            if hub.closing:
+                raise InvalidRequest(SHUTTING_DOWN, envelope=readable_envelope(message))
         except InvalidRequest as exc:
             await hub.send_to(self._ws, self._rejection(exc))
             return
         # Commits are grouped: accepting concurrently lets one transaction carry many requests.
         await self._slots.acquire()
+        if hub.closing:  # shutdown began while this connection waited for a free slot
+            self._slots.release()
+            await hub.send_to(self._ws, self._rejection(InvalidRequest(
+                SHUTTING_DOWN, envelope=readable_envelope(message))))
+            return
         task = asyncio.create_task(self._accept(job))
         self._accepts.add(task)
+        hub.accepts.add(task)
         task.add_done_callback(self._accept_done)
 
     async def _on_action(self, message: dict) -> None:
-        """Additive client actions. Only `cancel` exists: it answers with an info message,
-        and a cancelled request also gets its final `error` response ("cancelled")."""
-        object_id = parse_cancel_action(message)
-        outcome = await self._app[keys.SCHEDULER].cancel(self._service, object_id)
-        content = ("cancelled" if outcome == "cancelled" else
-                   "No queued or running request of this service has that object_id.")
-        await self._app[keys.HUB].send_to(self._ws, info_message("cancel", content, object_id=object_id))
+        """Additive client actions, each answered with an info message of its name:
+        `cancel` (a cancelled request also gets its final `error` response, "cancelled") and
+        `ack` (the final answer of a require_ack request was received)."""
+        action, object_id = parse_action(message)
+        hub = self._app[keys.HUB]
+        if action == "ack":
+            acked = await hub.acknowledge(self._service, object_id)
+            await hub.send_to(self._ws, info_message(
+                "ack", "acked" if acked else "No finished request of this service has that object_id.",
+                object_id=object_id, outcome="acked" if acked else "not_found"))
+            return
+        outcome = self._app[keys.SCHEDULER].cancel(self._service, object_id)
+        await hub.send_to(self._ws, info_message("cancel", CANCEL_ANSWERS[outcome], object_id=object_id,
+                                                 outcome=outcome.value))
 
     def _accept_done(self, task: asyncio.Task[None]) -> None:
         self._accepts.discard(task)
+        self._app[keys.HUB].accepts.discard(task)
         self._slots.release()
 
     async def _accept(self, job: Job) -> None:

@@ -3,7 +3,9 @@ validate it, commit it, tell the client `queued`, hand it to the scheduler."""
 
 from __future__ import annotations
 
+import json
 import logging
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -15,7 +17,7 @@ from app.costs import job_cost_units
 from app.errors import InvalidRequest
 from app.ids import new_object_id
 from app.jobs import Job
-from app.schemas import info_message, parse_request, short_response
+from app.schemas import final_response, info_message, parse_request, short_response
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +33,13 @@ def build_job(app: web.Application, service: str, message: dict[str, Any], *,
     if not app[keys.SCHEDULER].has_backends(executor):
         raise InvalidRequest(f"No {executor.value} backend is configured on this server.",
                              envelope=request)
+    request_id = request["service_info"].get("request_id")
     return Job(object_id=new_object_id(), service=service, executor=executor,
                gen_type=request["gen_type"], premium=request["flags"]["premium"],
                settings=request["settings"], service_info=request["service_info"],
                payload=request["payload"], created_at=time.time(), origin=origin, channel=channel,
-               unknown_fields=request["unknown_fields"])
+               unknown_fields=request["unknown_fields"], ack_required=request["flags"]["require_ack"],
+               request_key=json.dumps(request_id) if request_id is not None else None)
 
 
 async def accept(app: web.Application, job: Job, announce: Announce) -> dict[str, Any]:
@@ -43,11 +47,25 @@ async def accept(app: web.Application, job: Job, announce: Announce) -> dict[str
     payload has keys the backend does not know, and a `no_backend` notice when no backend of
     its type is in service), then queue it. Returns the `queued` answer.
 
+    A request whose `service_info.request_id` this service used before is not queued again:
+    the original's current state is announced and returned instead (idempotent resends).
+
     Raises whatever the store raises when the request could not be committed; nothing was
     queued then.
     """
     store, scheduler = app[keys.STORE], app[keys.SCHEDULER]
-    await store.add(job)
+    if job.request_key is not None:
+        original = await store.find_by_request_key(job.service, job.request_key)
+        if original is not None:
+            return await _answer_repeat(original, announce)
+    try:
+        await store.add(job)
+    except sqlite3.IntegrityError:
+        # The same key arrived twice at once: the other one was committed first.
+        original = await store.find_by_request_key(job.service, job.request_key) if job.request_key else None
+        if original is None:
+            raise
+        return await _answer_repeat(original, announce)
     log.info("%s queued: %s %s from %s%s (%s)", job.object_id, job.executor.value, job.gen_type.value,
              job.service, " (premium)" if job.premium else "", job.channel)
     job.cost_units = job_cost_units(job)
@@ -63,3 +81,16 @@ async def accept(app: web.Application, job: Job, announce: Announce) -> dict[str
         await announce(info_message("no_backend", notice, object_id=job.object_id))
     scheduler.submit(job)
     return queued
+
+
+async def _answer_repeat(original: Job, announce: Announce) -> dict[str, Any]:
+    """A request repeating an idempotency key: the original's current state (its final answer
+    if it has one) instead of a new request."""
+    log.info("%s: a repeat with the same request_id from %s was not queued again",
+             original.object_id, original.service)
+    if original.status.is_final:
+        answer = final_response(original)
+    else:
+        answer = short_response(original, original.status.value, None)
+    await announce(answer)
+    return answer

@@ -71,14 +71,19 @@ class Job:
     generation_s: float | None = None
     delivered_at: float | None = None
     revision: int = 0
-    channel: str = "ws"  # "ws": answers pushed on the websocket; "http": fetched by GET
+    # "ws": answers pushed to a websocket of the service (the one it came on, else another).
+    # "http": answers go to its own client only: fetched by GET, or pushed on the private
+    # websocket it came on (`?receive=own`) while that is open; never to the service's bots.
+    channel: str = "ws"
+    interruptions: int = 0  # restarts that cut an attempt short (not counted in attempts)
+    ack_required: bool = False  # settings.require_ack: delivered only once acknowledged
+    acked_at: float | None = None
+    request_key: str | None = None  # service_info.request_id as JSON: the idempotency key
     # Not stored: the connection the request came in on, preferred for its answers, and the
     # scheduler's working state.
     origin: Any = field(default=None, repr=False, compare=False)
     cost_units: float = field(default=0.0, repr=False, compare=False)
     avoid_backends: set[str] = field(default_factory=set, repr=False, compare=False)
-    cancelled: bool = field(default=False, repr=False, compare=False)
-    finishing: bool = field(default=False, repr=False, compare=False)
     eta_s: float | None = field(default=None, repr=False, compare=False)  # told with `queued`
     payload_chars: int = field(default=0, repr=False, compare=False)  # size of its JSON
     # Payload keys its backend does not know (payloads.UnknownFields), told after `queued`.

@@ -7,8 +7,10 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aioboto3
 import aiohttp
@@ -30,6 +32,8 @@ from app.api import api_errors
 from app.metrics import Metrics, live_families
 from app.openapi import build_spec
 from app.pages import SERVER_NAME, VERSION
+from app.process import (EXIT_CANNOT_START, CannotStart, DatabaseLock, bind, check_writable_folder,
+                         on_stop_signals)
 from app.results import ResultWriter
 from app.routes import add_routes
 from app.scheduler import Scheduler
@@ -189,10 +193,48 @@ def main() -> None:
         config = Config.from_env(os.environ)
         configure_logging(config.logging_level)
         app = create_app(config)
-    except ConfigError as exc:
+        # One server per database, checked before anything reads the queue; then the port,
+        # bound before the scheduler starts (a port in use must not cost a dispatched job).
+        lock = DatabaseLock.acquire(config.database_path)
+        for setting, folder in _data_folders(config):
+            check_writable_folder(setting, folder)
+        sock = bind(config.api_host, config.api_port)
+    except (ConfigError, CannotStart) as exc:
         print(f"devoid: cannot start: {exc}", file=sys.stderr)
-        sys.exit(2)
-    log.info("listening on http://%s:%d (services: %s)", config.api_host, config.api_port,
-             ", ".join(sorted(config.services)))
-    web.run_app(app, host=config.api_host, port=config.api_port, print=None,
-                shutdown_timeout=config.shutdown_grace_s + 5)
+        sys.exit(EXIT_CANNOT_START)
+    try:
+        asyncio.run(serve(app, sock, config))
+    finally:
+        lock.release()
+
+
+def _data_folders(config: Config) -> list[tuple[str, Path]]:
+    folders = [("DATABASE_PATH", config.database_path.parent)]
+    if config.save_images_locally:
+        folders.append(("IMAGES_PATH", config.images_path))
+    return folders
+
+
+async def serve(app: web.Application, sock: socket.socket, config: Config) -> None:
+    """Start the app, serve on `sock` until SIGINT/SIGTERM, then shut down in order: refuse new
+    requests and answer `queued` for every one already being committed, close the sockets,
+    give running jobs SHUTDOWN_GRACE_S, close the store."""
+    stopping = asyncio.Event()
+
+    def stop(signal_name: str) -> None:
+        log.warning("%s received: shutting down (running jobs get up to %g s; a second signal "
+                    "exits at once)", signal_name, config.shutdown_grace_s)
+        stopping.set()
+
+    on_stop_signals(stop)
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=config.shutdown_grace_s + 5)
+    await runner.setup()  # store, mirrors, backends, scheduler (cleanup_ctx)
+    try:
+        await web.SockSite(runner, sock, shutdown_timeout=config.shutdown_grace_s + 5).start()
+        log.info("listening on http://%s:%d (services: %s)", config.api_host, config.api_port,
+                 ", ".join(sorted(config.services)))
+        await stopping.wait()
+        await app[keys.HUB].finish_accepts()
+    finally:
+        await runner.cleanup()  # closes connections, then the scheduler, mirrors and store
+    log.info("stopped")

@@ -14,12 +14,12 @@ from marshmallow import Schema, fields, validate
 from app.jobs import SUPPORTED_GEN_TYPES
 from app.payloads import BASE64_IMAGE_PATTERN, PAYLOAD_SCHEMAS
 from app.routes import LIST_ROUTES, ROUTES, Route
-from app.schemas import (CancelActionSchema, InfoSchema, ResponseSchema, ServiceInfoSchema,
+from app.schemas import (ActionSchema, InfoSchema, ResponseSchema, ServiceInfoSchema,
                          SettingsSchema)
 
 SECURITY = [{"serviceKey": [], "serviceName": []}]
 # Documented as schemas although they travel over the websocket.
-WEBSOCKET_MESSAGES = {"CancelAction": CancelActionSchema, "Response": ResponseSchema,
+WEBSOCKET_MESSAGES = {"Action": ActionSchema, "Response": ResponseSchema,
                       "Info": InfoSchema}
 _PATH_PARAMETER = re.compile(r"{(\w+)}")
 _PARAMETER_PATTERNS = {"object_id": "^[0-9a-f]{24}$", "file_name": "^[0-9a-f]{24}\\.jpg$"}

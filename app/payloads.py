@@ -83,7 +83,8 @@ class Flag(fields.Field):
         choices: list[dict[str, Any]] = [{"type": "boolean"}, {"type": "integer", "enum": [0, 1]}]
         if kwargs.get("allow_none"):
             choices.append({"type": "null"})
-        super().__init__(metadata={"oneOf": choices}, **kwargs)
+        metadata = {"oneOf": choices, **kwargs.pop("metadata", {})}
+        super().__init__(metadata=metadata, **kwargs)
 
     def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> bool:
         if isinstance(value, bool):

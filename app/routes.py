@@ -76,7 +76,7 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/img/{file_name}", pages.image, "image", "A result image saved locally",
           {200: ("The JPEG", "image/jpeg"), 404: ("No such image", "text/plain")}, tags=("requests",)),
     Route("GET", "/ws", websocket_handler, "websocket",
-          "Websocket for bot services (messages: RequestMessage, CancelAction -> Response, Info)",
+          "Websocket for bot services (messages: RequestMessage, Action -> Response, Info)",
           {101: ("Upgraded", "text/plain"), 400: ("Not a websocket upgrade", "text/plain"),
            401: ("Wrong key or service (before the upgrade)", "text/plain")},
           needs_key=True, tags=("websocket",)),

@@ -14,11 +14,12 @@ on another healthy backend, until MAX_ATTEMPTS; a 4xx ends it at once.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import random
 import time
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Protocol
 
 import aiohttp
 
@@ -27,12 +28,13 @@ from app.config import Config
 from app.costs import job_cost_units, payload_cost_units
 from app.errors import BackendFailed
 from app.jobs import ExecutorType, GenType, Job, JobStatus
+from app.lifecycle import CancelOutcome, Phase, TrackedRequest
 from app.metrics import Metrics
 from app.mirrors.s3 import S3Mirror
 from app.pool import BackendSlot, ExecutorPool, watch_health
 from app.progress import ProgressReporter
 from app.results import ResultWriter
-from app.store import Store
+from app.store import Store, StoreClosed
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,14 @@ CANCELLED_REASON = "cancelled"
 # Payloads larger than this (img2img and mix2img images) wait in SQLite rather than in
 # memory: a backlog of them would otherwise hold every image in RAM. Read back at dispatch.
 PAYLOAD_IN_MEMORY_MAX_CHARS = 64 * 1024
+# A commit the database refused is tried again after this, doubling up to the max: a full
+# disk or a locked database usually clears in seconds to minutes, and a retry costs little.
+STORE_RETRY_FIRST_S = 0.2
+STORE_RETRY_MAX_S = 5.0
+# A request running at this many restarts in a row is not run again (it may be what crashes
+# the process); restarts for other reasons rarely hit one request this often.
+MAX_INTERRUPTIONS = 10
+INTERRUPT_TIMEOUT_S = 2.0
 
 
 class JobListener(Protocol):
@@ -50,6 +60,12 @@ class JobListener(Protocol):
     async def job_progress(self, job: Job, progress: Progress) -> None: ...
 
     async def job_retrying(self, job: Job, reason: str, delay_s: float) -> None: ...
+
+    async def job_storage_retry(self, job: Job, reason: str) -> None: ...
+
+    def reserve_final(self, job: Job) -> None: ...
+
+    def release_final(self, job: Job) -> None: ...
 
     async def job_finished(self, job: Job) -> None: ...
 
@@ -69,21 +85,23 @@ class Scheduler:
                       for executor in ExecutorType}
         self._initial_backends = backends
         self._watchers: dict[BackendSlot, asyncio.Task[None]] = {}
-        self._running: dict[str, tuple[asyncio.Task[None], BackendSlot]] = {}
+        # The one record of every request this process holds, by object_id (app/lifecycle.py).
+        self._tracked: dict[str, TrackedRequest] = {}
         self._progress = ProgressReporter(config.progress_interval_s, config.probe_timeout_s,
                                           listener.job_progress)
-        self._retry_timers: dict[str, tuple[Job, asyncio.TimerHandle]] = {}
-        self._expiry_timers: dict[str, asyncio.TimerHandle] = {}
         self._finishing: set[asyncio.Task[None]] = set()
+        # Messages to clients, sent off the paths that hold a backend: a client that stops
+        # reading its socket must not hold a GPU for everyone (see _tell).
+        self._telling: set[asyncio.Task[None]] = set()
         self._stopping = False
         self.dispatched = 0
         self.finished = 0
         self.retried = 0
 
     def __repr__(self) -> str:
-        waiting = {e.value: len(p.queue) for e, p in self.pools.items()}
-        return (f"<Scheduler waiting={waiting} running={len(self._running)} "
-                f"dispatched={self.dispatched} retried={self.retried} finished={self.finished}>")
+        phases = collections.Counter(t.phase.value for t in self._tracked.values())
+        return (f"<Scheduler {dict(phases)} dispatched={self.dispatched} retried={self.retried} "
+                f"finished={self.finished}>")
 
     def has_backends(self, executor: ExecutorType) -> bool:
         return bool(self.pools[executor].slots)
@@ -91,6 +109,11 @@ class Scheduler:
     @property
     def running(self) -> bool:
         return not self._stopping
+
+    def phase_of(self, object_id: str) -> Phase | None:
+        """The phase of a request this process holds, or None (not held: finished or unknown)."""
+        tracked = self._tracked.get(object_id)
+        return tracked.phase if tracked else None
 
     # -- life cycle ---------------------------------------------------------------------
 
@@ -105,7 +128,13 @@ class Scheduler:
         requeued = await self._store.requeue_interrupted()
         queued = await self._store.queued_jobs()
         for job in queued:
-            self._enqueue(job)
+            tracked = self._enqueue(job)
+            if job.interruptions >= MAX_INTERRUPTIONS:
+                # A request that was running at every one of these restarts may be what brings
+                # the process down: it is not run again.
+                self._remove_from_queue(tracked)
+                self._begin_finish(tracked, None, f"Interrupted by {job.interruptions} restarts of the "
+                                                  "balancer while it ran; it is not run again.", None)
         for pool in self.pools.values():
             if len(pool.queue) and not pool.slots:
                 log.warning("%d %s requests wait, but no %s backend is configured",
@@ -116,34 +145,53 @@ class Scheduler:
         self.dispatch()  # backends whose first probe already answered
 
     async def stop(self, grace_s: float) -> None:
-        """Stop claiming; give running jobs `grace_s` to finish, then cancel them. A cancelled
-        job stays `generating` in SQLite and is queued again at the next start."""
+        """Stop claiming; give running jobs and answers being stored `grace_s` in all, then
+        cancel them. A cancelled job stays `generating` in SQLite and is queued again at the
+        next start (as an interruption, not a failed attempt); an AUTOMATIC1111 backend whose
+        job is abandoned is told to interrupt it, so the GPU does not finish it for nothing."""
         self._stopping = True
-        for _, timer in self._retry_timers.values():
-            timer.cancel()
-        for timer in self._expiry_timers.values():
-            timer.cancel()
-        running = [task for task, _ in self._running.values()]
+        deadline = time.monotonic() + grace_s
+        for tracked in self._tracked.values():
+            for timer in (tracked.retry_timer, tracked.expiry_timer):
+                if timer is not None:
+                    timer.cancel()
+        running = {t.task: t for t in self._tracked.values() if t.task is not None}
         if running:
-            _, pending = await asyncio.wait(running, timeout=grace_s)
+            _, pending = await asyncio.wait(running, timeout=max(0.0, deadline - time.monotonic()))
+            abandoned = [running[task].slot for task in pending if running[task].slot is not None]
             for task in pending:
                 task.cancel()
             if pending:
                 log.warning("shutdown: %d running jobs cancelled; they resume at next start",
                             len(pending))
                 await asyncio.wait(pending)
+                await self._interrupt_abandoned([slot for slot in abandoned if slot is not None])
         if self._finishing:
             # A finishing job is committed before it waits on anything (a sync S3 upload), so
             # cutting the wait short loses nothing: its answer is delivered at the next start.
-            _, pending = await asyncio.wait(set(self._finishing), timeout=grace_s)
+            _, pending = await asyncio.wait(set(self._finishing),
+                                            timeout=max(0.0, deadline - time.monotonic()))
             for task in pending:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending)
+        for task in list(self._telling):
+            task.cancel()
         for slot in list(self._watchers):
             self._stop_watching(slot)
         if self._watchers:
             await asyncio.wait(list(self._watchers.values()))
+
+    async def _interrupt_abandoned(self, slots: list[BackendSlot]) -> None:
+        async def interrupt(slot: BackendSlot) -> None:
+            try:
+                async with asyncio.timeout(INTERRUPT_TIMEOUT_S):
+                    if await slot.backend.interrupt():
+                        log.info("shutdown: told %s to interrupt its abandoned job", slot.name)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                log.warning("shutdown: could not interrupt %s: %s", slot.name, exc)
+
+        await asyncio.gather(*[interrupt(slot) for slot in slots if slot.backend.supports_progress])
 
     # -- backends -----------------------------------------------------------------------
 
@@ -213,14 +261,17 @@ class Scheduler:
 
     # -- queueing -----------------------------------------------------------------------
 
-    def _enqueue(self, job: Job) -> None:
+    def _enqueue(self, job: Job) -> TrackedRequest:
         # Intake has costed a new job already; a job read back from SQLite is costed here.
         job.cost_units = job.cost_units or job_cost_units(job)
         _park_payload(job)
+        tracked = TrackedRequest(job)
+        self._tracked[job.object_id] = tracked
         self.pools[job.executor].queue.push(job)
         wait_left_s = job.created_at + self._config.max_queue_wait_s - time.time()
-        self._expiry_timers[job.object_id] = asyncio.get_running_loop().call_later(
-            max(0.0, wait_left_s), self._expire, job)
+        tracked.expiry_timer = asyncio.get_running_loop().call_later(
+            max(0.0, wait_left_s), self._expire, tracked)
+        return tracked
 
     def submit(self, job: Job) -> None:
         """Queue a job that is already committed to the store."""
@@ -238,20 +289,23 @@ class Scheduler:
         return (f"No {executor.value} backend is in service right now ({pool.status_line()}); "
                 f"the request stays queued for up to {self._config.max_queue_wait_s:g} s.")
 
-    def _expire(self, job: Job) -> None:
-        self._expiry_timers.pop(job.object_id, None)
+    def _remove_from_queue(self, tracked: TrackedRequest) -> None:
+        if tracked.phase is Phase.QUEUED:
+            self.pools[tracked.job.executor].queue.remove(tracked.job)
+
+    def _expire(self, tracked: TrackedRequest) -> None:
+        tracked.expiry_timer = None
+        if tracked.phase not in (Phase.QUEUED, Phase.RETRY_WAIT):
+            return  # running: it gets its chance; finishing: answered already
+        job = tracked.job
         pool = self.pools[job.executor]
-        retry = self._retry_timers.pop(job.object_id, None)
-        if retry is not None:
-            retry[1].cancel()
-        elif not pool.queue.remove(job):
-            return  # running or finished
+        self._remove_from_queue(tracked)
         reason = (f"No {job.executor.value} backend took this request within "
                   f"{self._config.max_queue_wait_s:g} s ({pool.status_line()}). It was not generated.")
         if job.last_error:
             reason += f" Last attempt: {job.last_error}"
         log.warning("%s expired in the queue", job.object_id)
-        self._track_finish(job, None, reason, None)
+        self._begin_finish(tracked, None, reason, None)
 
     # -- dispatch -----------------------------------------------------------------------
 
@@ -278,15 +332,17 @@ class Scheduler:
                 choices = [slot for slot in free if slot.name not in job.avoid_backends] or free
                 # Of the free backends, the one expected to finish this job first.
                 slot = min(choices, key=lambda s: s.expected_s(job.cost_units))
-                self._start(pool, slot, job)
+                self._start(pool, slot, self._tracked[job.object_id])
 
-    def _start(self, pool: ExecutorPool, slot: BackendSlot, job: Job) -> None:
-        slot.job = job
+    def _start(self, pool: ExecutorPool, slot: BackendSlot, tracked: TrackedRequest) -> None:
+        # The slot records what occupies the backend (it stays busy until the backend call
+        # returns, even if the request is cancelled meanwhile); the request's own state is
+        # in `tracked`.
+        slot.job = tracked.job
         slot.started_monotonic = time.monotonic()
         self.dispatched += 1
-        task = asyncio.create_task(self._run(pool, slot, job), name=f"run-{job.object_id}")
-        self._running[job.object_id] = (task, slot)
-        task.add_done_callback(lambda _: self._running.pop(job.object_id, None))
+        tracked.start(slot, asyncio.create_task(self._run(pool, slot, tracked),
+                                                name=f"run-{tracked.object_id}"))
 
     def job_timeout_s(self, slot: BackendSlot, job: Job) -> float:
         """Expected duration x JOB_TIMEOUT_FACTOR, at least the floor (raised by the backend's
@@ -296,7 +352,8 @@ class Scheduler:
         expected = slot.expected_s(job.cost_units) * config.job_timeout_factor
         return min(config.job_timeout_cap_s, max(floor, expected))
 
-    async def _run(self, pool: ExecutorPool, slot: BackendSlot, job: Job) -> None:
+    async def _run(self, pool: ExecutorPool, slot: BackendSlot, tracked: TrackedRequest) -> None:
+        job = tracked.job
         backend = slot.backend
         jpeg: bytes | None = None
         failure: BackendFailed | None = None
@@ -305,133 +362,171 @@ class Scheduler:
         try:
             if job.payload is None:
                 job.payload = await self._store.load_payload(job.object_id)
-            await self._store.claim(job, backend.name)
-            log.info("%s dispatched to %s (attempt %d, expected %.1f s, timeout %.0f s)",
-                     job.object_id, backend.name, job.attempts, slot.expected_s(job.cost_units), timeout_s)
-            await self._listener.job_generating(job, round(slot.expected_s(job.cost_units), 1))
-            self._progress.start(backend, job)
-            started = time.monotonic()
-            try:
-                jpeg = await backend.generate(job.gen_type, job.payload, timeout_s)
-            except BackendFailed as exc:
-                failure = exc
-            finally:
-                await self._progress.stop(job)
-            seconds = time.monotonic() - started
+            claimed = await self._persist(tracked, Phase.RUNNING, "claim",
+                                          lambda: self._store.claim(job, backend.name))
+            # A cancel may have come while the claim was committed: then it is not run.
+            if claimed and tracked.phase is Phase.RUNNING:
+                log.info("%s dispatched to %s (attempt %d, expected %.1f s, timeout %.0f s)",
+                         job.object_id, backend.name, job.attempts, slot.expected_s(job.cost_units),
+                         timeout_s)
+                self._tell(self._listener.job_generating(job, round(slot.expected_s(job.cost_units), 1)))
+                self._progress.start(backend, job)
+                started = time.monotonic()
+                try:
+                    jpeg = await backend.generate(job.gen_type, job.payload, timeout_s)
+                except BackendFailed as exc:
+                    failure = exc
+                finally:
+                    await self._progress.stop(job)
+                seconds = time.monotonic() - started
         except asyncio.CancelledError:
             slot.job = None
+            tracked.leave_slot()
             raise
         except Exception:
             log.exception("%s failed inside the balancer", job.object_id)
             failure = BackendFailed("internal error in the balancer; the request was not generated",
                                     kind="rejected")
         slot.job = None
+        tracked.leave_slot()
         self._retire_if_removed(slot)
         try:
-            if job.cancelled:
-                return  # already answered by cancel()
+            if tracked.phase is not Phase.RUNNING:
+                return  # cancelled (or expired) meanwhile: already being answered
             if jpeg is not None:
                 slot.record_success(job.cost_units, seconds or 0.0)
-                self._track_finish(job, jpeg, "", seconds)
+                self._begin_finish(tracked, jpeg, "", seconds)
             elif failure is not None and not failure.retryable:
                 # The request is bad (4xx): the backend is not to blame.
-                self._track_finish(job, None, failure.reason, seconds)
+                self._begin_finish(tracked, None, failure.reason, seconds)
             elif failure is not None:
-                await self._after_failure(pool, slot, job, failure)
+                await self._after_failure(slot, tracked, failure)
         finally:
             self.dispatch()
 
-    async def _after_failure(self, pool: ExecutorPool, slot: BackendSlot, job: Job,
+    async def _after_failure(self, slot: BackendSlot, tracked: TrackedRequest,
                              failure: BackendFailed) -> None:
         config = self._config
+        job = tracked.job
         slot.record_failure(failure.reason, backend_is_down=failure.backend_is_down,
                             breaker_failures=config.breaker_failures,
                             max_cooldown_s=config.probe_backoff_max_s)
         job.avoid_backends.add(slot.name)
         if job.attempts >= config.max_attempts:
             reason = f"Failed after {job.attempts} attempts; the last: {failure.reason}"
-            self._track_finish(job, None, reason, None)
+            self._begin_finish(tracked, None, reason, None)
             return
         delay_s = config.retry_backoff_s * 2 ** (job.attempts - 1) * random.uniform(0.75, 1.25)
-        await self._store.requeue(job, failure.reason)
+        tracked.wait_retry()
+        if not await self._persist(tracked, Phase.RETRY_WAIT, "requeue",
+                                   lambda: self._store.requeue(job, failure.reason)):
+            return
+        if tracked.phase is not Phase.RETRY_WAIT:
+            return  # cancelled or expired while the requeue was committed
         self.retried += 1
         log.warning("%s attempt %d failed on %s (%s); retrying in %.1f s",
                     job.object_id, job.attempts, slot.name, failure.reason, delay_s)
-        await self._listener.job_retrying(job, failure.reason, delay_s)
-        if job.cancelled:
-            return
-        timer = asyncio.get_running_loop().call_later(delay_s, self._back_in_line, job)
-        self._retry_timers[job.object_id] = (job, timer)
+        self._tell(self._listener.job_retrying(job, failure.reason, delay_s))
+        tracked.set_retry_timer(asyncio.get_running_loop().call_later(delay_s, self._back_in_line, tracked))
 
-    def _back_in_line(self, job: Job) -> None:
-        self._retry_timers.pop(job.object_id, None)
-        _park_payload(job)
+    def _back_in_line(self, tracked: TrackedRequest) -> None:
+        tracked.back_in_line()
+        _park_payload(tracked.job)
         # At the head of its class: it keeps its place in line.
-        self.pools[job.executor].queue.push_front(job)
+        self.pools[tracked.job.executor].queue.push_front(tracked.job)
         self.dispatch()
 
     # -- cancel -------------------------------------------------------------------------
 
-    async def cancel(self, service: str, object_id: str) -> str:
-        """Cancel a queued or running request of `service`. Returns "cancelled", or
-        "unknown" when `service` has no such request waiting or running (another service's
-        request is "unknown" too, so ids cannot be probed)."""
-        job, where = self._locate(object_id)
-        if job is None or job.service != service or job.cancelled or job.finishing:
-            return "unknown"
-        job.cancelled = True
-        if where == "queued":
-            self.pools[job.executor].queue.remove(job)
-        elif where == "retrying":
-            self._retry_timers.pop(object_id)[1].cancel()
-        else:
-            await self._progress.stop(job)
-            backend = self._running[object_id][1].backend
-            try:
-                interrupted = await backend.interrupt()
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                interrupted = False
-                log.warning("%s: interrupt on %s failed: %s", object_id, backend.name, exc)
-            # Without an interrupt the backend finishes the image; it is thrown away, and the
-            # backend takes no new job until then (it would queue it behind this one).
-            log.info("%s cancelled while running on %s (interrupted: %s)", object_id,
-                     backend.name, interrupted)
-        self._track_finish(job, None, CANCELLED_REASON, None)  # also drops its expiry timer
+    def cancel(self, service: str, object_id: str) -> CancelOutcome:
+        """Cancel a queued, running or retry-waiting request of `service`. Its final `error`
+        ("cancelled") follows through delivery. Another service's request is NOT_FOUND too,
+        so ids cannot be probed. Nothing here awaits: the request is located and moved to
+        FINISHING in one step, so no other path can act on it in between."""
+        tracked = self._tracked.get(object_id)
+        if tracked is None or tracked.job.service != service:
+            return CancelOutcome.NOT_FOUND
+        if tracked.phase in (Phase.FINISHING, Phase.DONE):
+            return CancelOutcome.FINISHING
+        was, slot = tracked.phase, tracked.slot
+        self._remove_from_queue(tracked)
+        self._begin_finish(tracked, None, CANCELLED_REASON, None, cancelled=True)
+        if was is Phase.RUNNING and slot is not None:
+            # The backend keeps the slot until its call returns; an interrupt makes that soon.
+            self._tell(self._interrupt_cancelled(tracked.job, slot.backend))
         self.dispatch()
-        return "cancelled"
+        return CancelOutcome.CANCELLED
 
-    def _locate(self, object_id: str) -> tuple[Job | None, str]:
-        if object_id in self._running:
-            return self._running[object_id][1].job, "running"
-        if object_id in self._retry_timers:
-            return self._retry_timers[object_id][0], "retrying"
-        for pool in self.pools.values():
-            for job in pool.queue:
-                if job.object_id == object_id:
-                    return job, "queued"
-        return None, ""
+    async def _interrupt_cancelled(self, job: Job, backend: Backend) -> None:
+        await self._progress.stop(job)
+        try:
+            async with asyncio.timeout(INTERRUPT_TIMEOUT_S):
+                interrupted = await backend.interrupt()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            interrupted = False
+            log.warning("%s: interrupt on %s failed: %s", job.object_id, backend.name, exc)
+        # Without an interrupt the backend finishes the image; it is thrown away, and the
+        # backend takes no new job until then (it would queue it behind this one).
+        log.info("%s cancelled while running on %s (interrupted: %s)", job.object_id,
+                 backend.name, interrupted)
+
+    # -- storage faults and client messages ---------------------------------------------
+
+    async def _persist(self, tracked: TrackedRequest, phase: Phase, what: str,
+                       write: Callable[[], Awaitable[None]]) -> bool:
+        """Commit a change of a request, retrying with backoff while the database refuses
+        writes (disk full, read-only, locked): the request stays owned meanwhile, and its
+        client hears of the delay once. Returns False, with nothing written, when the request
+        left `phase` meanwhile (a cancel) or the store was closed (shutdown: SQLite still
+        has the previous state, which the next start resumes from)."""
+        delay_s = STORE_RETRY_FIRST_S
+        told = False
+        while True:
+            try:
+                await write()
+                if told:
+                    log.info("%s: the %s was recorded after the database took writes again",
+                             tracked.object_id, what)
+                return True
+            except StoreClosed:
+                return False
+            except Exception as exc:
+                reason = f"{type(exc).__name__}: {exc}"[:300]
+                if not told:
+                    told = True
+                    log.error("%s: recording its %s failed (%s); retrying until the database "
+                              "takes writes again", tracked.object_id, what, reason)
+                    self._tell(self._listener.job_storage_retry(tracked.job, reason))
+            await asyncio.sleep(delay_s)
+            delay_s = min(delay_s * 2, STORE_RETRY_MAX_S)
+            if tracked.phase is not phase:
+                return False
+
+    def _tell(self, message: Coroutine[Any, Any, None]) -> None:
+        """Send a message to a client without waiting for its socket."""
+        task = asyncio.create_task(message)
+        self._telling.add(task)
+        task.add_done_callback(self._telling.discard)
 
     # -- finishing ----------------------------------------------------------------------
 
-    def _track_finish(self, job: Job, jpeg: bytes | None, failure: str, seconds: float | None) -> None:
-        if job.finishing:
+    def _begin_finish(self, tracked: TrackedRequest, jpeg: bytes | None, failure: str,
+                      seconds: float | None, *, cancelled: bool = False) -> None:
+        if not tracked.begin_finish(cancelled=cancelled):
             return
-        job.finishing = True
-        timer = self._expiry_timers.pop(job.object_id, None)
-        if timer is not None:
-            timer.cancel()
         # A task of its own: the backend is free for its next job while this one is stored.
-        task = asyncio.create_task(self._finish(job, jpeg, failure, seconds),
-                                   name=f"finish-{job.object_id}")
+        task = asyncio.create_task(self._finish(tracked, jpeg, failure, seconds),
+                                   name=f"finish-{tracked.object_id}")
         self._finishing.add(task)
         task.add_done_callback(self._finishing.discard)
 
-    async def _finish(self, job: Job, jpeg: bytes | None, failure: str,
+    async def _finish(self, tracked: TrackedRequest, jpeg: bytes | None, failure: str,
                       generation_s: float | None) -> None:
+        job = tracked.job
         upload = None
-        if job.payload is None:  # cancelled or expired while it waited: echo it all the same
-            job.payload = await self._store.load_payload(job.object_id)
         try:
+            if job.payload is None:  # cancelled or expired while it waited: echo it all the same
+                job.payload = await self._store.load_payload(job.object_id)
             if jpeg is not None:
                 stored = await self._results.store_image(job, jpeg)
                 job.result, upload = stored.result, stored.upload
@@ -445,22 +540,36 @@ class Scheduler:
             job.status = JobStatus.ERROR
         wait_for_upload = upload is not None and self._uploads is not None and job.flag("sync_with_s3")
         uploaded = self._uploads.expect(job.object_id) if wait_for_upload else None
+        # Reserved for this task's delivery before it is committed: a connection opening in
+        # between must not also be sent it from the backlog.
+        self._listener.reserve_final(job)
+        recorded = False
         try:
-            await self._store.finish(job, generation_s, upload=upload)
-        except Exception:
-            # Not committed: the job stays where SQLite has it and runs again after a restart.
-            log.exception("%s: recording the result failed", job.object_id)
+            recorded = await self._persist(tracked, Phase.FINISHING, "result",
+                                           lambda: self._store.finish(job, generation_s, upload=upload))
+        finally:
+            if not recorded:
+                self._listener.release_final(job)
+        self._tracked.pop(job.object_id, None)
+        if not recorded:
+            # The store closed first (shutdown): SQLite still has the request queued or
+            # generating, and the next start runs it again.
             if uploaded is not None:
                 self._uploads.forget(job.object_id)
             return
+        tracked.done()
         self.finished += 1
         self._metrics.request_finished(job, generation_s)
         if job.status is JobStatus.OK:
             log.info("%s ok on %s in %.2f s", job.object_id, job.backend, generation_s or 0.0)
         else:
-            log.info("%s error: %s", job.object_id, failure)
+            log.info("%s error: %s", job.object_id, job.result["content"])
         if uploaded is not None:
-            await self._await_upload(job, upload, uploaded)
+            try:
+                await self._await_upload(job, upload, uploaded)
+            except BaseException:
+                self._listener.release_final(job)  # committed: delivered from the backlog later
+                raise
         await self._listener.job_finished(job)
 
     async def _await_upload(self, job: Job, upload: dict, uploaded: asyncio.Future[None]) -> None:

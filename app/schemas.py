@@ -25,6 +25,19 @@ class SettingsSchema(Schema):
     premium = Flag(load_default=False)
     moderate = Flag(load_default=False)
     sync_with_s3 = Flag(load_default=False)
+    require_ack = Flag(load_default=False, metadata={
+        "description": "Additive: the final answer is sent again (to the next connection, also "
+                       "after a restart) until the client acknowledges it with an `ack` action."})
+
+
+MAX_REQUEST_ID_CHARS = 200
+
+
+def _check_request_id(value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise ValidationError("Must be a string or an integer.")
+    if isinstance(value, str) and not 0 < len(value) <= MAX_REQUEST_ID_CHARS:
+        raise ValidationError(f"Must be 1 to {MAX_REQUEST_ID_CHARS} characters.")
 
 
 class ServiceInfoSchema(Schema):
@@ -36,6 +49,11 @@ class ServiceInfoSchema(Schema):
     user_id = WholeNumber(required=True)
     chat_id = WholeNumber(allow_none=True)
     message_id = WholeNumber(allow_none=True)
+    request_id = fields.Raw(metadata={
+        "oneOf": [{"type": "string", "minLength": 1, "maxLength": MAX_REQUEST_ID_CHARS}, {"type": "integer"}],
+        "description": "Additive: the client's idempotency key. A request repeating a key already "
+                       "used by this service is not queued again: the answer is the original "
+                       "request (its object_id and current state)."}, validate=_check_request_id)
 
 
 class RequestMessageSchema(Schema):
@@ -83,7 +101,11 @@ class InfoSchema(Schema):
                 known key or null
     retrying    the request's attempt failed (`content` says why); it runs again in
                 `retry_in_s` seconds, on another backend when one is healthy
-    cancel      the answer to a cancel action: `content` is "cancelled" or why not
+    cancel      the answer to a cancel action: `outcome` is "cancelled", "finishing" (too late:
+                its final answer is on its way) or "not_found"; `content` says it in words
+    ack         the answer to an ack action: `outcome` is "acked" or "not_found"
+    storage_retry  the server's database refused a write of this request's progress; the
+                request is kept, and the write is retried until the database takes it
     """
 
     message_type = fields.Constant("info")
@@ -96,13 +118,16 @@ class InfoSchema(Schema):
     attempt = fields.Integer()
     retry_in_s = fields.Float()
     unknown_fields = fields.Dict(keys=fields.String(), values=fields.String(allow_none=True))
+    outcome = fields.String()
 
 
-class CancelActionSchema(Schema):
-    """Client -> server, additive: `{"message_type": "info", "action": "cancel", "object_id": ...}`."""
+class ActionSchema(Schema):
+    """Client -> server, additive: `{"message_type": "info", "action": "cancel" | "ack",
+    "object_id": ...}`. `cancel` stops a queued or running request; `ack` acknowledges its
+    final answer (see settings.require_ack)."""
 
     message_type = fields.String(required=True, validate=validate.Equal("info"))
-    action = fields.String(required=True, validate=validate.Equal("cancel"))
+    action = fields.String(required=True, validate=validate.OneOf(["cancel", "ack"]))
     object_id = fields.String(required=True, validate=validate.Regexp(r"^[0-9a-f]{24}$"))
 
 
@@ -111,7 +136,7 @@ _settings_schema = SettingsSchema()
 _service_info_schema = ServiceInfoSchema()
 _response_schema = ResponseSchema()
 _info_schema = InfoSchema()
-_cancel_schema = CancelActionSchema()
+_action_schema = ActionSchema()
 
 
 def decode_message(text: str, what: str = "Message") -> dict[str, Any]:
@@ -240,10 +265,11 @@ def info_message(info_type: str, content: str, **extra: Any) -> dict[str, Any]:
     return _info_schema.dump(data)
 
 
-def parse_cancel_action(message: dict[str, Any]) -> str:
-    """The object_id of a cancel action. Raises InvalidRequest when the action is malformed."""
+def parse_action(message: dict[str, Any]) -> tuple[str, str]:
+    """(action, object_id) of a client action. Raises InvalidRequest when it is malformed."""
     try:
-        return _cancel_schema.load(message)["object_id"]
+        loaded = _action_schema.load(message)
+        return loaded["action"], loaded["object_id"]
     except ValidationError as exc:
         raise InvalidRequest(_summary(exc.normalized_messages()),
                              field_errors=exc.normalized_messages()) from None

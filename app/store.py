@@ -12,10 +12,11 @@ write transaction.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,23 @@ _OUTBOX_INSERT = ("INSERT INTO outbox (target, object_id, revision, document, cr
 
 class StoreClosed(RuntimeError):
     """A write came after close(): it was not committed."""
+
+
+# What the store's writes change on a Job. A failed write puts them back, so the caller may
+# simply make the same call again (the scheduler retries claims and finishes until they land).
+_PERSISTED_FIELDS = ("attempts", "interruptions", "status", "backend", "result", "started_at",
+                     "finished_at", "last_error", "generation_s", "delivered_at", "acked_at", "revision")
+
+
+@contextlib.contextmanager
+def _unchanged_on_failure(job: Job) -> Iterator[None]:
+    saved = {name: getattr(job, name) for name in _PERSISTED_FIELDS}
+    try:
+        yield
+    except BaseException:
+        for name, value in saved.items():
+            setattr(job, name, value)
+        raise
 
 
 @dataclass(frozen=True)
@@ -150,85 +168,108 @@ class Store:
         if listener is not None:
             listener()
 
+    # Every write below is safe to repeat after it failed: a failed write leaves `job` as it
+    # was (_unchanged_on_failure), so the same call makes the same change.
+
     async def add(self, job: Job) -> None:
-        """Commit a new queued request. Raises sqlite3.IntegrityError on a duplicate id."""
+        """Commit a new queued request. Raises sqlite3.IntegrityError on a duplicate id or a
+        duplicate request_key of the same service."""
         job.revision = 1
         payload_json = json.dumps(job.payload)
         job.payload_chars = len(payload_json)
         await self._commit_change(job, (
             "INSERT INTO requests (object_id, service, executor, gen_type, premium, settings,"
-            " service_info, payload, status, created_at, revision, channel)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?)",
+            " service_info, payload, status, created_at, revision, channel, ack_required, request_key)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?)",
             (job.object_id, job.service, job.executor.value, job.gen_type.value, int(job.premium),
              json.dumps(job.settings), json.dumps(job.service_info), payload_json,
-             job.created_at, job.revision, job.channel),
+             job.created_at, job.revision, job.channel, int(job.ack_required), job.request_key),
         ))
 
     async def claim(self, job: Job, backend_name: str) -> None:
         """Record that `backend_name` starts `job`; counts the attempt (also on `job`)."""
-        job.attempts += 1
-        job.status = JobStatus.GENERATING
-        job.backend = backend_name
-        job.started_at = time.time()
-        job.revision += 1
-        await self._commit_change(job, (
-            "UPDATE requests SET status = 'generating', attempts = ?, backend = ?, started_at = ?,"
-            " revision = ? WHERE object_id = ?",
-            (job.attempts, backend_name, job.started_at, job.revision, job.object_id),
-        ))
+        with _unchanged_on_failure(job):
+            job.attempts += 1
+            job.status = JobStatus.GENERATING
+            job.backend = backend_name
+            job.started_at = time.time()
+            job.revision += 1
+            await self._commit_change(job, (
+                "UPDATE requests SET status = 'generating', attempts = ?, backend = ?, started_at = ?,"
+                " revision = ? WHERE object_id = ?",
+                (job.attempts, backend_name, job.started_at, job.revision, job.object_id),
+            ))
 
     async def requeue(self, job: Job, reason: str) -> None:
         """Put a job whose attempt failed back in line (its attempt stays counted)."""
-        job.status = JobStatus.QUEUED
-        job.last_error = reason
-        job.revision += 1
-        await self._commit_change(job, (
-            "UPDATE requests SET status = 'queued', last_error = ?, revision = ? WHERE object_id = ?",
-            (reason, job.revision, job.object_id),
-        ))
+        with _unchanged_on_failure(job):
+            job.status = JobStatus.QUEUED
+            job.last_error = reason
+            job.revision += 1
+            await self._commit_change(job, (
+                "UPDATE requests SET status = 'queued', last_error = ?, revision = ? WHERE object_id = ?",
+                (reason, job.revision, job.object_id),
+            ))
 
     async def finish(self, job: Job, generation_s: float | None, upload: dict[str, Any] | None = None) -> None:
         """Commit the final status and result already set on `job`, marked undelivered, with
         the S3 upload it needs (`upload`: an outbox document) in the same transaction."""
         assert job.status.is_final and job.result is not None
-        job.finished_at = time.time()
-        job.generation_s = generation_s
-        job.revision += 1
-        await self._commit_change(job, (
-            "UPDATE requests SET status = ?, result = ?, finished_at = ?, generation_s = ?,"
-            " delivered_at = NULL, revision = ? WHERE object_id = ?",
-            (job.status.value, json.dumps(job.result), job.finished_at, generation_s, job.revision,
-             job.object_id),
-        ), upload=upload)
+        with _unchanged_on_failure(job):
+            job.finished_at = time.time()
+            job.generation_s = generation_s
+            job.revision += 1
+            await self._commit_change(job, (
+                "UPDATE requests SET status = ?, result = ?, finished_at = ?, generation_s = ?,"
+                " delivered_at = NULL, revision = ? WHERE object_id = ?",
+                (job.status.value, json.dumps(job.result), job.finished_at, generation_s, job.revision,
+                 job.object_id),
+            ), upload=upload)
 
     async def replace_result(self, job: Job) -> None:
         """Commit a changed result of a finished job (a fallback for a slow S3 upload)."""
-        job.revision += 1
-        await self._commit_change(job, (
-            "UPDATE requests SET result = ?, revision = ? WHERE object_id = ?",
-            (json.dumps(job.result), job.revision, job.object_id),
-        ))
+        with _unchanged_on_failure(job):
+            job.revision += 1
+            await self._commit_change(job, (
+                "UPDATE requests SET result = ?, revision = ? WHERE object_id = ?",
+                (json.dumps(job.result), job.revision, job.object_id),
+            ))
 
     async def mark_delivered(self, jobs: Sequence[Job]) -> None:
         """Record that the final messages of `jobs` were sent. Safe to call twice."""
         now = time.time()
-        changes = []
-        for job in jobs:
-            if job.delivered_at is not None:
-                continue
-            job.delivered_at = now
+        await asyncio.gather(*[self._mark(job, "delivered_at", now) for job in jobs
+                               if job.delivered_at is None])  # submitted together: one group commit
+
+    async def mark_acked(self, job: Job) -> None:
+        """Record that the client acknowledged the final message of `job`. Safe to call twice."""
+        if job.acked_at is None:
+            await self._mark(job, "acked_at", time.time())
+
+    async def _mark(self, job: Job, column: str, now: float) -> None:
+        with _unchanged_on_failure(job):
+            setattr(job, column, now)
             job.revision += 1
-            changes.append(self._commit_change(job, (
-                "UPDATE requests SET delivered_at = ?, revision = ? WHERE object_id = ?"
-                " AND delivered_at IS NULL", (now, job.revision, job.object_id))))
-        await asyncio.gather(*changes)  # submitted together: one group commit
+            await self._commit_change(job, (
+                f"UPDATE requests SET {column} = ?, revision = ? WHERE object_id = ? AND {column} IS NULL",
+                (now, job.revision, job.object_id)))
 
     async def requeue_interrupted(self) -> int:
         """Put every request a previous run left `generating` back to `queued` (at start-up,
-        before any backend runs: in a single process those rows are all orphaned)."""
+        before any backend runs: in a single process those rows are all orphaned). The
+        interrupted attempt is not held against the request: it is counted as an
+        interruption instead."""
         interrupted = await self._fetch_jobs("status = 'generating'")
         for job in interrupted:
-            await self.requeue(job, "interrupted by a restart of the balancer")
+            job.status = JobStatus.QUEUED
+            job.attempts = max(0, job.attempts - 1)
+            job.interruptions += 1
+            job.last_error = "interrupted by a restart of the balancer"
+            job.revision += 1
+            await self._commit_change(job, (
+                "UPDATE requests SET status = 'queued', attempts = ?, interruptions = ?, last_error = ?,"
+                " revision = ? WHERE object_id = ?",
+                (job.attempts, job.interruptions, job.last_error, job.revision, job.object_id)))
         return len(interrupted)
 
     # -- outbox -------------------------------------------------------------------------
@@ -322,11 +363,18 @@ class Store:
         """Every queued request, oldest first."""
         return await self._fetch_jobs("status = 'queued'")
 
-    async def undelivered_jobs(self, service: str) -> list[Job]:
-        """Finished requests of `service` whose final message has not been sent, oldest first."""
+    async def owed_finals(self, service: str) -> list[Job]:
+        """Finished requests of `service` whose final message is still owed to a connection:
+        never sent, or (with require_ack) sent and not acknowledged. Oldest first."""
         return await self._fetch_jobs(
-            "service = ? AND channel = 'ws' AND delivered_at IS NULL AND status IN ('ok', 'error')",
+            "service = ? AND channel = 'ws' AND status IN ('ok', 'error')"
+            " AND (delivered_at IS NULL OR (ack_required = 1 AND acked_at IS NULL))",
             (service,))
+
+    async def find_by_request_key(self, service: str, request_key: str) -> Job | None:
+        """The request of `service` that carried this idempotency key, if any."""
+        jobs = await self._fetch_jobs("service = ? AND request_key = ?", (service, request_key))
+        return jobs[0] if jobs else None
 
     async def recent_jobs(self, limit: int) -> list[Job]:
         """The latest `limit` requests, newest first."""
@@ -372,5 +420,6 @@ def _job_from_row(row: aiosqlite.Row) -> Job:
         result=json.loads(row["result"]) if row["result"] else None,
         started_at=row["started_at"], finished_at=row["finished_at"], last_error=row["last_error"],
         generation_s=row["generation_s"], delivered_at=row["delivered_at"], revision=row["revision"],
-        channel=row["channel"],
+        channel=row["channel"], interruptions=row["interruptions"],
+        ack_required=bool(row["ack_required"]), acked_at=row["acked_at"], request_key=row["request_key"],
     )

@@ -28,7 +28,7 @@ async def test_cancelling_a_queued_request_removes_it(start_backend, start_balan
     gpu.state.gate.set()
     assert (await bot.final(running["object_id"]))["gen_status"] == "ok"
 
-    assert answer == {"message_type": "info", "info_type": "cancel", "content": "cancelled",
+    assert answer == {"message_type": "info", "info_type": "cancel", "content": "cancelled", "outcome": "cancelled",
                       "object_id": waiting["object_id"]}
     assert done["gen_status"] == "error" and done["result"]["content"] == "cancelled"
     assert [c.body["prompt"] for c in gpu.state.received] == ["running"]

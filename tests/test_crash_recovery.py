@@ -95,9 +95,13 @@ async def test_sigkill_with_requests_queued_generating_and_undelivered_loses_non
     await wait_until(lambda: all(row[2] for row in rows_by_status(database_path)["ok"]))
     after = rows_by_status(database_path)
     assert len(after["ok"]) == 12 and set(after) == {"ok"}
-    # The job that was generating at the kill ran again: its attempt was counted twice.
+    # The job that was generating at the kill ran again: the restart is counted as an
+    # interruption, not as a failed attempt (it must not use up MAX_ATTEMPTS).
     interrupted_id = before["generating"][0][0]
-    assert [attempts for oid, _, _, attempts in after["ok"] if oid == interrupted_id] == [2]
+    assert [attempts for oid, _, _, attempts in after["ok"] if oid == interrupted_id] == [1]
+    with sqlite3.connect(database_path) as db:
+        assert db.execute("SELECT interruptions FROM requests WHERE object_id = ?",
+                          (interrupted_id,)).fetchone() == (1,)
     assert "1 were interrupted by a restart" in restarted.log()
 
 

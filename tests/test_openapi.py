@@ -28,7 +28,7 @@ async def test_the_document_is_valid_and_lists_every_route(start_backend, start_
     assert documented == registered
     schemas = document["components"]["schemas"]
     # The websocket's messages are described too.
-    assert {"RequestMessage", "Response", "Info", "CancelAction"} <= set(schemas)
+    assert {"RequestMessage", "Response", "Info", "Action"} <= set(schemas)
     assert len(schemas["RequestMessage"]["oneOf"]) == 4
 
 

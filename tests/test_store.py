@@ -102,18 +102,21 @@ async def test_the_job_life_cycle_is_recorded(tmp_path):
     await store.claim(job, "gpu-1")
     assert (await store.get(job.object_id)).status is JobStatus.GENERATING
     assert await store.requeue_interrupted() == 1
-    assert [j.object_id for j in await store.queued_jobs()] == [job.object_id]
+    [requeued] = await store.queued_jobs()
+    # A restart is not the request's failure: counted apart from its attempts.
+    assert (requeued.object_id, requeued.attempts, requeued.interruptions) == (job.object_id, 0, 1)
+    job = requeued
 
     await store.claim(job, "gpu-2")
     job.status, job.result = JobStatus.OK, {"content_type": "base64", "content": "eA=="}
     await store.finish(job, generation_s=1.5)
-    assert [j.object_id for j in await store.undelivered_jobs("discord")] == [job.object_id]
-    assert await store.undelivered_jobs("telegram") == []
+    assert [j.object_id for j in await store.owed_finals("discord")] == [job.object_id]
+    assert await store.owed_finals("telegram") == []
     await store.mark_delivered([job])
     await store.mark_delivered([job])  # safe twice
     stored = await store.get(job.object_id)
-    assert (stored.status, stored.attempts, stored.backend) == (JobStatus.OK, 2, "gpu-2")
-    assert await store.undelivered_jobs("discord") == []
+    assert (stored.status, stored.attempts, stored.backend) == (JobStatus.OK, 1, "gpu-2")
+    assert await store.owed_finals("discord") == []
     assert await store.recent_successes("gpu-2", 5) == [(GenType.TEXT2IMG, {"prompt": "x"}, 1.5)]
     assert await store.recent_successes("gpu-1", 5) == []
     await store.close()
