@@ -1,10 +1,16 @@
-"""A command-line client that connects like a bot service, shows the request's way through the
-queue, and saves the image.
+"""A command-line client that sends one request as a bot service would, shows its way through
+the queue, and saves the image.
 
     python -m app.client "a lighthouse at dusk" [--executor kandinsky] [--output out.jpg]
 
-Exit status: 0 saved, 1 the request ended in an error, 2 refused (wrong key or service),
-3 the server could not be reached or the connection broke.
+It connects privately (`?receive=own`): it only ever sees its own request, never the results
+waiting for the service's bots. Ctrl-C or --timeout cancels the request. The server's address
+comes from --url, else DEVOID_URL, else API_HOST/API_PORT (environment or .env) as the
+server reads them.
+
+Exit status: 0 saved, 1 the request ended in an error (or timed out, or was cancelled),
+2 refused (wrong key or service), 3 the server could not be reached or the connection broke,
+130 interrupted with Ctrl-C.
 """
 
 from __future__ import annotations
@@ -15,19 +21,43 @@ import base64
 import json
 import os
 import sys
+import uuid
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
 import aiohttp
+from dotenv import dotenv_values, find_dotenv
 
-EXIT_OK, EXIT_FAILED, EXIT_REFUSED, EXIT_UNREACHABLE = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILED, EXIT_REFUSED, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 BAR_WIDTH = 24
+# How long a cancel (on Ctrl-C or --timeout) may wait for the server's answer.
+CANCEL_ANSWER_TIMEOUT_S = 3.0
+# The server's own defaults (app/config.py), for when neither the environment nor .env say.
+DEFAULT_API_HOST, DEFAULT_API_PORT = "127.0.0.1", "8080"
 
 
 class ClientError(Exception):
     def __init__(self, message: str, exit_status: int) -> None:
         super().__init__(message)
         self.exit_status = exit_status
+
+
+def default_url(environ: Mapping[str, str], dotenv: Mapping[str, str | None]) -> str:
+    """DEVOID_URL, else the server's API_HOST/API_PORT (environment first, then .env, as the
+    server reads them); a wildcard listen address is reached on loopback."""
+    if environ.get("DEVOID_URL"):
+        return environ["DEVOID_URL"]
+
+    def setting(name: str, default: str) -> str:
+        return environ.get(name) or dotenv.get(name) or default
+
+    host = setting("API_HOST", DEFAULT_API_HOST)
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{setting('API_PORT', DEFAULT_API_PORT)}"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,13 +70,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, help="sampling steps (backend default if left out)")
     parser.add_argument("--width", type=int)
     parser.add_argument("--height", type=int)
-    parser.add_argument("--url", default=os.environ.get("DEVOID_URL", "http://127.0.0.1:8080"),
-                        help="server URL (env DEVOID_URL)")
+    parser.add_argument("--url", default=default_url(os.environ, dotenv_values(find_dotenv(usecwd=True))),
+                        help="server URL (default: DEVOID_URL, else API_HOST/API_PORT from the "
+                             "environment or .env)")
     parser.add_argument("--service", default=os.environ.get("DEVOID_SERVICE", "test"),
                         help="service name (env DEVOID_SERVICE)")
     parser.add_argument("--key", default=os.environ.get("DEVOID_KEY", "demo-key"),
                         help="service key (env DEVOID_KEY); the default is TEST_MODE's demo key")
     parser.add_argument("--output", type=Path, help="where to save the image (default <object_id>.jpg)")
+    parser.add_argument("--timeout", type=float, metavar="SECONDS",
+                        help="give up (and cancel the request) after this long")
     return parser.parse_args(argv)
 
 
@@ -57,7 +90,8 @@ def request_message(args: argparse.Namespace) -> dict[str, Any]:
             payload[name] = getattr(args, name)
     return {"message_type": "request", "executor": args.executor, "gen_type": args.gen_type,
             "settings": {"premium": int(args.premium), "moderate": 0, "sync_with_s3": 1},
-            "service_info": {"user_id": 0, "client": "app.client"}, "payload": payload}
+            "service_info": {"user_id": 0, "client": "app.client", "request_id": f"cli-{uuid.uuid4()}"},
+            "payload": payload}
 
 
 class ProgressView:
@@ -110,9 +144,11 @@ async def generate(args: argparse.Namespace, view: ProgressView) -> Path:
     async with aiohttp.ClientSession() as session:
         try:
             async with session.ws_connect(f"{ws_url}/ws/{args.service}", headers=headers,
+                                          params={"receive": "own"},
                                           max_msg_size=64 * 1024 * 1024) as ws:
-                await ws.send_json(request_message(args))
-                final = await follow(ws, view)
+                request = request_message(args)
+                await ws.send_json(request)
+                final = await follow(ws, view, request["service_info"]["request_id"], args.timeout)
         except aiohttp.WSServerHandshakeError as exc:
             if exc.status == 401:
                 raise ClientError(f"the server refused service {args.service!r} with this key "
@@ -126,18 +162,41 @@ async def generate(args: argparse.Namespace, view: ProgressView) -> Path:
         return await save(session, final, args.output)
 
 
-async def follow(ws: aiohttp.ClientWebSocketResponse, view: ProgressView) -> dict[str, Any]:
-    object_id = None
+class Interrupted(ClientError):
+    """Ctrl-C: the request was cancelled (or could not be)."""
+
+
+async def follow(ws: aiohttp.ClientWebSocketResponse, view: ProgressView, request_id: str,
+                 timeout_s: float | None) -> dict[str, Any]:
+    """Follow our request to its final answer. Only our own request's messages come on this
+    private connection; each is still matched by object_id (taken from the answer that echoes
+    our request_id)."""
+    state: dict[str, Any] = {"object_id": None}
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await _read_until_final(ws, view, request_id, state)
+    except TimeoutError:
+        outcome = await _cancel(ws, state["object_id"])
+        raise ClientError(f"no answer within {timeout_s:g} s; {outcome}", EXIT_FAILED) from None
+    except asyncio.CancelledError:  # Ctrl-C
+        outcome = await _cancel(ws, state["object_id"])
+        raise Interrupted(f"interrupted; {outcome}", EXIT_INTERRUPTED) from None
+
+
+async def _read_until_final(ws: aiohttp.ClientWebSocketResponse, view: ProgressView, request_id: str,
+                            state: dict[str, Any]) -> dict[str, Any]:
     async for frame in ws:
         if frame.type is not aiohttp.WSMsgType.TEXT:
             break
         message = json.loads(frame.data)
         if message.get("message_type") == "info" and message.get("info_type") == "error":
             raise ClientError(f"the server refused the message: {message['content']}", EXIT_FAILED)
-        if object_id is None and message.get("message_type") == "response":
-            object_id = message["object_id"]
-        if message.get("object_id") not in (None, object_id):
-            continue  # an answer for another request of this service
+        if (state["object_id"] is None and message.get("message_type") == "response"
+                and message.get("service_info", {}).get("request_id") == request_id):
+            state["object_id"] = message["object_id"]
+            view.show(f"object_id {state['object_id']}")
+        if state["object_id"] is None or message.get("object_id") != state["object_id"]:
+            continue
         line = describe(message)
         if line:
             view.show(line)
@@ -145,6 +204,26 @@ async def follow(ws: aiohttp.ClientWebSocketResponse, view: ProgressView) -> dic
             view.done()
             return message
     raise ClientError("the connection closed before the request finished", EXIT_UNREACHABLE)
+
+
+async def _cancel(ws: aiohttp.ClientWebSocketResponse, object_id: str | None) -> str:
+    """Cancel our request; a few words on how that went."""
+    if object_id is None:
+        return "the request had not been acknowledged yet"
+    try:
+        async with asyncio.timeout(CANCEL_ANSWER_TIMEOUT_S):
+            await ws.send_json({"message_type": "info", "action": "cancel", "object_id": object_id})
+            async for frame in ws:
+                if frame.type is not aiohttp.WSMsgType.TEXT:
+                    break
+                message = json.loads(frame.data)
+                if message.get("info_type") == "cancel" and message.get("object_id") == object_id:
+                    if message.get("outcome") == "cancelled":
+                        return f"request {object_id} cancelled"
+                    return f"request {object_id} not cancelled: {message['content']}"
+    except (TimeoutError, aiohttp.ClientError, ConnectionError):
+        pass
+    return f"request {object_id} may still run (the cancel was not answered)"
 
 
 async def save(session: aiohttp.ClientSession, final: dict[str, Any], output: Path | None) -> Path:
@@ -168,12 +247,25 @@ async def save(session: aiohttp.ClientSession, final: dict[str, Any], output: Pa
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     view = ProgressView(sys.stderr)
+    outcome: list[ClientError] = []
+
+    async def run() -> Path | None:
+        try:
+            return await generate(args, view)
+        except ClientError as exc:
+            outcome.append(exc)  # kept: on Ctrl-C asyncio.run raises KeyboardInterrupt after us
+            return None
+
     try:
-        path = asyncio.run(generate(args, view))
-    except ClientError as exc:
+        path = asyncio.run(run())
+    except KeyboardInterrupt:
+        path = None
+        if not outcome:
+            outcome.append(Interrupted("interrupted", EXIT_INTERRUPTED))
+    if outcome:
         view.done()
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_status
+        print(f"error: {outcome[0]}", file=sys.stderr)
+        return outcome[0].exit_status
     print(f"saved {path}")
     return EXIT_OK
 

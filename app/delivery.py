@@ -68,14 +68,34 @@ class ConnectionHub:
         """A connection closed. Finals it held unacknowledged go to another connection."""
         self._private.discard(ws)
         self._connections[service].discard(ws)
-        orphaned = [object_id for object_id, held in self._awaiting_ack.items() if held is ws]
+        orphaned = [object_id for object_id, held in self._awaiting_ack.items()
+                    if held is ws and object_id not in self._handing]  # those: see _release
         for object_id in orphaned:
             del self._awaiting_ack[object_id]
-        if orphaned and self._connections[service] and not self.closing:
-            other = next(iter(self._connections[service]))
-            task = asyncio.create_task(self.deliver_backlog(service, other))
-            self._handovers.add(task)
-            task.add_done_callback(self._handovers.discard)
+        if orphaned:
+            self._rehome(service)
+
+    def _rehome(self, service: str) -> None:
+        """Unacknowledged finals lost their connection: offer them to another open one."""
+        if not self._connections[service] or self.closing:
+            return  # the next connection's backlog has them
+        other = next(iter(self._connections[service]))
+        task = asyncio.create_task(self.deliver_backlog(service, other))
+        self._handovers.add(task)
+        task.add_done_callback(self._handovers.discard)
+
+    def _is_open(self, ws: web.WebSocketResponse, service: str) -> bool:
+        return not ws.closed and (ws in self._connections[service] or ws in self._private)
+
+    def _release(self, jobs: list[Job]) -> None:
+        """Hand-over of `jobs` is over. An unacknowledged final whose connection closed
+        while it was being handed over (so `discard` did not offer it again) is offered again."""
+        self._handing.difference_update(job.object_id for job in jobs)
+        for job in jobs:
+            held = self._awaiting_ack.get(job.object_id)
+            if held is not None and not self._is_open(held, job.service):
+                del self._awaiting_ack[job.object_id]
+                self._rehome(job.service)
 
     def connection_count(self, service: str) -> int:
         return len(self._connections[service])
@@ -143,7 +163,7 @@ class ConnectionHub:
             if not await self._send_finals([job], self._receivers(job)):
                 log.info("%s: no connection took its answer; it waits for the next one", job.object_id)
         finally:
-            self._handing.discard(job.object_id)
+            self._release([job])
 
     async def deliver_backlog(self, service: str, ws: web.WebSocketResponse) -> int:
         """Send `ws` every final of `service` still owed and not being handed to (or held by)
@@ -151,7 +171,7 @@ class ConnectionHub:
         owed = []
         for job in await self._store.owed_finals(service):
             held = self._awaiting_ack.get(job.object_id)
-            if job.object_id in self._handing or (held is not None and not held.closed):
+            if job.object_id in self._handing or (held is not None and self._is_open(held, service)):
                 continue
             owed.append(job)
         # Claimed before the first await, so a connection opening at the same moment skips them.
@@ -159,7 +179,7 @@ class ConnectionHub:
         try:
             sent = await self._send_finals(owed, [ws])
         finally:
-            self._handing.difference_update(job.object_id for job in owed)
+            self._release(owed)
         if sent:
             log.info("delivered %d waiting results to a new %s connection", sent, service)
         return sent
