@@ -192,12 +192,13 @@ def main() -> None:
     try:
         config = Config.from_env(os.environ)
         configure_logging(config.logging_level)
-        app = create_app(config)
-        # One server per database, checked before anything reads the queue; then the port,
-        # bound before the scheduler starts (a port in use must not cost a dispatched job).
+        # One server per database, checked before anything reads the queue; then the folders
+        # and the port, bound before the scheduler starts (a port in use must not cost a
+        # dispatched job).
         lock = DatabaseLock.acquire(config.database_path)
         for setting, folder in _data_folders(config):
             check_writable_folder(setting, folder)
+        app = create_app(config)
         sock = bind(config.api_host, config.api_port)
     except (ConfigError, CannotStart) as exc:
         print(f"devoid: cannot start: {exc}", file=sys.stderr)
@@ -212,6 +213,8 @@ def _data_folders(config: Config) -> list[tuple[str, Path]]:
     folders = [("DATABASE_PATH", config.database_path.parent)]
     if config.save_images_locally:
         folders.append(("IMAGES_PATH", config.images_path))
+    if config.s3_enabled:
+        folders.append(("SPOOL_PATH", config.spool_path))
     return folders
 
 

@@ -1,18 +1,26 @@
 """`python -m app.client` against a server with demo backends: it shows the way through the
-queue, saves a real image and exits 0; it exits non-zero with a readable message otherwise."""
+queue, saves a real image and exits 0; it exits non-zero with a readable message otherwise. It
+only ever handles its own request: results waiting for the service's bots stay theirs, and
+Ctrl-C or --timeout cancels the request."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import sys
 from pathlib import Path
+
+import aiohttp
 
 import pytest
 from PIL import Image
 
+from tests.bots import Bot, request_message
 from tests.conftest import base_env
 from tests.processes import REPO_ROOT, ServerProcess
+
+DEMO_HEADERS = {"authorization": "demo-key", "service": "test"}
 
 
 @pytest.fixture
@@ -24,11 +32,16 @@ async def demo_server(tmp_path, unused_tcp_port_factory):
     await server.stop()
 
 
-async def run_client(cwd: Path, *args: str) -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "app.client", *args, cwd=cwd,
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+async def start_client(cwd: Path, *args: str) -> asyncio.subprocess.Process:
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("DEVOID_URL", "API_HOST", "API_PORT")}
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "app.client", *args, cwd=cwd, env={**env, "PYTHONPATH": str(REPO_ROOT)},
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+
+
+async def run_client(cwd: Path, *args: str) -> tuple[int, str, str]:
+    process = await start_client(cwd, *args)
     async with asyncio.timeout(30):
         stdout, stderr = await process.communicate()
     return process.returncode, stdout.decode(), stderr.decode()
@@ -46,7 +59,8 @@ async def test_the_client_saves_a_valid_image(tmp_path, demo_server, executor):
     with Image.open(output) as image:
         assert image.format == "JPEG" and image.width > 0
     lines = stderr.splitlines()
-    assert lines[0].startswith("queued") and "ETA" in lines[0]
+    assert lines[0].startswith("object_id ") and len(lines[0].split()[1]) == 24
+    assert lines[1].startswith("queued") and "ETA" in lines[1]
     assert lines[-1] == "ok"
     if executor == "automatic1111":  # progress is polled from AUTOMATIC1111 only
         assert any(line.startswith("generating [") and "%" in line for line in lines)
@@ -68,3 +82,66 @@ async def test_a_request_the_server_refuses_exits_non_zero(tmp_path, demo_server
     code, _, stderr = await run_client(tmp_path, "x", "--url", demo_server.base_url, "--steps", "0")
     assert code == 1
     assert "payload.steps: Must be greater than or equal to 1" in stderr
+
+
+async def test_the_client_leaves_results_waiting_for_the_bots_alone(tmp_path, demo_server):
+    async with aiohttp.ClientSession() as session:
+        ws = await session.ws_connect(f"{demo_server.base_url}/ws/test", headers=DEMO_HEADERS)
+        bot = Bot(ws)
+        waiting = await bot.submit(request_message("kandinsky", "text2img", {"prompt": "the bot's"}))
+        await ws.close()  # its result will wait for the service's next connection
+        await asyncio.sleep(1.0)  # done by now (DEMO_DELAY_S=0.5)
+
+        output = tmp_path / "mine.jpg"
+        code, _, stderr = await run_client(tmp_path, "a brand new prompt", "--url", demo_server.base_url,
+                                           "--output", str(output))
+        assert code == 0, stderr
+        mine = stderr.splitlines()[0].split()[1]
+        assert mine != waiting["object_id"]
+
+        ws = await session.ws_connect(f"{demo_server.base_url}/ws/test", headers=DEMO_HEADERS)
+        final = await Bot(ws).final(waiting["object_id"])  # still there for the bot
+        assert final["payload"] == {"prompt": "the bot's"}
+        await ws.close()
+
+
+async def test_ctrl_c_cancels_the_request_in_one_line(tmp_path, unused_tcp_port_factory):
+    server = ServerProcess(base_env(tmp_path, unused_tcp_port_factory(), TEST_MODE=1, SERVICES="",
+                                    DEMO_DELAY_S=30), tmp_path / "server.log")
+    await server.start()
+    try:
+        client = await start_client(tmp_path, "slow", "--url", server.base_url)
+        first_line = (await asyncio.wait_for(client.stderr.readline(), 15)).decode()
+        object_id = first_line.split()[1]
+        await asyncio.wait_for(client.stderr.readline(), 15)  # queued: the server has it
+        client.send_signal(signal.SIGINT)
+        async with asyncio.timeout(15):
+            stdout, stderr = await client.communicate()
+        assert client.returncode == 130
+        assert stderr.decode().strip().splitlines()[-1] == f"error: interrupted; request {object_id} cancelled"
+        assert "Traceback" not in stderr.decode()
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{server.base_url}/api/v1/requests/{object_id}", headers=DEMO_HEADERS) as response:
+                answer = await response.json()
+        assert (answer["gen_status"], answer["result"]["content"]) == ("error", "cancelled")
+    finally:
+        await server.stop()
+
+
+async def test_timeout_gives_up_and_cancels(tmp_path, unused_tcp_port_factory):
+    server = ServerProcess(base_env(tmp_path, unused_tcp_port_factory(), TEST_MODE=1, SERVICES="",
+                                    DEMO_DELAY_S=30), tmp_path / "server.log")
+    await server.start()
+    try:
+        code, _, stderr = await run_client(tmp_path, "slow", "--url", server.base_url, "--timeout", "1")
+        object_id = stderr.splitlines()[0].split()[1]
+        assert code == 1
+        assert stderr.strip().splitlines()[-1] == f"error: no answer within 1 s; request {object_id} cancelled"
+    finally:
+        await server.stop()
+
+
+async def test_the_default_url_comes_from_api_host_and_port_in_dot_env(tmp_path, demo_server):
+    (tmp_path / ".env").write_text(f"API_HOST=0.0.0.0\nAPI_PORT={demo_server.env['API_PORT']}\n")
+    code, stdout, stderr = await run_client(tmp_path, "from .env", "--output", str(tmp_path / "x.jpg"))
+    assert code == 0, stderr

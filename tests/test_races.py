@@ -1,0 +1,109 @@
+"""Cancels and storage faults that land at awkward moments: a cancel during a retry's wait
+touches no other job, a cancel while the answer is being stored is answered "too late" and
+the request still gets its one final, and a database that stops taking writes delays requests
+(with one notice) instead of silencing them until a restart."""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+from app import keys
+from app.lifecycle import Phase
+from tests.bots import request_message, wait_until
+from tests.test_cancel_and_progress import cancel_action
+
+
+@contextlib.contextmanager
+def database_refusing_writes(path: Path) -> Iterator[None]:
+    """Another process holds SQLite's write lock: every commit of the server waits out its
+    busy timeout and fails ("database is locked"), as on a full or read-only disk."""
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+
+
+async def test_cancelling_a_request_that_waits_to_be_retried_leaves_the_running_job_alone(
+        start_backend, start_balancer):
+    gpu = await start_backend("kandinsky")
+    balancer = await start_balancer([gpu], RETRY_BACKOFF_S=30, BREAKER_FAILURES=10)
+    scheduler = balancer.app[keys.SCHEDULER]
+    bot = await balancer.connect("telegram")
+    gpu.state.fail_status = 500  # the first attempt of A fails: A waits 30 s for its retry
+    a = await bot.submit(request_message("kandinsky", "text2img", {"prompt": "A"}))
+    await bot.next_message(lambda m: m.get("info_type") == "retrying")
+    assert scheduler.phase_of(a["object_id"]) is Phase.RETRY_WAIT
+
+    gpu.state.fail_status = None
+    gpu.state.gate.clear()
+    b = await bot.submit(request_message("kandinsky", "text2img", {"prompt": "B"}))
+    await wait_until(lambda: gpu.state.running == 1)  # B now runs on the backend A used
+    await bot.send(cancel_action(a["object_id"]))
+    answer = await bot.next_message(lambda m: m.get("info_type") == "cancel")
+    cancelled = await bot.final(a["object_id"])
+    gpu.state.gate.set()
+    done = await bot.final(b["object_id"])
+
+    assert answer["outcome"] == "cancelled"
+    assert cancelled["result"]["content"] == "cancelled"
+    assert done["gen_status"] == "ok"  # B was not cancelled in A's place
+    assert gpu.state.interrupts == 0
+    assert [call.body["prompt"] for call in gpu.state.received] == ["A", "B"]
+
+
+async def test_a_cancel_while_the_answer_is_stored_is_too_late_and_the_final_comes_once(
+        start_backend, start_balancer):
+    gpu = await start_backend("kandinsky")
+    gpu.state.gate.clear()
+    balancer = await start_balancer([gpu])
+    bot = await balancer.connect("telegram")
+    queued = await bot.submit(request_message("kandinsky", "text2img", {"prompt": "a fox"}))
+    await wait_until(lambda: gpu.state.running == 1)
+
+    with database_refusing_writes(balancer.config.database_path):
+        gpu.state.gate.set()  # the image comes back; its final status cannot be committed yet
+        await wait_until(lambda: balancer.app[keys.SCHEDULER].phase_of(queued["object_id"]) is Phase.FINISHING)
+        await bot.send(cancel_action(queued["object_id"]))
+        answer = await bot.next_message(lambda m: m.get("info_type") == "cancel")
+    final = await bot.final(queued["object_id"])
+
+    assert answer["outcome"] == "finishing"
+    assert final["gen_status"] == "ok"
+    # The connection is fine, and nothing else arrives for the request.
+    again = await bot.submit(request_message("kandinsky", "text2img", {"prompt": "next"}))
+    await bot.final(again["object_id"])
+    assert [m["gen_status"] for m in bot.received
+            if m.get("object_id") == queued["object_id"] and m.get("message_type") == "response"
+            ] == ["queued", "generating", "ok"]
+
+
+async def test_requests_resume_without_a_restart_once_the_database_takes_writes_again(
+        start_backend, start_balancer):
+    gpu = await start_backend("kandinsky")
+    gpu.state.gate.clear()
+    balancer = await start_balancer([gpu])
+    bot = await balancer.connect("telegram")
+    running = await bot.submit(request_message("kandinsky", "text2img", {"prompt": "running"}))
+    waiting = await bot.submit(request_message("kandinsky", "text2img", {"prompt": "waiting"}))
+    await wait_until(lambda: gpu.state.running == 1)
+
+    with database_refusing_writes(balancer.config.database_path):
+        gpu.state.gate.set()
+        # Both are held: one cannot record its result, the next cannot record its claim.
+        notices = [await bot.next_message(lambda m: m.get("info_type") == "storage_retry", timeout_s=20)
+                   for _ in range(2)]
+        assert {n["object_id"] for n in notices} == {running["object_id"], waiting["object_id"]}
+        assert "database is locked" in notices[0]["content"]
+    finals = [await bot.final(r["object_id"], timeout_s=20) for r in (running, waiting)]
+
+    assert [f["gen_status"] for f in finals] == ["ok", "ok"]
+    # Told once each, although every retry failed until the lock went.
+    assert sum(1 for m in bot.received if m.get("info_type") == "storage_retry") == 2
+    store = balancer.app[keys.STORE]
+    assert [(await store.get(r["object_id"])).attempts for r in (running, waiting)] == [1, 1]
