@@ -105,40 +105,39 @@ async def test_the_client_leaves_results_waiting_for_the_bots_alone(tmp_path, de
         await ws.close()
 
 
-async def test_ctrl_c_cancels_the_request_in_one_line(tmp_path, unused_tcp_port_factory):
+@pytest.fixture
+async def slow_demo_server(tmp_path, unused_tcp_port_factory):
+    """Demo backends that take 30 s per image: requests stay running while a test acts."""
     server = ServerProcess(base_env(tmp_path, unused_tcp_port_factory(), TEST_MODE=1, SERVICES="",
                                     DEMO_DELAY_S=30), tmp_path / "server.log")
     await server.start()
-    try:
-        client = await start_client(tmp_path, "slow", "--url", server.base_url)
-        first_line = (await asyncio.wait_for(client.stderr.readline(), 15)).decode()
-        object_id = first_line.split()[1]
-        await asyncio.wait_for(client.stderr.readline(), 15)  # queued: the server has it
-        client.send_signal(signal.SIGINT)
-        async with asyncio.timeout(15):
-            stdout, stderr = await client.communicate()
-        assert client.returncode == 130
-        assert stderr.decode().strip().splitlines()[-1] == f"error: interrupted; request {object_id} cancelled"
-        assert "Traceback" not in stderr.decode()
-        async with aiohttp.ClientSession() as session:
-            async with session.get(f"{server.base_url}/api/v1/requests/{object_id}", headers=DEMO_HEADERS) as response:
-                answer = await response.json()
-        assert (answer["gen_status"], answer["result"]["content"]) == ("error", "cancelled")
-    finally:
-        await server.stop()
+    yield server
+    await server.stop()
 
 
-async def test_timeout_gives_up_and_cancels(tmp_path, unused_tcp_port_factory):
-    server = ServerProcess(base_env(tmp_path, unused_tcp_port_factory(), TEST_MODE=1, SERVICES="",
-                                    DEMO_DELAY_S=30), tmp_path / "server.log")
-    await server.start()
-    try:
-        code, _, stderr = await run_client(tmp_path, "slow", "--url", server.base_url, "--timeout", "1")
-        object_id = stderr.splitlines()[0].split()[1]
-        assert code == 1
-        assert stderr.strip().splitlines()[-1] == f"error: no answer within 1 s; request {object_id} cancelled"
-    finally:
-        await server.stop()
+async def test_ctrl_c_cancels_the_request_in_one_line(tmp_path, slow_demo_server):
+    server = slow_demo_server
+    client = await start_client(tmp_path, "slow", "--url", server.base_url)
+    first_line = (await asyncio.wait_for(client.stderr.readline(), 15)).decode()
+    object_id = first_line.split()[1]
+    await asyncio.wait_for(client.stderr.readline(), 15)  # queued: the server has it
+    client.send_signal(signal.SIGINT)
+    async with asyncio.timeout(15):
+        stdout, stderr = await client.communicate()
+    assert client.returncode == 130
+    assert stderr.decode().strip().splitlines()[-1] == f"error: interrupted; request {object_id} cancelled"
+    assert "Traceback" not in stderr.decode()
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{server.base_url}/api/v1/requests/{object_id}", headers=DEMO_HEADERS) as response:
+            answer = await response.json()
+    assert (answer["gen_status"], answer["result"]["content"]) == ("error", "cancelled")
+
+
+async def test_timeout_gives_up_and_cancels(tmp_path, slow_demo_server):
+    code, _, stderr = await run_client(tmp_path, "slow", "--url", slow_demo_server.base_url, "--timeout", "1")
+    object_id = stderr.splitlines()[0].split()[1]
+    assert code == 1
+    assert stderr.strip().splitlines()[-1] == f"error: no answer within 1 s; request {object_id} cancelled"
 
 
 async def test_the_default_url_comes_from_api_host_and_port_in_dot_env(tmp_path, demo_server):

@@ -40,6 +40,13 @@ async def connect(session: aiohttp.ClientSession, server: ServerProcess, service
     return Bot(ws)
 
 
+async def connect_demo(session: aiohttp.ClientSession, server: ServerProcess) -> Bot:
+    """A bot of TEST_MODE's demo service."""
+    ws = await session.ws_connect(f"{server.base_url}/ws/test",
+                                  headers={"authorization": "demo-key", "service": "test"})
+    return Bot(ws)
+
+
 async def test_a_second_server_on_the_same_database_refuses_to_start(tmp_path, start_backend,
                                                                      unused_tcp_port_factory):
     gpu = await start_backend("automatic1111")
@@ -115,9 +122,7 @@ async def test_a_second_ctrl_c_exits_at_once_and_loses_nothing(tmp_path, unused_
     server = ServerProcess(env, tmp_path / "server.log")
     await server.start()
     async with aiohttp.ClientSession() as session:
-        ws = await session.ws_connect(f"{server.base_url}/ws/test",
-                                      headers={"authorization": "demo-key", "service": "test"})
-        bot = Bot(ws)
+        bot = await connect_demo(session, server)
         queued = await bot.submit(request_message("kandinsky", "text2img", {"prompt": "slow"}))
         await bot.next_message(lambda m: m.get("gen_status") == "generating")
 
@@ -135,9 +140,8 @@ async def test_a_second_ctrl_c_exits_at_once_and_loses_nothing(tmp_path, unused_
     await restarted.start()
     try:
         async with aiohttp.ClientSession() as session:
-            ws = await session.ws_connect(f"{restarted.base_url}/ws/test",
-                                          headers={"authorization": "demo-key", "service": "test"})
-            assert (await Bot(ws).final(queued["object_id"]))["gen_status"] == "ok"
+            bot = await connect_demo(session, restarted)
+            assert (await bot.final(queued["object_id"]))["gen_status"] == "ok"
     finally:
         await restarted.stop()
 
@@ -148,9 +152,7 @@ async def test_test_mode_honours_the_shutdown_grace(tmp_path, unused_tcp_port_fa
     server = ServerProcess(env, tmp_path / "server.log")
     await server.start()
     async with aiohttp.ClientSession() as session:
-        ws = await session.ws_connect(f"{server.base_url}/ws/test",
-                                      headers={"authorization": "demo-key", "service": "test"})
-        bot = Bot(ws)
+        bot = await connect_demo(session, server)
         await bot.submit(request_message("automatic1111", "text2img", {"prompt": "slow"}))
         await bot.next_message(lambda m: m.get("gen_status") == "generating")
         server.process.send_signal(signal.SIGTERM)
