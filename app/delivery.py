@@ -205,6 +205,21 @@ class ConnectionHub:
             log.exception("marking %d finals delivered failed", len(sent))
         return len(sent)
 
+    async def answer_repeat(self, job: Job, ws: web.WebSocketResponse) -> None:
+        """A request repeated the idempotency key of `job`, which is final. Its final is sent
+        to `ws` (a client that resends did not see it), unless it is being handed to a
+        connection right now: then `ws` is told so, and the final arrives through that."""
+        if job.object_id in self._handing:
+            await self.send_to(ws, info_message(
+                "duplicate", "A request with this request_id was answered already; its final "
+                "answer is being sent now.", object_id=job.object_id))
+            return
+        self._handing.add(job.object_id)
+        try:
+            await self._send_finals([job], [ws])
+        finally:
+            self._release([job])
+
     async def acknowledge(self, service: str, object_id: str) -> bool:
         """The client acknowledged a final. True if it was a final of `service` (acked now or
         before); False for an unknown or unfinished request or another service's."""

@@ -57,7 +57,7 @@ async def accept(app: web.Application, job: Job, announce: Announce) -> dict[str
     if job.request_key is not None:
         original = await store.find_by_request_key(job.service, job.request_key)
         if original is not None:
-            return await _answer_repeat(original, announce)
+            return await _answer_repeat(app, original, job, announce)
     try:
         await store.add(job)
     except sqlite3.IntegrityError:
@@ -65,7 +65,7 @@ async def accept(app: web.Application, job: Job, announce: Announce) -> dict[str
         original = await store.find_by_request_key(job.service, job.request_key) if job.request_key else None
         if original is None:
             raise
-        return await _answer_repeat(original, announce)
+        return await _answer_repeat(app, original, job, announce)
     log.info("%s queued: %s %s from %s%s (%s)", job.object_id, job.executor.value, job.gen_type.value,
              job.service, " (premium)" if job.premium else "", job.channel)
     job.cost_units = job_cost_units(job)
@@ -83,14 +83,19 @@ async def accept(app: web.Application, job: Job, announce: Announce) -> dict[str
     return queued
 
 
-async def _answer_repeat(original: Job, announce: Announce) -> dict[str, Any]:
+async def _answer_repeat(app: web.Application, original: Job, repeat: Job, announce: Announce) -> dict[str, Any]:
     """A request repeating an idempotency key: the original's current state (its final answer
     if it has one) instead of a new request."""
     log.info("%s: a repeat with the same request_id from %s was not queued again",
              original.object_id, original.service)
-    if original.status.is_final:
-        answer = final_response(original)
-    else:
+    if not original.status.is_final:
         answer = short_response(original, original.status.value, None)
-    await announce(answer)
+        await announce(answer)
+        return answer
+    answer = final_response(original)
+    if repeat.channel == "ws" and repeat.origin is not None:
+        # Through delivery, so the final is not also sent from the backlog at the same time.
+        await app[keys.HUB].answer_repeat(original, repeat.origin)
+    else:
+        await announce(answer)
     return answer

@@ -104,6 +104,8 @@ class InfoSchema(Schema):
     cancel      the answer to a cancel action: `outcome` is "cancelled", "finishing" (too late:
                 its final answer is on its way) or "not_found"; `content` says it in words
     ack         the answer to an ack action: `outcome` is "acked" or "not_found"
+    duplicate   a request repeated a request_id whose final answer is being sent right now
+                (to this or another connection of the service); it was not queued again
     storage_retry  the server's database refused a write of this request's progress; the
                 request is kept, and the write is retried until the database takes it
     """
