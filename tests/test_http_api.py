@@ -41,6 +41,17 @@ async def fetch_until_final(client, object_id: str, headers: dict) -> dict:
             await asyncio.sleep(0.02)
 
 
+async def test_an_unknown_payload_key_is_accepted_and_reported_in_the_notices(balancer):
+    response = await balancer.client.post("/api/v1/requests", headers=TELEGRAM, json=request_message(
+        "kandinsky", "text2img", {"prompt": "via http", "guidance_scael": 5}))
+    queued = await response.json()
+    assert response.status == 202 and queued["gen_status"] == "queued"
+    [notice] = queued["notices"]
+    assert (notice["info_type"], notice["unknown_fields"]) == ("unknown_field", {"guidance_scael": "guidance_scale"})
+    done = await fetch_until_final(balancer.client, queued["object_id"], TELEGRAM)
+    assert done["payload"] == {"prompt": "via http", "guidance_scael": 5}
+
+
 async def test_submit_then_fetch_the_result_over_http(balancer):
     client = balancer.client
     bot = await balancer.connect("telegram")  # a websocket of the same service hears nothing of it
