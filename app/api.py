@@ -22,7 +22,7 @@ from app.intake import accept, build_job
 from app.jobs import Job
 from app.lifecycle import CancelOutcome
 from app.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from app.schemas import decode_message, final_response, short_response
+from app.schemas import bounded_errors, decode_message, final_response, short_response
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ async def api_errors(request: web.Request,
     try:
         return await handler(request)
     except DevoidError as exc:
-        return error_response(exc.status, exc.reason, exc.field_errors)
+        return error_response(exc.status, exc.reason, bounded_errors(exc.field_errors))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -74,8 +74,14 @@ def _authenticate(request: web.Request) -> str:
 async def submit_request(request: web.Request) -> web.Response:
     """POST /api/v1/requests: the websocket's request message as the body."""
     service = _authenticate(request)
+    body = await request.read()
+    limit = request.app[keys.CONFIG].max_message_bytes
+    if len(body) > limit:
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(body),
+                                            text=f"Body is {len(body)} bytes, over this server's limit "
+                                                 f"of {limit} bytes (MAX_MESSAGE_BYTES).")
     try:
-        text = (await request.read()).decode("utf-8")
+        text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InvalidRequest(f"Body is not UTF-8 text: {exc.reason} at byte {exc.start}.") from None
     message = decode_message(text, what="Body")

@@ -16,16 +16,18 @@ import asyncio
 import hmac
 import json
 import logging
+from typing import Any
 
 from aiohttp import WSMsgType, web
 
 from app import keys
 from app.errors import InvalidRequest
 from app.ids import new_object_id
-from app.intake import accept, build_job
+from app.intake import accept, job_from_request
 from app.jobs import Job
 from app.lifecycle import CancelOutcome
-from app.schemas import decode_message, info_message, parse_action, readable_envelope, rejection_response
+from app.schemas import (bounded_errors, decode_message, info_message, parse_action, parse_request,
+                         readable_envelope, rejection_response, utf8_length)
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,10 @@ MAX_PENDING_ACCEPTS = 512
 # close. Frames up to twice MAX_MESSAGE_BYTES are read and refused with a readable answer.
 FRAME_LIMIT_FACTOR = 2
 HEARTBEAT_S = 30.0
+# Frames longer than this are parsed and checked in a worker thread (about 10 ms of work).
+OFFLOAD_FRAME_CHARS = 256 * 1024
+# settings / service_info of an oversized message are echoed in its refusal up to this size.
+MAX_ECHOED_ENVELOPE_CHARS = 64 * 1024
 SHUTTING_DOWN = "The server is shutting down: this request was not queued. Send it again once the server is back."
 CANCEL_ANSWERS = {
     CancelOutcome.CANCELLED: "cancelled",
@@ -59,7 +65,9 @@ def authenticate(request: web.Request) -> str:
     expected = services.get(service)
     given = request.headers.get("authorization", "")
     # compare_digest even for unknown services, so timing does not tell which names exist.
-    if not hmac.compare_digest(given.encode(), (expected or "\0").encode()) or expected is None:
+    # surrogateescape: a header with bytes that are not UTF-8 is just a wrong key, not a crash.
+    if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"),
+                               (expected or "\0").encode()) or expected is None:
         log.info("refused a websocket connection for service %r from %s", service, request.remote)
         raise web.HTTPUnauthorized(text="Service or key is not valid.")
     return service
@@ -70,7 +78,8 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
     config = request.app[keys.CONFIG]
     hub = request.app[keys.HUB]
     # No permessage-deflate: compressing multi-MB base64 images costs 10-20x the CPU.
-    ws = web.WebSocketResponse(max_msg_size=config.max_message_bytes * FRAME_LIMIT_FACTOR,
+    # +1: a frame of exactly twice the limit is still read, and refused readably.
+    ws = web.WebSocketResponse(max_msg_size=config.max_message_bytes * FRAME_LIMIT_FACTOR + 1,
                                compress=False, heartbeat=HEARTBEAT_S)
     private = request.query.get("receive") == "own"
     await ws.prepare(request)
@@ -114,14 +123,19 @@ class _Connection:
     async def on_text(self, text: str) -> None:
         hub = self._app[keys.HUB]
         try:
-            if len(text) > self._limit:
+            if utf8_length(text) > self._limit:
                 # Still parsed, so the refusal can name the request it belongs to.
                 _refuse_oversized(text, self._limit)
-            message = decode_message(text)
-            if message.get("message_type") == "info" and "action" in message:
+            if len(text) > OFFLOAD_FRAME_CHARS:
+                # Parsing and checking megabytes takes long enough to stall every other
+                # connection and /health: done in a worker thread, the loop keeps serving.
+                message, request = await asyncio.to_thread(_read_frame, text)
+            else:
+                message, request = _read_frame(text)
+            if request is None:
                 await self._on_action(message)
                 return
-            job = build_job(self._app, self._service, message, origin=self._ws, channel=self._channel)
+            job = job_from_request(self._app, self._service, request, origin=self._ws, channel=self._channel)
             if hub.closing:
                 raise InvalidRequest(SHUTTING_DOWN, envelope=readable_envelope(message))
         except InvalidRequest as exc:
@@ -177,10 +191,11 @@ class _Connection:
             await hub.send_to(self._ws, rejection_response(job.object_id, self._service, error))
 
     def _rejection(self, error: InvalidRequest) -> dict:
-        log.info("refused a message from %s: %s", self._service, error.reason[:300])
+        # %r: the reason may quote client text (key names); repr keeps it on one log line.
+        log.info("refused a message from %s: %r", self._service, error.reason[:300])
         if error.envelope:
             return rejection_response(new_object_id(), self._service, error)
-        return info_message("error", error.reason, errors=error.field_errors or None)
+        return info_message("error", error.reason, errors=bounded_errors(error.field_errors) or None)
 
     async def drain(self) -> None:
         """Let accepts already started finish: their requests are committed and will run."""
@@ -188,14 +203,27 @@ class _Connection:
             await asyncio.wait(set(self._accepts))
 
 
+def _read_frame(text: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(message, checked request), or (message, None) for a client action. Raises
+    InvalidRequest. Touches no shared state: it may run in a worker thread."""
+    message = decode_message(text)
+    if message.get("message_type") == "info" and "action" in message:
+        return message, None
+    return message, parse_request(message)
+
+
 def _refuse_oversized(text: str, limit: int) -> None:
-    reason = (f"Message is {len(text)} bytes, over this server's limit of {limit} bytes "
+    reason = (f"Message is {utf8_length(text)} bytes, over this server's limit of {limit} bytes "
               f"(MAX_MESSAGE_BYTES).")
     try:
-        message = json.loads(text)
-    except ValueError:
-        message = None
-    envelope = readable_envelope(message) if isinstance(message, dict) else {}
-    # The oversized payload is not echoed back: the client's own frame limit may be lower.
+        message = decode_message(text)
+    except InvalidRequest:
+        message = {}
+    envelope = readable_envelope(message)
+    # The oversized payload is not echoed back (the client's own frame limit may be lower),
+    # nor anything else that is large.
     envelope.pop("payload", None)
+    for name in ("settings", "service_info"):
+        if name in envelope and len(json.dumps(envelope[name])) > MAX_ECHOED_ENVELOPE_CHARS:
+            del envelope[name]
     raise InvalidRequest(reason, envelope=envelope)

@@ -28,7 +28,12 @@ def build_job(app: web.Application, service: str, message: dict[str, Any], *,
               origin: Any = None, channel: str = "ws") -> Job:
     """A Job from a request message. Raises InvalidRequest (with what could be read of the
     message) when it is malformed or no backend of its executor type is configured."""
-    request = parse_request(message)
+    return job_from_request(app, service, parse_request(message), origin=origin, channel=channel)
+
+
+def job_from_request(app: web.Application, service: str, request: dict[str, Any], *,
+                     origin: Any = None, channel: str = "ws") -> Job:
+    """A Job from a request already checked by schemas.parse_request."""
     executor = request["executor"]
     if not app[keys.SCHEDULER].has_backends(executor):
         raise InvalidRequest(f"No {executor.value} backend is configured on this server.",

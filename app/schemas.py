@@ -15,6 +15,13 @@ from app.errors import InvalidRequest
 from app.jobs import SUPPORTED_GEN_TYPES, ExecutorType, GenType, Job, JobStatus
 from app.payloads import Flag, WholeNumber, check_payload
 
+# How deep a message may nest objects and arrays. Real requests use 3 or 4 levels; the limit
+# keeps every stored document readable by json.loads in any call stack.
+MAX_NESTING_DEPTH = 32
+# An error answer names at most this many fields, in at most this many characters.
+MAX_REPORTED_ERRORS = 20
+MAX_ERROR_SUMMARY_CHARS = 2000
+
 
 class SettingsSchema(Schema):
     """Per-request flags. Keys we do not know are echoed back untouched."""
@@ -143,14 +150,44 @@ _action_schema = ActionSchema()
 
 def decode_message(text: str, what: str = "Message") -> dict[str, Any]:
     """A websocket text frame (or an HTTP body: `what`="Body") as a JSON object. Raises
-    InvalidRequest otherwise."""
+    InvalidRequest otherwise: not JSON, not an object, NaN or Infinity (not JSON, and not
+    parseable by JavaScript or Go clients it would be echoed to), or nested deeper than
+    MAX_NESTING_DEPTH (so whatever is stored can always be read back)."""
     try:
-        message = json.loads(text)
+        message = json.loads(text, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise InvalidRequest(f"{what} is nested too deeply (the limit is {MAX_NESTING_DEPTH} levels).") from None
     except ValueError as exc:
         raise InvalidRequest(f"{what} is not valid JSON: {exc}") from None
     if not isinstance(message, dict):
         raise InvalidRequest(f"{what} must be a JSON object.")
+    if _deeper_than(message, MAX_NESTING_DEPTH):
+        raise InvalidRequest(f"{what} is nested too deeply (the limit is {MAX_NESTING_DEPTH} levels).")
     return message
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _deeper_than(document: Any, limit: int) -> bool:
+    """True if `document` nests objects/arrays more than `limit` levels. Iterative: a deep
+    document must not use up the stack here either."""
+    pending = [(document, 1)]
+    while pending:
+        value, depth = pending.pop()
+        if depth > limit:
+            return True
+        if isinstance(value, dict):
+            pending.extend((item, depth + 1) for item in value.values() if isinstance(item, (dict, list)))
+        elif isinstance(value, list):
+            pending.extend((item, depth + 1) for item in value if isinstance(item, (dict, list)))
+    return False
+
+
+def utf8_length(text: str) -> int:
+    """Bytes of `text` in UTF-8, without encoding it when the answer is plain from its length."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
 
 def parse_request(message: dict[str, Any]) -> dict[str, Any]:
@@ -211,11 +248,25 @@ def readable_envelope(message: dict[str, Any]) -> dict[str, Any]:
 
 
 def _summary(field_errors: dict[str, Any]) -> str:
-    """One readable sentence out of marshmallow's nested messages."""
+    """One readable sentence out of marshmallow's nested messages (the first
+    MAX_REPORTED_ERRORS of them, at most MAX_ERROR_SUMMARY_CHARS)."""
     parts = []
     for path, reason in _walk(field_errors, ""):
+        if len(parts) == MAX_REPORTED_ERRORS:
+            parts.append("and more")
+            break
         parts.append(f"{path}: {reason}")
-    return "Invalid request: " + "; ".join(parts)
+    summary = "Invalid request: " + "; ".join(parts)
+    return summary if len(summary) <= MAX_ERROR_SUMMARY_CHARS else summary[:MAX_ERROR_SUMMARY_CHARS] + "..."
+
+
+def bounded_errors(field_errors: dict[str, Any] | None) -> dict[str, Any] | None:
+    """`field_errors` as echoed to a client: cut to MAX_REPORTED_ERRORS entries per level."""
+    if not isinstance(field_errors, dict):
+        return field_errors
+    kept = list(field_errors.items())[:MAX_REPORTED_ERRORS]
+    return {str(key)[:200]: bounded_errors(value) if isinstance(value, dict) else
+            (value[:MAX_REPORTED_ERRORS] if isinstance(value, list) else value) for key, value in kept}
 
 
 def _walk(messages: Any, prefix: str):
@@ -257,7 +308,7 @@ def rejection_response(object_id: str, service: str, error: InvalidRequest) -> d
         "result": {"content_type": "text", "content": error.reason},
         "settings": envelope.get("settings", {}), "service_info": envelope.get("service_info", {}),
         "payload": envelope.get("payload", {}),
-    }) | {"errors": error.field_errors}
+    }) | {"errors": bounded_errors(error.field_errors)}
 
 
 def info_message(info_type: str, content: str, **extra: Any) -> dict[str, Any]:

@@ -105,6 +105,7 @@ class Store:
         self._pending: asyncio.Queue[_WriteUnit | None] = asyncio.Queue()
         self._writer_task = asyncio.create_task(self._write_loop(), name="store-writer")
         self._closed = False
+        self._set_aside_ids: set[str] = set()
         self.commits = 0
         self.rows_written = 0
 
@@ -354,10 +355,38 @@ class Store:
 
     async def _fetch_jobs(self, where: str, params: Sequence[Any] = (), *, order: str = "seq",
                           limit: int = -1) -> list[Job]:
+        """The matching requests. A row that cannot be read back (say, JSON nested deeper than
+        the parser's stack allows, stored by an earlier release) is left out and set aside."""
+        jobs, unreadable = [], []
         async with self._reader_db.execute(
                 f"SELECT * FROM requests WHERE {where} ORDER BY {order} LIMIT ?",
                 (*params, limit)) as cursor:
-            return [_job_from_row(row) async for row in cursor]
+            async for row in cursor:
+                try:
+                    jobs.append(_job_from_row(row))
+                except (ValueError, TypeError, RecursionError) as exc:
+                    unreadable.append((row["object_id"], f"{type(exc).__name__}: {exc}"[:200]))
+        for object_id, reason in unreadable:
+            await self._set_aside(object_id, reason)
+        return jobs
+
+    async def _set_aside(self, object_id: str, reason: str) -> None:
+        """End a request whose row cannot be read back, so it never stops start-up, a page or
+        the queue. Its answer cannot be built (its own fields are what is unreadable): it is
+        marked delivered. Logged once per process."""
+        if object_id in self._set_aside_ids:
+            return
+        self._set_aside_ids.add(object_id)
+        log.error("%s cannot be read back from the database (%s); it is ended with an error and "
+                  "left out from now on", object_id, reason)
+        result = json.dumps({"content_type": "text", "content": f"the stored request cannot be read back: {reason}"})
+        now = time.time()
+        try:
+            await self._write(("UPDATE requests SET status = 'error', result = ?, finished_at = ?,"
+                               " delivered_at = ?, revision = revision + 1 WHERE object_id = ?"
+                               " AND status IN ('queued', 'generating')", (result, now, now, object_id)))
+        except Exception as exc:
+            log.warning("%s: setting it aside failed: %s", object_id, exc)
 
     async def queued_jobs(self) -> list[Job]:
         """Every queued request, oldest first."""
@@ -405,7 +434,13 @@ class Store:
                 " AND backend = ? AND generation_s IS NOT NULL ORDER BY finished_at DESC LIMIT ?",
                 (backend_name, limit)) as cursor:
             rows = await cursor.fetchall()
-        return [(GenType(row[0]), json.loads(row[1]), row[2]) for row in reversed(rows)]
+        successes = []
+        for gen_type, payload, seconds in reversed(rows):
+            try:
+                successes.append((GenType(gen_type), json.loads(payload), seconds))
+            except (ValueError, RecursionError):
+                continue  # unreadable rows are set aside where they are fetched whole
+        return successes
 
 
 def _job_from_row(row: aiosqlite.Row) -> Job:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 from dataclasses import dataclass
@@ -118,8 +119,10 @@ class Backend:
     async def _post_json(self, url: str, payload: dict[str, Any],
                          headers: dict[str, str] | None = None) -> aiohttp.ClientResponse:
         """POST the payload exactly as the client sent it; raise BackendFailed on non-2xx."""
+        # A file-like body is streamed in chunks; aiohttp warns that a large bytes body would
+        # be written in one go (img2img payloads are megabytes).
         response = await self._session.post(
-            url, data=json.dumps(payload),
+            url, data=io.BytesIO(json.dumps(payload).encode()),
             headers={"Content-Type": "application/json", **(headers or {})})
         if response.status >= 400:
             body = await response.text(errors="replace")
