@@ -165,6 +165,9 @@ SETTINGS: tuple[Setting, ...] = (
             "with thumbnails), also as /status.json, without a key; 0: off"),
     Setting("MAX_MESSAGE_BYTES", "16777216", _parse_positive_int,
             "largest websocket message accepted, in bytes (img2img images are large)"),
+    Setting("SEND_TIMEOUT_S", "30", _parse_positive_float,
+            "seconds one message to a client may wait for the client to read; a connection that "
+            "stops reading longer is closed, and its answers wait in SQLite for a reconnect"),
     Setting("DEMO_DELAY_S", "2.0", _parse_non_negative_float,
             "seconds a TEST_MODE demo backend takes per image"),
     Setting("SHUTDOWN_GRACE_S", "10", _parse_non_negative_float,
@@ -221,6 +224,7 @@ class Config:
     images_path: Path
     status_page: bool
     max_message_bytes: int
+    send_timeout_s: float
     demo_delay_s: float
     shutdown_grace_s: float
     mongodb_uri: str = dataclasses.field(repr=False)

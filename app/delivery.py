@@ -36,8 +36,11 @@ log = logging.getLogger(__name__)
 
 
 class ConnectionHub:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, send_timeout_s: float = 30.0) -> None:
         self._store = store
+        self._send_timeout_s = send_timeout_s
+        # Each connection's transport, to cut off a client that stopped reading.
+        self._transports: dict[web.WebSocketResponse, asyncio.BaseTransport] = {}
         # Shared connections: any answer of their service may go to them (bot shards).
         self._connections: dict[str, set[web.WebSocketResponse]] = defaultdict(set)
         # Private connections: only answers of requests sent on them.
@@ -57,8 +60,11 @@ class ConnectionHub:
         return (f"<ConnectionHub {({s: len(c) for s, c in self._connections.items() if c})} "
                 f"private={len(self._private)} awaiting_ack={len(self._awaiting_ack)}>")
 
-    def add(self, service: str, ws: web.WebSocketResponse, *, private: bool = False) -> None:
+    def add(self, service: str, ws: web.WebSocketResponse, transport: asyncio.BaseTransport | None = None,
+            *, private: bool = False) -> None:
         # Several connections per service live side by side; none evicts another.
+        if transport is not None:
+            self._transports[ws] = transport
         if private:
             self._private.add(ws)
         else:
@@ -68,6 +74,7 @@ class ConnectionHub:
         """A connection closed. Finals it held unacknowledged go to another connection."""
         self._private.discard(ws)
         self._connections[service].discard(ws)
+        self._transports.pop(ws, None)
         orphaned = [object_id for object_id, held in self._awaiting_ack.items()
                     if held is ws and object_id not in self._handing]  # those: see _release
         for object_id in orphaned:
@@ -101,11 +108,22 @@ class ConnectionHub:
         return len(self._connections[service])
 
     async def send_to(self, ws: web.WebSocketResponse, message: dict[str, Any]) -> bool:
-        """Send one message; False if the connection is gone."""
+        """Send one message; False if the connection is gone. A client that does not read
+        what it is sent within SEND_TIMEOUT_S is cut off: its send buffer is bounded by the
+        socket's, no waiting message piles up behind it, and its finals (not marked
+        delivered) wait in SQLite for its reconnect."""
         if ws.closed:
             return False
         try:
-            await ws.send_str(json.dumps(message))
+            async with asyncio.timeout(self._send_timeout_s):
+                await ws.send_str(json.dumps(message))
+        except TimeoutError:
+            transport = self._transports.get(ws)
+            log.warning("a connection did not read for %g s (SEND_TIMEOUT_S): closed; its answers "
+                        "wait for a reconnect", self._send_timeout_s)
+            if transport is not None:
+                transport.abort()
+            return False
         except (ConnectionError, RuntimeError) as exc:
             log.debug("send failed on a closing connection: %s", exc)
             return False
@@ -211,8 +229,9 @@ class ConnectionHub:
         connection right now: then `ws` is told so, and the final arrives through that."""
         if job.object_id in self._handing:
             await self.send_to(ws, info_message(
-                "duplicate", "A request with this request_id was answered already; its final "
-                "answer is being sent now.", object_id=job.object_id))
+                "duplicate", "A request with this request_id was queued before; its final answer "
+                "is being sent (or was just sent) to a connection of this service.",
+                object_id=job.object_id))
             return
         self._handing.add(job.object_id)
         try:

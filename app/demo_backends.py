@@ -131,15 +131,27 @@ async def _generate(request: web.Request,
 
 
 def _prompt_of(body: dict[str, Any]) -> str:
-    if "images_texts" in body:
+    if body.get("images_texts"):
         return " + ".join(item for item in body["images_texts"] if isinstance(item, str) and len(item) < 200)
     return str(body.get("prompt", ""))
 
 
 # -- AUTOMATIC1111 ---------------------------------------------------------------------
 
+def _undecodable_image(body: dict[str, Any]) -> str | None:
+    """Like the real server, img2img decodes its init_images; the reason if one fails."""
+    for image in body.get("init_images") or []:
+        data = image.split(",", 1)[1] if isinstance(image, str) and image.startswith("data:") else image
+        try:
+            with Image.open(io.BytesIO(base64.b64decode(data))) as decoded:
+                decoded.load()
+        except Exception as exc:  # anything PIL cannot read
+            return f"Invalid encoded image: {type(exc).__name__}"
+    return None
+
+
 def _a1111_answer(body: dict[str, Any]) -> web.Response:
-    png = draw_image(_prompt_of(body), body.get("width", 512), body.get("height", 512), "PNG")
+    png = draw_image(_prompt_of(body), body.get("width") or 512, body.get("height") or 512, "PNG")
     return web.json_response({
         "images": [base64.b64encode(png).decode()],
         "parameters": body,
@@ -148,7 +160,15 @@ def _a1111_answer(body: dict[str, Any]) -> web.Response:
 
 
 async def _a1111_generate(request: web.Request) -> web.Response:
-    return await _generate(request, _a1111_answer)
+    def answer(body: dict[str, Any]) -> web.Response:
+        reason = _undecodable_image(body) if request.path.endswith("/img2img") else None
+        if reason is not None:
+            # What the real server answers: a 500, although the request is at fault.
+            return web.json_response({"error": "ValueError", "detail": reason, "body": "",
+                                      "errors": reason}, status=500)
+        return _a1111_answer(body)
+
+    return await _generate(request, answer)
 
 
 async def _a1111_memory(request: web.Request) -> web.Response:
@@ -198,7 +218,7 @@ def automatic1111_app(state: DemoBackendState) -> web.Application:
 # -- Kandinsky -------------------------------------------------------------------------
 
 def _kandinsky_answer(body: dict[str, Any]) -> web.Response:
-    jpeg = draw_image(_prompt_of(body), body.get("width", 512), body.get("height", 512), "JPEG")
+    jpeg = draw_image(_prompt_of(body), body.get("width") or 512, body.get("height") or 512, "JPEG")
     return web.Response(body=jpeg, content_type="image/jpg")
 
 

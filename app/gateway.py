@@ -83,7 +83,7 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
                                compress=False, heartbeat=HEARTBEAT_S)
     private = request.query.get("receive") == "own"
     await ws.prepare(request)
-    hub.add(service, ws, private=private)
+    hub.add(service, ws, request.transport, private=private)
     log.info("%s connected from %s (%d open%s)", service, request.remote, hub.connection_count(service),
              ", private" if private else "")
     connection = _Connection(request.app, service, ws, private=private)

@@ -53,6 +53,10 @@ class TrackedRequest:
     retry_timer: asyncio.TimerHandle | None = field(default=None, repr=False)
     expiry_timer: asyncio.TimerHandle | None = field(default=None, repr=False)
     cancelled: bool = False
+    # Backends whose failure of this request is not charged to them yet: an answered 5xx may
+    # be the request's fault (an image the backend cannot decode). Charged if the request
+    # then succeeds elsewhere; forgiven if a second backend fails it too.
+    suspects: list[BackendSlot] = field(default_factory=list, repr=False)
 
     @property
     def object_id(self) -> str:

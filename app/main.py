@@ -90,7 +90,7 @@ def create_app(config: Config) -> web.Application:
             return build_backend(spec, session, config.kandinsky_api_token)
 
         async with _backend_specs(config, file_specs) as initial_specs:
-            app[keys.HUB] = ConnectionHub(app[keys.STORE])
+            app[keys.HUB] = ConnectionHub(app[keys.STORE], config.send_timeout_s)
             uploads = next((m for m in app[keys.MIRRORS] if isinstance(m, S3Mirror)), None)
             scheduler = Scheduler(config, app[keys.STORE], app[keys.RESULTS], app[keys.HUB],
                                   [make_backend(spec) for spec in initial_specs], make_backend,

@@ -395,6 +395,9 @@ class Scheduler:
                 return  # cancelled (or expired) meanwhile: already being answered
             if jpeg is not None:
                 slot.record_success(job.cost_units, seconds or 0.0)
+                # It worked here: the backends that failed it are to blame after all.
+                for suspect in tracked.suspects:
+                    self._charge(suspect, f"failed a request that {slot.name} then served")
                 self._begin_finish(tracked, jpeg, "", seconds)
             elif failure is not None and not failure.retryable:
                 # The request is bad (4xx): the backend is not to blame.
@@ -408,11 +411,24 @@ class Scheduler:
                              failure: BackendFailed) -> None:
         config = self._config
         job = tracked.job
-        slot.record_failure(failure.reason, backend_is_down=failure.backend_is_down,
-                            breaker_failures=config.breaker_failures,
-                            max_cooldown_s=config.probe_backoff_max_s)
         job.avoid_backends.add(slot.name)
+        if failure.backend_is_down:
+            self._charge(slot, failure.reason, backend_is_down=True)
+        else:
+            # The backend answered, and failed: its fault or the request's (see suspects).
+            tracked.suspects.append(slot)
+            blamed = sorted({suspect.name for suspect in tracked.suspects})
+            if len(blamed) >= 2:
+                log.warning("%s failed on %s: blamed on the request, not the backends", job.object_id,
+                            " and ".join(blamed))
+                self._begin_finish(tracked, None, (
+                    f"invalid_input: the request failed on {len(blamed)} backends ({', '.join(blamed)}); "
+                    f"the request itself looks like the cause, so it is not retried. The last: "
+                    f"{failure.reason}"), None)
+                return
         if job.attempts >= config.max_attempts:
+            for suspect in tracked.suspects:  # one backend failed it every time: its fault
+                self._charge(suspect, failure.reason)
             reason = f"Failed after {job.attempts} attempts; the last: {failure.reason}"
             self._begin_finish(tracked, None, reason, None)
             return
@@ -428,6 +444,12 @@ class Scheduler:
                     job.object_id, job.attempts, slot.name, failure.reason, delay_s)
         self._tell(self._listener.job_retrying(job, failure.reason, delay_s))
         tracked.set_retry_timer(asyncio.get_running_loop().call_later(delay_s, self._back_in_line, tracked))
+
+    def _charge(self, slot: BackendSlot, reason: str, *, backend_is_down: bool = False) -> None:
+        """Count a failure against a backend (its circuit breaker)."""
+        config = self._config
+        slot.record_failure(reason, backend_is_down=backend_is_down, breaker_failures=config.breaker_failures,
+                            max_cooldown_s=config.probe_backoff_max_s)
 
     def _back_in_line(self, tracked: TrackedRequest) -> None:
         tracked.back_in_line()

@@ -102,7 +102,9 @@ async def test_wrong_types_in_service_info_are_named(setup, field, value, reason
      "payload.steps: Must be greater than or equal to 1"),
     ("automatic1111", "img2img", {"prompt": "x"}, "payload.init_images: img2img needs init_images"),
     ("automatic1111", "img2img", {"init_images": ["not base64!"]},
-     "payload.init_images: 0: Not a base64 image (raw or data:image/...;base64, URI)"),
+     "payload.init_images: 0: Not a base64 image (raw or data:image/...;base64, URI"),
+    ("automatic1111", "img2img", {"init_images": ["AAAAAAAAAAAAAAAA"]},  # base64, but of no image
+     "payload.init_images: 0: Not a base64 image"),
     ("kandinsky", "mix2img", {"images_texts": ["a", "b"], "weights": [1, 1, 1, 1]},
      "payload.images_texts: Must hold exactly 4 items (text, image, image, text), got 2"),
     ("kandinsky", "mix2img", {"images_texts": ["a", "aGk=", "aGk=", "b"], "weights": [1, 2]},

@@ -30,6 +30,10 @@ async def all_final(balancer, ids: list[str]) -> None:
     await wait_until(finished)
 
 
+async def _delivered(balancer, object_id: str) -> bool:
+    return (await balancer.app[keys.STORE].get(object_id)).delivered_at is not None
+
+
 async def submit_and_leave(balancer, count: int, *, require_ack: int = 0) -> list[str]:
     """A bot sends `count` requests and goes away before any is answered."""
     bot = await balancer.connect("telegram")
@@ -140,6 +144,7 @@ async def test_a_repeated_request_id_returns_the_original_request(start_backend,
     repeat = await bot.next_message(lambda m: m.get("object_id") == object_id)
     gpu.state.gate.set()
     final = await bot.final(object_id)
+    await wait_until(lambda: _delivered(balancer, object_id))
     await bot.send(message)
     after_final = await bot.next_message(lambda m: m.get("object_id") == object_id)
 

@@ -10,14 +10,9 @@ import pytest
 from PIL import Image
 from yarl import URL
 
+from tests.images import png_base64
 from tests.bots import request_message
 from tests.conftest import KANDINSKY_TOKEN
-
-
-def png_base64(colour: tuple[int, int, int] = (200, 30, 30)) -> str:
-    out = io.BytesIO()
-    Image.new("RGB", (32, 32), colour).save(out, format="PNG")
-    return base64.b64encode(out.getvalue()).decode()
 
 
 PAIRS = {

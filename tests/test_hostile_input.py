@@ -12,6 +12,7 @@ import time
 
 from app import keys
 from tests.bots import request_message, wait_until
+from tests.images import broken_png_base64
 from tests.conftest import SERVICE_KEYS
 
 TELEGRAM = {"authorization": SERVICE_KEYS["telegram"], "service": "telegram"}
@@ -143,3 +144,55 @@ async def test_a_log_line_cannot_be_forged_with_a_newline_in_a_key(start_backend
     assert not any("forged line" in line and not line.startswith("refused") for record in caplog.records
                    for line in record.getMessage().splitlines()[1:])
     assert balancer.app[keys.SCHEDULER].running
+
+
+async def test_a_client_that_stops_reading_holds_no_backend_and_is_cut_off(start_backend, start_balancer, caplog):
+    gpu = await start_backend("kandinsky")
+    balancer = await start_balancer([gpu], SEND_TIMEOUT_S=1)
+    stuck = await balancer.connect("discord")  # sends, then never reads again
+    padding = "p" * 3_000_000  # echoed in each final: megabytes the stuck client never reads
+    for n in range(8):
+        await stuck.send(request_message("kandinsky", "text2img", {"prompt": f"stuck {n}", "padding": padding}))
+
+    normal = await balancer.connect("telegram")
+    for n in range(10):
+        queued = await normal.submit(request_message("kandinsky", "text2img", {"prompt": f"normal {n}"}))
+        assert (await normal.final(queued["object_id"], timeout_s=10))["gen_status"] == "ok"
+
+    store = balancer.app[keys.STORE]
+    await wait_until(lambda: any("did not read for 1 s" in r.getMessage() for r in caplog.records))
+    await wait_until(lambda: len(gpu.state.received) == 18)  # every stuck request ran all the same
+    owed = await store.owed_finals("discord")
+    assert owed, "the stuck client's finals wait in SQLite for its reconnect"
+    reconnected = await balancer.connect("discord")
+    for job in owed:
+        assert (await reconnected.final(job.object_id))["gen_status"] == "ok"
+
+
+async def test_a_stream_of_poison_requests_takes_no_backend_out(start_backend, start_balancer, caplog):
+    """Images that pass validation but no backend can decode (AUTOMATIC1111 answers them with
+    a 500): the requests are blamed, not the backends, and another service is served as usual."""
+    gpus = [await start_backend("automatic1111", delay_s=0.05) for _ in range(2)]
+    balancer = await start_balancer(gpus, BREAKER_FAILURES=2)
+    poisoner, normal = await balancer.connect("discord"), await balancer.connect("telegram")
+    poison_ids, normal_sent = [], {}
+    for n in range(12):
+        poison = await poisoner.submit(request_message("automatic1111", "img2img",
+                                                       {"prompt": "p", "init_images": [broken_png_base64()]}))
+        poison_ids.append(poison["object_id"])
+        queued = await normal.submit(request_message("automatic1111", "text2img", {"prompt": f"normal {n}"}))
+        normal_sent[queued["object_id"]] = time.monotonic()
+    latencies = []
+    for object_id, sent in normal_sent.items():
+        assert (await normal.final(object_id))["gen_status"] == "ok"
+        latencies.append(time.monotonic() - sent)
+    for object_id in poison_ids:
+        final = await poisoner.final(object_id)
+        assert final["gen_status"] == "error"
+        assert final["result"]["content"].startswith("invalid_input: the request failed on 2 backends")
+        assert "Invalid encoded image" in final["result"]["content"]
+
+    assert not any("taken out of service" in record.getMessage() for record in caplog.records)
+    assert {backend["state"] for backend in balancer.app[keys.SCHEDULER].backends_status()} <= {"healthy", "busy"}
+    print(f"normal requests beside the poison stream: worst {max(latencies):.2f} s, "
+          f"median {sorted(latencies)[len(latencies) // 2]:.2f} s")

@@ -3,12 +3,11 @@ base64 image."""
 
 from __future__ import annotations
 
-import base64
-import os
 
 import aiohttp
 import pytest
 
+from tests.images import noisy_png_base64
 from tests.bots import Bot, request_message, wait_until
 from tests.conftest import KANDINSKY_TOKEN, SERVICE_KEYS, base_env, write_executors
 from tests.mirror_servers import S3_KEYS
@@ -32,7 +31,7 @@ async def server(tmp_path, unused_tcp_port_factory, start_backend, s3_server, mo
 
 
 async def test_no_key_token_or_image_reaches_the_log(server):
-    image = base64.b64encode(os.urandom(3000)).decode()
+    image = noisy_png_base64(32)
     async with aiohttp.ClientSession() as session:
         refused = await session.get(f"{server.base_url}/ws/telegram",
                                     headers={"authorization": "a-wrong-secret", "service": "telegram"})

@@ -4,19 +4,15 @@ final status; through an outage nothing is lost, and no record ever moves backwa
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import datetime
-import io
 import logging
-import os
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from bson import ObjectId
-from PIL import Image
 
 from app import keys
 from app.config import Config
@@ -24,15 +20,9 @@ from app.ids import new_object_id
 from app.jobs import ExecutorType, GenType, Job, JobStatus
 from app.mirrors.mongodb import MongoMirror, open_client
 from app.store import Store
+from tests.images import noisy_png_base64
 from tests.bots import request_message, wait_until
 from tests.conftest import base_env
-
-
-def noisy_png_base64() -> str:
-    """A photo-sized input image (noise does not compress)."""
-    out = io.BytesIO()
-    Image.frombytes("RGB", (64, 64), os.urandom(64 * 64 * 3)).save(out, format="PNG")
-    return base64.b64encode(out.getvalue()).decode()
 
 
 def mongo_mirror(balancer) -> MongoMirror:

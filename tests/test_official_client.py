@@ -10,7 +10,7 @@ from tests.bots import request_message
 from tests.conftest import SERVICE_KEYS
 from tests.official_client import (OfficialBot, automatic1111_payload, kandinsky_payload,
                                    official_request)
-from tests.test_generation_flow import png_base64
+from tests.images import png_base64
 
 ROUTES = {("automatic1111", "text2img"): "/sdapi/v1/txt2img",
           ("automatic1111", "img2img"): "/sdapi/v1/img2img",

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import os
 
 from app import keys
+from tests.images import noisy_png_base64
 from tests.bots import request_message
 
 
@@ -111,7 +110,7 @@ async def test_a_large_waiting_payload_is_kept_in_sqlite_not_memory(start_backen
     gpu.state.gate.clear()
     balancer = await start_balancer([gpu])
     bot = await balancer.connect("telegram")
-    big = {"prompt": "big", "init_images": [base64.b64encode(os.urandom(120_000)).decode()]}
+    big = {"prompt": "big", "init_images": [noisy_png_base64(200)]}  # about 120 kB
     first = await bot.submit(request_message("automatic1111", "img2img", big))
     waiting = await bot.submit(request_message("automatic1111", "img2img", {**big, "prompt": "second"}))
     cancelled = await bot.submit(request_message("automatic1111", "img2img", {**big, "prompt": "third"}))

@@ -1,0 +1,101 @@
+"""The long fuzz run: seeded fuzzed frames (tests/fuzz_frames.py) over several websockets to
+the real server process, each frame waiting for its one answer.
+
+Prints frames sent, answers by kind, frames left unanswered, whether the server process
+survived, ERROR lines in its log, and its RSS before and after (with the RSS of a server that
+was sent only valid requests in the same number, as the baseline).
+
+Usage: .venv/bin/python bench/fuzz.py [--frames 40000] [--connections 4] [--seed 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.chaos import free_port  # noqa: E402
+from tests.bots import Bot  # noqa: E402
+from tests.fuzz_frames import BASE_REQUESTS, fuzz_frames  # noqa: E402
+from tests.processes import ServerProcess  # noqa: E402
+from tests.test_fuzz import answer_to_frame  # noqa: E402
+
+HEADERS = {"authorization": "demo-key", "service": "test"}
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def run(frames: list[str], connections: int, workdir: Path) -> dict:
+    env = {"TEST_MODE": "1", "SERVICES": "", "API_HOST": "127.0.0.1", "API_PORT": str(free_port()),
+           "DATABASE_PATH": str(workdir / "fuzz.sqlite3"), "IMAGES_PATH": str(workdir / "images"),
+           "DEMO_DELAY_S": "0", "LOGGING_LEVEL": "WARNING"}
+    server = ServerProcess(env, workdir / "server.log", cwd=workdir)
+    await server.start()
+    pid = server.process.pid
+    rss_before = rss_mb(pid)
+    kinds: collections.Counter[str] = collections.Counter()
+    unanswered = 0
+    started = time.monotonic()
+
+    async def connection(share: list[str]) -> None:
+        nonlocal unanswered
+        async with aiohttp.ClientSession() as session:
+            bot = Bot(await session.ws_connect(f"{server.base_url}/ws/test", headers=HEADERS,
+                                               max_msg_size=0))
+            queued: set[str] = set()
+            for frame in share:
+                await bot.send(frame)
+                try:
+                    answer = await answer_to_frame(bot, queued)
+                except (TimeoutError, ConnectionError):
+                    unanswered += 1
+                    continue
+                kinds[answer.get("info_type") or answer["gen_status"]] += 1
+                bot.received.clear()  # keep the client's memory flat over a long run
+
+    await asyncio.gather(*[connection(frames[n::connections]) for n in range(connections)])
+    elapsed = time.monotonic() - started
+    alive = server.process.returncode is None
+    rss_after = rss_mb(pid) if alive else float("nan")
+    await server.stop()
+    errors = [line for line in server.log().splitlines() if " ERROR " in line or "Traceback" in line]
+    return {"kinds": kinds, "unanswered": unanswered, "alive": alive, "errors": errors,
+            "rss_before": rss_before, "rss_after": rss_after, "seconds": elapsed}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--frames", type=int, default=40_000)
+    parser.add_argument("--connections", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args()
+    import json
+    fuzzed = list(fuzz_frames(args.seed, args.frames))
+    valid = [json.dumps(BASE_REQUESTS[n % 4]) for n in range(args.frames)]
+    for label, frames in (("fuzzed", fuzzed), ("valid only (baseline)", valid)):
+        with tempfile.TemporaryDirectory() as folder:
+            outcome = asyncio.run(run(frames, args.connections, Path(folder)))
+        print(f"{label}: {len(frames)} frames in {outcome['seconds']:.0f} s, "
+              f"answered {sum(outcome['kinds'].values())}, unanswered {outcome['unanswered']}, "
+              f"server alive: {outcome['alive']}, ERROR/traceback lines: {len(outcome['errors'])}, "
+              f"RSS {outcome['rss_before']:.0f} -> {outcome['rss_after']:.0f} MB")
+        print(f"  answers: {dict(outcome['kinds'].most_common())}")
+        for line in outcome["errors"][:5]:
+            print(f"  {line}")
+
+
+if __name__ == "__main__":
+    main()
