@@ -63,6 +63,7 @@ async def accept(app: web.Application, job: Job, announce: Announce) -> dict[str
         original = await store.find_by_request_key(job.service, job.request_key)
         if original is not None:
             return await _answer_repeat(app, original, job, announce)
+    job.cost_units = job_cost_units(job)  # stored with it: the queue is rebuilt without payloads
     try:
         await store.add(job)
     except sqlite3.IntegrityError:
@@ -73,7 +74,6 @@ async def accept(app: web.Application, job: Job, announce: Announce) -> dict[str
         return await _answer_repeat(app, original, job, announce)
     log.info("%s queued: %s %s from %s%s (%s)", job.object_id, job.executor.value, job.gen_type.value,
              job.service, " (premium)" if job.premium else "", job.channel)
-    job.cost_units = job_cost_units(job)
     job.eta_s = scheduler.eta_for_new(job.executor, job.premium, job.cost_units)
     queued = short_response(job, "queued", job.eta_s)
     # `queued` goes out before the job can be dispatched, so it always precedes `generating`.

@@ -180,11 +180,13 @@ class Store:
         job.payload_chars = len(payload_json)
         await self._commit_change(job, (
             "INSERT INTO requests (object_id, service, executor, gen_type, premium, settings,"
-            " service_info, payload, status, created_at, revision, channel, ack_required, request_key)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?)",
+            " service_info, payload, status, created_at, revision, channel, ack_required, request_key,"
+            " cost_units, payload_chars)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
             (job.object_id, job.service, job.executor.value, job.gen_type.value, int(job.premium),
              json.dumps(job.settings), json.dumps(job.service_info), payload_json,
-             job.created_at, job.revision, job.channel, int(job.ack_required), job.request_key),
+             job.created_at, job.revision, job.channel, int(job.ack_required), job.request_key,
+             job.cost_units or None, job.payload_chars),
         ))
 
     async def claim(self, job: Job, backend_name: str) -> None:
@@ -354,12 +356,15 @@ class Store:
     # -- reads --------------------------------------------------------------------------
 
     async def _fetch_jobs(self, where: str, params: Sequence[Any] = (), *, order: str = "seq",
-                          limit: int = -1) -> list[Job]:
-        """The matching requests. A row that cannot be read back (say, JSON nested deeper than
-        the parser's stack allows, stored by an earlier release) is left out and set aside."""
+                          limit: int = -1, with_payload: bool = True) -> list[Job]:
+        """The matching requests; without `with_payload`, their payload is left in the
+        database (None, read back with load_payload). A row that cannot be read back (say,
+        JSON nested deeper than the parser's stack allows, stored by an earlier release) is
+        left out and set aside."""
         jobs, unreadable = [], []
+        columns = "*" if with_payload else _HEADER_COLUMNS
         async with self._reader_db.execute(
-                f"SELECT * FROM requests WHERE {where} ORDER BY {order} LIMIT ?",
+                f"SELECT {columns} FROM requests WHERE {where} ORDER BY {order} LIMIT ?",
                 (*params, limit)) as cursor:
             async for row in cursor:
                 try:
@@ -389,8 +394,15 @@ class Store:
             log.warning("%s: setting it aside failed: %s", object_id, exc)
 
     async def queued_jobs(self) -> list[Job]:
-        """Every queued request, oldest first."""
-        return await self._fetch_jobs("status = 'queued'")
+        """Every queued request, oldest first, without its payload: a backlog of megabyte
+        images is not read into memory to rebuild the queue. Rows of earlier releases that
+        lack a stored cost get their payload read once, to be costed."""
+        jobs = await self._fetch_jobs("status = 'queued'", with_payload=False)
+        for job in jobs:
+            if job.cost_units == 0.0:
+                job.payload = await self.load_payload(job.object_id)
+                job.payload_chars = len(json.dumps(job.payload))
+        return jobs
 
     async def owed_finals(self, service: str) -> list[Job]:
         """Finished requests of `service` whose final message is still owed to a connection:
@@ -443,13 +455,25 @@ class Store:
         return successes
 
 
+# Every column but the payload.
+_HEADER_COLUMNS = ("seq, object_id, service, executor, gen_type, premium, settings, service_info, status,"
+                   " attempts, backend, result, created_at, started_at, finished_at, generation_s,"
+                   " delivered_at, last_error, revision, channel, interruptions, ack_required, acked_at,"
+                   " request_key, cost_units, payload_chars")
+
+
 def _job_from_row(row: aiosqlite.Row) -> Job:
+    columns = row.keys()
+    if "payload" in columns:
+        payload, payload_chars = json.loads(row["payload"]), len(row["payload"])
+    else:
+        payload, payload_chars = None, row["payload_chars"] or 0
     return Job(
         object_id=row["object_id"], service=row["service"],
         executor=ExecutorType(row["executor"]), gen_type=GenType(row["gen_type"]),
         premium=bool(row["premium"]), settings=json.loads(row["settings"]),
-        service_info=json.loads(row["service_info"]), payload=json.loads(row["payload"]),
-        payload_chars=len(row["payload"]),
+        service_info=json.loads(row["service_info"]), payload=payload, payload_chars=payload_chars,
+        cost_units=row["cost_units"] or 0.0,
         created_at=row["created_at"], seq=row["seq"], attempts=row["attempts"],
         status=JobStatus(row["status"]), backend=row["backend"],
         result=json.loads(row["result"]) if row["result"] else None,

@@ -1,0 +1,127 @@
+"""Restart time and memory with a large backlog: how long `python -m app` takes to be ready
+(answering HTTP, dispatching) and its peak RSS, with N queued 1 MB img2img requests and with
+M queued small requests in its database.
+
+Beside each: the baseline in the same run, the time and peak memory it takes just to read and
+parse every queued row whole (what a queue rebuild that loads payloads costs).
+
+Usage: .venv/bin/python bench/restart.py [--images 2000] [--small 100000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from app.costs import payload_cost_units  # noqa: E402
+from app.ids import new_object_id  # noqa: E402
+from app.jobs import ExecutorType, GenType  # noqa: E402
+from app.store import Store  # noqa: E402
+from bench.chaos import free_port  # noqa: E402
+from tests.processes import ServerProcess  # noqa: E402
+
+PNG_HEAD = b"\x89PNG\r\n\x1a\n"
+
+
+async def create_schema(path: Path) -> None:
+    store = await Store.open(path)
+    await store.close()
+
+
+def fill(path: Path, count: int, image_bytes: int) -> None:
+    """`count` queued requests, as the server stores them (an image of `image_bytes` each, or a
+    small text2img payload when 0)."""
+    image = base64.b64encode(PNG_HEAD + os.urandom(max(0, image_bytes - len(PNG_HEAD)))).decode()
+    now = time.time()
+    with sqlite3.connect(path) as db:
+        db.execute("PRAGMA journal_mode = WAL")
+        rows = []
+        for n in range(count):
+            if image_bytes:
+                gen_type, payload = GenType.IMG2IMG, {"prompt": f"p{n}", "init_images": [image]}
+            else:
+                gen_type, payload = GenType.TEXT2IMG, {"prompt": f"p{n}", "steps": 20}
+            text = json.dumps(payload)
+            rows.append((new_object_id(), "test", "automatic1111", gen_type.value, json.dumps({}),
+                         json.dumps({"user_id": n}), text, now, 1,
+                         payload_cost_units(ExecutorType.AUTOMATIC1111, gen_type, payload), len(text)))
+            if len(rows) == 500:
+                _insert(db, rows)
+                rows = []
+        _insert(db, rows)
+
+
+def _insert(db: sqlite3.Connection, rows: list[tuple]) -> None:
+    db.executemany("INSERT INTO requests (object_id, service, executor, gen_type, settings, service_info,"
+                   " payload, status, created_at, revision, cost_units, payload_chars)"
+                   " VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?)", rows)
+    db.commit()
+
+
+async def restart(path: Path, workdir: Path) -> tuple[float, float]:
+    """Seconds from spawn until the server answers HTTP, and its peak RSS (MB) by then."""
+    env = {"TEST_MODE": "1", "SERVICES": "", "API_HOST": "127.0.0.1", "API_PORT": str(free_port()),
+           "DATABASE_PATH": str(path), "IMAGES_PATH": str(workdir / "images"), "DEMO_DELAY_S": "5",
+           "LOGGING_LEVEL": "WARNING", "MAX_QUEUE_WAIT_S": "86400"}
+    server = ServerProcess(env, workdir / "server.log", cwd=workdir)
+    started = time.monotonic()
+    await server.start()
+    ready_s = time.monotonic() - started
+    peak_mb = _peak_rss_mb(server.process.pid)
+    server.kill()
+    await server.wait()
+    return ready_s, peak_mb
+
+
+def _peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def read_everything(path: Path) -> tuple[float, float]:
+    """Baseline: read and parse every queued row whole, in a child process (its own peak RSS)."""
+    code = ("import json, sqlite3, sys, time\n"
+            "t = time.monotonic(); db = sqlite3.connect(sys.argv[1])\n"
+            "rows = [{k: (json.loads(v) if k == 'payload' else v) for k, v in zip([c[0] for c in cur.description], r)}"
+            " for cur in [db.execute(\"SELECT * FROM requests WHERE status = 'queued'\")] for r in cur]\n"
+            "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')][0].split()[1]\n"
+            "print(time.monotonic() - t, int(hwm) / 1024)\n")
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True)
+    seconds, peak = out.stdout.split()
+    return float(seconds), float(peak)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=2000, help="queued 1 MB img2img requests")
+    parser.add_argument("--small", type=int, default=100_000, help="queued small requests")
+    args = parser.parse_args()
+    for label, count, size in (("empty queue (process start-up alone)", 0, 0),
+                               (f"{args.images} x 1 MB img2img", args.images, 1_000_000),
+                               (f"{args.small} small", args.small, 0)):
+        with tempfile.TemporaryDirectory() as folder:
+            workdir = Path(folder)
+            path = workdir / "backlog.sqlite3"
+            asyncio.run(create_schema(path))
+            fill(path, count, size)
+            ready_s, peak_mb = asyncio.run(restart(path, workdir))
+            base_s, base_mb = read_everything(path)
+            print(f"{label}: ready in {ready_s:.2f} s, peak RSS {peak_mb:.0f} MB | baseline, reading every "
+                  f"queued row whole: {base_s:.2f} s, peak RSS {base_mb:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
