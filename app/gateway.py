@@ -84,8 +84,10 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
     private = request.query.get("receive") == "own"
     await ws.prepare(request)
     hub.add(service, ws, request.transport, private=private)
-    log.info("%s connected from %s (%d open%s)", service, request.remote, hub.connection_count(service),
-             ", private" if private else "")
+    if private:
+        log.info("%s connected from %s (private: its own requests only)", service, request.remote)
+    else:
+        log.info("%s connected from %s (%d open)", service, request.remote, hub.connection_count(service))
     connection = _Connection(request.app, service, ws, private=private)
     backlog = None if private else asyncio.create_task(hub.deliver_backlog(service, ws))
     try:

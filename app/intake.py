@@ -73,7 +73,8 @@ async def accept(app: web.Application, job: Job, announce: Announce) -> dict[str
             raise
         return await _answer_repeat(app, original, job, announce)
     log.info("%s queued: %s %s from %s%s (%s)", job.object_id, job.executor.value, job.gen_type.value,
-             job.service, " (premium)" if job.premium else "", job.channel)
+             job.service, " (premium)" if job.premium else "",
+             "private ws" if job.channel == "http" and job.origin is not None else job.channel)
     job.eta_s = scheduler.eta_for_new(job.executor, job.premium, job.cost_units)
     queued = short_response(job, "queued", job.eta_s)
     # `queued` goes out before the job can be dispatched, so it always precedes `generating`.
