@@ -1,5 +1,5 @@
-"""The backends' request bodies (the contracts in docs/BACKENDS.md), checked before a request is
-queued.
+"""The backends' request bodies, checked against their HTTP contracts before a request is queued
+(README, "The wire protocol").
 
 Lenient in what is accepted, exact in what is forwarded:
 

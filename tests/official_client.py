@@ -1,5 +1,5 @@
 """A bot that speaks exactly as the official `devoid_client` 0.1.3 does, written from what it
-is known to send and expect (docs/PROTOCOL.md, "What the official client sends").
+is known to send and expect (README, "The wire protocol").
 
 - It connects with websockets 10.4 to `/ws/{service}` with `authorization` and `service` headers.
 - It serializes its payload classes whole, defaults filled, unset fields as null / [] / "".
