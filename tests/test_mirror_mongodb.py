@@ -4,6 +4,7 @@ final status; through an outage nothing is lost, and no record ever moves backwa
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime
 import logging
@@ -21,6 +22,7 @@ from app.jobs import ExecutorType, GenType, Job, JobStatus
 from app.mirrors.mongodb import MongoMirror, open_client
 from app.store import Store
 from tests.images import noisy_png_base64
+from tests.test_races import database_refusing_writes
 from tests.bots import request_message, wait_until
 from tests.conftest import base_env
 
@@ -188,3 +190,31 @@ async def test_records_of_the_earlier_release_are_upgraded_at_start(tmp_path, mo
         record = (await mongo_server.records())[old_id]
         assert (record["gen_status"], record["message_type"], record["status"]) == ("ok", "response", "ok")
         assert await database["requests"].count_documents({"gen_status": "ok"}) == 1
+
+
+async def test_the_mirror_outlives_a_database_that_refuses_writes(start_backend, start_balancer, mongo_server):
+    """MongoDB comes back while SQLite refuses writes: the mirror cannot record what it
+    delivered, keeps trying, and finishes the backlog once the database takes writes again."""
+    if not mongo_server.stoppable:
+        pytest.skip("a real MongoDB cannot be stopped from the test")
+    await mongo_server.stop()
+    balancer = await start_balancer([await start_backend("kandinsky")], MIRROR_RETRY_MAX_S=0.2,
+                                    **mongo_server.env())
+    bot = await balancer.connect("telegram")
+    queued = await bot.submit(request_message("kandinsky", "text2img", {"prompt": "p"}))
+    await bot.final(queued["object_id"])
+    mirror = mongo_mirror(balancer)
+    await wait_until(lambda: mirror.health.state == "down")
+
+    with database_refusing_writes(balancer.config.database_path):
+        await mongo_server.start()
+        await wait_until(mongo_has(mongo_server, queued["object_id"]))  # delivered, not recorded
+        await asyncio.sleep(6)  # past SQLite's busy timeout: the outbox update fails at least once
+    await wait_until(lambda: mirror.health.state == "connected" and mirror.health.backlog == 0, timeout_s=30)
+    assert (await mongo_server.records())[queued["object_id"]]["gen_status"] == "ok"
+
+
+def mongo_has(mongo_server, object_id: str):
+    async def check() -> bool:
+        return object_id in await mongo_server.records()
+    return check

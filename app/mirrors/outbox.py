@@ -13,7 +13,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 
-from app.store import OutboxItem, Store
+from app.store import OutboxItem, Store, StoreClosed
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ class OutboxWorker:
         self._retry_max_s = retry_max_s
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._mirror_retry_s = FIRST_RETRY_S
         self.health = MirrorHealth(self.target)
 
     def notify(self) -> None:
@@ -84,36 +85,57 @@ class OutboxWorker:
         self._set_state("connected", backlog=await self._store.outbox_count(self.target))
 
     async def _run(self) -> None:
-        await self._check_at_start()
-        retry_s = FIRST_RETRY_S
+        store_retry_s = FIRST_RETRY_S
+        checked = False
         while True:
-            self._wake.clear()
-            items = await self._store.outbox_batch(self.target, BATCH_ROWS)
-            if not items:
-                # Nothing to send says nothing of the server: the state stays as it was.
-                self.health.backlog = 0
-                await self._wake.wait()
-                continue
-            done: list[int] = []
             try:
-                await self.deliver(items, done)
+                if not checked:
+                    await self._check_at_start()
+                    checked = True
+                await self._drain_once()
+                store_retry_s = FIRST_RETRY_S
             except asyncio.CancelledError:
                 raise
+            except StoreClosed:
+                return
             except Exception as exc:
-                if done:
-                    await self._store.outbox_done(done)
-                failed = items[len(done)] if len(done) < len(items) else items[-1]
-                reason = f"{type(exc).__name__}: {exc}"[:300]
-                await self._store.outbox_failed(failed.id, reason)
-                self._set_state("down", backlog=await self._store.outbox_count(self.target),
-                                error=reason)
-                await asyncio.sleep(retry_s)
-                retry_s = min(retry_s * 2, self._retry_max_s)
-                continue
-            await self._store.outbox_done(done)
-            retry_s = FIRST_RETRY_S
-            self.health.last_success_at = time.time()
-            self._set_state("connected", backlog=await self._store.outbox_count(self.target))
+                # The database refused to read or update the outbox (disk full, locked): the
+                # rows are still there, so try again; a row delivered twice is harmless
+                # (revision-guarded records, uploads that overwrite).
+                log.warning("mirror %s: the outbox could not be read or updated (%s); retrying in "
+                            "%.1f s", self.target, f"{type(exc).__name__}: {exc}"[:300], store_retry_s)
+                await asyncio.sleep(store_retry_s)
+                store_retry_s = min(store_retry_s * 2, self._retry_max_s)
+
+    async def _drain_once(self) -> None:
+        """Deliver one batch, or wait for work. A failing mirror is retried with backoff here;
+        a failing store raises to _run."""
+        self._wake.clear()
+        items = await self._store.outbox_batch(self.target, BATCH_ROWS)
+        if not items:
+            # Nothing to send says nothing of the server: the state stays as it was.
+            self.health.backlog = 0
+            await self._wake.wait()
+            return
+        done: list[int] = []
+        try:
+            await self.deliver(items, done)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if done:
+                await self._store.outbox_done(done)
+            failed = items[len(done)] if len(done) < len(items) else items[-1]
+            reason = f"{type(exc).__name__}: {exc}"[:300]
+            await self._store.outbox_failed(failed.id, reason)
+            self._set_state("down", backlog=await self._store.outbox_count(self.target), error=reason)
+            await asyncio.sleep(self._mirror_retry_s)
+            self._mirror_retry_s = min(self._mirror_retry_s * 2, self._retry_max_s)
+            return
+        await self._store.outbox_done(done)
+        self._mirror_retry_s = FIRST_RETRY_S
+        self.health.last_success_at = time.time()
+        self._set_state("connected", backlog=await self._store.outbox_count(self.target))
 
     def _set_state(self, state: str, *, backlog: int, error: str = "") -> None:
         previous = self.health.state
