@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 # row, and a bigger batch only makes the first waiter in it wait longer.
 MAX_BATCH_ROWS = 128
 BUSY_TIMEOUT_MS = 5000
+# Payloads this large (JSON characters) are kept in their own table (migration 0007), so the
+# rows the queue is rebuilt from stay small.
+SEPARATE_PAYLOAD_MIN_CHARS = 64 * 1024
 
 Statement = tuple[str, Sequence[Any]]
 _OUTBOX_INSERT = ("INSERT INTO outbox (target, object_id, revision, document, created_at)"
@@ -179,16 +182,19 @@ class Store:
         job.revision = 1
         payload_json = json.dumps(job.payload)
         job.payload_chars = len(payload_json)
+        separate = job.payload_chars >= SEPARATE_PAYLOAD_MIN_CHARS
+        extra = [("INSERT INTO payloads (object_id, payload) VALUES (?, ?)", (job.object_id, payload_json))
+                 ] if separate else []
         await self._commit_change(job, (
             "INSERT INTO requests (object_id, service, executor, gen_type, premium, settings,"
             " service_info, payload, status, created_at, revision, channel, ack_required, request_key,"
             " cost_units, payload_chars)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
             (job.object_id, job.service, job.executor.value, job.gen_type.value, int(job.premium),
-             json.dumps(job.settings), json.dumps(job.service_info), payload_json,
+             json.dumps(job.settings), json.dumps(job.service_info), "" if separate else payload_json,
              job.created_at, job.revision, job.channel, int(job.ack_required), job.request_key,
              job.cost_units or None, job.payload_chars),
-        ))
+        ), *extra)
 
     async def claim(self, job: Job, backend_name: str) -> None:
         """Record that `backend_name` starts `job`; counts the attempt (also on `job`)."""
@@ -363,7 +369,7 @@ class Store:
         JSON nested deeper than the parser's stack allows, stored by an earlier release) is
         left out and set aside."""
         jobs, unreadable = [], []
-        columns = "*" if with_payload else _HEADER_COLUMNS
+        columns = f"{_HEADER_COLUMNS}, {_PAYLOAD} AS payload" if with_payload else _HEADER_COLUMNS
         async with self._reader_db.execute(
                 f"SELECT {columns} FROM requests WHERE {where} ORDER BY {order} LIMIT ?",
                 (*params, limit)) as cursor:
@@ -434,7 +440,7 @@ class Store:
 
     async def load_payload(self, object_id: str) -> dict[str, Any]:
         """The payload of a committed request, as sent."""
-        async with self._reader_db.execute("SELECT payload FROM requests WHERE object_id = ?",
+        async with self._reader_db.execute(f"SELECT {_PAYLOAD} FROM requests WHERE object_id = ?",
                                            (object_id,)) as cursor:
             (payload,) = await cursor.fetchone()
         return json.loads(payload)
@@ -447,7 +453,7 @@ class Store:
         """(gen_type, payload, generation seconds) of the backend's latest `limit` successful
         jobs, oldest first: what its learned speed is rebuilt from after a restart."""
         async with self._reader_db.execute(
-                "SELECT gen_type, payload, generation_s FROM requests WHERE status = 'ok'"
+                f"SELECT gen_type, {_PAYLOAD}, generation_s FROM requests WHERE status = 'ok'"
                 " AND backend = ? AND generation_s IS NOT NULL ORDER BY finished_at DESC LIMIT ?",
                 (backend_name, limit)) as cursor:
             rows = await cursor.fetchall()
@@ -460,6 +466,9 @@ class Store:
         return successes
 
 
+# A request's payload, wherever it is kept (migration 0007).
+_PAYLOAD = ("coalesce((SELECT payloads.payload FROM payloads WHERE payloads.object_id = requests.object_id),"
+            " requests.payload)")
 # Every column but the payload.
 _HEADER_COLUMNS = ("seq, object_id, service, executor, gen_type, premium, settings, service_info, status,"
                    " attempts, backend, result, created_at, started_at, finished_at, generation_s,"

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from app.costs import payload_cost_units  # noqa: E402
 from app.ids import new_object_id  # noqa: E402
 from app.jobs import ExecutorType, GenType  # noqa: E402
-from app.store import Store  # noqa: E402
+from app.store import SEPARATE_PAYLOAD_MIN_CHARS, Store  # noqa: E402
 from bench.chaos import free_port  # noqa: E402
 from tests.processes import ServerProcess  # noqa: E402
 
@@ -46,26 +46,31 @@ def fill(path: Path, count: int, image_bytes: int) -> None:
     now = time.time()
     with sqlite3.connect(path) as db:
         db.execute("PRAGMA journal_mode = WAL")
-        rows = []
+        rows, payloads = [], []
         for n in range(count):
             if image_bytes:
                 gen_type, payload = GenType.IMG2IMG, {"prompt": f"p{n}", "init_images": [image]}
             else:
                 gen_type, payload = GenType.TEXT2IMG, {"prompt": f"p{n}", "steps": 20}
             text = json.dumps(payload)
-            rows.append((new_object_id(), "test", "automatic1111", gen_type.value, json.dumps({}),
-                         json.dumps({"user_id": n}), text, now, 1,
+            object_id = new_object_id()
+            separate = len(text) >= SEPARATE_PAYLOAD_MIN_CHARS  # where Store.add keeps it
+            rows.append((object_id, "test", "automatic1111", gen_type.value, json.dumps({}),
+                         json.dumps({"user_id": n}), "" if separate else text, now, 1,
                          payload_cost_units(ExecutorType.AUTOMATIC1111, gen_type, payload), len(text)))
+            if separate:
+                payloads.append((object_id, text))
             if len(rows) == 500:
-                _insert(db, rows)
-                rows = []
-        _insert(db, rows)
+                _insert(db, rows, payloads)
+                rows, payloads = [], []
+        _insert(db, rows, payloads)
 
 
-def _insert(db: sqlite3.Connection, rows: list[tuple]) -> None:
+def _insert(db: sqlite3.Connection, rows: list[tuple], payloads: list[tuple]) -> None:
     db.executemany("INSERT INTO requests (object_id, service, executor, gen_type, settings, service_info,"
                    " payload, status, created_at, revision, cost_units, payload_chars)"
                    " VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?)", rows)
+    db.executemany("INSERT INTO payloads (object_id, payload) VALUES (?, ?)", payloads)
     db.commit()
 
 
@@ -95,8 +100,10 @@ def read_everything(path: Path) -> tuple[float, float]:
     """Baseline: read and parse every queued row whole, in a child process (its own peak RSS)."""
     code = ("import json, sqlite3, sys, time\n"
             "t = time.monotonic(); db = sqlite3.connect(sys.argv[1])\n"
-            "rows = [{k: (json.loads(v) if k == 'payload' else v) for k, v in zip([c[0] for c in cur.description], r)}"
-            " for cur in [db.execute(\"SELECT * FROM requests WHERE status = 'queued'\")] for r in cur]\n"
+            "sql = \"SELECT r.*, coalesce(p.payload, r.payload) AS whole FROM requests r LEFT JOIN payloads p"
+            " USING (object_id) WHERE status = 'queued'\"\n"
+            "rows = [{k: (json.loads(v) if k == 'whole' else v) for k, v in zip([c[0] for c in cur.description], r)}"
+            " for cur in [db.execute(sql)] for r in cur]\n"
             "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')][0].split()[1]\n"
             "print(time.monotonic() - t, int(hwm) / 1024)\n")
     out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True)
