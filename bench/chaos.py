@@ -36,6 +36,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.core import demo_server  # noqa: E402
 from tests.processes import ServerProcess  # noqa: E402
 
 IN_FLIGHT_PER_BOT = 10
@@ -121,9 +122,8 @@ class ChaosBot:
 async def run_cycles(cycles: int, bot_count: int, workdir: Path) -> dict[str, ChaosBot]:
     # Each bot is a service of its own, so each final has exactly one bot to reach.
     services = " ".join(f"bot{n}:key-bot{n}" for n in range(bot_count))
-    env = {"TEST_MODE": "1", "SERVICES": services, "API_HOST": "127.0.0.1", "API_PORT": str(free_port()),
-           "DATABASE_PATH": str(workdir / "chaos.sqlite3"), "IMAGES_PATH": str(workdir / "images"),
-           "DEMO_DELAY_S": "0.02", "LOGGING_LEVEL": "WARNING", "SHUTDOWN_GRACE_S": "1"}
+    env = demo_server(workdir, workdir / "chaos.sqlite3", SERVICES=services, DEMO_DELAY_S="0.02",
+                      SHUTDOWN_GRACE_S="1").env
     bots = {f"bot{n}": ChaosBot(f"bot{n}", acks=n % 2 == 1) for n in range(bot_count)}
     async with aiohttp.ClientSession() as session:
         for cycle in range(cycles + 1):
@@ -160,13 +160,6 @@ async def drain(bots: dict[str, ChaosBot]) -> None:
             await asyncio.sleep(1.0)  # let late duplicates arrive, if any would
             return
         await asyncio.sleep(0.1)
-
-
-def free_port() -> int:
-    import socket
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def report(bots: dict[str, ChaosBot], database: Path, cycles: int) -> None:

@@ -50,6 +50,23 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def demo_server(workdir: Path, database: Path, **env: str) -> ServerProcess:
+    """`python -m app` in TEST_MODE (demo backends) on a free port, data under `workdir`; not
+    started yet. `env` adds or overrides settings."""
+    return ServerProcess({
+        "TEST_MODE": "1", "SERVICES": "", "API_HOST": "127.0.0.1", "API_PORT": str(free_port()),
+        "DATABASE_PATH": str(database), "IMAGES_PATH": str(workdir / "images"),
+        "LOGGING_LEVEL": "WARNING", **env}, workdir / "server.log", cwd=workdir)
+
+
+def memory_mb(pid: int, field: str = "VmRSS") -> float:
+    """A process's memory from /proc: VmRSS (now) or VmHWM (peak), in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 async def start_server(folder: Path, backend_url: str, **env: str) -> ServerProcess:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "executors.json").write_text(json.dumps([

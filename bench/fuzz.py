@@ -22,30 +22,19 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.chaos import free_port  # noqa: E402
+from bench.core import demo_server, memory_mb  # noqa: E402
 from tests.bots import Bot  # noqa: E402
 from tests.fuzz_frames import BASE_REQUESTS, fuzz_frames  # noqa: E402
-from tests.processes import ServerProcess  # noqa: E402
 from tests.test_fuzz import answer_to_frame  # noqa: E402
 
 HEADERS = {"authorization": "demo-key", "service": "test"}
 
 
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 async def run(frames: list[str], connections: int, workdir: Path) -> dict:
-    env = {"TEST_MODE": "1", "SERVICES": "", "API_HOST": "127.0.0.1", "API_PORT": str(free_port()),
-           "DATABASE_PATH": str(workdir / "fuzz.sqlite3"), "IMAGES_PATH": str(workdir / "images"),
-           "DEMO_DELAY_S": "0", "LOGGING_LEVEL": "WARNING"}
-    server = ServerProcess(env, workdir / "server.log", cwd=workdir)
+    server = demo_server(workdir, workdir / "fuzz.sqlite3", DEMO_DELAY_S="0")
     await server.start()
     pid = server.process.pid
-    rss_before = rss_mb(pid)
+    rss_before = memory_mb(pid)
     kinds: collections.Counter[str] = collections.Counter()
     unanswered = 0
     started = time.monotonic()
@@ -69,7 +58,7 @@ async def run(frames: list[str], connections: int, workdir: Path) -> dict:
     await asyncio.gather(*[connection(frames[n::connections]) for n in range(connections)])
     elapsed = time.monotonic() - started
     alive = server.process.returncode is None
-    rss_after = rss_mb(pid) if alive else float("nan")
+    rss_after = memory_mb(pid) if alive else float("nan")
     await server.stop()
     errors = [line for line in server.log().splitlines() if " ERROR " in line or "Traceback" in line]
     return {"kinds": kinds, "unanswered": unanswered, "alive": alive, "errors": errors,

@@ -28,8 +28,7 @@ from app.costs import payload_cost_units  # noqa: E402
 from app.ids import new_object_id  # noqa: E402
 from app.jobs import ExecutorType, GenType  # noqa: E402
 from app.store import SEPARATE_PAYLOAD_MIN_CHARS, Store  # noqa: E402
-from bench.chaos import free_port  # noqa: E402
-from tests.processes import ServerProcess  # noqa: E402
+from bench.core import demo_server, memory_mb  # noqa: E402
 
 PNG_HEAD = b"\x89PNG\r\n\x1a\n"
 
@@ -76,24 +75,14 @@ def _insert(db: sqlite3.Connection, rows: list[tuple], payloads: list[tuple]) ->
 
 async def restart(path: Path, workdir: Path) -> tuple[float, float]:
     """Seconds from spawn until the server answers HTTP, and its peak RSS (MB) by then."""
-    env = {"TEST_MODE": "1", "SERVICES": "", "API_HOST": "127.0.0.1", "API_PORT": str(free_port()),
-           "DATABASE_PATH": str(path), "IMAGES_PATH": str(workdir / "images"), "DEMO_DELAY_S": "5",
-           "LOGGING_LEVEL": "WARNING", "MAX_QUEUE_WAIT_S": "86400"}
-    server = ServerProcess(env, workdir / "server.log", cwd=workdir)
+    server = demo_server(workdir, path, DEMO_DELAY_S="5", MAX_QUEUE_WAIT_S="86400")
     started = time.monotonic()
     await server.start()
     ready_s = time.monotonic() - started
-    peak_mb = _peak_rss_mb(server.process.pid)
+    peak_mb = memory_mb(server.process.pid, "VmHWM")
     server.kill()
     await server.wait()
     return ready_s, peak_mb
-
-
-def _peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def read_everything(path: Path) -> tuple[float, float]:
