@@ -25,6 +25,12 @@ SUPPORTED_GEN_TYPES: dict[ExecutorType, frozenset[GenType]] = {
 }
 
 
+# Payloads this large, in JSON characters (img2img and mix2img images), wait in SQLite rather
+# than in memory, in a table of their own: a backlog of them would otherwise hold every image
+# in RAM, and make the queue's own rows slow to read. Read back at dispatch.
+LARGE_PAYLOAD_CHARS = 64 * 1024
+
+
 class JobStatus(str, enum.Enum):
     """A request's life: queued -> generating -> ok | error.
 

@@ -92,11 +92,15 @@ class TrackedRequest:
         if self.phase in (Phase.FINISHING, Phase.DONE):
             return False
         self.phase, self.cancelled = Phase.FINISHING, cancelled
+        self.cancel_timers()
+        return True
+
+    def cancel_timers(self) -> None:
+        """Its retry and expiry timers will not fire (at finish, and at shutdown)."""
         for timer in (self.retry_timer, self.expiry_timer):
             if timer is not None:
                 timer.cancel()
         self.retry_timer = self.expiry_timer = None
-        return True
 
     def done(self) -> None:
         self._require(Phase.FINISHING)

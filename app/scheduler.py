@@ -27,7 +27,7 @@ from app.backends.base import Backend, BackendSpec, Progress
 from app.config import Config
 from app.costs import job_cost_units, payload_cost_units
 from app.errors import BackendFailed
-from app.jobs import ExecutorType, GenType, Job, JobStatus
+from app.jobs import LARGE_PAYLOAD_CHARS, ExecutorType, GenType, Job, JobStatus
 from app.lifecycle import CancelOutcome, Phase, TrackedRequest
 from app.metrics import Metrics
 from app.mirrors.s3 import S3Mirror
@@ -39,9 +39,6 @@ from app.store import Store, StoreClosed
 log = logging.getLogger(__name__)
 
 CANCELLED_REASON = "cancelled"
-# Payloads larger than this (img2img and mix2img images) wait in SQLite rather than in
-# memory: a backlog of them would otherwise hold every image in RAM. Read back at dispatch.
-PAYLOAD_IN_MEMORY_MAX_CHARS = 64 * 1024
 # A commit the database refused is tried again after this, doubling up to the max: a full
 # disk or a locked database usually clears in seconds to minutes, and a retry costs little.
 STORE_RETRY_FIRST_S = 0.2
@@ -128,13 +125,13 @@ class Scheduler:
         requeued = await self._store.requeue_interrupted()
         queued = await self._store.queued_jobs()
         for job in queued:
-            tracked = self._enqueue(job)
             if job.interruptions >= MAX_INTERRUPTIONS:
                 # A request that was running at every one of these restarts may be what brings
                 # the process down: it is not run again.
-                self._remove_from_queue(tracked)
-                self._begin_finish(tracked, None, f"Interrupted by {job.interruptions} restarts of the "
-                                                  "balancer while it ran; it is not run again.", None)
+                self._begin_finish(self._track(job), None, f"Interrupted by {job.interruptions} restarts "
+                                   "of the balancer while it ran; it is not run again.", None)
+            else:
+                self._enqueue(job)
         for pool in self.pools.values():
             if len(pool.queue) and not pool.slots:
                 log.warning("%d %s requests wait, but no %s backend is configured",
@@ -152,20 +149,19 @@ class Scheduler:
         self._stopping = True
         deadline = time.monotonic() + grace_s
         for tracked in self._tracked.values():
-            for timer in (tracked.retry_timer, tracked.expiry_timer):
-                if timer is not None:
-                    timer.cancel()
+            tracked.cancel_timers()
         running = {t.task: t for t in self._tracked.values() if t.task is not None}
         if running:
             _, pending = await asyncio.wait(running, timeout=max(0.0, deadline - time.monotonic()))
-            abandoned = [running[task].slot for task in pending if running[task].slot is not None]
+            # Read before the cancel: a cancelled run leaves its slot.
+            abandoned = [slot for task in pending if (slot := running[task].slot) is not None]
             for task in pending:
                 task.cancel()
             if pending:
                 log.warning("shutdown: %d running jobs cancelled; they resume at next start",
                             len(pending))
                 await asyncio.wait(pending)
-                await self._interrupt_abandoned([slot for slot in abandoned if slot is not None])
+                await self._interrupt_abandoned(abandoned)
         if self._finishing:
             # A finishing job is committed before it waits on anything (a sync S3 upload), so
             # cutting the wait short loses nothing: its answer is delivered at the next start.
@@ -261,17 +257,21 @@ class Scheduler:
 
     # -- queueing -----------------------------------------------------------------------
 
-    def _enqueue(self, job: Job) -> TrackedRequest:
+    def _track(self, job: Job) -> TrackedRequest:
+        """Start holding `job` (not yet in any queue)."""
+        tracked = TrackedRequest(job)
+        self._tracked[job.object_id] = tracked
+        return tracked
+
+    def _enqueue(self, job: Job) -> None:
         # Intake has costed a new job already; a job read back from SQLite is costed here.
         job.cost_units = job.cost_units or job_cost_units(job)
         _park_payload(job)
-        tracked = TrackedRequest(job)
-        self._tracked[job.object_id] = tracked
+        tracked = self._track(job)
         self.pools[job.executor].queue.push(job)
         wait_left_s = job.created_at + self._config.max_queue_wait_s - time.time()
         tracked.expiry_timer = asyncio.get_running_loop().call_later(
             max(0.0, wait_left_s), self._expire, tracked)
-        return tracked
 
     def submit(self, job: Job) -> None:
         """Queue a job that is already committed to the store."""
@@ -615,5 +615,5 @@ class Scheduler:
 def _park_payload(job: Job) -> None:
     """Let go of a large payload while the job waits; it is committed, and read back at
     dispatch or when the job is answered."""
-    if job.payload_chars > PAYLOAD_IN_MEMORY_MAX_CHARS:
+    if job.payload_chars > LARGE_PAYLOAD_CHARS:
         job.payload = None

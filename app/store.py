@@ -24,7 +24,7 @@ from typing import Any
 
 import aiosqlite
 
-from app.jobs import ExecutorType, GenType, Job, JobStatus
+from app.jobs import LARGE_PAYLOAD_CHARS, ExecutorType, GenType, Job, JobStatus
 from app.migrations import apply_migrations
 from app.mirrors.records import request_record
 
@@ -34,9 +34,6 @@ log = logging.getLogger(__name__)
 # row, and a bigger batch only makes the first waiter in it wait longer.
 MAX_BATCH_ROWS = 128
 BUSY_TIMEOUT_MS = 5000
-# Payloads this large (JSON characters) are kept in their own table (migration 0007), so the
-# rows the queue is rebuilt from stay small.
-SEPARATE_PAYLOAD_MIN_CHARS = 64 * 1024
 
 Statement = tuple[str, Sequence[Any]]
 _OUTBOX_INSERT = ("INSERT INTO outbox (target, object_id, revision, document, created_at)"
@@ -182,7 +179,7 @@ class Store:
         job.revision = 1
         payload_json = json.dumps(job.payload)
         job.payload_chars = len(payload_json)
-        separate = job.payload_chars >= SEPARATE_PAYLOAD_MIN_CHARS
+        separate = job.payload_chars >= LARGE_PAYLOAD_CHARS  # in its own table (migration 0007)
         extra = [("INSERT INTO payloads (object_id, payload) VALUES (?, ?)", (job.object_id, payload_json))
                  ] if separate else []
         await self._commit_change(job, (

@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from app.costs import payload_cost_units  # noqa: E402
 from app.ids import new_object_id  # noqa: E402
-from app.jobs import ExecutorType, GenType  # noqa: E402
-from app.store import SEPARATE_PAYLOAD_MIN_CHARS, Store  # noqa: E402
+from app.jobs import LARGE_PAYLOAD_CHARS, ExecutorType, GenType  # noqa: E402
+from app.store import Store  # noqa: E402
 from bench.core import demo_server, memory_mb  # noqa: E402
 
 PNG_HEAD = b"\x89PNG\r\n\x1a\n"
@@ -53,7 +53,7 @@ def fill(path: Path, count: int, image_bytes: int) -> None:
                 gen_type, payload = GenType.TEXT2IMG, {"prompt": f"p{n}", "steps": 20}
             text = json.dumps(payload)
             object_id = new_object_id()
-            separate = len(text) >= SEPARATE_PAYLOAD_MIN_CHARS  # where Store.add keeps it
+            separate = len(text) >= LARGE_PAYLOAD_CHARS  # where Store.add keeps it
             rows.append((object_id, "test", "automatic1111", gen_type.value, json.dumps({}),
                          json.dumps({"user_id": n}), "" if separate else text, now, 1,
                          payload_cost_units(ExecutorType.AUTOMATIC1111, gen_type, payload), len(text)))

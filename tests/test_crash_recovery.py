@@ -227,3 +227,25 @@ async def test_every_request_acknowledged_before_a_sigkill_is_in_the_database(
         stored = {row[0] for row in db.execute("SELECT object_id FROM requests")}
     assert acknowledged <= stored  # an acknowledged request is never lost
     assert len(stored) >= len(acknowledged)
+
+
+async def test_a_request_interrupted_by_ten_restarts_in_a_row_is_not_run_again(start_backend, start_balancer):
+    """It may be what brings the process down: it ends with an error instead of a crash loop."""
+    gpu = await start_backend("kandinsky")
+    gpu.state.gate.clear()
+    balancer = await start_balancer([gpu])
+    bot = await balancer.connect("telegram")
+    queued = await bot.submit(request_message("kandinsky", "text2img", {"prompt": "fatal?"}))
+    await bot.close()
+    await balancer.client.close()
+    with sqlite3.connect(balancer.config.database_path) as db:
+        db.execute("UPDATE requests SET status = 'queued', interruptions = 10 WHERE object_id = ?",
+                   (queued["object_id"],))
+
+    gpu.state.gate.set()
+    restarted = await start_balancer([gpu])
+    final = await (await restarted.connect("telegram")).final(queued["object_id"])
+    assert final["gen_status"] == "error"
+    assert final["result"]["content"].startswith("Interrupted by 10 restarts of the balancer")
+    assert final["payload"] == {"prompt": "fatal?"}
+    assert len(gpu.state.received) == 1  # the first run only
