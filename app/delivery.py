@@ -138,10 +138,15 @@ class ConnectionHub:
         return candidates + [ws for ws in self._connections[job.service] if ws is not job.origin]
 
     async def send_for_job(self, job: Job, message: dict[str, Any]) -> bool:
-        for ws in self._receivers(job):
+        return await self._send_to_first(self._receivers(job), message) is not None
+
+    async def _send_to_first(self, receivers: list[web.WebSocketResponse],
+                             message: dict[str, Any]) -> web.WebSocketResponse | None:
+        """Send `message` to the first receiver that takes it; which one, or None."""
+        for ws in receivers:
             if await self.send_to(ws, message):
-                return True
-        return False
+                return ws
+        return None
 
     # JobListener, called by the scheduler.
 
@@ -208,14 +213,12 @@ class ConnectionHub:
         sent: list[Job] = []
         try:
             for job in jobs:
-                for ws in receivers:
-                    if await self.send_to(ws, final_response(job)):
-                        sent.append(job)
-                        if job.ack_required:
-                            self._awaiting_ack[job.object_id] = ws
-                        break
-                else:
+                ws = await self._send_to_first(receivers, final_response(job))
+                if ws is None:
                     break  # no receiver takes anything now: the rest stay owed
+                sent.append(job)
+                if job.ack_required:
+                    self._awaiting_ack[job.object_id] = ws
             await self._store.mark_delivered(sent)
         except Exception:
             # Not marked (the database refused the write): they stay owed and are sent again

@@ -138,14 +138,12 @@ class _Connection:
                 await self._on_action(message)
                 return
             job = job_from_request(self._app, self._service, request, origin=self._ws, channel=self._channel)
-            if hub.closing:
-                raise InvalidRequest(SHUTTING_DOWN, envelope=readable_envelope(message))
         except InvalidRequest as exc:
             await hub.send_to(self._ws, self._rejection(exc))
             return
         # Commits are grouped: accepting concurrently lets one transaction carry many requests.
         await self._slots.acquire()
-        if hub.closing:  # shutdown began while this connection waited for a free slot
+        if hub.closing:  # shutdown has begun (perhaps while this waited for a free slot)
             self._slots.release()
             await hub.send_to(self._ws, self._rejection(InvalidRequest(
                 SHUTTING_DOWN, envelope=readable_envelope(message))))
