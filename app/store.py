@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import json
 import logging
 import time
@@ -24,8 +23,9 @@ from typing import Any
 
 import aiosqlite
 
-from app.jobs import LARGE_PAYLOAD_CHARS, ExecutorType, GenType, Job, JobStatus
+from app.jobs import LARGE_PAYLOAD_CHARS, GenType, Job, JobStatus
 from app.migrations import apply_migrations
+from app.request_rows import HEADER_COLUMNS, PAYLOAD_SQL, job_from_row, no_cycle_collection
 from app.mirrors.records import request_record
 
 log = logging.getLogger(__name__)
@@ -366,17 +366,17 @@ class Store:
         JSON nested deeper than the parser's stack allows, stored by an earlier release) is
         left out and set aside."""
         jobs, unreadable = [], []
-        columns = f"{_HEADER_COLUMNS}, {_PAYLOAD} AS payload" if with_payload else _HEADER_COLUMNS
+        columns = f"{HEADER_COLUMNS}, {PAYLOAD_SQL} AS payload" if with_payload else HEADER_COLUMNS
         async with self._reader_db.execute(
                 f"SELECT {columns} FROM requests WHERE {where} ORDER BY {order} LIMIT ?",
                 (*params, limit)) as cursor:
             # One hop to the database thread for all rows: iterating the cursor would hop per
             # 64 rows, which dominated rebuilding a queue of 100,000.
             rows = await cursor.fetchall()
-            with _no_cycle_collection():
+            with no_cycle_collection():
                 for row in rows:
                     try:
-                        jobs.append(_job_from_row(row, with_payload))
+                        jobs.append(job_from_row(row, with_payload))
                     except (ValueError, TypeError, KeyError, RecursionError) as exc:
                         unreadable.append((row["object_id"], f"{type(exc).__name__}: {exc}"[:200]))
         for object_id, reason in unreadable:
@@ -437,7 +437,7 @@ class Store:
 
     async def load_payload(self, object_id: str) -> dict[str, Any]:
         """The payload of a committed request, as sent."""
-        async with self._reader_db.execute(f"SELECT {_PAYLOAD} FROM requests WHERE object_id = ?",
+        async with self._reader_db.execute(f"SELECT {PAYLOAD_SQL} FROM requests WHERE object_id = ?",
                                            (object_id,)) as cursor:
             (payload,) = await cursor.fetchone()
         return json.loads(payload)
@@ -450,7 +450,7 @@ class Store:
         """(gen_type, payload, generation seconds) of the backend's latest `limit` successful
         jobs, oldest first: what its learned speed is rebuilt from after a restart."""
         async with self._reader_db.execute(
-                f"SELECT gen_type, {_PAYLOAD}, generation_s FROM requests WHERE status = 'ok'"
+                f"SELECT gen_type, {PAYLOAD_SQL}, generation_s FROM requests WHERE status = 'ok'"
                 " AND backend = ? AND generation_s IS NOT NULL ORDER BY finished_at DESC LIMIT ?",
                 (backend_name, limit)) as cursor:
             rows = await cursor.fetchall()
@@ -461,59 +461,3 @@ class Store:
             except (ValueError, RecursionError):
                 continue  # unreadable rows are set aside where they are fetched whole
         return successes
-
-
-# A request's payload, wherever it is kept (migration 0007).
-_PAYLOAD = ("coalesce((SELECT payloads.payload FROM payloads WHERE payloads.object_id = requests.object_id),"
-            " requests.payload)")
-# Every column but the payload.
-_HEADER_COLUMNS = ("seq, object_id, service, executor, gen_type, premium, settings, service_info, status,"
-                   " attempts, backend, result, created_at, started_at, finished_at, generation_s,"
-                   " delivered_at, last_error, revision, channel, interruptions, ack_required, acked_at,"
-                   " request_key, cost_units, payload_chars")
-
-
-@contextlib.contextmanager
-def _no_cycle_collection() -> Iterator[None]:
-    """Building 100,000 jobs would run the cycle collector over the growing heap again and
-    again (about half the time of a queue rebuild); nothing built here is cyclic garbage."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
-
-
-# Enum members by value: a dict lookup per row instead of an Enum call (queue rebuilds read
-# 100,000 rows).
-_EXECUTORS = {member.value: member for member in ExecutorType}
-_GEN_TYPES = {member.value: member for member in GenType}
-_STATUSES = {member.value: member for member in JobStatus}
-
-
-def _json_object(text: str) -> Any:
-    return {} if text == "{}" else json.loads(text)
-
-
-def _job_from_row(row: aiosqlite.Row, with_payload: bool = True) -> Job:
-    if with_payload:
-        payload, payload_chars = json.loads(row["payload"]), len(row["payload"])
-    else:
-        payload, payload_chars = None, row["payload_chars"] or 0
-    result = row["result"]
-    return Job(
-        object_id=row["object_id"], service=row["service"],
-        executor=_EXECUTORS[row["executor"]], gen_type=_GEN_TYPES[row["gen_type"]],
-        premium=bool(row["premium"]), settings=_json_object(row["settings"]),
-        service_info=_json_object(row["service_info"]), payload=payload, payload_chars=payload_chars,
-        cost_units=row["cost_units"] or 0.0,
-        created_at=row["created_at"], seq=row["seq"], attempts=row["attempts"],
-        status=_STATUSES[row["status"]], backend=row["backend"],
-        result=json.loads(result) if result else None,
-        started_at=row["started_at"], finished_at=row["finished_at"], last_error=row["last_error"],
-        generation_s=row["generation_s"], delivered_at=row["delivered_at"], revision=row["revision"],
-        channel=row["channel"], interruptions=row["interruptions"],
-        ack_required=bool(row["ack_required"]), acked_at=row["acked_at"], request_key=row["request_key"],
-    )
