@@ -29,6 +29,14 @@ def database_refusing_writes(path: Path) -> Iterator[None]:
         other.close()
 
 
+async def a_gpu_that_holds_its_jobs(start_backend, start_balancer):
+    """A balancer with one Kandinsky backend whose jobs wait at its gate, and a bot."""
+    gpu = await start_backend("kandinsky")
+    gpu.state.gate.clear()
+    balancer = await start_balancer([gpu])
+    return gpu, balancer, await balancer.connect("telegram")
+
+
 async def test_cancelling_a_request_that_waits_to_be_retried_leaves_the_running_job_alone(
         start_backend, start_balancer):
     gpu = await start_backend("kandinsky")
@@ -59,10 +67,7 @@ async def test_cancelling_a_request_that_waits_to_be_retried_leaves_the_running_
 
 async def test_a_cancel_while_the_answer_is_stored_is_too_late_and_the_final_comes_once(
         start_backend, start_balancer):
-    gpu = await start_backend("kandinsky")
-    gpu.state.gate.clear()
-    balancer = await start_balancer([gpu])
-    bot = await balancer.connect("telegram")
+    gpu, balancer, bot = await a_gpu_that_holds_its_jobs(start_backend, start_balancer)
     queued = await bot.submit(request_message("kandinsky", "text2img", {"prompt": "a fox"}))
     await wait_until(lambda: gpu.state.running == 1)
 
@@ -85,10 +90,7 @@ async def test_a_cancel_while_the_answer_is_stored_is_too_late_and_the_final_com
 
 async def test_requests_resume_without_a_restart_once_the_database_takes_writes_again(
         start_backend, start_balancer):
-    gpu = await start_backend("kandinsky")
-    gpu.state.gate.clear()
-    balancer = await start_balancer([gpu])
-    bot = await balancer.connect("telegram")
+    gpu, balancer, bot = await a_gpu_that_holds_its_jobs(start_backend, start_balancer)
     running = await bot.submit(request_message("kandinsky", "text2img", {"prompt": "running"}))
     waiting = await bot.submit(request_message("kandinsky", "text2img", {"prompt": "waiting"}))
     await wait_until(lambda: gpu.state.running == 1)
