@@ -20,19 +20,23 @@ The guarantee (also in README, "Delivery"):
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections import defaultdict
 from typing import Any
 
-from aiohttp import WSCloseCode, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
+from app import json_text
 from app.backends.base import Progress
 from app.jobs import Job
 from app.schemas import final_response, info_message, short_response
 from app.store import Store
 
 log = logging.getLogger(__name__)
+
+# A message this much smaller than the transport's pause threshold (64 KiB) cannot make the
+# send wait for the client, so it is sent without arming a SEND_TIMEOUT_S timer.
+UNTIMED_SEND_BYTES = 32 * 1024
 
 
 class ConnectionHub:
@@ -114,11 +118,16 @@ class ConnectionHub:
         delivered) wait in SQLite for its reconnect."""
         if ws.closed:
             return False
+        data = json_text.dumps_bytes(message)
+        transport = self._transports.get(ws)
         try:
+            if transport is not None and transport.get_write_buffer_size() + len(data) < UNTIMED_SEND_BYTES:
+                # The socket's buffer takes it without waiting: no timer needed (the usual case).
+                await ws.send_frame(data, WSMsgType.TEXT)
+                return True
             async with asyncio.timeout(self._send_timeout_s):
-                await ws.send_str(json.dumps(message))
+                await ws.send_frame(data, WSMsgType.TEXT)
         except TimeoutError:
-            transport = self._transports.get(ws)
             log.warning("a connection did not read for %g s (SEND_TIMEOUT_S): closed; its answers "
                         "wait for a reconnect", self._send_timeout_s)
             if transport is not None:

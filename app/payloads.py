@@ -27,6 +27,7 @@ from typing import Any
 
 from marshmallow import INCLUDE, Schema, ValidationError, fields, validate
 
+from app import fast_checks
 from app.jobs import ExecutorType, GenType
 
 # Generous bounds: they exist to stop a request that would tie up a GPU for hours, not to
@@ -132,6 +133,12 @@ class WholeNumber(fields.Integer):
         if isinstance(value, float) and value.is_integer():
             return int(value)
         return super()._validated(value)
+
+
+fast_checks.register(Base64Image, lambda value: type(value) is str and is_base64_image(value))
+fast_checks.register(Flag, lambda value: type(value) is bool or (type(value) is int and (value == 0 or value == 1)),
+                     convert=bool)
+fast_checks.register(WholeNumber, lambda value: type(value) is int)  # 5.0 is left to the schema
 
 
 def _int(**kwargs: Any) -> fields.Integer:
@@ -317,6 +324,12 @@ PAYLOAD_SCHEMAS: dict[tuple[ExecutorType, GenType], Schema] = {
 }
 
 
+# Per schema: each declared field's quick check (None: the schema loads it), and the required ones.
+_QUICK_CHECKS = {key: fast_checks.field_checks(schema) for key, schema in PAYLOAD_SCHEMAS.items()}
+_REQUIRED = {key: [name for name, field in schema.fields.items() if field.required]
+             for key, schema in PAYLOAD_SCHEMAS.items()}
+
+
 @dataclass(frozen=True)
 class UnknownFields:
     """Payload keys the backend does not know: forwarded all the same, and reported."""
@@ -344,37 +357,39 @@ def check_payload(executor: ExecutorType, gen_type: GenType, payload: dict[str, 
     Returns the keys the backend does not know (None if there are none): they are not an
     error. Raises ValidationError mapping each bad known field to readable reasons.
     """
-    known = PAYLOAD_SCHEMAS[(executor, gen_type)].fields
-    present: set[str] = set()
+    schema = PAYLOAD_SCHEMAS[(executor, gen_type)]
+    quick = _QUICK_CHECKS[(executor, gen_type)]
+    # Keys the schema must load: those a quick check cannot vouch for, and missing required ones.
+    to_load = {name for name in _REQUIRED[(executor, gen_type)] if name not in payload}
     unknown: list[str] = []
-    for name in payload:  # one pass: a payload may carry half a million keys
-        if name in known:
-            present.add(name)
-        else:
+    for name, value in payload.items():  # one pass: a payload may carry half a million keys
+        if name not in quick:
             unknown.append(name)
-    try:
-        _narrowed(executor, gen_type, frozenset(present)).load(payload)
-    except ValidationError as exc:
-        raise ValidationError({name: _flatten(messages)
-                               for name, messages in exc.normalized_messages().items()}) from None
+        else:
+            check = quick[name]
+            if check is None or not check(value):
+                to_load.add(name)
+    if to_load:
+        try:
+            _narrowed(executor, gen_type, frozenset(to_load)).load(payload)
+        except ValidationError as exc:
+            raise ValidationError({name: _flatten(messages)
+                                   for name, messages in exc.normalized_messages().items()}) from None
     if not unknown:
         return None
     hints = {}
     for name in unknown[:MAX_UNKNOWN_KEYS_REPORTED]:
-        close = difflib.get_close_matches(name[:MAX_KEY_CHARS_REPORTED], known, n=1, cutoff=0.6)
+        close = difflib.get_close_matches(name[:MAX_KEY_CHARS_REPORTED], schema.fields, n=1, cutoff=0.6)
         hints[_printable(name)] = close[0] if close else None
     return UnknownFields(executor, hints, max(0, len(unknown) - MAX_UNKNOWN_KEYS_REPORTED))
 
 
 @functools.lru_cache(maxsize=NARROWED_SCHEMAS_CACHED)
-def _narrowed(executor: ExecutorType, gen_type: GenType, present: frozenset[str]) -> Schema:
-    """The payload schema limited to the fields a payload carries (and the required ones).
-    marshmallow visits every declared field on each load, about 80 for AUTOMATIC1111, and
-    that was most of a small request's intake CPU; bots send the same few keys every time,
+def _narrowed(executor: ExecutorType, gen_type: GenType, names: frozenset[str]) -> Schema:
+    """The payload schema limited to the fields `names`. marshmallow visits every declared
+    field on each load, about 80 for AUTOMATIC1111; bots send the same few keys every time,
     so the narrowed schema is built once per key set."""
-    schema = PAYLOAD_SCHEMAS[(executor, gen_type)]
-    required = {name for name, field in schema.fields.items() if field.required}
-    return type(schema)(only=present | required)
+    return type(PAYLOAD_SCHEMAS[(executor, gen_type)])(only=names)
 
 
 def _printable(name: str) -> str:

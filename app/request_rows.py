@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
 from collections.abc import Iterator
 from typing import Any
 
 import aiosqlite
 
+from app import json_text
 from app.jobs import ExecutorType, GenType, Job, JobStatus
 
 # A request's payload, wherever it is kept (migration 0007).
@@ -44,12 +44,12 @@ _STATUSES = {member.value: member for member in JobStatus}
 
 
 def _json_object(text: str) -> Any:
-    return {} if text == "{}" else json.loads(text)
+    return {} if text == "{}" else json_text.loads(text)
 
 
 def job_from_row(row: aiosqlite.Row, with_payload: bool = True) -> Job:
     if with_payload:
-        payload, payload_chars = json.loads(row["payload"]), len(row["payload"])
+        payload, payload_chars = json_text.loads(row["payload"]), len(row["payload"])
     else:
         payload, payload_chars = None, row["payload_chars"] or 0
     result = row["result"]
@@ -61,7 +61,7 @@ def job_from_row(row: aiosqlite.Row, with_payload: bool = True) -> Job:
         cost_units=row["cost_units"] or 0.0,
         created_at=row["created_at"], seq=row["seq"], attempts=row["attempts"],
         status=_STATUSES[row["status"]], backend=row["backend"],
-        result=json.loads(result) if result else None,
+        result=json_text.loads(result) if result else None,
         started_at=row["started_at"], finished_at=row["finished_at"], last_error=row["last_error"],
         generation_s=row["generation_s"], delivered_at=row["delivered_at"], revision=row["revision"],
         channel=row["channel"], interruptions=row["interruptions"],

@@ -6,12 +6,13 @@ Incoming requests are loaded by `parse_request`; every answer to a client is dum
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from marshmallow import INCLUDE, Schema, ValidationError, fields, validate
 
+from app import json_text
 from app.errors import InvalidRequest
+from app.fast_checks import QuickLoader
 from app.jobs import SUPPORTED_GEN_TYPES, ExecutorType, GenType, Job, JobStatus
 from app.payloads import Flag, WholeNumber, check_payload
 
@@ -143,6 +144,10 @@ class ActionSchema(Schema):
 _request_schema = RequestMessageSchema()
 _settings_schema = SettingsSchema()
 _service_info_schema = ServiceInfoSchema()
+# The usual request passes these quick checks; the schemas load (and word the errors of) the rest.
+_quick_request = QuickLoader(_request_schema)
+_quick_settings = QuickLoader(_settings_schema)
+_quick_service_info = QuickLoader(_service_info_schema)
 _response_schema = ResponseSchema()
 _info_schema = InfoSchema()
 _action_schema = ActionSchema()
@@ -153,36 +158,20 @@ def decode_message(text: str, what: str = "Message") -> dict[str, Any]:
     InvalidRequest otherwise: not JSON, not an object, NaN or Infinity (not JSON, and not
     parseable by JavaScript or Go clients it would be echoed to), or nested deeper than
     MAX_NESTING_DEPTH (so whatever is stored can always be read back)."""
+    too_deep = f"{what} is nested too deeply (the limit is {MAX_NESTING_DEPTH} levels)."
     try:
-        message = json.loads(text, parse_constant=_refuse_constant)
-    except RecursionError:
-        raise InvalidRequest(f"{what} is nested too deeply (the limit is {MAX_NESTING_DEPTH} levels).") from None
+        message = json_text.loads(text, max_depth=MAX_NESTING_DEPTH, parse_constant=_refuse_constant)
+    except (RecursionError, json_text.TooDeep):
+        raise InvalidRequest(too_deep) from None
     except ValueError as exc:
         raise InvalidRequest(f"{what} is not valid JSON: {exc}") from None
     if not isinstance(message, dict):
         raise InvalidRequest(f"{what} must be a JSON object.")
-    if _deeper_than(message, MAX_NESTING_DEPTH):
-        raise InvalidRequest(f"{what} is nested too deeply (the limit is {MAX_NESTING_DEPTH} levels).")
     return message
 
 
 def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a number JSON allows")
-
-
-def _deeper_than(document: Any, limit: int) -> bool:
-    """True if `document` nests objects/arrays more than `limit` levels. Iterative: a deep
-    document must not use up the stack here either."""
-    pending = [(document, 1)]
-    while pending:
-        value, depth = pending.pop()
-        if depth > limit:
-            return True
-        if isinstance(value, dict):
-            pending.extend((item, depth + 1) for item in value.values() if isinstance(item, (dict, list)))
-        elif isinstance(value, list):
-            pending.extend((item, depth + 1) for item in value if isinstance(item, (dict, list)))
-    return False
 
 
 def utf8_length(text: str) -> int:
@@ -199,36 +188,39 @@ def parse_request(message: dict[str, Any]) -> dict[str, Any]:
     None), which are forwarded all the same. Raises InvalidRequest naming every bad field;
     its `envelope` carries executor and gen_type only when both were valid.
     """
-    envelope = readable_envelope(message)
-    try:
-        loaded = _request_schema.load(message)
-    except ValidationError as exc:
-        raise InvalidRequest(_summary(exc.normalized_messages()),
-                             field_errors=exc.normalized_messages(), envelope=envelope) from None
+    loaded = _quick_request.load(message)
+    if loaded is None:
+        try:
+            loaded = _request_schema.load(message)
+        except ValidationError as exc:
+            raise InvalidRequest(_summary(exc.normalized_messages()), field_errors=exc.normalized_messages(),
+                                 envelope=readable_envelope(message)) from None
 
     executor, gen_type = loaded["executor"], loaded["gen_type"]
     if gen_type not in SUPPORTED_GEN_TYPES[executor]:
         can_do = ", ".join(sorted(g.value for g in SUPPORTED_GEN_TYPES[executor]))
         raise InvalidRequest(f"{executor.value} does not support {gen_type.value} (it does {can_do}).",
                              field_errors={"gen_type": [f"Not supported by {executor.value}."]},
-                             envelope=envelope)
+                             envelope=readable_envelope(message))
 
     # settings and service_info are checked, but kept as sent: they are echoed back verbatim.
     field_errors: dict[str, Any] = {}
-    for name, schema in (("settings", _settings_schema), ("service_info", _service_info_schema)):
-        try:
-            checked = schema.load(loaded[name])
-        except ValidationError as exc:
-            field_errors[name] = exc.normalized_messages()
-        else:
-            if name == "settings":
-                loaded["flags"] = checked
+    for name, quick, schema in (("settings", _quick_settings, _settings_schema),
+                                ("service_info", _quick_service_info, _service_info_schema)):
+        checked = quick.load(loaded[name])
+        if checked is None:
+            try:
+                checked = schema.load(loaded[name])
+            except ValidationError as exc:
+                field_errors[name] = exc.normalized_messages()
+        if name == "settings":
+            loaded["flags"] = checked
     try:
         loaded["unknown_fields"] = check_payload(executor, gen_type, loaded["payload"])
     except ValidationError as exc:
         field_errors["payload"] = exc.normalized_messages()
     if field_errors:
-        raise InvalidRequest(_summary(field_errors), field_errors=field_errors, envelope=envelope)
+        raise InvalidRequest(_summary(field_errors), field_errors=field_errors, envelope=readable_envelope(message))
     return loaded
 
 
@@ -281,12 +273,11 @@ def _walk(messages: Any, prefix: str):
 
 
 def short_response(job: Job, gen_status: str, avg_time_s: float | None) -> dict[str, Any]:
-    """The queued/generating form."""
-    return _response_schema.dump({
-        "object_id": job.object_id, "service": job.service, "executor": job.executor.value,
-        "gen_type": job.gen_type.value, "gen_status": gen_status, "avg_time": avg_time_s,
-        "service_info": job.service_info,
-    })
+    """The queued/generating form: what ResponseSchema dumps (tests/test_schemas.py holds
+    them equal), built directly because every request gets one or two."""
+    return {"object_id": job.object_id, "service": job.service, "message_type": "response",
+            "executor": job.executor.value, "gen_type": job.gen_type.value, "gen_status": gen_status,
+            "avg_time": None if avg_time_s is None else float(avg_time_s), "service_info": job.service_info}
 
 
 def final_response(job: Job) -> dict[str, Any]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -23,6 +22,7 @@ from typing import Any
 
 import aiosqlite
 
+from app import json_text
 from app.jobs import LARGE_PAYLOAD_CHARS, GenType, Job, JobStatus
 from app.migrations import apply_migrations
 from app.request_rows import HEADER_COLUMNS, PAYLOAD_SQL, job_from_row, no_cycle_collection
@@ -146,7 +146,9 @@ class Store:
             raise StoreClosed("the database is closed (the server is shutting down)")
         unit = _WriteUnit(list(statements))
         self._pending.put_nowait(unit)
-        await asyncio.shield(unit.done)
+        # A cancelled caller cancels only this future; the writer still commits the unit
+        # (and skips the result of a future already done).
+        await unit.done
 
     async def _commit_change(self, job: Job, *statements: Statement, upload: dict[str, Any] | None = None) -> None:
         """Commit a change of `job` (its revision already bumped) together with its mirror
@@ -155,10 +157,10 @@ class Store:
         now = time.time()
         if self._mirror_records:
             statements_.append((_OUTBOX_INSERT, ("mongodb", job.object_id, job.revision,
-                                                 json.dumps(request_record(job)), now)))
+                                                 json_text.dumps(request_record(job)), now)))
         if upload is not None:
             statements_.append((_OUTBOX_INSERT, ("s3", job.object_id, job.revision,
-                                                 json.dumps(upload), now)))
+                                                 json_text.dumps(upload), now)))
         await self._write(*statements_)
         if self._mirror_records:
             self._wake_mirror("mongodb")
@@ -177,7 +179,7 @@ class Store:
         """Commit a new queued request. Raises sqlite3.IntegrityError on a duplicate id or a
         duplicate request_key of the same service."""
         job.revision = 1
-        payload_json = json.dumps(job.payload)
+        payload_json = json_text.dumps(job.payload)
         job.payload_chars = len(payload_json)
         separate = job.payload_chars >= LARGE_PAYLOAD_CHARS  # in its own table (migration 0007)
         extra = [("INSERT INTO payloads (object_id, payload) VALUES (?, ?)", (job.object_id, payload_json))
@@ -188,7 +190,7 @@ class Store:
             " cost_units, payload_chars)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
             (job.object_id, job.service, job.executor.value, job.gen_type.value, int(job.premium),
-             json.dumps(job.settings), json.dumps(job.service_info), "" if separate else payload_json,
+             json_text.dumps(job.settings), json_text.dumps(job.service_info), "" if separate else payload_json,
              job.created_at, job.revision, job.channel, int(job.ack_required), job.request_key,
              job.cost_units or None, job.payload_chars),
         ), *extra)
@@ -229,7 +231,7 @@ class Store:
             await self._commit_change(job, (
                 "UPDATE requests SET status = ?, result = ?, finished_at = ?, generation_s = ?,"
                 " delivered_at = NULL, revision = ? WHERE object_id = ?",
-                (job.status.value, json.dumps(job.result), job.finished_at, generation_s, job.revision,
+                (job.status.value, json_text.dumps(job.result), job.finished_at, generation_s, job.revision,
                  job.object_id),
             ), upload=upload)
 
@@ -239,7 +241,7 @@ class Store:
             job.revision += 1
             await self._commit_change(job, (
                 "UPDATE requests SET result = ?, revision = ? WHERE object_id = ?",
-                (json.dumps(job.result), job.revision, job.object_id),
+                (json_text.dumps(job.result), job.revision, job.object_id),
             ))
 
     async def mark_delivered(self, jobs: Sequence[Job]) -> None:
@@ -286,7 +288,7 @@ class Store:
         async with self._reader_db.execute(
                 "SELECT id, object_id, revision, document, attempts FROM outbox WHERE target = ?"
                 " ORDER BY id LIMIT ?", (target, limit)) as cursor:
-            return [OutboxItem(row[0], row[1], row[2], json.loads(row[3]), row[4])
+            return [OutboxItem(row[0], row[1], row[2], json_text.loads(row[3]), row[4])
                     async for row in cursor]
 
     async def outbox_count(self, target: str) -> int:
@@ -392,7 +394,7 @@ class Store:
         self._set_aside_ids.add(object_id)
         log.error("%s cannot be read back from the database (%s); it is ended with an error and "
                   "left out from now on", object_id, reason)
-        result = json.dumps({"content_type": "text", "content": f"the stored request cannot be read back: {reason}"})
+        result = json_text.dumps({"content_type": "text", "content": f"the stored request cannot be read back: {reason}"})
         now = time.time()
         try:
             await self._write(("UPDATE requests SET status = 'error', result = ?, finished_at = ?,"
@@ -409,7 +411,7 @@ class Store:
         for job in jobs:
             if job.cost_units == 0.0:
                 job.payload = await self.load_payload(job.object_id)
-                job.payload_chars = len(json.dumps(job.payload))
+                job.payload_chars = len(json_text.dumps(job.payload))
         return jobs
 
     async def owed_finals(self, service: str) -> list[Job]:
@@ -440,7 +442,7 @@ class Store:
         async with self._reader_db.execute(f"SELECT {PAYLOAD_SQL} FROM requests WHERE object_id = ?",
                                            (object_id,)) as cursor:
             (payload,) = await cursor.fetchone()
-        return json.loads(payload)
+        return json_text.loads(payload)
 
     async def get(self, object_id: str) -> Job | None:
         jobs = await self._fetch_jobs("object_id = ?", (object_id,))
@@ -457,7 +459,7 @@ class Store:
         successes = []
         for gen_type, payload, seconds in reversed(rows):
             try:
-                successes.append((GenType(gen_type), json.loads(payload), seconds))
+                successes.append((GenType(gen_type), json_text.loads(payload), seconds))
             except (ValueError, RecursionError):
                 continue  # unreadable rows are set aside where they are fetched whole
         return successes

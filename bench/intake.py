@@ -1,0 +1,192 @@
+"""Durable intake: accepted requests per second and server CPU per request, this server beside
+the hand-written peers of bench/peer_server.py (naive: one commit per request; group: group
+commit), over 1 and over 50 websocket connections, every request committed (synchronous=FULL)
+before its `queued`.
+
+Repeats are interleaved (this server, naive, group, this server, ...) so a slow minute of the
+machine hits every contestant. Printed per figure: min / median / max over the repeats. With
+--profile (needs py-spy), one extra run of this server is sampled and its hottest functions
+printed.
+
+Usage: .venv/bin/python bench/intake.py [--requests N] [--repeats N] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from app.demo_backends import DemoBackendState  # noqa: E402
+from bench.core import KEY, free_port, start_backend, start_server  # noqa: E402
+
+PEER_SCRIPT = Path(__file__).with_name("peer_server.py")
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def request_text(index: int) -> str:
+    return json.dumps({"message_type": "request", "executor": "automatic1111", "gen_type": "text2img",
+                       "settings": {"premium": 0}, "service_info": {"user_id": index % 97, "chat_id": 5},
+                       "payload": {"prompt": f"a lighthouse at dusk, number {index}", "steps": 20,
+                                   "width": 512, "height": 512}})
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
+
+
+async def drive(base_url: str, pid: int, connections: int, total: int) -> tuple[float, float]:
+    """Send `total` requests over `connections` sockets, each pipelining its share; returns
+    (accepted per second, server CPU µs per request) from first send to last `queued`."""
+    per_connection = total // connections
+    texts = [request_text(index) for index in range(per_connection * connections)]
+    headers = {"authorization": KEY, "service": "bench"}
+    async with aiohttp.ClientSession() as session:
+        sockets = [await session.ws_connect(f"{base_url}/ws/bench", headers=headers, max_msg_size=0)
+                   for _ in range(connections)]
+        cpu_before, started = cpu_seconds(pid), time.perf_counter()
+
+        async def one(ws: aiohttp.ClientWebSocketResponse, share: list[str]) -> None:
+            async def send() -> None:
+                for text in share:
+                    await ws.send_str(text)
+            sender = asyncio.create_task(send())
+            seen = 0
+            while seen < len(share):
+                data = (await ws.receive()).data
+                if '"queued"' in data:
+                    seen += 1
+                elif '"error"' in data:
+                    raise RuntimeError(data[:300])
+            await sender
+
+        await asyncio.gather(*(one(ws, texts[index::connections]) for index, ws in enumerate(sockets)))
+        elapsed, cpu = time.perf_counter() - started, cpu_seconds(pid) - cpu_before
+        for ws in sockets:
+            await ws.close()
+    count = len(texts)
+    return count / elapsed, cpu / count * 1e6
+
+
+class PeerProcess:
+    def __init__(self, mode: str, folder: Path) -> None:
+        self.port = free_port()
+        self.process = subprocess.Popen([sys.executable, str(PEER_SCRIPT), mode, str(self.port),
+                                         str(folder / "peer.sqlite3")])
+        self.base_url = f"http://127.0.0.1:{self.port}"
+
+    async def ready(self) -> None:
+        async with aiohttp.ClientSession() as session:
+            for _ in range(200):
+                try:
+                    async with session.get(self.base_url + "/"):
+                        return
+                except aiohttp.ClientConnectionError:
+                    await asyncio.sleep(0.05)
+        raise RuntimeError("peer server did not start")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait()
+
+
+async def run_ours(folder: Path, connections: int, total: int, profile_to: Path | None = None) -> tuple[float, float]:
+    state = DemoBackendState()
+    state.gate.clear()  # the backend holds every job: only intake is measured
+    runner, url = await start_backend(state)
+    server = await start_server(folder, url)
+    spy = None
+    if profile_to is not None:
+        spy = subprocess.Popen(["py-spy", "record", "--format", "raw", "--rate", "250", "-o", str(profile_to),
+                                "--pid", str(server.process.pid)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+        await asyncio.sleep(1.0)
+    try:
+        return await drive(server.base_url, server.process.pid, connections, total)
+    finally:
+        if spy is not None:
+            spy.send_signal(2)
+            spy.wait()
+        await server.stop()
+        state.gate.set()
+        await runner.cleanup()
+
+
+async def run_peer(mode: str, folder: Path, connections: int, total: int) -> tuple[float, float]:
+    folder.mkdir(parents=True, exist_ok=True)
+    peer = PeerProcess(mode, folder)
+    try:
+        await peer.ready()
+        return await drive(peer.base_url, peer.process.pid, connections, total)
+    finally:
+        peer.stop()
+
+
+def spread(values: list[float], unit: str) -> str:
+    return (f"{min(values):7.0f} / {statistics.median(values):7.0f} / {max(values):7.0f} {unit}")
+
+
+def hottest(profile: Path, top: int = 12) -> list[str]:
+    """Self time per function from py-spy's collapsed stacks (leaf frame of each sample)."""
+    samples: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in profile.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        leaf = stack.rsplit(";", 1)[-1]
+        samples[leaf] += int(count)
+        total += int(count)
+    return [f"{count / total:6.1%}  {leaf}" for leaf, count in samples.most_common(top)]
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=10000)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+    contestants = {"this server": None, "peer naive": "naive", "peer group-commit": "group"}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        for connections in (1, 50):
+            rates: dict[str, list[float]] = collections.defaultdict(list)
+            cpus: dict[str, list[float]] = collections.defaultdict(list)
+            for repeat in range(args.repeats):
+                for name, mode in contestants.items():
+                    folder = root / f"{name.replace(' ', '-')}-{connections}-{repeat}"
+                    if mode is None:
+                        rate, cpu = await run_ours(folder, connections, args.requests)
+                    else:
+                        rate, cpu = await run_peer(mode, folder, connections, args.requests)
+                    rates[name].append(rate)
+                    cpus[name].append(cpu)
+            print(f"\n{args.requests} durable accepts over {connections} connection(s), "
+                  f"{args.repeats} repeats (min / median / max)")
+            for name in contestants:
+                print(f"  {name:18} {spread(rates[name], 'req/s')}   server CPU {spread(cpus[name], 'µs/req')}")
+        if args.profile:
+            if shutil.which("py-spy") is None:
+                print("\n--profile: py-spy is not installed (pip install py-spy)")
+                return
+            profile = root / "profile.txt"
+            await run_ours(root / "profiled", 50, args.requests, profile_to=profile)
+            print("\nthis server, 50 connections, self time by function (py-spy):")
+            for line in hottest(profile):
+                print("  " + line)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,118 @@
+"""The intake's quick checks (app/fast_checks.py) never accept what the marshmallow schemas would
+refuse, and load what they accept exactly as the schemas do: a bot cannot tell which path
+its request took, except by speed."""
+
+from __future__ import annotations
+
+import json
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from marshmallow import ValidationError
+
+from app import fast_checks, schemas
+from app.jobs import SUPPORTED_GEN_TYPES, ExecutorType, GenType, Job
+from app.payloads import PAYLOAD_SCHEMAS, check_payload
+from tests.images import png_base64
+
+PROPERTY_SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+IMAGE = png_base64()
+
+# Values of every JSON type, including the edges the checks must not wave through: bools where
+# numbers go, whole floats, out-of-range numbers, empty strings, nulls, broken base64.
+scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(-5, 5), st.integers(-(2 ** 70), 2 ** 70),
+    st.sampled_from([0, 1, 2, 3, 8192, 8193, 1000, 1001, 64, 65, -1]),
+    st.floats(allow_nan=False, allow_infinity=False), st.sampled_from([0.5, 1.0, 5.0, 8.0, 9.0, -0.0]),
+    st.text(max_size=8), st.sampled_from(["", "5", " 7 ", IMAGE, "data:image/png;base64," + IMAGE,
+                                          IMAGE[:-2], "iVBORw0KGgo", "request", "automatic1111"]))
+values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=5), inner, max_size=4),
+                      max_leaves=8)
+
+
+def schema_accepts(schema, data) -> bool:
+    try:
+        schema.load(data)
+    except ValidationError:
+        return False
+    return True
+
+
+@PROPERTY_SETTINGS
+@given(key=st.sampled_from(sorted(PAYLOAD_SCHEMAS)), data=st.data())
+def test_a_payload_field_the_quick_check_accepts_is_one_its_schema_accepts(key, data):
+    schema = PAYLOAD_SCHEMAS[key]
+    name = data.draw(st.sampled_from(sorted(schema.fields)))
+    value = data.draw(values | st.lists(st.sampled_from([IMAGE, "a", 3, 0.5]), max_size=5))
+    check = fast_checks.field_check(schema.fields[name])
+    if check is not None and check(value):
+        assert schema_accepts(type(schema)(only=(name,)), {name: value}), (name, value)
+
+
+@PROPERTY_SETTINGS
+@given(key=st.sampled_from(sorted(PAYLOAD_SCHEMAS)), data=st.data())
+def test_check_payload_refuses_exactly_what_the_whole_schema_refuses(key, data):
+    schema = PAYLOAD_SCHEMAS[key]
+    names = data.draw(st.lists(st.sampled_from(sorted(schema.fields) + ["stpes", "extension"]), max_size=6))
+    payload = {name: data.draw(values) for name in names}
+    try:
+        check_payload(*key, payload)
+        quick_says = True
+    except ValidationError:
+        quick_says = False
+    assert quick_says == schema_accepts(schema, payload), payload
+
+
+settings_dicts = st.dictionaries(st.sampled_from(["premium", "moderate", "sync_with_s3", "require_ack", "extra"]),
+                                 values, max_size=5)
+service_infos = st.dictionaries(st.sampled_from(["user_id", "chat_id", "message_id", "request_id", "x"]),
+                                values, max_size=5)
+envelopes = st.fixed_dictionaries(
+    {"message_type": st.sampled_from(["request", "info", 5]),
+     "executor": st.sampled_from(["automatic1111", "kandinsky", "other", None]),
+     "gen_type": st.sampled_from(["text2img", "img2img", "mix2img", "nope"]),
+     "service_info": service_infos | values, "payload": st.just({"prompt": "p"}) | values},
+    optional={"settings": settings_dicts | values, "stray": values})
+
+
+@PROPERTY_SETTINGS
+@given(message=envelopes)
+def test_a_message_loads_the_same_quickly_or_through_the_schemas(message):
+    for schema in (schemas.RequestMessageSchema(), schemas.SettingsSchema(), schemas.ServiceInfoSchema()):
+        data = message if isinstance(schema, schemas.RequestMessageSchema) else message.get(
+            "settings" if isinstance(schema, schemas.SettingsSchema) else "service_info")
+        quick = fast_checks.QuickLoader(schema).load(data)
+        if quick is not None:
+            assert quick == schema.load(data), data
+
+
+@PROPERTY_SETTINGS
+@given(message=envelopes)
+def test_parse_request_answers_as_the_schemas_alone_would(message):
+    """The quick path changes nothing a client sees: the same request, or the same refusal."""
+    try:
+        parsed = schemas.parse_request(message)
+    except Exception as exc:  # noqa: BLE001 - compared below
+        parsed = exc
+    expected_ok = True
+    try:
+        loaded = schemas.RequestMessageSchema().load(message)
+        schemas.SettingsSchema().load(loaded["settings"])
+        schemas.ServiceInfoSchema().load(loaded["service_info"])
+        if loaded["gen_type"] not in SUPPORTED_GEN_TYPES[loaded["executor"]]:
+            expected_ok = False
+        else:
+            PAYLOAD_SCHEMAS[(loaded["executor"], loaded["gen_type"])].load(loaded["payload"])
+    except ValidationError:
+        expected_ok = False
+    assert isinstance(parsed, dict) == expected_ok, (message, parsed)
+
+
+def test_the_queued_answer_is_what_the_response_schema_dumps():
+    job = Job(object_id="0" * 24, service="telegram", executor=ExecutorType.AUTOMATIC1111,
+              gen_type=GenType.TEXT2IMG, premium=False, settings={}, service_info={"user_id": 7},
+              payload={"prompt": "p"}, created_at=0.0)
+    for avg_time in (None, 3, 2.5):
+        built = schemas.short_response(job, "queued", avg_time)
+        dumped = schemas.ResponseSchema().dump({**built})
+        assert json.dumps(built) == json.dumps(dumped)
