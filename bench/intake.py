@@ -1,20 +1,21 @@
 """Durable intake: accepted requests per second and server CPU per request, this server beside
 the hand-written peers of bench/peer_server.py (naive: one commit per request; group: group
-commit), over 1 and over 50 websocket connections, every request committed (synchronous=FULL)
-before its `queued`.
+commit), over 1 and over 50 websocket connections, and for img2img requests carrying a 1 MB
+image; every request committed (synchronous=FULL) before its `queued`.
 
 Repeats are interleaved (this server, naive, group, this server, ...) so a slow minute of the
 machine hits every contestant. Printed per figure: min / median / max over the repeats. With
 --profile (needs py-spy), one extra run of this server is sampled and its hottest functions
 printed.
 
-Usage: .venv/bin/python bench/intake.py [--requests N] [--repeats N] [--profile]
+Usage: .venv/bin/python bench/intake.py [--requests N] [--images N] [--repeats N] [--profile]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import collections
 import json
 import os
@@ -37,7 +38,11 @@ PEER_SCRIPT = Path(__file__).with_name("peer_server.py")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def request_text(index: int) -> str:
+def request_text(index: int, image: str | None = None) -> str:
+    if image is not None:
+        return json.dumps({"message_type": "request", "executor": "automatic1111", "gen_type": "img2img",
+                           "settings": {}, "service_info": {"user_id": index % 97},
+                           "payload": {"prompt": f"the same, at night {index}", "init_images": [image]}})
     return json.dumps({"message_type": "request", "executor": "automatic1111", "gen_type": "text2img",
                        "settings": {"premium": 0}, "service_info": {"user_id": index % 97, "chat_id": 5},
                        "payload": {"prompt": f"a lighthouse at dusk, number {index}", "steps": 20,
@@ -49,11 +54,17 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
 
 
-async def drive(base_url: str, pid: int, connections: int, total: int) -> tuple[float, float]:
+def megabyte_image() -> str:
+    """Base64 of 1 MB that begins like a PNG file (what the server checks), different per run."""
+    start = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR"
+    return base64.b64encode(start + os.urandom(1024 * 1024 - len(start))).decode()
+
+
+async def drive(base_url: str, pid: int, connections: int, total: int, image: str | None = None) -> tuple[float, float]:
     """Send `total` requests over `connections` sockets, each pipelining its share; returns
     (accepted per second, server CPU µs per request) from first send to last `queued`."""
     per_connection = total // connections
-    texts = [request_text(index) for index in range(per_connection * connections)]
+    texts = [request_text(index, image) for index in range(per_connection * connections)]
     headers = {"authorization": KEY, "service": "bench"}
     async with aiohttp.ClientSession() as session:
         sockets = [await session.ws_connect(f"{base_url}/ws/bench", headers=headers, max_msg_size=0)
@@ -66,13 +77,15 @@ async def drive(base_url: str, pid: int, connections: int, total: int) -> tuple[
                     await ws.send_str(text)
             sender = asyncio.create_task(send())
             seen = 0
-            while seen < len(share):
-                data = (await ws.receive()).data
-                if '"queued"' in data:
-                    seen += 1
-                elif '"error"' in data:
-                    raise RuntimeError(data[:300])
-            await sender
+            try:
+                while seen < len(share):
+                    data = (await ws.receive()).data
+                    if '"queued"' in data:
+                        seen += 1
+                    elif '"error"' in data:
+                        raise RuntimeError(data[:300])
+            finally:
+                await sender
 
         await asyncio.gather(*(one(ws, texts[index::connections]) for index, ws in enumerate(sockets)))
         elapsed, cpu = time.perf_counter() - started, cpu_seconds(pid) - cpu_before
@@ -104,7 +117,8 @@ class PeerProcess:
         self.process.wait()
 
 
-async def run_ours(folder: Path, connections: int, total: int, profile_to: Path | None = None) -> tuple[float, float]:
+async def run_ours(folder: Path, connections: int, total: int, profile_to: Path | None = None,
+                   image: str | None = None) -> tuple[float, float]:
     state = DemoBackendState()
     state.gate.clear()  # the backend holds every job: only intake is measured
     runner, url = await start_backend(state)
@@ -116,7 +130,7 @@ async def run_ours(folder: Path, connections: int, total: int, profile_to: Path 
                                stderr=subprocess.DEVNULL)
         await asyncio.sleep(1.0)
     try:
-        return await drive(server.base_url, server.process.pid, connections, total)
+        return await drive(server.base_url, server.process.pid, connections, total, image)
     finally:
         if spy is not None:
             spy.send_signal(2)
@@ -126,12 +140,13 @@ async def run_ours(folder: Path, connections: int, total: int, profile_to: Path 
         await runner.cleanup()
 
 
-async def run_peer(mode: str, folder: Path, connections: int, total: int) -> tuple[float, float]:
+async def run_peer(mode: str, folder: Path, connections: int, total: int,
+                   image: str | None = None) -> tuple[float, float]:
     folder.mkdir(parents=True, exist_ok=True)
     peer = PeerProcess(mode, folder)
     try:
         await peer.ready()
-        return await drive(peer.base_url, peer.process.pid, connections, total)
+        return await drive(peer.base_url, peer.process.pid, connections, total, image)
     finally:
         peer.stop()
 
@@ -155,26 +170,34 @@ def hottest(profile: Path, top: int = 12) -> list[str]:
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=10000)
+    parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--figures", default="small1,small50,images", help="which, comma-separated")
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     contestants = {"this server": None, "peer naive": "naive", "peer group-commit": "group"}
+    image = megabyte_image()
+    figures = {"small1": (f"{args.requests} small durable accepts over 1 connection", 1, args.requests, None),
+               "small50": (f"{args.requests} small durable accepts over 50 connections", 50, args.requests, None),
+               "images": (f"{args.images} img2img requests of a 1 MB image each, over 4 connections", 4,
+                          args.images, image)}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        for connections in (1, 50):
+        for number, name in enumerate(args.figures.split(",")):
+            title, connections, count, figure_image = figures[name]
             rates: dict[str, list[float]] = collections.defaultdict(list)
             cpus: dict[str, list[float]] = collections.defaultdict(list)
             for repeat in range(args.repeats):
                 for name, mode in contestants.items():
-                    folder = root / f"{name.replace(' ', '-')}-{connections}-{repeat}"
+                    folder = root / f"{number}-{name.replace(' ', '-')}-{repeat}"
                     if mode is None:
-                        rate, cpu = await run_ours(folder, connections, args.requests)
+                        rate, cpu = await run_ours(folder, connections, count, image=figure_image)
                     else:
-                        rate, cpu = await run_peer(mode, folder, connections, args.requests)
+                        rate, cpu = await run_peer(mode, folder, connections, count, figure_image)
                     rates[name].append(rate)
                     cpus[name].append(cpu)
-            print(f"\n{args.requests} durable accepts over {connections} connection(s), "
-                  f"{args.repeats} repeats (min / median / max)")
+                    shutil.rmtree(folder, ignore_errors=True)
+            print(f"\n{title}, {args.repeats} repeats (min / median / max)")
             for name in contestants:
                 print(f"  {name:18} {spread(rates[name], 'req/s')}   server CPU {spread(cpus[name], 'µs/req')}")
         if args.profile:

@@ -5,12 +5,13 @@ its request took, except by speed."""
 from __future__ import annotations
 
 import json
+import re
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from marshmallow import ValidationError
 
-from app import fast_checks, schemas
+from app import fast_checks, payloads, schemas
 from app.jobs import SUPPORTED_GEN_TYPES, ExecutorType, GenType, Job
 from app.payloads import PAYLOAD_SCHEMAS, check_payload
 from tests.images import png_base64
@@ -116,3 +117,12 @@ def test_the_queued_answer_is_what_the_response_schema_dumps():
         built = schemas.short_response(job, "queued", avg_time)
         dumped = schemas.ResponseSchema().dump({**built})
         assert json.dumps(built) == json.dumps(dumped)
+
+
+@PROPERTY_SETTINGS
+@given(start=st.sampled_from(["iVBORw0KGgoAAAANSUhEUg", "/9j/", "R0lGODlh", "UklGRiQAAABXRUJQ", "SUkqAAgA",
+                              "data:image/png;base64,iVBORw0KGgo", "data:text/plain;base64,/9j/", ""]),
+       rest=st.text(alphabet="ABCabc0129+/=-_ \n.é", max_size=12))
+def test_the_image_check_matches_the_pattern_the_openapi_document_publishes(start, rest):
+    text = start + rest
+    assert payloads.is_base64_image(text) == bool(re.fullmatch(payloads.BASE64_IMAGE_PATTERN, text)), text

@@ -8,6 +8,7 @@ from typing import Any
 
 import aiohttp
 
+from app import json_text
 from app.backends.base import Backend, BackendSpec, Progress
 from app.errors import BackendFailed
 from app.jobs import GenType
@@ -35,7 +36,7 @@ class Automatic1111Backend(Backend):
         response = await self._post_json(f"{self.api_url}/{_ROUTES[gen_type]}", payload)
         async with response:
             try:
-                body = await response.json(content_type=None)
+                body = await response.json(content_type=None, loads=json_text.loads)
             except ValueError:
                 raise BackendFailed(f"backend {self.name} answered with a body that is not JSON",
                                     kind="malformed") from None
@@ -63,7 +64,7 @@ class Automatic1111Backend(Backend):
                                      params={"skip_current_image": "true"}) as response:
             if response.status != 200:
                 return None
-            body = await response.json(content_type=None)
+            body = await response.json(content_type=None, loads=json_text.loads)
         fraction = body.get("progress") if isinstance(body, dict) else None
         if not isinstance(fraction, (int, float)):
             return None

@@ -11,6 +11,7 @@ from typing import Any
 
 import aiohttp
 
+from app import json_text
 from app.errors import BackendFailed
 from app.images import NotAnImage, to_jpeg
 from app.jobs import ExecutorType, GenType
@@ -122,7 +123,7 @@ class Backend:
         # A file-like body is streamed in chunks; aiohttp warns that a large bytes body would
         # be written in one go (img2img payloads are megabytes).
         response = await self._session.post(
-            url, data=io.BytesIO(json.dumps(payload).encode()),
+            url, data=io.BytesIO(json_text.dumps_bytes(payload)),
             headers={"Content-Type": "application/json", **(headers or {})})
         if response.status >= 400:
             body = await response.text(errors="replace")
