@@ -51,7 +51,9 @@ class TrackedRequest:
     slot: BackendSlot | None = None
     task: asyncio.Task[None] | None = field(default=None, repr=False)
     retry_timer: asyncio.TimerHandle | None = field(default=None, repr=False)
-    expiry_timer: asyncio.TimerHandle | None = field(default=None, repr=False)
+    # When it gives up waiting (the scheduler's ExpiryLine holds the same deadline); None
+    # once it cannot expire any more.
+    expires_at: float | None = field(default=None, repr=False)
     cancelled: bool = False
     # Backends whose failure of this request is not charged to them yet: an answered 5xx may
     # be the request's fault (an image the backend cannot decode). Charged if the request
@@ -96,11 +98,10 @@ class TrackedRequest:
         return True
 
     def cancel_timers(self) -> None:
-        """Its retry and expiry timers will not fire (at finish, and at shutdown)."""
-        for timer in (self.retry_timer, self.expiry_timer):
-            if timer is not None:
-                timer.cancel()
-        self.retry_timer = self.expiry_timer = None
+        """Its retry timer will not fire, nor will it expire (at finish, and at shutdown)."""
+        if self.retry_timer is not None:
+            self.retry_timer.cancel()
+        self.retry_timer = self.expires_at = None
 
     def done(self) -> None:
         self._require(Phase.FINISHING)

@@ -12,7 +12,6 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import aioboto3
 import aiohttp
 from aiohttp import web
 from dotenv import find_dotenv, load_dotenv
@@ -25,9 +24,7 @@ from app.delivery import ConnectionHub
 from app.demo_backends import DemoBackendState, automatic1111_app, kandinsky_app, serve_on_loopback
 from app.executors import build_backend, load_executors
 from app.jobs import ExecutorType
-from app.mirrors import mongodb, s3
 from app.mirrors.outbox import OutboxWorker
-from app.mirrors.s3 import S3Mirror
 from app.api import api_errors
 from app.metrics import Metrics, live_families
 from app.openapi import build_spec
@@ -91,7 +88,7 @@ def create_app(config: Config) -> web.Application:
 
         async with _backend_specs(config, file_specs) as initial_specs:
             app[keys.HUB] = ConnectionHub(app[keys.STORE], config.send_timeout_s)
-            uploads = next((m for m in app[keys.MIRRORS] if isinstance(m, S3Mirror)), None)
+            uploads = next((m for m in app[keys.MIRRORS] if m.target == "s3"), None)
             scheduler = Scheduler(config, app[keys.STORE], app[keys.RESULTS], app[keys.HUB],
                                   [make_backend(spec) for spec in initial_specs], make_backend,
                                   uploads=uploads, metrics=app[keys.METRICS])
@@ -118,17 +115,23 @@ def create_app(config: Config) -> web.Application:
 async def _open_mirrors(config: Config, store: Store, stack: contextlib.AsyncExitStack) -> list[OutboxWorker]:
     """The configured mirrors, their clients closed by `stack`. Nothing here waits for a
     mirror server: an unreachable one is reported by its worker, which keeps retrying."""
+    # Each mirror's client library is imported only when it is configured (botocore and
+    # pymongo take half a second to import; a restart is that much faster without them).
     mirrors: list[OutboxWorker] = []
     if config.mongodb_enabled:
+        from app.mirrors import mongodb
         client = mongodb.open_client(config)
         stack.push_async_callback(client.close)
         mirrors.append(mongodb.MongoMirror(store, config, client))
     if config.s3_enabled:
+        import aioboto3
+
+        from app.mirrors import s3
         client = await stack.enter_async_context(aioboto3.Session().client(
             "s3", endpoint_url=config.s3_endpoint, region_name=config.s3_region,
             aws_access_key_id=config.s3_access_key, aws_secret_access_key=config.s3_secret_key,
             config=s3.client_config()))
-        mirrors.append(S3Mirror(store, config, client))
+        mirrors.append(s3.S3Mirror(store, config, client))
     if mirrors:
         log.info("mirrors: %s", ", ".join(mirror.target for mirror in mirrors))
     return mirrors

@@ -19,7 +19,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import aiohttp
 
@@ -27,14 +27,18 @@ from app.backends.base import Backend, BackendSpec, Progress
 from app.config import Config
 from app.costs import job_cost_units, payload_cost_units
 from app.errors import BackendFailed
+from app.expiry import ExpiryLine
 from app.jobs import LARGE_PAYLOAD_CHARS, ExecutorType, GenType, Job, JobStatus
 from app.lifecycle import CancelOutcome, Phase, TrackedRequest
 from app.metrics import Metrics
-from app.mirrors.s3 import S3Mirror
 from app.pool import BackendSlot, ExecutorPool, watch_health
 from app.progress import ProgressReporter
+from app.request_rows import no_cycle_collection
 from app.results import ResultWriter
 from app.store import Store, StoreClosed
+
+if TYPE_CHECKING:
+    from app.mirrors.s3 import S3Mirror
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +88,7 @@ class Scheduler:
         self._watchers: dict[BackendSlot, asyncio.Task[None]] = {}
         # The one record of every request this process holds, by object_id (app/lifecycle.py).
         self._tracked: dict[str, TrackedRequest] = {}
+        self._expiry = ExpiryLine(self._expire, self._expiry_stands, lambda: len(self._tracked))
         self._progress = ProgressReporter(config.progress_interval_s, config.probe_timeout_s,
                                           listener.job_progress)
         self._finishing: set[asyncio.Task[None]] = set()
@@ -123,15 +128,16 @@ class Scheduler:
             for gen_type, payload, seconds in await self._store.recent_successes(backend.name, 10):
                 slot.record_success(payload_cost_units(backend.executor, gen_type, payload), seconds)
         requeued = await self._store.requeue_interrupted()
-        queued = await self._store.queued_jobs()
-        for job in queued:
-            if job.interruptions >= MAX_INTERRUPTIONS:
-                # A request that was running at every one of these restarts may be what brings
-                # the process down: it is not run again.
-                self._begin_finish(self._track(job), None, f"Interrupted by {job.interruptions} restarts "
-                                   "of the balancer while it ran; it is not run again.", None)
-            else:
-                self._enqueue(job)
+        with no_cycle_collection(then_freeze=True):
+            queued = await self._store.queued_jobs()
+            for job in queued:
+                if job.interruptions >= MAX_INTERRUPTIONS:
+                    # A request that was running at every one of these restarts may be what brings
+                    # the process down: it is not run again.
+                    self._begin_finish(self._track(job), None, f"Interrupted by {job.interruptions} restarts "
+                                       "of the balancer while it ran; it is not run again.", None)
+                else:
+                    self._enqueue(job)
         for pool in self.pools.values():
             if len(pool.queue) and not pool.slots:
                 log.warning("%d %s requests wait, but no %s backend is configured",
@@ -148,6 +154,7 @@ class Scheduler:
         job is abandoned is told to interrupt it, so the GPU does not finish it for nothing."""
         self._stopping = True
         deadline = time.monotonic() + grace_s
+        self._expiry.close()
         for tracked in self._tracked.values():
             tracked.cancel_timers()
         running = {t.task: t for t in self._tracked.values() if t.task is not None}
@@ -269,9 +276,8 @@ class Scheduler:
         _park_payload(job)
         tracked = self._track(job)
         self.pools[job.executor].queue.push(job)
-        wait_left_s = job.created_at + self._config.max_queue_wait_s - time.time()
-        tracked.expiry_timer = asyncio.get_running_loop().call_later(
-            max(0.0, wait_left_s), self._expire, tracked)
+        tracked.expires_at = job.created_at + self._config.max_queue_wait_s
+        self._expiry.add(job.object_id, tracked.expires_at)
 
     def submit(self, job: Job) -> None:
         """Queue a job that is already committed to the store."""
@@ -293,8 +299,13 @@ class Scheduler:
         if tracked.phase is Phase.QUEUED:
             self.pools[tracked.job.executor].queue.remove(tracked.job)
 
-    def _expire(self, tracked: TrackedRequest) -> None:
-        tracked.expiry_timer = None
+    def _expiry_stands(self, object_id: str, deadline: float) -> bool:
+        tracked = self._tracked.get(object_id)
+        return tracked is not None and tracked.expires_at == deadline
+
+    def _expire(self, object_id: str) -> None:
+        tracked = self._tracked[object_id]
+        tracked.expires_at = None
         if tracked.phase not in (Phase.QUEUED, Phase.RETRY_WAIT):
             return  # running: it gets its chance; finishing: answered already
         job = tracked.job

@@ -25,7 +25,7 @@ import aiosqlite
 from app import json_text
 from app.jobs import LARGE_PAYLOAD_CHARS, GenType, Job, JobStatus
 from app.migrations import apply_migrations
-from app.request_rows import HEADER_COLUMNS, PAYLOAD_SQL, job_from_row, no_cycle_collection
+from app.request_rows import HEADER_COLUMNS, OBJECT_ID_INDEX, PAYLOAD_SQL, job_from_row, no_cycle_collection
 from app.mirrors.records import request_record
 
 log = logging.getLogger(__name__)
@@ -372,6 +372,7 @@ class Store:
         async with self._reader_db.execute(
                 f"SELECT {columns} FROM requests WHERE {where} ORDER BY {order} LIMIT ?",
                 (*params, limit)) as cursor:
+            cursor.row_factory = None  # plain tuples: job_from_row reads by position
             # One hop to the database thread for all rows: iterating the cursor would hop per
             # 64 rows, which dominated rebuilding a queue of 100,000.
             rows = await cursor.fetchall()
@@ -380,7 +381,7 @@ class Store:
                     try:
                         jobs.append(job_from_row(row, with_payload))
                     except (ValueError, TypeError, KeyError, RecursionError) as exc:
-                        unreadable.append((row["object_id"], f"{type(exc).__name__}: {exc}"[:200]))
+                        unreadable.append((row[OBJECT_ID_INDEX], f"{type(exc).__name__}: {exc}"[:200]))
         for object_id, reason in unreadable:
             await self._set_aside(object_id, reason)
         return jobs

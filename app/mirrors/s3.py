@@ -12,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
-from typing import Any
-
-from botocore.config import Config as BotoConfig
+from typing import TYPE_CHECKING, Any
 
 from app.config import Config
 from app.mirrors.outbox import OutboxWorker
 from app.store import OutboxItem, Store
+
+if TYPE_CHECKING:
+    from botocore.config import Config as BotoConfig
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,9 @@ READ_TIMEOUT_S = 60
 
 
 def client_config() -> BotoConfig:
+    # Imported here: botocore takes about 0.4 s to import, and most servers never use S3.
+    from botocore.config import Config as BotoConfig
+
     # The outbox retries with its own backoff; botocore's retries would only hide outages.
     return BotoConfig(connect_timeout=CONNECT_TIMEOUT_S, read_timeout=READ_TIMEOUT_S,
                       retries={"max_attempts": 1, "mode": "standard"})
