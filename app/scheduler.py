@@ -366,6 +366,7 @@ class Scheduler:
     async def _run(self, pool: ExecutorPool, slot: BackendSlot, tracked: TrackedRequest) -> None:
         job = tracked.job
         backend = slot.backend
+        image: bytes | None = None
         jpeg: bytes | None = None
         failure: BackendFailed | None = None
         seconds: float | None = None
@@ -373,23 +374,26 @@ class Scheduler:
         try:
             if job.payload is None:
                 job.payload = await self._store.load_payload(job.object_id)
-            claimed = await self._persist(tracked, Phase.RUNNING, "claim",
-                                          lambda: self._store.claim(job, backend.name))
-            # A cancel may have come while the claim was committed: then it is not run.
-            if claimed and tracked.phase is Phase.RUNNING:
-                log.info("%s dispatched to %s (attempt %d, expected %.1f s, timeout %.0f s)",
-                         job.object_id, backend.name, job.attempts, slot.expected_s(job.cost_units),
-                         timeout_s)
-                self._tell(self._listener.job_generating(job, round(slot.expected_s(job.cost_units), 1)))
-                self._progress.start(backend, job)
-                started = time.monotonic()
+            # The backend starts at once; the claim (the attempt counted, status `generating`)
+            # is committed meanwhile, not before: its fsync would leave the GPU idle for
+            # milliseconds per job. `generating` is sent once the claim is committed, and the
+            # job is finished only after it. A crash before that commit re-runs the request
+            # at the next start without counting the interruption.
+            claim = asyncio.create_task(self._claim(tracked, slot, timeout_s))
+            started = time.monotonic()
+            try:
                 try:
-                    jpeg = await backend.generate(job.gen_type, job.payload, timeout_s)
+                    image = await backend.generate(job.gen_type, job.payload, timeout_s)
                 except BackendFailed as exc:
                     failure = exc
-                finally:
-                    await self._progress.stop(job)
                 seconds = time.monotonic() - started
+                if not await claim:
+                    # Cancelled while the claim was committed (it is being answered), or the
+                    # store closed (shutdown: it runs again at the next start).
+                    image = failure = None
+            finally:
+                claim.cancel()
+                await self._progress.stop(job)
         except asyncio.CancelledError:
             slot.job = None
             tracked.leave_slot()
@@ -401,6 +405,14 @@ class Scheduler:
         slot.job = None
         tracked.leave_slot()
         self._retire_if_removed(slot)
+        # The backend is idle from here: it gets its next job before this one's image is
+        # converted and stored.
+        self.dispatch()
+        if image is not None:
+            try:
+                jpeg = await backend.to_jpeg(image)
+            except BackendFailed as exc:
+                failure = exc
         try:
             if tracked.phase is not Phase.RUNNING:
                 return  # cancelled (or expired) meanwhile: already being answered
@@ -417,6 +429,19 @@ class Scheduler:
                 await self._after_failure(slot, tracked, failure)
         finally:
             self.dispatch()
+
+    async def _claim(self, tracked: TrackedRequest, slot: BackendSlot, timeout_s: float) -> bool:
+        """Commit that `slot`'s backend runs the request, then tell its client. False when
+        it was cancelled meanwhile or the store closed."""
+        job = tracked.job
+        claimed = await self._persist(tracked, Phase.RUNNING, "claim", lambda: self._store.claim(job, slot.name))
+        if not claimed or tracked.phase is not Phase.RUNNING:
+            return False
+        log.info("%s dispatched to %s (attempt %d, expected %.1f s, timeout %.0f s)", job.object_id,
+                 slot.name, job.attempts, slot.expected_s(job.cost_units), timeout_s)
+        self._tell(self._listener.job_generating(job, round(slot.expected_s(job.cost_units), 1)))
+        self._progress.start(slot.backend, job)
+        return True
 
     async def _after_failure(self, slot: BackendSlot, tracked: TrackedRequest,
                              failure: BackendFailed) -> None:

@@ -66,13 +66,14 @@ class Backend:
         return f"<{type(self).__name__} {self.name} {self.spec.endpoint}>"
 
     async def generate(self, gen_type: GenType, payload: dict[str, Any], timeout_s: float) -> bytes:
-        """Run one generation and return its image as JPEG bytes.
+        """Run one generation and return its image as the backend sent it (PNG, usually).
+        The backend is free again once this returns; `to_jpeg` converts the image.
 
         Raises BackendFailed with a readable reason and a `kind` (see BackendFailed).
         """
         try:
             async with asyncio.timeout(timeout_s):
-                raw = await self._call(gen_type, payload)
+                return await self._call(gen_type, payload)
         except TimeoutError:
             raise BackendFailed(f"backend {self.name} did not answer within {timeout_s:g} s",
                                 kind="timeout") from None
@@ -80,8 +81,12 @@ class Backend:
             raise BackendFailed(f"backend {self.name} is unreachable: {exc}", kind="refused") from None
         except aiohttp.ClientError as exc:
             raise BackendFailed(f"backend {self.name} failed: {exc}") from None
+
+    async def to_jpeg(self, image: bytes) -> bytes:
+        """An image this backend returned, as JPEG (in a worker thread: decoding and encoding
+        a large image takes tens of milliseconds). Raises BackendFailed (`malformed`)."""
         try:
-            return await asyncio.to_thread(to_jpeg, raw)
+            return await asyncio.to_thread(to_jpeg, image)
         except NotAnImage as exc:
             raise BackendFailed(f"backend {self.name} returned an image that is {exc}",
                                 kind="malformed") from None
