@@ -14,8 +14,15 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from app import keys
-from app.api_schemas import (BackendStateSchema, CancelResultSchema, ErrorSchema, HealthSchema,
-                             MirrorStateSchema, QueueStateSchema, SubmittedSchema)
+from app.api_schemas import (
+    BackendStateSchema,
+    CancelResultSchema,
+    ErrorSchema,
+    HealthSchema,
+    MirrorStateSchema,
+    QueueStateSchema,
+    SubmittedSchema,
+)
 from app.errors import DevoidError, InvalidRequest
 from app.gateway import authenticate
 from app.intake import accept, build_job
@@ -37,16 +44,17 @@ _backends_schema = BackendStateSchema(many=True)
 _mirrors_schema = MirrorStateSchema(many=True)
 
 
-def error_response(status: int, message: str, field_errors: dict | None = None,
-                   headers: dict[str, str] | None = None) -> web.Response:
-    body = _error_schema.dump({"error": {"status": status, "message": message,
-                                         "field_errors": field_errors or {}}})
+def error_response(
+    status: int, message: str, field_errors: dict | None = None, headers: dict[str, str] | None = None
+) -> web.Response:
+    body = _error_schema.dump({"error": {"status": status, "message": message, "field_errors": field_errors or {}}})
     return web.json_response(body, status=status, headers=headers)
 
 
 @web.middleware
-async def api_errors(request: web.Request,
-                     handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+async def api_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
     """Turn every failure of an /api/ route into the one error shape."""
     if not request.path.startswith("/api/"):
         return await handler(request)
@@ -77,9 +85,11 @@ async def submit_request(request: web.Request) -> web.Response:
     body = await request.read()
     limit = request.app[keys.CONFIG].max_message_bytes
     if len(body) > limit:
-        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(body),
-                                            text=f"Body is {len(body)} bytes, over this server's limit "
-                                                 f"of {limit} bytes (MAX_MESSAGE_BYTES).")
+        raise web.HTTPRequestEntityTooLarge(
+            max_size=limit,
+            actual_size=len(body),
+            text=f"Body is {len(body)} bytes, over this server's limit of {limit} bytes (MAX_MESSAGE_BYTES).",
+        )
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -139,8 +149,7 @@ async def backends(request: web.Request) -> web.Response:
 
 async def mirrors(request: web.Request) -> web.Response:
     _authenticate(request)
-    return web.json_response(_mirrors_schema.dump(
-        [mirror.health.as_dict() for mirror in request.app[keys.MIRRORS]]))
+    return web.json_response(_mirrors_schema.dump([mirror.health.as_dict() for mirror in request.app[keys.MIRRORS]]))
 
 
 async def health(request: web.Request) -> web.Response:
@@ -153,12 +162,12 @@ async def health(request: web.Request) -> web.Response:
             await request.app[keys.STORE].check_writable(HEALTH_WRITE_TIMEOUT_S)
         except Exception as exc:
             reason = f"the database takes no writes: {type(exc).__name__} {exc}".strip()
-    body = HealthSchema().dump({"status": "unavailable" if reason else "ok",
-                                "reason": reason or "database writable, scheduler running"})
+    body = HealthSchema().dump(
+        {"status": "unavailable" if reason else "ok", "reason": reason or "database writable, scheduler running"}
+    )
     return web.json_response(body, status=503 if reason else 200)
 
 
 async def metrics(request: web.Request) -> web.Response:
     """GET /metrics (no key): Prometheus text format."""
-    return web.Response(body=request.app[keys.METRICS].render(),
-                        headers={"Content-Type": METRICS_CONTENT_TYPE})
+    return web.Response(body=request.app[keys.METRICS].render(), headers={"Content-Type": METRICS_CONTENT_TYPE})

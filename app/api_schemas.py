@@ -11,8 +11,9 @@ from app.schemas import InfoSchema, ResponseSchema
 class ErrorBodySchema(Schema):
     status = fields.Integer(required=True)
     message = fields.String(required=True, metadata={"description": "A readable sentence."})
-    field_errors = fields.Dict(required=True, data_key="fields",
-                               metadata={"description": "Offending fields -> reasons."})
+    field_errors = fields.Dict(
+        required=True, data_key="fields", metadata={"description": "Offending fields -> reasons."}
+    )
 
 
 class ErrorSchema(Schema):
@@ -39,17 +40,20 @@ class QueueStateSchema(Schema):
     generating = fields.Integer(required=True)
     backends = fields.Integer(required=True)
     backends_in_service = fields.Integer(required=True)
-    eta_new_general_s = fields.Float(required=True, allow_none=True,
-                                     metadata={"description": "Seconds until a typical new general "
-                                                              "request is done; null if no backend is in service."})
+    eta_new_general_s = fields.Float(
+        required=True,
+        allow_none=True,
+        metadata={
+            "description": "Seconds until a typical new general request is done; null if no backend is in service."
+        },
+    )
     eta_new_premium_s = fields.Float(required=True, allow_none=True)
 
 
 class BackendStateSchema(Schema):
     name = fields.String(required=True)
     executor = fields.String(required=True)
-    state = fields.String(required=True, metadata={
-        "enum": ["starting", "healthy", "busy", "unhealthy", "disabled"]})
+    state = fields.String(required=True, metadata={"enum": ["starting", "healthy", "busy", "unhealthy", "disabled"]})
     units_per_s = fields.Integer(required=True, metadata={"description": "Learned speed, cost units/s."})
     jobs_done = fields.Integer(required=True)
     last_error = fields.String(required=True)

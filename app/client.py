@@ -64,22 +64,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m app.client", description=__doc__.splitlines()[0])
     parser.add_argument("prompt", help="what to draw")
     parser.add_argument("--executor", choices=["kandinsky", "automatic1111"], default="kandinsky")
-    parser.add_argument("--gen-type", choices=["text2img"], default="text2img",
-                        help="only text2img from the command line")
+    parser.add_argument(
+        "--gen-type", choices=["text2img"], default="text2img", help="only text2img from the command line"
+    )
     parser.add_argument("--premium", action="store_true", help="send as a premium request")
     parser.add_argument("--steps", type=int, help="sampling steps (backend default if left out)")
     parser.add_argument("--width", type=int)
     parser.add_argument("--height", type=int)
-    parser.add_argument("--url", default=default_url(os.environ, dotenv_values(find_dotenv(usecwd=True))),
-                        help="server URL (default: DEVOID_URL, else API_HOST/API_PORT from the "
-                             "environment or .env)")
-    parser.add_argument("--service", default=os.environ.get("DEVOID_SERVICE", "test"),
-                        help="service name (env DEVOID_SERVICE)")
-    parser.add_argument("--key", default=os.environ.get("DEVOID_KEY", "demo-key"),
-                        help="service key (env DEVOID_KEY); the default is TEST_MODE's demo key")
+    parser.add_argument(
+        "--url",
+        default=default_url(os.environ, dotenv_values(find_dotenv(usecwd=True))),
+        help="server URL (default: DEVOID_URL, else API_HOST/API_PORT from the environment or .env)",
+    )
+    parser.add_argument(
+        "--service", default=os.environ.get("DEVOID_SERVICE", "test"), help="service name (env DEVOID_SERVICE)"
+    )
+    parser.add_argument(
+        "--key",
+        default=os.environ.get("DEVOID_KEY", "demo-key"),
+        help="service key (env DEVOID_KEY); the default is TEST_MODE's demo key",
+    )
     parser.add_argument("--output", type=Path, help="where to save the image (default <object_id>.jpg)")
-    parser.add_argument("--timeout", type=float, metavar="SECONDS",
-                        help="give up (and cancel the request) after this long")
+    parser.add_argument(
+        "--timeout", type=float, metavar="SECONDS", help="give up (and cancel the request) after this long"
+    )
     return parser.parse_args(argv)
 
 
@@ -88,10 +96,14 @@ def request_message(args: argparse.Namespace) -> dict[str, Any]:
     for name in ("steps", "width", "height"):
         if getattr(args, name) is not None:
             payload[name] = getattr(args, name)
-    return {"message_type": "request", "executor": args.executor, "gen_type": args.gen_type,
-            "settings": {"premium": int(args.premium), "moderate": 0, "sync_with_s3": 1},
-            "service_info": {"user_id": 0, "client": "app.client", "request_id": f"cli-{uuid.uuid4()}"},
-            "payload": payload}
+    return {
+        "message_type": "request",
+        "executor": args.executor,
+        "gen_type": args.gen_type,
+        "settings": {"premium": int(args.premium), "moderate": 0, "sync_with_s3": 1},
+        "service_info": {"user_id": 0, "client": "app.client", "request_id": f"cli-{uuid.uuid4()}"},
+        "payload": payload,
+    }
 
 
 class ProgressView:
@@ -130,8 +142,9 @@ def describe(message: dict[str, Any]) -> str | None:
         fraction = message["progress"]
         filled = int(fraction * BAR_WIDTH)
         eta = message.get("eta_relative")
-        return (f"generating [{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {fraction:4.0%}"
-                + (f" ETA {eta:.1f} s" if eta is not None else ""))
+        return f"generating [{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {fraction:4.0%}" + (
+            f" ETA {eta:.1f} s" if eta is not None else ""
+        )
     if info_type in ("retrying", "no_backend"):
         return f"{info_type}: {message['content']}"
     return None
@@ -143,18 +156,18 @@ async def generate(args: argparse.Namespace, view: ProgressView) -> Path:
     headers = {"authorization": args.key, "service": args.service}
     async with aiohttp.ClientSession() as session:
         try:
-            async with session.ws_connect(f"{ws_url}/ws/{args.service}", headers=headers,
-                                          params={"receive": "own"},
-                                          max_msg_size=64 * 1024 * 1024) as ws:
+            async with session.ws_connect(
+                f"{ws_url}/ws/{args.service}", headers=headers, params={"receive": "own"}, max_msg_size=64 * 1024 * 1024
+            ) as ws:
                 request = request_message(args)
                 await ws.send_json(request)
                 final = await follow(ws, view, request["service_info"]["request_id"], args.timeout)
         except aiohttp.WSServerHandshakeError as exc:
             if exc.status == 401:
-                raise ClientError(f"the server refused service {args.service!r} with this key "
-                                  "(HTTP 401)", EXIT_REFUSED) from None
-            raise ClientError(f"the server refused the connection (HTTP {exc.status})",
-                              EXIT_UNREACHABLE) from None
+                raise ClientError(
+                    f"the server refused service {args.service!r} with this key (HTTP 401)", EXIT_REFUSED
+                ) from None
+            raise ClientError(f"the server refused the connection (HTTP {exc.status})", EXIT_UNREACHABLE) from None
         except aiohttp.ClientConnectionError as exc:
             raise ClientError(f"cannot reach the server at {args.url}: {exc}", EXIT_UNREACHABLE) from None
         if final["gen_status"] != "ok":
@@ -166,8 +179,9 @@ class Interrupted(ClientError):
     """Ctrl-C: the request was cancelled (or could not be)."""
 
 
-async def follow(ws: aiohttp.ClientWebSocketResponse, view: ProgressView, request_id: str,
-                 timeout_s: float | None) -> dict[str, Any]:
+async def follow(
+    ws: aiohttp.ClientWebSocketResponse, view: ProgressView, request_id: str, timeout_s: float | None
+) -> dict[str, Any]:
     """Follow our request to its final answer. Only our own request's messages come on this
     private connection; each is still matched by object_id (taken from the answer that echoes
     our request_id)."""
@@ -183,16 +197,20 @@ async def follow(ws: aiohttp.ClientWebSocketResponse, view: ProgressView, reques
         raise Interrupted(f"interrupted; {outcome}", EXIT_INTERRUPTED) from None
 
 
-async def _read_until_final(ws: aiohttp.ClientWebSocketResponse, view: ProgressView, request_id: str,
-                            state: dict[str, Any]) -> dict[str, Any]:
+async def _read_until_final(
+    ws: aiohttp.ClientWebSocketResponse, view: ProgressView, request_id: str, state: dict[str, Any]
+) -> dict[str, Any]:
     async for frame in ws:
         if frame.type is not aiohttp.WSMsgType.TEXT:
             break
         message = json.loads(frame.data)
         if message.get("message_type") == "info" and message.get("info_type") == "error":
             raise ClientError(f"the server refused the message: {message['content']}", EXIT_FAILED)
-        if (state["object_id"] is None and message.get("message_type") == "response"
-                and message.get("service_info", {}).get("request_id") == request_id):
+        if (
+            state["object_id"] is None
+            and message.get("message_type") == "response"
+            and message.get("service_info", {}).get("request_id") == request_id
+        ):
             state["object_id"] = message["object_id"]
             view.show(f"object_id {state['object_id']}")
         if state["object_id"] is None or message.get("object_id") != state["object_id"]:
@@ -235,8 +253,7 @@ async def save(session: aiohttp.ClientSession, final: dict[str, Any], output: Pa
         try:
             async with session.get(result["content"]) as response:
                 if response.status != 200:
-                    raise ClientError(f"the image at {result['content']} answered HTTP {response.status}",
-                                      EXIT_FAILED)
+                    raise ClientError(f"the image at {result['content']} answered HTTP {response.status}", EXIT_FAILED)
                 data = await response.read()
         except aiohttp.ClientError as exc:
             raise ClientError(f"cannot download {result['content']}: {exc}", EXIT_UNREACHABLE) from None
@@ -270,5 +287,10 @@ def main(argv: list[str] | None = None) -> int:
     return EXIT_OK
 
 
-if __name__ == "__main__":
+def console_main() -> None:
+    """The `devoid-client` command."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    console_main()

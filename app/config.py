@@ -112,85 +112,171 @@ class Setting:
 # The single declaration of every setting. README.md and .env.example document each one
 # (tests/test_config.py fails when one is missing there).
 SETTINGS: tuple[Setting, ...] = (
-    Setting("TEST_MODE", "0", _parse_flag,
-            "1: run built-in demo backends for both executor types instead of EXECUTORS_FILE"),
-    Setting("LOGGING_LEVEL", "INFO", _parse_level,
-            "DEBUG, INFO, WARNING, ERROR or CRITICAL"),
-    Setting("API_HOST", "127.0.0.1", _text,
-            "address to listen on; the default accepts local connections only"),
+    Setting(
+        "TEST_MODE", "0", _parse_flag, "1: run built-in demo backends for both executor types instead of EXECUTORS_FILE"
+    ),
+    Setting("LOGGING_LEVEL", "INFO", _parse_level, "DEBUG, INFO, WARNING, ERROR or CRITICAL"),
+    Setting("API_HOST", "127.0.0.1", _text, "address to listen on; the default accepts local connections only"),
     Setting("API_PORT", "8080", _parse_port, "port to listen on"),
-    Setting("PUBLIC_URL", "", _parse_url,
-            "URL clients reach this server at, used in image_url results; "
-            "empty = http://API_HOST:API_PORT"),
-    Setting("SERVICES", "", _parse_services,
-            "space-separated name:key pairs; empty with TEST_MODE=1 means test:demo-key",
-            secret=True),
-    Setting("DATABASE_PATH", "data/devoid.sqlite3", _text,
-            "SQLite file that holds every request (the source of truth)"),
-    Setting("STORE_BATCH_ROWS", "128", _parse_positive_int,
-            "most writes committed in one SQLite transaction (group commit); 1 turns grouping off"),
-    Setting("EXECUTORS_FILE", "data/executors.json", _text,
-            "JSON list of backends: name, gpu, timeout (s), model, exec_type, endpoint"),
-    Setting("GENERAL_PREMIUM_RATIO", "1 3", _parse_ratio,
-            "'a b': of every a+b dispatches while both wait, a general and b premium"),
-    Setting("MAX_ATTEMPTS", "3", _parse_positive_int,
-            "backend attempts a request gets (each on another healthy backend when one exists)"),
-    Setting("RETRY_BACKOFF_S", "2.0", _parse_non_negative_float,
-            "seconds before the first retry of a failed job; doubles each attempt, with jitter"),
-    Setting("BREAKER_FAILURES", "3", _parse_positive_int,
-            "failed jobs in a row that take a backend out of service until its probe answers"),
-    Setting("HEALTH_INTERVAL_S", "10", _parse_positive_float,
-            "seconds between health probes of an idle healthy backend"),
+    Setting(
+        "PUBLIC_URL",
+        "",
+        _parse_url,
+        "URL clients reach this server at, used in image_url results; empty = http://API_HOST:API_PORT",
+    ),
+    Setting(
+        "SERVICES",
+        "",
+        _parse_services,
+        "space-separated name:key pairs; empty with TEST_MODE=1 means test:demo-key",
+        secret=True,
+    ),
+    Setting(
+        "DATABASE_PATH", "data/devoid.sqlite3", _text, "SQLite file that holds every request (the source of truth)"
+    ),
+    Setting(
+        "STORE_BATCH_ROWS",
+        "128",
+        _parse_positive_int,
+        "most writes committed in one SQLite transaction (group commit); 1 turns grouping off",
+    ),
+    Setting(
+        "EXECUTORS_FILE",
+        "data/executors.json",
+        _text,
+        "JSON list of backends: name, gpu, timeout (s), model, exec_type, endpoint",
+    ),
+    Setting(
+        "GENERAL_PREMIUM_RATIO",
+        "1 3",
+        _parse_ratio,
+        "'a b': of every a+b dispatches while both wait, a general and b premium",
+    ),
+    Setting(
+        "MAX_ATTEMPTS",
+        "3",
+        _parse_positive_int,
+        "backend attempts a request gets (each on another healthy backend when one exists)",
+    ),
+    Setting(
+        "RETRY_BACKOFF_S",
+        "2.0",
+        _parse_non_negative_float,
+        "seconds before the first retry of a failed job; doubles each attempt, with jitter",
+    ),
+    Setting(
+        "BREAKER_FAILURES",
+        "3",
+        _parse_positive_int,
+        "failed jobs in a row that take a backend out of service until its probe answers",
+    ),
+    Setting(
+        "HEALTH_INTERVAL_S", "10", _parse_positive_float, "seconds between health probes of an idle healthy backend"
+    ),
     Setting("PROBE_TIMEOUT_S", "3", _parse_positive_float, "seconds a health probe may take"),
-    Setting("PROBE_BACKOFF_MAX_S", "60", _parse_positive_float,
-            "longest wait between probes of a backend that is down (the wait doubles from 1 s)"),
-    Setting("JOB_TIMEOUT_FLOOR_S", "30", _parse_positive_float,
-            "least time a job gets before its backend call is abandoned (an executor's "
-            "`timeout` raises it for that backend)"),
-    Setting("JOB_TIMEOUT_FACTOR", "4", _parse_positive_float,
-            "a job's timeout is this many times its expected duration, between floor and cap"),
+    Setting(
+        "PROBE_BACKOFF_MAX_S",
+        "60",
+        _parse_positive_float,
+        "longest wait between probes of a backend that is down (the wait doubles from 1 s)",
+    ),
+    Setting(
+        "JOB_TIMEOUT_FLOOR_S",
+        "30",
+        _parse_positive_float,
+        "least time a job gets before its backend call is abandoned (an executor's "
+        "`timeout` raises it for that backend)",
+    ),
+    Setting(
+        "JOB_TIMEOUT_FACTOR",
+        "4",
+        _parse_positive_float,
+        "a job's timeout is this many times its expected duration, between floor and cap",
+    ),
     Setting("JOB_TIMEOUT_CAP_S", "1800", _parse_positive_float, "most time any job gets"),
-    Setting("MAX_QUEUE_WAIT_S", "3600", _parse_positive_float,
-            "a request still waiting for a backend after this long is ended with an error"),
-    Setting("PROGRESS_INTERVAL_S", "1.0", _parse_non_negative_float,
-            "seconds between AUTOMATIC1111 progress polls sent as info messages; 0 = off"),
-    Setting("KANDINSKY_API_TOKEN", "", _text,
-            "sent as the authorization header to Kandinsky backends", secret=True),
-    Setting("SAVE_IMAGES_LOCALLY", "1", _parse_flag,
-            "1: write each image under IMAGES_PATH and answer with an image_url served at "
-            "/img/{file_name}; 0: answer with base64"),
+    Setting(
+        "MAX_QUEUE_WAIT_S",
+        "3600",
+        _parse_positive_float,
+        "a request still waiting for a backend after this long is ended with an error",
+    ),
+    Setting(
+        "PROGRESS_INTERVAL_S",
+        "1.0",
+        _parse_non_negative_float,
+        "seconds between AUTOMATIC1111 progress polls sent as info messages; 0 = off",
+    ),
+    Setting("KANDINSKY_API_TOKEN", "", _text, "sent as the authorization header to Kandinsky backends", secret=True),
+    Setting(
+        "SAVE_IMAGES_LOCALLY",
+        "1",
+        _parse_flag,
+        "1: write each image under IMAGES_PATH and answer with an image_url served at "
+        "/img/{file_name}; 0: answer with base64",
+    ),
     Setting("IMAGES_PATH", "data/images", _text, "folder for local images"),
-    Setting("STATUS_PAGE", "1", _parse_flag,
-            "1: a browser opening / gets a live status page (queues, backends, recent requests "
-            "with thumbnails), also as /status.json, without a key; 0: off"),
-    Setting("MAX_MESSAGE_BYTES", "16777216", _parse_positive_int,
-            "largest websocket message accepted, in bytes (img2img images are large)"),
-    Setting("SEND_TIMEOUT_S", "30", _parse_positive_float,
-            "seconds one message to a client may wait for the client to read; a connection that "
-            "stops reading longer is closed, and its answers wait in SQLite for a reconnect"),
-    Setting("DEMO_DELAY_S", "2.0", _parse_non_negative_float,
-            "seconds a TEST_MODE demo backend takes per image"),
-    Setting("SHUTDOWN_GRACE_S", "10", _parse_non_negative_float,
-            "seconds running jobs get to finish on shutdown before they are re-queued"),
-    Setting("MONGODB_URI", "", _text, "MongoDB mirror of request records; empty = off",
-            secret=True),
+    Setting(
+        "STATUS_PAGE",
+        "1",
+        _parse_flag,
+        "1: a browser opening / gets a live status page (queues, backends, recent requests "
+        "with thumbnails), also as /status.json, without a key; 0: off",
+    ),
+    Setting(
+        "MAX_MESSAGE_BYTES",
+        "16777216",
+        _parse_positive_int,
+        "largest websocket message accepted, in bytes (img2img images are large)",
+    ),
+    Setting(
+        "SEND_TIMEOUT_S",
+        "30",
+        _parse_positive_float,
+        "seconds one message to a client may wait for the client to read; a connection that "
+        "stops reading longer is closed, and its answers wait in SQLite for a reconnect",
+    ),
+    Setting("DEMO_DELAY_S", "2.0", _parse_non_negative_float, "seconds a TEST_MODE demo backend takes per image"),
+    Setting(
+        "SHUTDOWN_GRACE_S",
+        "10",
+        _parse_non_negative_float,
+        "seconds running jobs get to finish on shutdown before they are re-queued",
+    ),
+    Setting("MONGODB_URI", "", _text, "MongoDB mirror of request records; empty = off", secret=True),
     Setting("MONGODB_DB", "", _text, "MongoDB database name for the mirror"),
-    Setting("MONGODB_TIMEOUT_S", "5", _parse_positive_float,
-            "seconds a MongoDB write may wait for the server before it is retried later"),
+    Setting(
+        "MONGODB_TIMEOUT_S",
+        "5",
+        _parse_positive_float,
+        "seconds a MongoDB write may wait for the server before it is retried later",
+    ),
     Setting("S3_ENDPOINT", "", _parse_url, "S3 server for images; empty = off"),
     Setting("S3_ACCESS_KEY", "", _text, "S3 access key", secret=True),
     Setting("S3_SECRET_KEY", "", _text, "S3 secret key", secret=True),
     Setting("S3_BUCKET_NAME", "", _text, "S3 bucket for images"),
     Setting("S3_REGION", "us-east-1", _text, "S3 region name"),
-    Setting("S3_IMAGE_ENDPOINT", "", _text,
-            "public URL prefix of uploaded images: image_url = S3_IMAGE_ENDPOINT + file_name"),
-    Setting("S3_SYNC_TIMEOUT_S", "30", _parse_positive_float,
-            "with sync_with_s3=1, how long the ok waits for the upload before it is sent with a "
-            "local (or base64) result instead; the upload carries on"),
-    Setting("SPOOL_PATH", "data/spool", _text,
-            "folder for images waiting for their S3 upload when SAVE_IMAGES_LOCALLY=0"),
-    Setting("MIRROR_RETRY_MAX_S", "30", _parse_positive_float,
-            "longest wait between retries of a mirror that is down (the wait doubles from 0.5 s)"),
+    Setting(
+        "S3_IMAGE_ENDPOINT",
+        "",
+        _text,
+        "public URL prefix of uploaded images: image_url = S3_IMAGE_ENDPOINT + file_name",
+    ),
+    Setting(
+        "S3_SYNC_TIMEOUT_S",
+        "30",
+        _parse_positive_float,
+        "with sync_with_s3=1, how long the ok waits for the upload before it is sent with a "
+        "local (or base64) result instead; the upload carries on",
+    ),
+    Setting(
+        "SPOOL_PATH", "data/spool", _text, "folder for images waiting for their S3 upload when SAVE_IMAGES_LOCALLY=0"
+    ),
+    Setting(
+        "MIRROR_RETRY_MAX_S",
+        "30",
+        _parse_positive_float,
+        "longest wait between retries of a mirror that is down (the wait doubles from 0.5 s)",
+    ),
 )
 
 DEMO_SERVICES = {"test": "demo-key"}
@@ -259,12 +345,12 @@ class Config:
             values[path_name] = Path(values[path_name])
         if not values["services"]:
             if not values["test_mode"]:
-                raise ConfigError("SERVICES: no services configured "
-                                  "(expected space-separated name:key pairs)")
+                raise ConfigError("SERVICES: no services configured (expected space-separated name:key pairs)")
             values["services"] = dict(DEMO_SERVICES)
         _check_all_or_none(values, ("mongodb_uri", "mongodb_db"))
-        _check_all_or_none(values, ("s3_endpoint", "s3_access_key", "s3_secret_key",
-                                    "s3_bucket_name", "s3_image_endpoint"))
+        _check_all_or_none(
+            values, ("s3_endpoint", "s3_access_key", "s3_secret_key", "s3_bucket_name", "s3_image_endpoint")
+        )
         if not values["public_url"]:
             values["public_url"] = f"http://{values['api_host']}:{values['api_port']}"
         return cls(**values)
@@ -289,8 +375,10 @@ def _check_all_or_none(values: dict[str, Any], names: tuple[str, ...]) -> None:
     """A mirror is on when all its settings are set, off when none are; half is a mistake."""
     missing = [name.upper() for name in names if not values[name]]
     if missing and len(missing) < len(names):
-        raise ConfigError(f"{missing[0]}: must be set when {names[0].upper()} is "
-                          f"(set all of {', '.join(n.upper() for n in names)}, or none)")
+        raise ConfigError(
+            f"{missing[0]}: must be set when {names[0].upper()} is "
+            f"(set all of {', '.join(n.upper() for n in names)}, or none)"
+        )
 
 
 # Libraries whose DEBUG output carries request data: aiosqlite logs every statement with its
@@ -319,9 +407,11 @@ def settings_table() -> str:
 
 def env_example() -> str:
     """.env.example, generated from SETTINGS."""
-    lines = ["# Devoid Generator settings. Copy to .env; real environment variables win over this file.",
-             "# Every line shows the default; a commented line means the default is empty or derived.",
-             ""]
+    lines = [
+        "# Devoid Generator settings. Copy to .env; real environment variables win over this file.",
+        "# Every line shows the default; a commented line means the default is empty or derived.",
+        "",
+    ]
     for setting in SETTINGS:
         lines.append(f"# {setting.help}")
         lines.append(f"# {setting.env_name}=" if not setting.default else f"{setting.env_name}={setting.default}")

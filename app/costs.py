@@ -1,7 +1,7 @@
 """How much work a request is, in cost units (steps x pixels), and how fast a GPU is in them.
 
 Generation time grows roughly with steps x width x height, times n_iter x batch_size, plus
-a second pass when `enable_hr` (BACKENDS.md "Estimating cost"). A backend's speed is learned
+a second pass when `enable_hr` (docs/backends.md). A backend's speed is learned
 in units per second from its own finished jobs, so a request's expected duration on a given
 backend is cost / speed.
 """
@@ -12,7 +12,7 @@ from typing import Any
 
 from app.jobs import ExecutorType, GenType, Job
 
-# Backend defaults when the payload leaves a field out (BACKENDS.md).
+# Backend defaults when the payload leaves a field out (each backend API's own defaults).
 DEFAULT_STEPS = {ExecutorType.AUTOMATIC1111: 50, ExecutorType.KANDINSKY: 30}
 DEFAULT_SIDE_PX = 512
 
@@ -24,9 +24,20 @@ REFERENCE_UNITS_PER_S = 512 * 512 * 50 / 10.0
 # executors file's `gpu` field. Rough public figures; only a seed until real jobs are timed.
 # Checked in this order, so "a100" is tried before "a10".
 GPU_SPEED_HINTS = {
-    "4090": 4.0, "4080": 3.0, "3090": 2.2, "a100": 4.0, "h100": 6.0, "a6000": 2.2,
-    "4070": 2.0, "4060": 1.3, "3080": 1.9, "3070": 1.4, "3060": 1.0, "2080": 0.9,
-    "a10": 1.5, "v100": 1.4,
+    "4090": 4.0,
+    "4080": 3.0,
+    "3090": 2.2,
+    "a100": 4.0,
+    "h100": 6.0,
+    "a6000": 2.2,
+    "4070": 2.0,
+    "4060": 1.3,
+    "3080": 1.9,
+    "3070": 1.4,
+    "3060": 1.0,
+    "2080": 0.9,
+    "a10": 1.5,
+    "v100": 1.4,
 }
 
 

@@ -61,11 +61,19 @@ class ConnectionHub:
         self._handovers: set[asyncio.Task[None]] = set()
 
     def __repr__(self) -> str:
-        return (f"<ConnectionHub {({s: len(c) for s, c in self._connections.items() if c})} "
-                f"private={len(self._private)} awaiting_ack={len(self._awaiting_ack)}>")
+        return (
+            f"<ConnectionHub { ({s: len(c) for s, c in self._connections.items() if c}) } "
+            f"private={len(self._private)} awaiting_ack={len(self._awaiting_ack)}>"
+        )
 
-    def add(self, service: str, ws: web.WebSocketResponse, transport: asyncio.BaseTransport | None = None,
-            *, private: bool = False) -> None:
+    def add(
+        self,
+        service: str,
+        ws: web.WebSocketResponse,
+        transport: asyncio.BaseTransport | None = None,
+        *,
+        private: bool = False,
+    ) -> None:
         # Several connections per service live side by side; none evicts another.
         if transport is not None:
             self._transports[ws] = transport
@@ -79,8 +87,9 @@ class ConnectionHub:
         self._private.discard(ws)
         self._connections[service].discard(ws)
         self._transports.pop(ws, None)
-        orphaned = [object_id for object_id, held in self._awaiting_ack.items()
-                    if held is ws and object_id not in self._handing]  # those: see _release
+        orphaned = [
+            object_id for object_id, held in self._awaiting_ack.items() if held is ws and object_id not in self._handing
+        ]  # those: see _release
         for object_id in orphaned:
             del self._awaiting_ack[object_id]
         if orphaned:
@@ -128,8 +137,10 @@ class ConnectionHub:
             async with asyncio.timeout(self._send_timeout_s):
                 await ws.send_frame(data, WSMsgType.TEXT)
         except TimeoutError:
-            log.warning("a connection did not read for %g s (SEND_TIMEOUT_S): closed; its answers "
-                        "wait for a reconnect", self._send_timeout_s)
+            log.warning(
+                "a connection did not read for %g s (SEND_TIMEOUT_S): closed; its answers wait for a reconnect",
+                self._send_timeout_s,
+            )
             if transport is not None:
                 transport.abort()
             return False
@@ -149,8 +160,9 @@ class ConnectionHub:
     async def send_for_job(self, job: Job, message: dict[str, Any]) -> bool:
         return await self._send_to_first(self._receivers(job), message) is not None
 
-    async def _send_to_first(self, receivers: list[web.WebSocketResponse],
-                             message: dict[str, Any]) -> web.WebSocketResponse | None:
+    async def _send_to_first(
+        self, receivers: list[web.WebSocketResponse], message: dict[str, Any]
+    ) -> web.WebSocketResponse | None:
         """Send `message` to the first receiver that takes it; which one, or None."""
         for ws in receivers:
             if await self.send_to(ws, message):
@@ -163,21 +175,35 @@ class ConnectionHub:
         await self.send_for_job(job, short_response(job, "generating", avg_time_s))
 
     async def job_progress(self, job: Job, progress: Progress) -> None:
-        await self.send_for_job(job, info_message(
-            "progress", f"{progress.fraction:.0%}", object_id=job.object_id,
-            progress=round(progress.fraction, 3),
-            eta_relative=round(progress.eta_s, 1) if progress.eta_s is not None else None))
+        await self.send_for_job(
+            job,
+            info_message(
+                "progress",
+                f"{progress.fraction:.0%}",
+                object_id=job.object_id,
+                progress=round(progress.fraction, 3),
+                eta_relative=round(progress.eta_s, 1) if progress.eta_s is not None else None,
+            ),
+        )
 
     async def job_retrying(self, job: Job, reason: str, delay_s: float) -> None:
-        await self.send_for_job(job, info_message(
-            "retrying", reason, object_id=job.object_id, attempt=job.attempts,
-            retry_in_s=round(delay_s, 1)))
+        await self.send_for_job(
+            job,
+            info_message(
+                "retrying", reason, object_id=job.object_id, attempt=job.attempts, retry_in_s=round(delay_s, 1)
+            ),
+        )
 
     async def job_storage_retry(self, job: Job, reason: str) -> None:
-        await self.send_for_job(job, info_message(
-            "storage_retry", "The server's database is not taking writes right now "
-            f"({reason}); the request is kept and its progress is recorded as soon as it does.",
-            object_id=job.object_id))
+        await self.send_for_job(
+            job,
+            info_message(
+                "storage_retry",
+                "The server's database is not taking writes right now "
+                f"({reason}); the request is kept and its progress is recorded as soon as it does.",
+                object_id=job.object_id,
+            ),
+        )
 
     def reserve_final(self, job: Job) -> None:
         """Called before a final is committed: from then until `job_finished` (or
@@ -240,10 +266,15 @@ class ConnectionHub:
         to `ws` (a client that resends did not see it), unless it is being handed to a
         connection right now: then `ws` is told so, and the final arrives through that."""
         if job.object_id in self._handing:
-            await self.send_to(ws, info_message(
-                "duplicate", "A request with this request_id was queued before; its final answer "
-                "is being sent (or was just sent) to a connection of this service.",
-                object_id=job.object_id))
+            await self.send_to(
+                ws,
+                info_message(
+                    "duplicate",
+                    "A request with this request_id was queued before; its final answer "
+                    "is being sent (or was just sent) to a connection of this service.",
+                    object_id=job.object_id,
+                ),
+            )
             return
         self._handing.add(job.object_id)
         try:

@@ -1,4 +1,4 @@
-"""Demo GPU servers that speak the real HTTP contracts of ../shared/BACKENDS.md.
+"""Demo GPU servers that speak the real HTTP contracts of the backends (docs/backends.md).
 
 TEST_MODE=1 serves them on a loopback port and sends requests to them through the same
 scheduler and HTTP clients as real backends. The tests use them as their backends too:
@@ -84,10 +84,12 @@ def draw_image(prompt: str, width: int, height: int, image_format: str) -> bytes
     return out.getvalue()
 
 
-_GEN_TYPES = {"/sdapi/v1/txt2img": (ExecutorType.AUTOMATIC1111, GenType.TEXT2IMG),
-              "/sdapi/v1/img2img": (ExecutorType.AUTOMATIC1111, GenType.IMG2IMG),
-              "/text2img": (ExecutorType.KANDINSKY, GenType.TEXT2IMG),
-              "/mix2images": (ExecutorType.KANDINSKY, GenType.MIX2IMG)}
+_GEN_TYPES = {
+    "/sdapi/v1/txt2img": (ExecutorType.AUTOMATIC1111, GenType.TEXT2IMG),
+    "/sdapi/v1/img2img": (ExecutorType.AUTOMATIC1111, GenType.IMG2IMG),
+    "/text2img": (ExecutorType.KANDINSKY, GenType.TEXT2IMG),
+    "/mix2images": (ExecutorType.KANDINSKY, GenType.MIX2IMG),
+}
 
 
 def _duration_s(state: DemoBackendState, path: str, body: dict[str, Any]) -> float:
@@ -96,14 +98,17 @@ def _duration_s(state: DemoBackendState, path: str, body: dict[str, Any]) -> flo
     return state.delay_s
 
 
-async def _generate(request: web.Request,
-                    render: Callable[[dict[str, Any]], web.Response]) -> web.Response:
+async def _generate(request: web.Request, render: Callable[[dict[str, Any]], web.Response]) -> web.Response:
     """Record the call, take the time a generation takes, then answer with `render(body)`
     (or with the configured failure)."""
     state = request.app[STATE]
     body = json.loads(await request.text())
-    call = ReceivedCall(path=request.path, body=body, headers={k.lower(): v for k, v in request.headers.items()},
-                        started_at=time.monotonic())
+    call = ReceivedCall(
+        path=request.path,
+        body=body,
+        headers={k.lower(): v for k, v in request.headers.items()},
+        started_at=time.monotonic(),
+    )
     state.received.append(call)
     # Like the real servers, one generation runs at a time; the balancer is meant to see to
     # that, and max_running lets the tests check that it did.
@@ -138,6 +143,7 @@ def _prompt_of(body: dict[str, Any]) -> str:
 
 # -- AUTOMATIC1111 ---------------------------------------------------------------------
 
+
 def _undecodable_image(body: dict[str, Any]) -> str | None:
     """Like the real server, img2img decodes its init_images; the reason if one fails."""
     for image in body.get("init_images") or []:
@@ -152,11 +158,13 @@ def _undecodable_image(body: dict[str, Any]) -> str | None:
 
 def _a1111_answer(body: dict[str, Any]) -> web.Response:
     png = draw_image(_prompt_of(body), body.get("width") or 512, body.get("height") or 512, "PNG")
-    return web.json_response({
-        "images": [base64.b64encode(png).decode()],
-        "parameters": body,
-        "info": json.dumps({"prompt": body.get("prompt", ""), "seed": body.get("seed", -1)}),
-    })
+    return web.json_response(
+        {
+            "images": [base64.b64encode(png).decode()],
+            "parameters": body,
+            "info": json.dumps({"prompt": body.get("prompt", ""), "seed": body.get("seed", -1)}),
+        }
+    )
 
 
 async def _a1111_generate(request: web.Request) -> web.Response:
@@ -164,17 +172,19 @@ async def _a1111_generate(request: web.Request) -> web.Response:
         reason = _undecodable_image(body) if request.path.endswith("/img2img") else None
         if reason is not None:
             # What the real server answers: a 500, although the request is at fault.
-            return web.json_response({"error": "ValueError", "detail": reason, "body": "",
-                                      "errors": reason}, status=500)
+            return web.json_response(
+                {"error": "ValueError", "detail": reason, "body": "", "errors": reason}, status=500
+            )
         return _a1111_answer(body)
 
     return await _generate(request, answer)
 
 
 async def _a1111_memory(request: web.Request) -> web.Response:
-    return web.json_response({"ram": {"free": 1, "used": 1, "total": 2},
-                              "cuda": {"system": {"free": 1, "used": 1, "total": 2}}},
-                             status=request.app[STATE].probe_status)
+    return web.json_response(
+        {"ram": {"free": 1, "used": 1, "total": 2}, "cuda": {"system": {"free": 1, "used": 1, "total": 2}}},
+        status=request.app[STATE].probe_status,
+    )
 
 
 async def _a1111_ping(request: web.Request) -> web.Response:
@@ -188,12 +198,24 @@ async def _a1111_progress(request: web.Request) -> web.Response:
         elapsed = time.monotonic() - state.current_started
         fraction = min(1.0, elapsed / state.current_duration_s)
         eta = max(0.0, state.current_duration_s - elapsed)
-    return web.json_response({
-        "progress": fraction, "eta_relative": eta,
-        "state": {"skipped": False, "interrupted": state.interrupted.is_set(), "job": "",
-                  "job_count": state.running, "job_timestamp": "0", "job_no": 0,
-                  "sampling_step": int(fraction * 20), "sampling_steps": 20},
-        "current_image": None, "textinfo": None})
+    return web.json_response(
+        {
+            "progress": fraction,
+            "eta_relative": eta,
+            "state": {
+                "skipped": False,
+                "interrupted": state.interrupted.is_set(),
+                "job": "",
+                "job_count": state.running,
+                "job_timestamp": "0",
+                "job_no": 0,
+                "sampling_step": int(fraction * 20),
+                "sampling_steps": 20,
+            },
+            "current_image": None,
+            "textinfo": None,
+        }
+    )
 
 
 async def _a1111_interrupt(request: web.Request) -> web.Response:
@@ -217,6 +239,7 @@ def automatic1111_app(state: DemoBackendState) -> web.Application:
 
 # -- Kandinsky -------------------------------------------------------------------------
 
+
 def _kandinsky_answer(body: dict[str, Any]) -> web.Response:
     jpeg = draw_image(_prompt_of(body), body.get("width") or 512, body.get("height") or 512, "JPEG")
     return web.Response(body=jpeg, content_type="image/jpg")
@@ -229,8 +252,9 @@ async def _kandinsky_generate(request: web.Request) -> web.Response:
 
 
 async def _kandinsky_root(request: web.Request) -> web.Response:
-    return web.json_response({"RestAPI": "Kandinskiy 2.1 Model", "website": "demo"},
-                             status=request.app[STATE].probe_status)
+    return web.json_response(
+        {"RestAPI": "Kandinskiy 2.1 Model", "website": "demo"}, status=request.app[STATE].probe_status
+    )
 
 
 def kandinsky_app(state: DemoBackendState) -> web.Application:

@@ -22,8 +22,9 @@ class InvalidRequest(DevoidError):
 
     status = 400
 
-    def __init__(self, reason: str, *, field_errors: dict[str, Any] | None = None,
-                 envelope: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, reason: str, *, field_errors: dict[str, Any] | None = None, envelope: dict[str, Any] | None = None
+    ) -> None:
         super().__init__(reason, field_errors=field_errors)
         self.envelope = envelope or {}
 

@@ -14,6 +14,7 @@ from app.backends.kandinsky import KandinskyBackend
 from app.config import ConfigError
 from app.jobs import ExecutorType
 
+
 class ExecutorEntrySchema(Schema):
     class Meta:
         unknown = EXCLUDE  # the original's files carry extra notes
@@ -31,9 +32,16 @@ class ExecutorEntrySchema(Schema):
 
     @post_load
     def to_spec(self, data: dict, **_: object) -> BackendSpec:
-        return BackendSpec(name=data["name"], exec_type=data["exec_type"], endpoint=data["endpoint"],
-                           timeout_s=data["timeout"], gpu=data["gpu"], model=data["model"],
-                           speed=data["speed"], disabled=data["disabled"])
+        return BackendSpec(
+            name=data["name"],
+            exec_type=data["exec_type"],
+            endpoint=data["endpoint"],
+            timeout_s=data["timeout"],
+            gpu=data["gpu"],
+            model=data["model"],
+            speed=data["speed"],
+            disabled=data["disabled"],
+        )
 
 
 def load_executors(path: Path) -> list[BackendSpec]:
@@ -41,8 +49,9 @@ def load_executors(path: Path) -> list[BackendSpec]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ConfigError(f"EXECUTORS_FILE: {path} does not exist "
-                          "(create it, or set TEST_MODE=1 to run demo backends)") from None
+        raise ConfigError(
+            f"EXECUTORS_FILE: {path} does not exist (create it, or set TEST_MODE=1 to run demo backends)"
+        ) from None
     except (OSError, ValueError) as exc:
         raise ConfigError(f"EXECUTORS_FILE: {path} is not readable JSON: {exc}") from None
     if not isinstance(data, list):

@@ -20,8 +20,12 @@ COMPACT_SLACK = 1024
 
 
 class ExpiryLine:
-    def __init__(self, on_expired: Callable[[str], None], is_current: Callable[[str, float], bool],
-                 current_count: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        on_expired: Callable[[str], None],
+        is_current: Callable[[str, float], bool],
+        current_count: Callable[[], int],
+    ) -> None:
         """`on_expired(object_id)` is called for each current entry whose deadline passed;
         `is_current(object_id, deadline)` says whether an entry still stands, and
         `current_count()` about how many do."""

@@ -64,8 +64,9 @@ def field_check(field: fields.Field) -> Check | None:
     """A check for `field`, or None when this module cannot vouch for it."""
     if type(field) is fields.List:
         inner = field_check(field.inner)
-        type_check: Check | None = None if inner is None else (
-            lambda value: type(value) is list and all(inner(item) for item in value))
+        type_check: Check | None = (
+            None if inner is None else (lambda value: type(value) is list and all(inner(item) for item in value))
+        )
     elif type(field) is fields.Dict and (field.key_field is not None or field.value_field is not None):
         type_check = None
     elif type(field) is fields.Integer:

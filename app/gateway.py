@@ -26,8 +26,16 @@ from app.ids import new_object_id
 from app.intake import accept, job_from_request
 from app.jobs import Job
 from app.lifecycle import CancelOutcome
-from app.schemas import (bounded_errors, decode_message, info_message, parse_action, parse_request,
-                         readable_envelope, rejection_response, utf8_length)
+from app.schemas import (
+    bounded_errors,
+    decode_message,
+    info_message,
+    parse_action,
+    parse_request,
+    readable_envelope,
+    rejection_response,
+    utf8_length,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +74,10 @@ def authenticate(request: web.Request) -> str:
     given = request.headers.get("authorization", "")
     # compare_digest even for unknown services, so timing does not tell which names exist.
     # surrogateescape: a header with bytes that are not UTF-8 is just a wrong key, not a crash.
-    if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"),
-                               (expected or "\0").encode()) or expected is None:
+    if (
+        not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), (expected or "\0").encode())
+        or expected is None
+    ):
         log.info("refused a websocket connection for service %r from %s", service, request.remote)
         raise web.HTTPUnauthorized(text="Service or key is not valid.")
     return service
@@ -79,8 +89,9 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
     hub = request.app[keys.HUB]
     # No permessage-deflate: compressing multi-MB base64 images costs 10-20x the CPU.
     # +1: a frame of exactly twice the limit is still read, and refused readably.
-    ws = web.WebSocketResponse(max_msg_size=config.max_message_bytes * FRAME_LIMIT_FACTOR + 1,
-                               compress=False, heartbeat=HEARTBEAT_S)
+    ws = web.WebSocketResponse(
+        max_msg_size=config.max_message_bytes * FRAME_LIMIT_FACTOR + 1, compress=False, heartbeat=HEARTBEAT_S
+    )
     private = request.query.get("receive") == "own"
     await ws.prepare(request)
     hub.add(service, ws, request.transport, private=private)
@@ -95,8 +106,10 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
             if message.type is WSMsgType.TEXT:
                 await connection.on_text(message.data)
             elif message.type is WSMsgType.BINARY:
-                await hub.send_to(ws, info_message(
-                    "error", "Binary frames are not accepted: send each request as a JSON text message."))
+                await hub.send_to(
+                    ws,
+                    info_message("error", "Binary frames are not accepted: send each request as a JSON text message."),
+                )
             elif message.type is WSMsgType.ERROR:
                 log.info("%s connection error: %s", service, ws.exception())
     finally:
@@ -111,8 +124,7 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
 class _Connection:
     """Per-connection state: the accepts in flight on it."""
 
-    def __init__(self, app: web.Application, service: str, ws: web.WebSocketResponse, *,
-                 private: bool) -> None:
+    def __init__(self, app: web.Application, service: str, ws: web.WebSocketResponse, *, private: bool) -> None:
         self._app = app
         self._service = service
         self._ws = ws
@@ -145,8 +157,9 @@ class _Connection:
         await self._slots.acquire()
         if hub.closing:  # shutdown has begun (perhaps while this waited for a free slot)
             self._slots.release()
-            await hub.send_to(self._ws, self._rejection(InvalidRequest(
-                SHUTTING_DOWN, envelope=readable_envelope(message))))
+            await hub.send_to(
+                self._ws, self._rejection(InvalidRequest(SHUTTING_DOWN, envelope=readable_envelope(message)))
+            )
             return
         task = asyncio.create_task(self._accept(job))
         self._accepts.add(task)
@@ -161,13 +174,20 @@ class _Connection:
         hub = self._app[keys.HUB]
         if action == "ack":
             acked = await hub.acknowledge(self._service, object_id)
-            await hub.send_to(self._ws, info_message(
-                "ack", "acked" if acked else "No finished request of this service has that object_id.",
-                object_id=object_id, outcome="acked" if acked else "not_found"))
+            await hub.send_to(
+                self._ws,
+                info_message(
+                    "ack",
+                    "acked" if acked else "No finished request of this service has that object_id.",
+                    object_id=object_id,
+                    outcome="acked" if acked else "not_found",
+                ),
+            )
             return
         outcome = self._app[keys.SCHEDULER].cancel(self._service, object_id)
-        await hub.send_to(self._ws, info_message("cancel", CANCEL_ANSWERS[outcome], object_id=object_id,
-                                                 outcome=outcome.value))
+        await hub.send_to(
+            self._ws, info_message("cancel", CANCEL_ANSWERS[outcome], object_id=object_id, outcome=outcome.value)
+        )
 
     def _accept_done(self, task: asyncio.Task[None]) -> None:
         self._accepts.discard(task)
@@ -184,10 +204,16 @@ class _Connection:
             await accept(self._app, job, announce)
         except Exception as exc:
             log.exception("%s could not be stored", job.object_id)
-            error = InvalidRequest(f"The request could not be stored, it was not queued: {exc}",
-                                   envelope={"executor": job.executor, "gen_type": job.gen_type,
-                                             "settings": job.settings, "service_info": job.service_info,
-                                             "payload": job.payload})
+            error = InvalidRequest(
+                f"The request could not be stored, it was not queued: {exc}",
+                envelope={
+                    "executor": job.executor,
+                    "gen_type": job.gen_type,
+                    "settings": job.settings,
+                    "service_info": job.service_info,
+                    "payload": job.payload,
+                },
+            )
             await hub.send_to(self._ws, rejection_response(job.object_id, self._service, error))
 
     def _rejection(self, error: InvalidRequest) -> dict:
@@ -213,8 +239,7 @@ def _read_frame(text: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
 
 
 def _refuse_oversized(text: str, limit: int) -> None:
-    reason = (f"Message is {utf8_length(text)} bytes, over this server's limit of {limit} bytes "
-              f"(MAX_MESSAGE_BYTES).")
+    reason = f"Message is {utf8_length(text)} bytes, over this server's limit of {limit} bytes (MAX_MESSAGE_BYTES)."
     try:
         message = decode_message(text)
     except InvalidRequest:

@@ -24,27 +24,38 @@ log = logging.getLogger(__name__)
 Announce = Callable[[dict[str, Any]], Awaitable[Any]]
 
 
-def build_job(app: web.Application, service: str, message: dict[str, Any], *,
-              origin: Any = None, channel: str = "ws") -> Job:
+def build_job(
+    app: web.Application, service: str, message: dict[str, Any], *, origin: Any = None, channel: str = "ws"
+) -> Job:
     """A Job from a request message. Raises InvalidRequest (with what could be read of the
     message) when it is malformed or no backend of its executor type is configured."""
     return job_from_request(app, service, parse_request(message), origin=origin, channel=channel)
 
 
-def job_from_request(app: web.Application, service: str, request: dict[str, Any], *,
-                     origin: Any = None, channel: str = "ws") -> Job:
+def job_from_request(
+    app: web.Application, service: str, request: dict[str, Any], *, origin: Any = None, channel: str = "ws"
+) -> Job:
     """A Job from a request already checked by schemas.parse_request."""
     executor = request["executor"]
     if not app[keys.SCHEDULER].has_backends(executor):
-        raise InvalidRequest(f"No {executor.value} backend is configured on this server.",
-                             envelope=request)
+        raise InvalidRequest(f"No {executor.value} backend is configured on this server.", envelope=request)
     request_id = request["service_info"].get("request_id")
-    return Job(object_id=new_object_id(), service=service, executor=executor,
-               gen_type=request["gen_type"], premium=request["flags"]["premium"],
-               settings=request["settings"], service_info=request["service_info"],
-               payload=request["payload"], created_at=time.time(), origin=origin, channel=channel,
-               unknown_fields=request["unknown_fields"], ack_required=request["flags"]["require_ack"],
-               request_key=json.dumps(request_id) if request_id is not None else None)
+    return Job(
+        object_id=new_object_id(),
+        service=service,
+        executor=executor,
+        gen_type=request["gen_type"],
+        premium=request["flags"]["premium"],
+        settings=request["settings"],
+        service_info=request["service_info"],
+        payload=request["payload"],
+        created_at=time.time(),
+        origin=origin,
+        channel=channel,
+        unknown_fields=request["unknown_fields"],
+        ack_required=request["flags"]["require_ack"],
+        request_key=json.dumps(request_id) if request_id is not None else None,
+    )
 
 
 async def accept(app: web.Application, job: Job, announce: Announce) -> dict[str, Any]:
@@ -72,16 +83,28 @@ async def accept(app: web.Application, job: Job, announce: Announce) -> dict[str
         if original is None:
             raise
         return await _answer_repeat(app, original, job, announce)
-    log.info("%s queued: %s %s from %s%s (%s)", job.object_id, job.executor.value, job.gen_type.value,
-             job.service, " (premium)" if job.premium else "",
-             "private ws" if job.channel == "http" and job.origin is not None else job.channel)
+    log.info(
+        "%s queued: %s %s from %s%s (%s)",
+        job.object_id,
+        job.executor.value,
+        job.gen_type.value,
+        job.service,
+        " (premium)" if job.premium else "",
+        "private ws" if job.channel == "http" and job.origin is not None else job.channel,
+    )
     job.eta_s = scheduler.eta_for_new(job.executor, job.premium, job.cost_units)
     queued = short_response(job, "queued", job.eta_s)
     # `queued` goes out before the job can be dispatched, so it always precedes `generating`.
     await announce(queued)
     if job.unknown_fields is not None:
-        await announce(info_message("unknown_field", job.unknown_fields.sentence(),
-                                    object_id=job.object_id, unknown_fields=job.unknown_fields.hints))
+        await announce(
+            info_message(
+                "unknown_field",
+                job.unknown_fields.sentence(),
+                object_id=job.object_id,
+                unknown_fields=job.unknown_fields.hints,
+            )
+        )
     notice = scheduler.no_backend_notice(job.executor)
     if notice:
         await announce(info_message("no_backend", notice, object_id=job.object_id))
@@ -92,8 +115,7 @@ async def accept(app: web.Application, job: Job, announce: Announce) -> dict[str
 async def _answer_repeat(app: web.Application, original: Job, repeat: Job, announce: Announce) -> dict[str, Any]:
     """A request repeating an idempotency key: the original's current state (its final answer
     if it has one) instead of a new request."""
-    log.info("%s: a repeat with the same request_id from %s was not queued again",
-             original.object_id, original.service)
+    log.info("%s: a repeat with the same request_id from %s was not queued again", original.object_id, original.service)
     if not original.status.is_final:
         answer = short_response(original, original.status.value, None)
         await announce(answer)

@@ -18,7 +18,7 @@ class GenType(str, enum.Enum):
     MIX2IMG = "mix2img"
 
 
-# What each backend kind can do (PROTOCOL.md "Valid pairs").
+# What each backend kind can do (docs/protocol.md, "request").
 SUPPORTED_GEN_TYPES: dict[ExecutorType, frozenset[GenType]] = {
     ExecutorType.AUTOMATIC1111: frozenset({GenType.TEXT2IMG, GenType.IMG2IMG}),
     ExecutorType.KANDINSKY: frozenset({GenType.TEXT2IMG, GenType.MIX2IMG}),
@@ -49,8 +49,6 @@ class JobStatus(str, enum.Enum):
     @property
     def is_final(self) -> bool:
         return self in (JobStatus.OK, JobStatus.ERROR)
-
-
 
 
 @dataclass

@@ -21,7 +21,7 @@ JSONDecodeError = json.JSONDecodeError
 
 # orjson reads an integer past 64 bits as a float; a float this large (or a big integer read
 # that way) sends the document through `json`, which keeps integers exact.
-_BIG = 2.0 ** 63
+_BIG = 2.0**63
 # Only a number with 19 digits in a row or an exponent can read as such a float: a short
 # document without either needs no scan (most stored settings and service_info).
 _MAYBE_BIG = re.compile(r"\d{19}|\d[eE]")
@@ -42,8 +42,12 @@ def loads(text: str | bytes, *, max_depth: int | None = None, **stdlib_options: 
         if max_depth is not None and _scan(value, max_depth)[0]:
             raise TooDeep(max_depth) from None
         return value
-    if max_depth is None and isinstance(text, str) and len(text) < SHORT_DOCUMENT_CHARS \
-            and _MAYBE_BIG.search(text) is None:
+    if (
+        max_depth is None
+        and isinstance(text, str)
+        and len(text) < SHORT_DOCUMENT_CHARS
+        and _MAYBE_BIG.search(text) is None
+    ):
         return value
     too_deep, big_number = _scan(value, max_depth)
     if too_deep:

@@ -27,11 +27,11 @@ if TYPE_CHECKING:
 
 
 class Phase(str, enum.Enum):
-    QUEUED = "queued"            # in its executor's WeightedQueue
-    RUNNING = "running"          # holds a backend slot; its task claims it and calls the backend
-    RETRY_WAIT = "retry_wait"    # an attempt failed; a timer puts it back at the head of its line
-    FINISHING = "finishing"      # its final status is being stored and delivered
-    DONE = "done"                # final status committed and handed to delivery; forgotten
+    QUEUED = "queued"  # in its executor's WeightedQueue
+    RUNNING = "running"  # holds a backend slot; its task claims it and calls the backend
+    RETRY_WAIT = "retry_wait"  # an attempt failed; a timer puts it back at the head of its line
+    FINISHING = "finishing"  # its final status is being stored and delivered
+    DONE = "done"  # final status committed and handed to delivery; forgotten
 
 
 class WrongPhase(RuntimeError):
@@ -40,8 +40,8 @@ class WrongPhase(RuntimeError):
 
 class CancelOutcome(str, enum.Enum):
     CANCELLED = "cancelled"
-    NOT_FOUND = "not_found"      # no queued or running request of this service has that id
-    FINISHING = "finishing"      # too late: its final answer is being stored and sent
+    NOT_FOUND = "not_found"  # no queued or running request of this service has that id
+    FINISHING = "finishing"  # too late: its final answer is being stored and sent
 
 
 @dataclass(eq=False)

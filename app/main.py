@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import logging
@@ -17,6 +18,7 @@ from aiohttp import web
 from dotenv import find_dotenv, load_dotenv
 
 from app import keys
+from app.api import api_errors
 from app.backends.base import Backend, BackendSpec
 from app.config import Config, ConfigError, configure_logging
 from app.costs import REFERENCE_UNITS_PER_S
@@ -24,13 +26,11 @@ from app.delivery import ConnectionHub
 from app.demo_backends import DemoBackendState, automatic1111_app, kandinsky_app, serve_on_loopback
 from app.executors import build_backend, load_executors
 from app.jobs import ExecutorType
-from app.mirrors.outbox import OutboxWorker
-from app.api import api_errors
 from app.metrics import Metrics, live_families
+from app.mirrors.outbox import OutboxWorker
 from app.openapi import build_spec
 from app.pages import SERVER_NAME, VERSION
-from app.process import (EXIT_CANNOT_START, CannotStart, DatabaseLock, bind, check_writable_folder,
-                         on_stop_signals)
+from app.process import EXIT_CANNOT_START, CannotStart, DatabaseLock, bind, check_writable_folder, on_stop_signals
 from app.results import ResultWriter
 from app.routes import add_routes
 from app.scheduler import Scheduler
@@ -46,21 +46,24 @@ CLIENT_MAX_SIZE_FACTOR = 2
 
 def create_app(config: Config) -> web.Application:
     """Wire every part. Raises ConfigError if EXECUTORS_FILE is missing or malformed."""
-    app = web.Application(client_max_size=config.max_message_bytes * CLIENT_MAX_SIZE_FACTOR,
-                          middlewares=[api_errors])
+    app = web.Application(client_max_size=config.max_message_bytes * CLIENT_MAX_SIZE_FACTOR, middlewares=[api_errors])
     app[keys.CONFIG] = config
     app[keys.METRICS] = Metrics()
     app[keys.OPENAPI] = build_spec(SERVER_NAME, VERSION)
     app[keys.RESULTS] = ResultWriter(
-        save_locally=config.save_images_locally, images_path=config.images_path,
-        url_prefix=config.image_url_prefix, spool_path=config.spool_path,
-        s3_url_prefix=config.s3_image_endpoint if config.s3_enabled else None)
+        save_locally=config.save_images_locally,
+        images_path=config.images_path,
+        url_prefix=config.image_url_prefix,
+        spool_path=config.spool_path,
+        s3_url_prefix=config.s3_image_endpoint if config.s3_enabled else None,
+    )
     # A bad file stops start-up here, before anything is served.
     file_specs = None if config.test_mode else load_executors(config.executors_file)
 
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
-        app[keys.STORE] = await Store.open(config.database_path, max_batch_rows=config.store_batch_rows,
-                                           mirror_records=config.mongodb_enabled)
+        app[keys.STORE] = await Store.open(
+            config.database_path, max_batch_rows=config.store_batch_rows, mirror_records=config.mongodb_enabled
+        )
         yield
         await app[keys.STORE].close()
 
@@ -89,13 +92,24 @@ def create_app(config: Config) -> web.Application:
         async with _backend_specs(config, file_specs) as initial_specs:
             app[keys.HUB] = ConnectionHub(app[keys.STORE], config.send_timeout_s)
             uploads = next((m for m in app[keys.MIRRORS] if m.target == "s3"), None)
-            scheduler = Scheduler(config, app[keys.STORE], app[keys.RESULTS], app[keys.HUB],
-                                  [make_backend(spec) for spec in initial_specs], make_backend,
-                                  uploads=uploads, metrics=app[keys.METRICS])
+            scheduler = Scheduler(
+                config,
+                app[keys.STORE],
+                app[keys.RESULTS],
+                app[keys.HUB],
+                [make_backend(spec) for spec in initial_specs],
+                make_backend,
+                uploads=uploads,
+                metrics=app[keys.METRICS],
+            )
             app[keys.SCHEDULER] = scheduler
-            app[keys.METRICS].watch(lambda: live_families(
-                scheduler.queues_status(), scheduler.backends_status(),
-                [mirror.health.as_dict() for mirror in app[keys.MIRRORS]]))
+            app[keys.METRICS].watch(
+                lambda: live_families(
+                    scheduler.queues_status(),
+                    scheduler.backends_status(),
+                    [mirror.health.as_dict() for mirror in app[keys.MIRRORS]],
+                )
+            )
             await scheduler.start()
             reload_on_hangup(config, scheduler)
             yield
@@ -120,6 +134,7 @@ async def _open_mirrors(config: Config, store: Store, stack: contextlib.AsyncExi
     mirrors: list[OutboxWorker] = []
     if config.mongodb_enabled:
         from app.mirrors import mongodb
+
         client = mongodb.open_client(config)
         stack.push_async_callback(client.close)
         mirrors.append(mongodb.MongoMirror(store, config, client))
@@ -127,10 +142,17 @@ async def _open_mirrors(config: Config, store: Store, stack: contextlib.AsyncExi
         import aioboto3
 
         from app.mirrors import s3
-        client = await stack.enter_async_context(aioboto3.Session().client(
-            "s3", endpoint_url=config.s3_endpoint, region_name=config.s3_region,
-            aws_access_key_id=config.s3_access_key, aws_secret_access_key=config.s3_secret_key,
-            config=s3.client_config()))
+
+        client = await stack.enter_async_context(
+            aioboto3.Session().client(
+                "s3",
+                endpoint_url=config.s3_endpoint,
+                region_name=config.s3_region,
+                aws_access_key_id=config.s3_access_key,
+                aws_secret_access_key=config.s3_secret_key,
+                config=s3.client_config(),
+            )
+        )
         mirrors.append(s3.S3Mirror(store, config, client))
     if mirrors:
         log.info("mirrors: %s", ", ".join(mirror.target for mirror in mirrors))
@@ -138,8 +160,7 @@ async def _open_mirrors(config: Config, store: Store, stack: contextlib.AsyncExi
 
 
 @contextlib.asynccontextmanager
-async def _backend_specs(config: Config,
-                         file_specs: list[BackendSpec] | None) -> AsyncIterator[list[BackendSpec]]:
+async def _backend_specs(config: Config, file_specs: list[BackendSpec] | None) -> AsyncIterator[list[BackendSpec]]:
     """EXECUTORS_FILE's backends, or with TEST_MODE=1 one demo backend of each executor type
     served on a free loopback port for as long as the context lasts."""
     if file_specs is not None:
@@ -147,18 +168,30 @@ async def _backend_specs(config: Config,
         return
     runners = []
     specs = []
-    for exec_type, make_app in ((ExecutorType.AUTOMATIC1111, automatic1111_app),
-                                (ExecutorType.KANDINSKY, kandinsky_app)):
+    for exec_type, make_app in (
+        (ExecutorType.AUTOMATIC1111, automatic1111_app),
+        (ExecutorType.KANDINSKY, kandinsky_app),
+    ):
         state = DemoBackendState(delay_s=config.demo_delay_s, api_token=config.kandinsky_api_token)
         runner, endpoint = await serve_on_loopback(make_app(state))
         runners.append(runner)
         # Seeded so a typical job is expected to take DEMO_DELAY_S, as it will.
         speed = DEMO_TYPICAL_JOB_S / config.demo_delay_s if config.demo_delay_s else None
-        specs.append(BackendSpec(name=f"demo-{exec_type.value}", exec_type=exec_type,
-                                 endpoint=endpoint, gpu="demo", model="demo",
-                                 speed=speed))
-    log.warning("TEST_MODE=1: using demo backends (%s) instead of %s",
-                ", ".join(f"{s.name} at {s.endpoint}" for s in specs), config.executors_file)
+        specs.append(
+            BackendSpec(
+                name=f"demo-{exec_type.value}",
+                exec_type=exec_type,
+                endpoint=endpoint,
+                gpu="demo",
+                model="demo",
+                speed=speed,
+            )
+        )
+    log.warning(
+        "TEST_MODE=1: using demo backends (%s) instead of %s",
+        ", ".join(f"{s.name} at {s.endpoint}" for s in specs),
+        config.executors_file,
+    )
     try:
         yield specs
     finally:
@@ -189,7 +222,20 @@ def stop_reloading_on_hangup() -> None:
         asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="devoid",
+        description=f"{SERVER_NAME}: a durable websocket balancer for image-generation "
+        "backends. Settings come from the environment and .env (see README, Settings); TEST_MODE=1 "
+        "runs it with demo backends.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {VERSION}")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The `devoid` command (and `python -m app`)."""
+    parse_args(argv)
     # .env of the working directory; the real environment wins over it (override=False).
     load_dotenv(find_dotenv(usecwd=True), override=False)
     try:
@@ -228,8 +274,11 @@ async def serve(app: web.Application, sock: socket.socket, config: Config) -> No
     stopping = asyncio.Event()
 
     def stop(signal_name: str) -> None:
-        log.warning("%s received: shutting down (running jobs get up to %g s; a second signal "
-                    "exits at once)", signal_name, config.shutdown_grace_s)
+        log.warning(
+            "%s received: shutting down (running jobs get up to %g s; a second signal exits at once)",
+            signal_name,
+            config.shutdown_grace_s,
+        )
         stopping.set()
 
     on_stop_signals(stop)
@@ -237,8 +286,12 @@ async def serve(app: web.Application, sock: socket.socket, config: Config) -> No
     await runner.setup()  # store, mirrors, backends, scheduler (cleanup_ctx)
     try:
         await web.SockSite(runner, sock, shutdown_timeout=config.shutdown_grace_s + 5).start()
-        log.info("listening on http://%s:%d (services: %s)", config.api_host, config.api_port,
-                 ", ".join(sorted(config.services)))
+        log.info(
+            "listening on http://%s:%d (services: %s)",
+            config.api_host,
+            config.api_port,
+            ", ".join(sorted(config.services)),
+        )
         await stopping.wait()
         await app[keys.HUB].finish_accepts()
     finally:

@@ -19,13 +19,25 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self.requests = Counter("devoid_requests", "Finished requests by final status",
-                                ["status", "executor", "service"], registry=self.registry)
-        self.generation = Histogram("devoid_generation_seconds", "Backend time per successful job",
-                                    ["backend"], buckets=GENERATION_BUCKETS_S, registry=self.registry)
-        self.eta_error = Histogram("devoid_eta_error_seconds",
-                                   "Actual minus promised (avg_time of `queued`) seconds to result",
-                                   buckets=ETA_ERROR_BUCKETS_S, registry=self.registry)
+        self.requests = Counter(
+            "devoid_requests",
+            "Finished requests by final status",
+            ["status", "executor", "service"],
+            registry=self.registry,
+        )
+        self.generation = Histogram(
+            "devoid_generation_seconds",
+            "Backend time per successful job",
+            ["backend"],
+            buckets=GENERATION_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.eta_error = Histogram(
+            "devoid_eta_error_seconds",
+            "Actual minus promised (avg_time of `queued`) seconds to result",
+            buckets=ETA_ERROR_BUCKETS_S,
+            registry=self.registry,
+        )
 
     def watch(self, read_live: Callable[[], Iterator[GaugeMetricFamily]]) -> None:
         """Register gauges computed by `read_live` at each scrape."""
@@ -42,8 +54,7 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-def live_families(queues: list[dict], backends: list[dict],
-                  mirrors: list[dict]) -> Iterator[GaugeMetricFamily]:
+def live_families(queues: list[dict], backends: list[dict], mirrors: list[dict]) -> Iterator[GaugeMetricFamily]:
     """Gauges of the moment, from the scheduler's and the mirrors' status."""
     depth = GaugeMetricFamily("devoid_queue_depth", "Requests waiting", labels=["executor", "class"])
     running = GaugeMetricFamily("devoid_generating", "Requests generating", labels=["executor"])
@@ -51,16 +62,19 @@ def live_families(queues: list[dict], backends: list[dict],
         depth.add_metric([queue["executor"], "general"], queue["general_waiting"])
         depth.add_metric([queue["executor"], "premium"], queue["premium_waiting"])
         running.add_metric([queue["executor"]], queue["generating"])
-    up = GaugeMetricFamily("devoid_backend_up", "1 if the backend is in service (healthy or busy)",
-                           labels=["backend", "executor", "state"])
-    speed = GaugeMetricFamily("devoid_backend_speed_units_per_second", "Learned backend speed",
-                              labels=["backend"])
+    up = GaugeMetricFamily(
+        "devoid_backend_up", "1 if the backend is in service (healthy or busy)", labels=["backend", "executor", "state"]
+    )
+    speed = GaugeMetricFamily("devoid_backend_speed_units_per_second", "Learned backend speed", labels=["backend"])
     for backend in backends:
-        up.add_metric([backend["name"], backend["executor"], backend["state"]],
-                      1 if backend["state"] in ("healthy", "busy") else 0)
+        up.add_metric(
+            [backend["name"], backend["executor"], backend["state"]],
+            1 if backend["state"] in ("healthy", "busy") else 0,
+        )
         speed.add_metric([backend["name"]], backend["units_per_s"])
-    backlog = GaugeMetricFamily("devoid_mirror_backlog", "Mirror work waiting in the outbox",
-                                labels=["mirror", "state"])
+    backlog = GaugeMetricFamily(
+        "devoid_mirror_backlog", "Mirror work waiting in the outbox", labels=["mirror", "state"]
+    )
     for mirror in mirrors:
         backlog.add_metric([mirror["name"], mirror["state"]], mirror["backlog"])
     yield from (depth, running, up, speed, backlog)

@@ -5,13 +5,15 @@ from __future__ import annotations
 import logging
 import re
 import time
+from importlib import resources
 from pathlib import Path
 
 import aiosqlite
 
 log = logging.getLogger(__name__)
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+# The `migrations` package beside `app` (installed with it as package data).
+MIGRATIONS_DIR = Path(str(resources.files("migrations")))
 _FILE_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 
 

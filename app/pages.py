@@ -8,11 +8,11 @@ from pathlib import Path
 import swagger_ui_bundle
 from aiohttp import web
 
-from app import keys
+from app import __version__, keys
 from app.api_schemas import IdentitySchema, StatusSchema
 
 SERVER_NAME = "Devoid Generator"
-VERSION = "0.3.0"
+VERSION = __version__
 RECENT_REQUESTS = 20
 STATUS_PAGE_HTML = Path(__file__).with_name("status_page.html")
 SWAGGER_STATIC = "/docs/static"
@@ -23,8 +23,9 @@ async def home(request: web.Request) -> web.StreamResponse:
     wants_html = "text/html" in request.headers.get("Accept", "")
     if wants_html and request.app[keys.CONFIG].status_page:
         return web.FileResponse(STATUS_PAGE_HTML, headers={"Content-Type": "text/html; charset=utf-8"})
-    return web.json_response(IdentitySchema().dump(
-        {"name": SERVER_NAME, "version": VERSION, "websocket": "/ws/{service}"}))
+    return web.json_response(
+        IdentitySchema().dump({"name": SERVER_NAME, "version": VERSION, "websocket": "/ws/{service}"})
+    )
 
 
 async def status(request: web.Request) -> web.Response:
@@ -38,13 +39,27 @@ async def status(request: web.Request) -> web.Response:
             # Locally saved images are shown from this server; others from their URL.
             local = results.local_file(job.result.get("file_name", ""))
             thumbnail = f"/img/{local.name}" if local else job.result["content"]
-        recent.append({"object_id": job.object_id, "service": job.service,
-                       "executor": job.executor.value, "gen_type": job.gen_type.value,
-                       "status": job.status.value, "created_at": job.created_at, "thumbnail": thumbnail})
-    return web.json_response(StatusSchema().dump({
-        "queues": scheduler.queues_status(), "backends": scheduler.backends_status(),
-        "mirrors": [mirror.health.as_dict() for mirror in request.app[keys.MIRRORS]],
-        "recent": recent}))
+        recent.append(
+            {
+                "object_id": job.object_id,
+                "service": job.service,
+                "executor": job.executor.value,
+                "gen_type": job.gen_type.value,
+                "status": job.status.value,
+                "created_at": job.created_at,
+                "thumbnail": thumbnail,
+            }
+        )
+    return web.json_response(
+        StatusSchema().dump(
+            {
+                "queues": scheduler.queues_status(),
+                "backends": scheduler.backends_status(),
+                "mirrors": [mirror.health.as_dict() for mirror in request.app[keys.MIRRORS]],
+                "recent": recent,
+            }
+        )
+    )
 
 
 async def image(request: web.Request) -> web.FileResponse:
@@ -52,8 +67,9 @@ async def image(request: web.Request) -> web.FileResponse:
     path = request.app[keys.RESULTS].local_file(request.match_info["file_name"])
     if path is None:
         raise web.HTTPNotFound(text="No such image.")
-    return web.FileResponse(path, headers={"Content-Type": "image/jpeg",
-                                           "Cache-Control": "public, max-age=86400, immutable"})
+    return web.FileResponse(
+        path, headers={"Content-Type": "image/jpeg", "Cache-Control": "public, max-age=86400, immutable"}
+    )
 
 
 async def openapi_document(request: web.Request) -> web.Response:
@@ -61,13 +77,16 @@ async def openapi_document(request: web.Request) -> web.Response:
 
 
 async def docs(request: web.Request) -> web.Response:
-    return web.Response(content_type="text/html", text=f"""<!doctype html>
+    return web.Response(
+        content_type="text/html",
+        text=f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{SERVER_NAME} API</title>
 <link rel="stylesheet" href="{SWAGGER_STATIC}/swagger-ui.css"></head>
 <body><div id="swagger-ui"></div>
 <script src="{SWAGGER_STATIC}/swagger-ui-bundle.js"></script>
 <script>SwaggerUIBundle({{url: "/openapi.json", dom_id: "#swagger-ui"}});</script>
-</body></html>""")
+</body></html>""",
+    )
 
 
 def add_static(app: web.Application) -> None:

@@ -1,5 +1,5 @@
 """The backends' request bodies, checked against their HTTP contracts before a request is queued
-(README, "The wire protocol").
+(docs/protocol.md).
 
 Lenient in what is accepted, exact in what is forwarded:
 
@@ -46,12 +46,16 @@ NARROWED_SCHEMAS_CACHED = 256
 # both forms. The first characters must be how the base64 of a PNG, JPEG, GIF, BMP, TIFF or
 # WebP file begins (a backend answers anything else with a 500, blaming itself): each
 # alternative below is that file signature in base64, a whole number of 4-character groups.
-_IMAGE_START = (r"(iVBORw0KGgo[A-Za-z0-9+/]|/9j/|R0lGODdh|R0lGODlh|Qk[A-Za-z0-9+/]{2}"
-                r"|SUkqA[A-Za-z0-9+/]{3}|TU0AK[A-Za-z0-9+/]{3}|UklGR[A-Za-z0-9+/]{6}XRUJQ)")
+_IMAGE_START = (
+    r"(iVBORw0KGgo[A-Za-z0-9+/]|/9j/|R0lGODdh|R0lGODlh|Qk[A-Za-z0-9+/]{2}"
+    r"|SUkqA[A-Za-z0-9+/]{3}|TU0AK[A-Za-z0-9+/]{3}|UklGR[A-Za-z0-9+/]{6}XRUJQ)"
+)
 # The same rule is documented as this pattern in the OpenAPI document; it is checked in C
 # (is_base64_image), not by the pattern, which backtracks over megabytes.
-BASE64_IMAGE_PATTERN = (r"^(data:image/[a-z0-9.+-]+;base64,)?" + _IMAGE_START + r"([A-Za-z0-9+/]{4})*"
-                        r"([A-Za-z0-9+/]{4}|[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)$")
+BASE64_IMAGE_PATTERN = (
+    r"^(data:image/[a-z0-9.+-]+;base64,)?" + _IMAGE_START + r"([A-Za-z0-9+/]{4})*"
+    r"([A-Za-z0-9+/]{4}|[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)$"
+)
 _DATA_URI_PREFIX = re.compile(r"data:image/[a-z0-9.+-]+;base64,")
 _IMAGE_START_RE = re.compile(_IMAGE_START)
 
@@ -63,7 +67,7 @@ def is_base64_image(text: str) -> bool:
     """True if `text` matches BASE64_IMAGE_PATTERN: strict base64 whose bytes begin like an
     image file."""
     prefix = _DATA_URI_PREFIX.match(text) if text.startswith("data:") else None
-    data = text[prefix.end():] if prefix else text
+    data = text[prefix.end() :] if prefix else text
     start = _IMAGE_START_RE.match(data, 0, 16)
     if start is None or len(data) <= start.end() or len(data) % 4 or not data.isascii():
         return False
@@ -77,8 +81,10 @@ def is_base64_image(text: str) -> bool:
 class Base64Image(fields.String):
     """A base64 image, raw or as a `data:image/...;base64,` URI."""
 
-    default_error_messages = {"invalid_image": "Not a base64 image (raw or data:image/...;base64, URI, "
-                                               "of a PNG, JPEG, GIF, WebP, BMP or TIFF)."}
+    default_error_messages = {  # noqa: RUF012 - marshmallow's own idiom, merged per class
+        "invalid_image": "Not a base64 image (raw or data:image/...;base64, URI, of a PNG, JPEG, GIF, WebP, "
+        "BMP or TIFF)."
+    }
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(metadata={"pattern": BASE64_IMAGE_PATTERN}, **kwargs)
@@ -91,7 +97,7 @@ class Base64Image(fields.String):
 
 
 class Flag(fields.Field):
-    """A flag as true/false or 0/1, nothing else (settings flags per PROTOCOL.md; the backends'
+    """A flag as true/false or 0/1, nothing else (settings flags per docs/protocol.md; the backends'
     booleans, which their servers also take as 0/1)."""
 
     def __init__(self, **kwargs: Any) -> None:
@@ -113,9 +119,13 @@ class TextOrInteger(fields.Field):
     """Kandinsky's `prior_steps` is documented as a string ("5"); clients also send 5."""
 
     def __init__(self, **kwargs: Any) -> None:
-        super().__init__(metadata={
-            "oneOf": [{"type": "string", "pattern": r"^\s*[0-9]+\s*$"}, {"type": "integer", "minimum": 0}],
-            "description": "A whole number, as a string (or an integer)."}, **kwargs)
+        super().__init__(
+            metadata={
+                "oneOf": [{"type": "string", "pattern": r"^\s*[0-9]+\s*$"}, {"type": "integer", "minimum": 0}],
+                "description": "A whole number, as a string (or an integer).",
+            },
+            **kwargs,
+        )
 
     def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> Any:
         if isinstance(value, str):
@@ -138,8 +148,9 @@ class WholeNumber(fields.Integer):
 
 
 fast_checks.register(Base64Image, lambda value: type(value) is str and is_base64_image(value))
-fast_checks.register(Flag, lambda value: type(value) is bool or (type(value) is int and (value == 0 or value == 1)),
-                     convert=bool)
+fast_checks.register(
+    Flag, lambda value: type(value) is bool or (type(value) is int and (value == 0 or value == 1)), convert=bool
+)
 fast_checks.register(WholeNumber, lambda value: type(value) is int)  # 5.0 is left to the schema
 
 
@@ -260,15 +271,22 @@ _PROMPT_NEEDED = _needed("text2img needs a prompt: what to draw.")
 
 
 class Automatic1111Txt2Img(Automatic1111Fields):
-    prompt = fields.String(required=True, validate=validate.Length(min=1), error_messages=_PROMPT_NEEDED,
-                           metadata={"description": "Required for text2img: what to draw."})
+    prompt = fields.String(
+        required=True,
+        validate=validate.Length(min=1),
+        error_messages=_PROMPT_NEEDED,
+        metadata={"description": "Required for text2img: what to draw."},
+    )
 
 
 class Automatic1111Img2Img(Automatic1111Fields):
     init_images = fields.List(
-        Base64Image(), required=True, validate=validate.Length(min=1, max=MAX_IMAGES_PER_JOB),
+        Base64Image(),
+        required=True,
+        validate=validate.Length(min=1, max=MAX_IMAGES_PER_JOB),
         error_messages=_needed(f"img2img needs init_images: a list of 1 to {MAX_IMAGES_PER_JOB} base64 images."),
-        metadata={"description": "Required for img2img: the image(s) to start from."})
+        metadata={"description": "Required for img2img: the image(s) to start from."},
+    )
 
 
 class KandinskyFields(BackendPayload):
@@ -289,8 +307,12 @@ class KandinskyFields(BackendPayload):
 
 
 class KandinskyText2Img(KandinskyFields):
-    prompt = fields.String(required=True, validate=validate.Length(min=1), error_messages=_PROMPT_NEEDED,
-                           metadata={"description": "Required for text2img: what to draw."})
+    prompt = fields.String(
+        required=True,
+        validate=validate.Length(min=1),
+        error_messages=_PROMPT_NEEDED,
+        metadata={"description": "Required for text2img: what to draw."},
+    )
 
 
 def _check_mix_items(items: list[Any]) -> None:
@@ -298,7 +320,7 @@ def _check_mix_items(items: list[Any]) -> None:
         raise ValidationError(f"Must hold exactly 4 items (text, image, image, text), got {len(items)}.")
     text_field, image_field = fields.String(), Base64Image()
     errors: list[str] = []
-    for index, (item, field) in enumerate(zip(items, (text_field, image_field, image_field, text_field))):
+    for index, (item, field) in enumerate(zip(items, (text_field, image_field, image_field, text_field), strict=True)):
         try:
             field.deserialize(item)
         except ValidationError as exc:
@@ -309,13 +331,24 @@ def _check_mix_items(items: list[Any]) -> None:
 
 
 class KandinskyMix2Images(KandinskyFields):
-    images_texts = fields.List(fields.String(), required=True, validate=_check_mix_items, error_messages=_needed(
-        "mix2img needs images_texts: a text, a base64 image, a base64 image, a text."), metadata={
-        "minItems": 4, "maxItems": 4,
-        "description": "Required for mix2img: a text, a base64 image, a base64 image, a text."})
-    weights = fields.List(fields.Float(), required=True, validate=validate.Length(equal=4),
-                          error_messages=_needed("mix2img needs weights: one number per images_texts item."),
-                          metadata={"description": "Required for mix2img: one weight per images_texts item."})
+    images_texts = fields.List(
+        fields.String(),
+        required=True,
+        validate=_check_mix_items,
+        error_messages=_needed("mix2img needs images_texts: a text, a base64 image, a base64 image, a text."),
+        metadata={
+            "minItems": 4,
+            "maxItems": 4,
+            "description": "Required for mix2img: a text, a base64 image, a base64 image, a text.",
+        },
+    )
+    weights = fields.List(
+        fields.Float(),
+        required=True,
+        validate=validate.Length(equal=4),
+        error_messages=_needed("mix2img needs weights: one number per images_texts item."),
+        metadata={"description": "Required for mix2img: one weight per images_texts item."},
+    )
 
 
 PAYLOAD_SCHEMAS: dict[tuple[ExecutorType, GenType], Schema] = {
@@ -328,8 +361,9 @@ PAYLOAD_SCHEMAS: dict[tuple[ExecutorType, GenType], Schema] = {
 
 # Per schema: each declared field's quick check (None: the schema loads it), and the required ones.
 _QUICK_CHECKS = {key: fast_checks.field_checks(schema) for key, schema in PAYLOAD_SCHEMAS.items()}
-_REQUIRED = {key: [name for name, field in schema.fields.items() if field.required]
-             for key, schema in PAYLOAD_SCHEMAS.items()}
+_REQUIRED = {
+    key: [name for name, field in schema.fields.items() if field.required] for key, schema in PAYLOAD_SCHEMAS.items()
+}
 
 
 @dataclass(frozen=True)
@@ -343,13 +377,15 @@ class UnknownFields:
     def sentence(self) -> str:
         parts = []
         for name, hint in self.hints.items():
-            parts.append(f"payload.{name} is not an {self.executor.value} field"
-                         + (f"; did you mean {hint}?" if hint else "."))
+            parts.append(
+                f"payload.{name} is not an {self.executor.value} field" + (f"; did you mean {hint}?" if hint else ".")
+            )
         if self.unreported:
             parts.append(f"{self.unreported} more unknown keys are not listed.")
         many = len(self.hints) + self.unreported > 1
-        parts.append(f"{'They were' if many else 'It was'} forwarded and the backend will ignore "
-                     f"{'them' if many else 'it'}.")
+        parts.append(
+            f"{'They were' if many else 'It was'} forwarded and the backend will ignore {'them' if many else 'it'}."
+        )
         return " ".join(parts)
 
 
@@ -375,8 +411,9 @@ def check_payload(executor: ExecutorType, gen_type: GenType, payload: dict[str, 
         try:
             _narrowed(executor, gen_type, frozenset(to_load)).load(payload)
         except ValidationError as exc:
-            raise ValidationError({name: _flatten(messages)
-                                   for name, messages in exc.normalized_messages().items()}) from None
+            raise ValidationError(
+                {name: _flatten(messages) for name, messages in exc.normalized_messages().items()}
+            ) from None
     if not unknown:
         return None
     hints = {}

@@ -19,10 +19,9 @@ from dataclasses import dataclass, field
 
 from app.backends.base import Backend
 from app.config import Config
-from app.jobs import ExecutorType
-from app.queues import WeightedQueue
 from app.costs import initial_units_per_s
-from app.jobs import Job
+from app.jobs import ExecutorType, Job
+from app.queues import WeightedQueue
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +32,11 @@ FIRST_PROBE_BACKOFF_S = 1.0
 
 
 class BackendState(str, enum.Enum):
-    STARTING = "starting"    # not probed yet
-    HEALTHY = "healthy"      # idle, takes work
-    BUSY = "busy"            # running a job
+    STARTING = "starting"  # not probed yet
+    HEALTHY = "healthy"  # idle, takes work
+    BUSY = "busy"  # running a job
     UNHEALTHY = "unhealthy"  # probe failed or breaker open: no work until a probe answers
-    DISABLED = "disabled"    # switched off in EXECUTORS_FILE
+    DISABLED = "disabled"  # switched off in EXECUTORS_FILE
 
 
 @dataclass(eq=False)
@@ -104,14 +103,15 @@ class BackendSlot:
         self.consecutive_failures = 0
         self.breaker_opens = 0
 
-    def record_failure(self, reason: str, *, backend_is_down: bool, breaker_failures: int,
-                       max_cooldown_s: float) -> bool:
+    def record_failure(
+        self, reason: str, *, backend_is_down: bool, breaker_failures: int, max_cooldown_s: float
+    ) -> bool:
         """Count a failed job. Returns True if this takes the backend out of service."""
         self.consecutive_failures += 1
         self.last_error = reason
         if not (backend_is_down or self.consecutive_failures >= breaker_failures):
             return False
-        self.cooldown_s = min(max_cooldown_s, FIRST_PROBE_BACKOFF_S * 2 ** self.breaker_opens)
+        self.cooldown_s = min(max_cooldown_s, FIRST_PROBE_BACKOFF_S * 2**self.breaker_opens)
         self.breaker_opens += 1
         self.take_out(reason)
         return True
@@ -200,6 +200,11 @@ class ExecutorPool:
         return round(backlog_units / total_speed + cost_units / (total_speed / len(serving)), 1)
 
     def status_line(self) -> str:
-        return ", ".join(f"{slot.name}: {slot.state.value}"
-                         + (f" ({slot.last_error})" if slot.last_error and not slot.up else "")
-                         for slot in self.slots) or "none configured"
+        return (
+            ", ".join(
+                f"{slot.name}: {slot.state.value}"
+                + (f" ({slot.last_error})" if slot.last_error and not slot.up else "")
+                for slot in self.slots
+            )
+            or "none configured"
+        )

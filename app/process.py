@@ -47,18 +47,16 @@ class DatabaseLock:
         path = database_path.with_name(database_path.name + ".lock")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            file = open(path, "a+")
+            file = open(path, "a+")  # noqa: SIM115 - held open: the lock lives as long as the file
         except OSError as exc:
-            raise CannotStart(f"DATABASE_PATH={database_path} is not usable: {exc.strerror} "
-                              f"({path.parent})") from None
+            raise CannotStart(f"DATABASE_PATH={database_path} is not usable: {exc.strerror} ({path.parent})") from None
         try:
             fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             file.seek(0)
             holder = file.read().strip() or "unknown"
             file.close()
-            raise CannotStart(f"another server (pid {holder}) is already using "
-                              f"DATABASE_PATH={database_path}") from None
+            raise CannotStart(f"another server (pid {holder}) is already using DATABASE_PATH={database_path}") from None
         file.seek(0)
         file.truncate()
         file.write(str(os.getpid()))
@@ -108,8 +106,12 @@ def on_stop_signals(stop: Callable[[str], None]) -> None:
 
     def handle(name: str) -> None:
         if received:
-            print(f"devoid: {name} again during shutdown: exiting now; queued and running requests "
-                  "resume at the next start", file=sys.stderr, flush=True)
+            print(
+                f"devoid: {name} again during shutdown: exiting now; queued and running requests "
+                "resume at the next start",
+                file=sys.stderr,
+                flush=True,
+            )
             os._exit(EXIT_SECOND_SIGNAL)
         received.append(name)
         stop(name)

@@ -19,8 +19,7 @@ class ProgressReporter:
     asks the backend and passes on values that went up (a backend's counter restarts between
     passes, e.g. hires fix)."""
 
-    def __init__(self, interval_s: float, timeout_s: float,
-                 report: Callable[[Job, Progress], Awaitable[None]]) -> None:
+    def __init__(self, interval_s: float, timeout_s: float, report: Callable[[Job, Progress], Awaitable[None]]) -> None:
         self._interval_s = interval_s
         self._timeout_s = timeout_s
         self._report = report
@@ -28,8 +27,7 @@ class ProgressReporter:
 
     def start(self, backend: Backend, job: Job) -> None:
         if backend.supports_progress and self._interval_s > 0:
-            self._tasks[job.object_id] = asyncio.create_task(
-                self._poll(backend, job), name=f"progress-{job.object_id}")
+            self._tasks[job.object_id] = asyncio.create_task(self._poll(backend, job), name=f"progress-{job.object_id}")
 
     async def stop(self, job: Job) -> None:
         """Stop polling; returns once no further report for `job` can be sent (so none

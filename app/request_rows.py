@@ -12,14 +12,39 @@ from app import json_text
 from app.jobs import ExecutorType, GenType, Job, JobStatus
 
 # A request's payload, wherever it is kept (migration 0007).
-PAYLOAD_SQL = ("coalesce((SELECT payloads.payload FROM payloads WHERE payloads.object_id = requests.object_id),"
-               " requests.payload)")
+PAYLOAD_SQL = (
+    "coalesce((SELECT payloads.payload FROM payloads WHERE payloads.object_id = requests.object_id), requests.payload)"
+)
 # Every column but the payload, in the order job_from_row reads them (by position: reading
 # 100,000 rows by column name took as long as fetching them).
-HEADER_NAMES = ("seq", "object_id", "service", "executor", "gen_type", "premium", "settings", "service_info",
-                "status", "attempts", "backend", "result", "created_at", "started_at", "finished_at",
-                "generation_s", "delivered_at", "last_error", "revision", "channel", "interruptions",
-                "ack_required", "acked_at", "request_key", "cost_units", "payload_chars")
+HEADER_NAMES = (
+    "seq",
+    "object_id",
+    "service",
+    "executor",
+    "gen_type",
+    "premium",
+    "settings",
+    "service_info",
+    "status",
+    "attempts",
+    "backend",
+    "result",
+    "created_at",
+    "started_at",
+    "finished_at",
+    "generation_s",
+    "delivered_at",
+    "last_error",
+    "revision",
+    "channel",
+    "interruptions",
+    "ack_required",
+    "acked_at",
+    "request_key",
+    "cost_units",
+    "payload_chars",
+)
 HEADER_COLUMNS = ", ".join(HEADER_NAMES)
 OBJECT_ID_INDEX = HEADER_NAMES.index("object_id")
 
@@ -58,21 +83,64 @@ def _json_object(text: str) -> Any:
 
 def job_from_row(row: tuple[Any, ...], with_payload: bool = True) -> Job:
     """A Job from a plain row of HEADER_COLUMNS (then the payload, `with_payload`)."""
-    (seq, object_id, service, executor, gen_type, premium, settings, service_info, status, attempts, backend,
-     result, created_at, started_at, finished_at, generation_s, delivered_at, last_error, revision, channel,
-     interruptions, ack_required, acked_at, request_key, cost_units, payload_chars) = row[:26]
+    (
+        seq,
+        object_id,
+        service,
+        executor,
+        gen_type,
+        premium,
+        settings,
+        service_info,
+        status,
+        attempts,
+        backend,
+        result,
+        created_at,
+        started_at,
+        finished_at,
+        generation_s,
+        delivered_at,
+        last_error,
+        revision,
+        channel,
+        interruptions,
+        ack_required,
+        acked_at,
+        request_key,
+        cost_units,
+        payload_chars,
+    ) = row[:26]
     if with_payload:
         payload, payload_chars = json_text.loads(row[26]), len(row[26])
     else:
         payload, payload_chars = None, payload_chars or 0
     return Job(
-        object_id=object_id, service=service, executor=_EXECUTORS[executor], gen_type=_GEN_TYPES[gen_type],
-        premium=bool(premium), settings=_json_object(settings), service_info=_json_object(service_info),
-        payload=payload, payload_chars=payload_chars, cost_units=cost_units or 0.0,
-        created_at=created_at, seq=seq, attempts=attempts, status=_STATUSES[status], backend=backend,
+        object_id=object_id,
+        service=service,
+        executor=_EXECUTORS[executor],
+        gen_type=_GEN_TYPES[gen_type],
+        premium=bool(premium),
+        settings=_json_object(settings),
+        service_info=_json_object(service_info),
+        payload=payload,
+        payload_chars=payload_chars,
+        cost_units=cost_units or 0.0,
+        created_at=created_at,
+        seq=seq,
+        attempts=attempts,
+        status=_STATUSES[status],
+        backend=backend,
         result=json_text.loads(result) if result else None,
-        started_at=started_at, finished_at=finished_at, last_error=last_error,
-        generation_s=generation_s, delivered_at=delivered_at, revision=revision,
-        channel=channel, interruptions=interruptions,
-        ack_required=bool(ack_required), acked_at=acked_at, request_key=request_key,
+        started_at=started_at,
+        finished_at=finished_at,
+        last_error=last_error,
+        generation_s=generation_s,
+        delivered_at=delivered_at,
+        revision=revision,
+        channel=channel,
+        interruptions=interruptions,
+        ack_required=bool(ack_required),
+        acked_at=acked_at,
+        request_key=request_key,
     )

@@ -24,13 +24,20 @@ def image_file_name(object_id: str) -> str:
 
 @dataclass(frozen=True)
 class StoredImage:
-    result: dict[str, Any]                # the `result` of the ok message
+    result: dict[str, Any]  # the `result` of the ok message
     upload: dict[str, Any] | None = None  # the S3 outbox document, when S3 is on
 
 
 class ResultWriter:
-    def __init__(self, *, save_locally: bool, images_path: Path, url_prefix: str,
-                 s3_url_prefix: str | None = None, spool_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        save_locally: bool,
+        images_path: Path,
+        url_prefix: str,
+        s3_url_prefix: str | None = None,
+        spool_path: Path | None = None,
+    ) -> None:
         self.save_locally = save_locally
         self.images_path = images_path
         self._url_prefix = url_prefix
@@ -52,9 +59,9 @@ class ResultWriter:
             path = folder / file_name
             await asyncio.to_thread(_write_atomically, path, jpeg)
             return StoredImage(
-                {"content_type": "image_url", "content": self._s3_url_prefix + file_name,
-                 "file_name": file_name},
-                upload_document(path, file_name, delete_after=not self.save_locally))
+                {"content_type": "image_url", "content": self._s3_url_prefix + file_name, "file_name": file_name},
+                upload_document(path, file_name, delete_after=not self.save_locally),
+            )
         if self.save_locally:
             await asyncio.to_thread(_write_atomically, self.images_path / file_name, jpeg)
             return StoredImage(self._local_result(file_name))
@@ -68,8 +75,7 @@ class ResultWriter:
         return _base64_result(file_name, await asyncio.to_thread(Path(upload["path"]).read_bytes))
 
     def _local_result(self, file_name: str) -> dict[str, Any]:
-        return {"content_type": "image_url", "content": self._url_prefix + file_name,
-                "file_name": file_name}
+        return {"content_type": "image_url", "content": self._url_prefix + file_name, "file_name": file_name}
 
     def local_file(self, file_name: str) -> Path | None:
         """The path of a served image, or None if the name is not one of ours or is absent."""
@@ -80,8 +86,7 @@ class ResultWriter:
 
 
 def _base64_result(file_name: str, jpeg: bytes) -> dict[str, Any]:
-    return {"content_type": "base64", "content": base64.b64encode(jpeg).decode("ascii"),
-            "file_name": file_name}
+    return {"content_type": "base64", "content": base64.b64encode(jpeg).decode("ascii"), "file_name": file_name}
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

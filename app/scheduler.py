@@ -72,9 +72,17 @@ class JobListener(Protocol):
 
 
 class Scheduler:
-    def __init__(self, config: Config, store: Store, results: ResultWriter, listener: JobListener,
-                 backends: list[Backend], make_backend: Callable[[BackendSpec], Backend],
-                 uploads: S3Mirror | None = None, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        results: ResultWriter,
+        listener: JobListener,
+        backends: list[Backend],
+        make_backend: Callable[[BackendSpec], Backend],
+        uploads: S3Mirror | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
         self._config = config
         self._metrics = metrics or Metrics()
         self._uploads = uploads
@@ -82,15 +90,13 @@ class Scheduler:
         self._results = results
         self._listener = listener
         self._make_backend = make_backend
-        self.pools = {executor: ExecutorPool(executor, config.general_premium_ratio)
-                      for executor in ExecutorType}
+        self.pools = {executor: ExecutorPool(executor, config.general_premium_ratio) for executor in ExecutorType}
         self._initial_backends = backends
         self._watchers: dict[BackendSlot, asyncio.Task[None]] = {}
         # The one record of every request this process holds, by object_id (app/lifecycle.py).
         self._tracked: dict[str, TrackedRequest] = {}
         self._expiry = ExpiryLine(self._expire, self._expiry_stands, lambda: len(self._tracked))
-        self._progress = ProgressReporter(config.progress_interval_s, config.probe_timeout_s,
-                                          listener.job_progress)
+        self._progress = ProgressReporter(config.progress_interval_s, config.probe_timeout_s, listener.job_progress)
         self._finishing: set[asyncio.Task[None]] = set()
         # Messages to clients, sent off the paths that hold a backend: a client that stops
         # reading its socket must not hold a GPU for everyone (see _tell).
@@ -102,8 +108,9 @@ class Scheduler:
 
     def __repr__(self) -> str:
         phases = collections.Counter(t.phase.value for t in self._tracked.values())
-        return (f"<Scheduler {dict(phases)} dispatched={self.dispatched} retried={self.retried} "
-                f"finished={self.finished}>")
+        return (
+            f"<Scheduler {dict(phases)} dispatched={self.dispatched} retried={self.retried} finished={self.finished}>"
+        )
 
     def has_backends(self, executor: ExecutorType) -> bool:
         return bool(self.pools[executor].slots)
@@ -134,17 +141,29 @@ class Scheduler:
                 if job.interruptions >= MAX_INTERRUPTIONS:
                     # A request that was running at every one of these restarts may be what brings
                     # the process down: it is not run again.
-                    self._begin_finish(self._track(job), None, f"Interrupted by {job.interruptions} restarts "
-                                       "of the balancer while it ran; it is not run again.", None)
+                    self._begin_finish(
+                        self._track(job),
+                        None,
+                        f"Interrupted by {job.interruptions} restarts "
+                        "of the balancer while it ran; it is not run again.",
+                        None,
+                    )
                 else:
                     self._enqueue(job)
         for pool in self.pools.values():
             if len(pool.queue) and not pool.slots:
-                log.warning("%d %s requests wait, but no %s backend is configured",
-                            len(pool.queue), pool.executor.value, pool.executor.value)
-        log.info("scheduler started: %d queued (%d were interrupted by a restart); backends: %s",
-                 len(queued), requeued,
-                 ", ".join(f"{e.value}={len(p.slots)}" for e, p in self.pools.items()))
+                log.warning(
+                    "%d %s requests wait, but no %s backend is configured",
+                    len(pool.queue),
+                    pool.executor.value,
+                    pool.executor.value,
+                )
+        log.info(
+            "scheduler started: %d queued (%d were interrupted by a restart); backends: %s",
+            len(queued),
+            requeued,
+            ", ".join(f"{e.value}={len(p.slots)}" for e, p in self.pools.items()),
+        )
         self.dispatch()  # backends whose first probe already answered
 
     async def stop(self, grace_s: float) -> None:
@@ -165,15 +184,13 @@ class Scheduler:
             for task in pending:
                 task.cancel()
             if pending:
-                log.warning("shutdown: %d running jobs cancelled; they resume at next start",
-                            len(pending))
+                log.warning("shutdown: %d running jobs cancelled; they resume at next start", len(pending))
                 await asyncio.wait(pending)
                 await self._interrupt_abandoned(abandoned)
         if self._finishing:
             # A finishing job is committed before it waits on anything (a sync S3 upload), so
             # cutting the wait short loses nothing: its answer is delivered at the next start.
-            _, pending = await asyncio.wait(set(self._finishing),
-                                            timeout=max(0.0, deadline - time.monotonic()))
+            _, pending = await asyncio.wait(set(self._finishing), timeout=max(0.0, deadline - time.monotonic()))
             for task in pending:
                 task.cancel()
             if pending:
@@ -201,8 +218,7 @@ class Scheduler:
     def _add_slot(self, backend: Backend) -> BackendSlot:
         slot = BackendSlot.for_backend(backend)
         self.pools[backend.executor].slots.append(slot)
-        task = asyncio.create_task(watch_health(slot, self._config, self.dispatch),
-                                   name=f"health-{backend.name}")
+        task = asyncio.create_task(watch_health(slot, self._config, self.dispatch), name=f"health-{backend.name}")
         self._watchers[slot] = task
         task.add_done_callback(lambda _: self._watchers.pop(slot, None))
         return slot
@@ -219,8 +235,7 @@ class Scheduler:
     def reload(self, specs: list[BackendSpec]) -> None:
         """Apply a new EXECUTORS_FILE: add, change, disable or remove backends. A removed
         backend's running job finishes there (or is retried elsewhere if it fails)."""
-        current = {slot.name: slot for pool in self.pools.values() for slot in pool.slots
-                   if not slot.removed}
+        current = {slot.name: slot for pool in self.pools.values() for slot in pool.slots if not slot.removed}
         wanted = {spec.name: spec for spec in specs}
         for name, slot in current.items():
             spec = wanted.get(name)
@@ -246,21 +261,34 @@ class Scheduler:
         states = []
         for executor, pool in self.pools.items():
             typical = payload_cost_units(executor, GenType.TEXT2IMG, {})
-            states.append({
-                "executor": executor.value,
-                "general_waiting": pool.queue.waiting(False), "premium_waiting": pool.queue.waiting(True),
-                "generating": sum(1 for slot in pool.slots if slot.job is not None),
-                "backends": len(pool.slots), "backends_in_service": len(pool.in_service()),
-                "eta_new_general_s": pool.eta_for_new(False, typical),
-                "eta_new_premium_s": pool.eta_for_new(True, typical),
-            })
+            states.append(
+                {
+                    "executor": executor.value,
+                    "general_waiting": pool.queue.waiting(False),
+                    "premium_waiting": pool.queue.waiting(True),
+                    "generating": sum(1 for slot in pool.slots if slot.job is not None),
+                    "backends": len(pool.slots),
+                    "backends_in_service": len(pool.in_service()),
+                    "eta_new_general_s": pool.eta_for_new(False, typical),
+                    "eta_new_premium_s": pool.eta_for_new(True, typical),
+                }
+            )
         return states
 
     def backends_status(self) -> list[dict[str, object]]:
-        return [{"name": slot.name, "executor": pool.executor.value, "state": slot.state.value,
-                 "units_per_s": round(slot.units_per_s), "jobs_done": slot.jobs_done,
-                 "last_error": slot.last_error, "job": slot.job.object_id if slot.job else None}
-                for pool in self.pools.values() for slot in pool.slots]
+        return [
+            {
+                "name": slot.name,
+                "executor": pool.executor.value,
+                "state": slot.state.value,
+                "units_per_s": round(slot.units_per_s),
+                "jobs_done": slot.jobs_done,
+                "last_error": slot.last_error,
+                "job": slot.job.object_id if slot.job else None,
+            }
+            for pool in self.pools.values()
+            for slot in pool.slots
+        ]
 
     # -- queueing -----------------------------------------------------------------------
 
@@ -292,8 +320,10 @@ class Scheduler:
         pool = self.pools[executor]
         if pool.in_service():
             return None
-        return (f"No {executor.value} backend is in service right now ({pool.status_line()}); "
-                f"the request stays queued for up to {self._config.max_queue_wait_s:g} s.")
+        return (
+            f"No {executor.value} backend is in service right now ({pool.status_line()}); "
+            f"the request stays queued for up to {self._config.max_queue_wait_s:g} s."
+        )
 
     def _remove_from_queue(self, tracked: TrackedRequest) -> None:
         if tracked.phase is Phase.QUEUED:
@@ -311,8 +341,10 @@ class Scheduler:
         job = tracked.job
         pool = self.pools[job.executor]
         self._remove_from_queue(tracked)
-        reason = (f"No {job.executor.value} backend took this request within "
-                  f"{self._config.max_queue_wait_s:g} s ({pool.status_line()}). It was not generated.")
+        reason = (
+            f"No {job.executor.value} backend took this request within "
+            f"{self._config.max_queue_wait_s:g} s ({pool.status_line()}). It was not generated."
+        )
         if job.last_error:
             reason += f" Last attempt: {job.last_error}"
         log.warning("%s expired in the queue", job.object_id)
@@ -331,11 +363,10 @@ class Scheduler:
                     break
                 serving = {slot.name for slot in pool.in_service()}
 
-                def can_start(job: Job) -> bool:
+                def can_start(job: Job, free: list[BackendSlot] = free, serving: set[str] = serving) -> bool:
                     # A retried job waits for a backend that has not failed it yet, unless
                     # every backend in service already has.
-                    return (any(slot.name not in job.avoid_backends for slot in free)
-                            or serving <= job.avoid_backends)
+                    return any(slot.name not in job.avoid_backends for slot in free) or serving <= job.avoid_backends
 
                 job = pool.queue.pop(accept=can_start)
                 if job is None:
@@ -352,8 +383,7 @@ class Scheduler:
         slot.job = tracked.job
         slot.started_monotonic = time.monotonic()
         self.dispatched += 1
-        tracked.start(slot, asyncio.create_task(self._run(pool, slot, tracked),
-                                                name=f"run-{tracked.object_id}"))
+        tracked.start(slot, asyncio.create_task(self._run(pool, slot, tracked), name=f"run-{tracked.object_id}"))
 
     def job_timeout_s(self, slot: BackendSlot, job: Job) -> float:
         """Expected duration x JOB_TIMEOUT_FACTOR, at least the floor (raised by the backend's
@@ -400,8 +430,7 @@ class Scheduler:
             raise
         except Exception:
             log.exception("%s failed inside the balancer", job.object_id)
-            failure = BackendFailed("internal error in the balancer; the request was not generated",
-                                    kind="rejected")
+            failure = BackendFailed("internal error in the balancer; the request was not generated", kind="rejected")
         slot.job = None
         tracked.leave_slot()
         self._retire_if_removed(slot)
@@ -437,14 +466,19 @@ class Scheduler:
         claimed = await self._persist(tracked, Phase.RUNNING, "claim", lambda: self._store.claim(job, slot.name))
         if not claimed or tracked.phase is not Phase.RUNNING:
             return False
-        log.info("%s dispatched to %s (attempt %d, expected %.1f s, timeout %.0f s)", job.object_id,
-                 slot.name, job.attempts, slot.expected_s(job.cost_units), timeout_s)
+        log.info(
+            "%s dispatched to %s (attempt %d, expected %.1f s, timeout %.0f s)",
+            job.object_id,
+            slot.name,
+            job.attempts,
+            slot.expected_s(job.cost_units),
+            timeout_s,
+        )
         self._tell(self._listener.job_generating(job, round(slot.expected_s(job.cost_units), 1)))
         self._progress.start(slot.backend, job)
         return True
 
-    async def _after_failure(self, slot: BackendSlot, tracked: TrackedRequest,
-                             failure: BackendFailed) -> None:
+    async def _after_failure(self, slot: BackendSlot, tracked: TrackedRequest, failure: BackendFailed) -> None:
         config = self._config
         job = tracked.job
         job.avoid_backends.add(slot.name)
@@ -455,12 +489,19 @@ class Scheduler:
             tracked.suspects.append(slot)
             blamed = sorted({suspect.name for suspect in tracked.suspects})
             if len(blamed) >= 2:
-                log.warning("%s failed on %s: blamed on the request, not the backends", job.object_id,
-                            " and ".join(blamed))
-                self._begin_finish(tracked, None, (
-                    f"invalid_input: the request failed on {len(blamed)} backends ({', '.join(blamed)}); "
-                    f"the request itself looks like the cause, so it is not retried. The last: "
-                    f"{failure.reason}"), None)
+                log.warning(
+                    "%s failed on %s: blamed on the request, not the backends", job.object_id, " and ".join(blamed)
+                )
+                self._begin_finish(
+                    tracked,
+                    None,
+                    (
+                        f"invalid_input: the request failed on {len(blamed)} backends ({', '.join(blamed)}); "
+                        f"the request itself looks like the cause, so it is not retried. The last: "
+                        f"{failure.reason}"
+                    ),
+                    None,
+                )
                 return
         if job.attempts >= config.max_attempts:
             for suspect in tracked.suspects:  # one backend failed it every time: its fault
@@ -470,22 +511,33 @@ class Scheduler:
             return
         delay_s = config.retry_backoff_s * 2 ** (job.attempts - 1) * random.uniform(0.75, 1.25)
         tracked.wait_retry()
-        if not await self._persist(tracked, Phase.RETRY_WAIT, "requeue",
-                                   lambda: self._store.requeue(job, failure.reason)):
+        if not await self._persist(
+            tracked, Phase.RETRY_WAIT, "requeue", lambda: self._store.requeue(job, failure.reason)
+        ):
             return
         if tracked.phase is not Phase.RETRY_WAIT:
             return  # cancelled or expired while the requeue was committed
         self.retried += 1
-        log.warning("%s attempt %d failed on %s (%s); retrying in %.1f s",
-                    job.object_id, job.attempts, slot.name, failure.reason, delay_s)
+        log.warning(
+            "%s attempt %d failed on %s (%s); retrying in %.1f s",
+            job.object_id,
+            job.attempts,
+            slot.name,
+            failure.reason,
+            delay_s,
+        )
         self._tell(self._listener.job_retrying(job, failure.reason, delay_s))
         tracked.set_retry_timer(asyncio.get_running_loop().call_later(delay_s, self._back_in_line, tracked))
 
     def _charge(self, slot: BackendSlot, reason: str, *, backend_is_down: bool = False) -> None:
         """Count a failure against a backend (its circuit breaker)."""
         config = self._config
-        slot.record_failure(reason, backend_is_down=backend_is_down, breaker_failures=config.breaker_failures,
-                            max_cooldown_s=config.probe_backoff_max_s)
+        slot.record_failure(
+            reason,
+            backend_is_down=backend_is_down,
+            breaker_failures=config.breaker_failures,
+            max_cooldown_s=config.probe_backoff_max_s,
+        )
 
     def _back_in_line(self, tracked: TrackedRequest) -> None:
         tracked.back_in_line()
@@ -525,13 +577,13 @@ class Scheduler:
             log.warning("%s: interrupt on %s failed: %s", job.object_id, backend.name, exc)
         # Without an interrupt the backend finishes the image; it is thrown away, and the
         # backend takes no new job until then (it would queue it behind this one).
-        log.info("%s cancelled while running on %s (interrupted: %s)", job.object_id,
-                 backend.name, interrupted)
+        log.info("%s cancelled while running on %s (interrupted: %s)", job.object_id, backend.name, interrupted)
 
     # -- storage faults and client messages ---------------------------------------------
 
-    async def _persist(self, tracked: TrackedRequest, phase: Phase, what: str,
-                       write: Callable[[], Awaitable[None]]) -> bool:
+    async def _persist(
+        self, tracked: TrackedRequest, phase: Phase, what: str, write: Callable[[], Awaitable[None]]
+    ) -> bool:
         """Commit a change of a request, retrying with backoff while the database refuses
         writes (disk full, read-only, locked): the request stays owned meanwhile, and its
         client hears of the delay once. Returns False, with nothing written, when the request
@@ -543,8 +595,7 @@ class Scheduler:
             try:
                 await write()
                 if told:
-                    log.info("%s: the %s was recorded after the database took writes again",
-                             tracked.object_id, what)
+                    log.info("%s: the %s was recorded after the database took writes again", tracked.object_id, what)
                 return True
             except StoreClosed:
                 return False
@@ -552,8 +603,12 @@ class Scheduler:
                 reason = f"{type(exc).__name__}: {exc}"[:300]
                 if not told:
                     told = True
-                    log.error("%s: recording its %s failed (%s); retrying until the database "
-                              "takes writes again", tracked.object_id, what, reason)
+                    log.error(
+                        "%s: recording its %s failed (%s); retrying until the database takes writes again",
+                        tracked.object_id,
+                        what,
+                        reason,
+                    )
                     self._tell(self._listener.job_storage_retry(tracked.job, reason))
             await asyncio.sleep(delay_s)
             delay_s = min(delay_s * 2, STORE_RETRY_MAX_S)
@@ -568,18 +623,25 @@ class Scheduler:
 
     # -- finishing ----------------------------------------------------------------------
 
-    def _begin_finish(self, tracked: TrackedRequest, jpeg: bytes | None, failure: str,
-                      seconds: float | None, *, cancelled: bool = False) -> None:
+    def _begin_finish(
+        self,
+        tracked: TrackedRequest,
+        jpeg: bytes | None,
+        failure: str,
+        seconds: float | None,
+        *,
+        cancelled: bool = False,
+    ) -> None:
         if not tracked.begin_finish(cancelled=cancelled):
             return
         # A task of its own: the backend is free for its next job while this one is stored.
-        task = asyncio.create_task(self._finish(tracked, jpeg, failure, seconds),
-                                   name=f"finish-{tracked.object_id}")
+        task = asyncio.create_task(self._finish(tracked, jpeg, failure, seconds), name=f"finish-{tracked.object_id}")
         self._finishing.add(task)
         task.add_done_callback(self._finishing.discard)
 
-    async def _finish(self, tracked: TrackedRequest, jpeg: bytes | None, failure: str,
-                      generation_s: float | None) -> None:
+    async def _finish(
+        self, tracked: TrackedRequest, jpeg: bytes | None, failure: str, generation_s: float | None
+    ) -> None:
         job = tracked.job
         upload = None
         try:
@@ -603,8 +665,9 @@ class Scheduler:
         self._listener.reserve_final(job)
         recorded = False
         try:
-            recorded = await self._persist(tracked, Phase.FINISHING, "result",
-                                           lambda: self._store.finish(job, generation_s, upload=upload))
+            recorded = await self._persist(
+                tracked, Phase.FINISHING, "result", lambda: self._store.finish(job, generation_s, upload=upload)
+            )
         finally:
             if not recorded:
                 self._listener.release_final(job)
@@ -643,8 +706,12 @@ class Scheduler:
             job.result = await self._results.fallback_result(job, upload)
         except FileNotFoundError:
             return  # the upload finished and removed its spooled file just now
-        log.warning("%s: S3 upload not done within %.0f s; answering with a %s result",
-                    job.object_id, self._config.s3_sync_timeout_s, job.result["content_type"])
+        log.warning(
+            "%s: S3 upload not done within %.0f s; answering with a %s result",
+            job.object_id,
+            self._config.s3_sync_timeout_s,
+            job.result["content_type"],
+        )
         await self._store.replace_result(job)
 
 

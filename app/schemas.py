@@ -1,4 +1,4 @@
-"""Wire messages (../shared/PROTOCOL.md) as marshmallow schemas, and the answers built from them.
+"""Wire messages (docs/protocol.md) as marshmallow schemas, and the answers built from them.
 
 Incoming requests are loaded by `parse_request`; every answer to a client is dumped through
 `ResponseSchema` or `InfoSchema`, so the shapes live in one place.
@@ -33,9 +33,13 @@ class SettingsSchema(Schema):
     premium = Flag(load_default=False)
     moderate = Flag(load_default=False)
     sync_with_s3 = Flag(load_default=False)
-    require_ack = Flag(load_default=False, metadata={
-        "description": "Additive: the final answer is sent again (to the next connection, also "
-                       "after a restart) until the client acknowledges it with an `ack` action."})
+    require_ack = Flag(
+        load_default=False,
+        metadata={
+            "description": "Additive: the final answer is sent again (to the next connection, also "
+            "after a restart) until the client acknowledges it with an `ack` action."
+        },
+    )
 
 
 MAX_REQUEST_ID_CHARS = 200
@@ -57,11 +61,15 @@ class ServiceInfoSchema(Schema):
     user_id = WholeNumber(required=True)
     chat_id = WholeNumber(allow_none=True)
     message_id = WholeNumber(allow_none=True)
-    request_id = fields.Raw(metadata={
-        "oneOf": [{"type": "string", "minLength": 1, "maxLength": MAX_REQUEST_ID_CHARS}, {"type": "integer"}],
-        "description": "Additive: the client's idempotency key. A request repeating a key already "
-                       "used by this service is not queued again: the answer is the original "
-                       "request (its object_id and current state)."}, validate=_check_request_id)
+    request_id = fields.Raw(
+        metadata={
+            "oneOf": [{"type": "string", "minLength": 1, "maxLength": MAX_REQUEST_ID_CHARS}, {"type": "integer"}],
+            "description": "Additive: the client's idempotency key. A request repeating a key already "
+            "used by this service is not queued again: the answer is the original "
+            "request (its object_id and current state).",
+        },
+        validate=_check_request_id,
+    )
 
 
 class RequestMessageSchema(Schema):
@@ -193,20 +201,27 @@ def parse_request(message: dict[str, Any]) -> dict[str, Any]:
         try:
             loaded = _request_schema.load(message)
         except ValidationError as exc:
-            raise InvalidRequest(_summary(exc.normalized_messages()), field_errors=exc.normalized_messages(),
-                                 envelope=readable_envelope(message)) from None
+            raise InvalidRequest(
+                _summary(exc.normalized_messages()),
+                field_errors=exc.normalized_messages(),
+                envelope=readable_envelope(message),
+            ) from None
 
     executor, gen_type = loaded["executor"], loaded["gen_type"]
     if gen_type not in SUPPORTED_GEN_TYPES[executor]:
         can_do = ", ".join(sorted(g.value for g in SUPPORTED_GEN_TYPES[executor]))
-        raise InvalidRequest(f"{executor.value} does not support {gen_type.value} (it does {can_do}).",
-                             field_errors={"gen_type": [f"Not supported by {executor.value}."]},
-                             envelope=readable_envelope(message))
+        raise InvalidRequest(
+            f"{executor.value} does not support {gen_type.value} (it does {can_do}).",
+            field_errors={"gen_type": [f"Not supported by {executor.value}."]},
+            envelope=readable_envelope(message),
+        )
 
     # settings and service_info are checked, but kept as sent: they are echoed back verbatim.
     field_errors: dict[str, Any] = {}
-    for name, quick, schema in (("settings", _quick_settings, _settings_schema),
-                                ("service_info", _quick_service_info, _service_info_schema)):
+    for name, quick, schema in (
+        ("settings", _quick_settings, _settings_schema),
+        ("service_info", _quick_service_info, _service_info_schema),
+    ):
         checked = quick.load(loaded[name])
         if checked is None:
             try:
@@ -257,8 +272,12 @@ def bounded_errors(field_errors: dict[str, Any] | None) -> dict[str, Any] | None
     if not isinstance(field_errors, dict):
         return field_errors
     kept = list(field_errors.items())[:MAX_REPORTED_ERRORS]
-    return {str(key)[:200]: bounded_errors(value) if isinstance(value, dict) else
-            (value[:MAX_REPORTED_ERRORS] if isinstance(value, list) else value) for key, value in kept}
+    return {
+        str(key)[:200]: bounded_errors(value)
+        if isinstance(value, dict)
+        else (value[:MAX_REPORTED_ERRORS] if isinstance(value, list) else value)
+        for key, value in kept
+    }
 
 
 def _walk(messages: Any, prefix: str):
@@ -275,31 +294,53 @@ def _walk(messages: Any, prefix: str):
 def short_response(job: Job, gen_status: str, avg_time_s: float | None) -> dict[str, Any]:
     """The queued/generating form: what ResponseSchema dumps (tests/test_schemas.py holds
     them equal), built directly because every request gets one or two."""
-    return {"object_id": job.object_id, "service": job.service, "message_type": "response",
-            "executor": job.executor.value, "gen_type": job.gen_type.value, "gen_status": gen_status,
-            "avg_time": None if avg_time_s is None else float(avg_time_s), "service_info": job.service_info}
+    return {
+        "object_id": job.object_id,
+        "service": job.service,
+        "message_type": "response",
+        "executor": job.executor.value,
+        "gen_type": job.gen_type.value,
+        "gen_status": gen_status,
+        "avg_time": None if avg_time_s is None else float(avg_time_s),
+        "service_info": job.service_info,
+    }
 
 
 def final_response(job: Job) -> dict[str, Any]:
     """The ok/error form, from a finished job (status and result set)."""
-    return _response_schema.dump({
-        "object_id": job.object_id, "service": job.service, "executor": job.executor.value,
-        "gen_type": job.gen_type.value, "gen_status": job.status.value, "avg_time": 0.0,
-        "result": job.result, "settings": job.settings, "service_info": job.service_info,
-        "payload": job.payload,
-    })
+    return _response_schema.dump(
+        {
+            "object_id": job.object_id,
+            "service": job.service,
+            "executor": job.executor.value,
+            "gen_type": job.gen_type.value,
+            "gen_status": job.status.value,
+            "avg_time": 0.0,
+            "result": job.result,
+            "settings": job.settings,
+            "service_info": job.service_info,
+            "payload": job.payload,
+        }
+    )
 
 
 def rejection_response(object_id: str, service: str, error: InvalidRequest) -> dict[str, Any]:
     """An error `response` for a message that was refused before it was queued."""
     envelope = error.envelope
-    return _response_schema.dump({
-        "object_id": object_id, "service": service, "executor": envelope["executor"].value,
-        "gen_type": envelope["gen_type"].value, "gen_status": "error", "avg_time": 0.0,
-        "result": {"content_type": "text", "content": error.reason},
-        "settings": envelope.get("settings", {}), "service_info": envelope.get("service_info", {}),
-        "payload": envelope.get("payload", {}),
-    }) | {"errors": bounded_errors(error.field_errors)}
+    return _response_schema.dump(
+        {
+            "object_id": object_id,
+            "service": service,
+            "executor": envelope["executor"].value,
+            "gen_type": envelope["gen_type"].value,
+            "gen_status": "error",
+            "avg_time": 0.0,
+            "result": {"content_type": "text", "content": error.reason},
+            "settings": envelope.get("settings", {}),
+            "service_info": envelope.get("service_info", {}),
+            "payload": envelope.get("payload", {}),
+        }
+    ) | {"errors": bounded_errors(error.field_errors)}
 
 
 def info_message(info_type: str, content: str, **extra: Any) -> dict[str, Any]:
@@ -315,5 +356,4 @@ def parse_action(message: dict[str, Any]) -> tuple[str, str]:
         loaded = _action_schema.load(message)
         return loaded["action"], loaded["object_id"]
     except ValidationError as exc:
-        raise InvalidRequest(_summary(exc.normalized_messages()),
-                             field_errors=exc.normalized_messages()) from None
+        raise InvalidRequest(_summary(exc.normalized_messages()), field_errors=exc.normalized_messages()) from None

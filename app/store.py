@@ -25,8 +25,8 @@ import aiosqlite
 from app import json_text
 from app.jobs import LARGE_PAYLOAD_CHARS, GenType, Job, JobStatus
 from app.migrations import apply_migrations
-from app.request_rows import HEADER_COLUMNS, OBJECT_ID_INDEX, PAYLOAD_SQL, job_from_row, no_cycle_collection
 from app.mirrors.records import request_record
+from app.request_rows import HEADER_COLUMNS, OBJECT_ID_INDEX, PAYLOAD_SQL, job_from_row, no_cycle_collection
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +36,7 @@ MAX_BATCH_ROWS = 128
 BUSY_TIMEOUT_MS = 5000
 
 Statement = tuple[str, Sequence[Any]]
-_OUTBOX_INSERT = ("INSERT INTO outbox (target, object_id, revision, document, created_at)"
-                  " VALUES (?, ?, ?, ?, ?)")
+_OUTBOX_INSERT = "INSERT INTO outbox (target, object_id, revision, document, created_at) VALUES (?, ?, ?, ?, ?)"
 
 
 class StoreClosed(RuntimeError):
@@ -46,8 +45,20 @@ class StoreClosed(RuntimeError):
 
 # What the store's writes change on a Job. A failed write puts them back, so the caller may
 # simply make the same call again (the scheduler retries claims and finishes until they land).
-_PERSISTED_FIELDS = ("attempts", "interruptions", "status", "backend", "result", "started_at",
-                     "finished_at", "last_error", "generation_s", "delivered_at", "acked_at", "revision")
+_PERSISTED_FIELDS = (
+    "attempts",
+    "interruptions",
+    "status",
+    "backend",
+    "result",
+    "started_at",
+    "finished_at",
+    "last_error",
+    "generation_s",
+    "delivered_at",
+    "acked_at",
+    "revision",
+)
 
 
 @contextlib.contextmanager
@@ -95,8 +106,13 @@ async def connect(path: Path, *, read_only: bool = False) -> aiosqlite.Connectio
 class Store:
     """The request table. Use `await Store.open(path)`, then `await store.close()`."""
 
-    def __init__(self, writer_db: aiosqlite.Connection, reader_db: aiosqlite.Connection,
-                 max_batch_rows: int, mirror_records: bool) -> None:
+    def __init__(
+        self,
+        writer_db: aiosqlite.Connection,
+        reader_db: aiosqlite.Connection,
+        max_batch_rows: int,
+        mirror_records: bool,
+    ) -> None:
         self._mirror_records = mirror_records
         # Called after mirror work for that target is committed (the mirror's worker wakes).
         self.outbox_listeners: dict[str, Callable[[], None]] = {}
@@ -111,8 +127,7 @@ class Store:
         self.rows_written = 0
 
     @classmethod
-    async def open(cls, path: Path, *, max_batch_rows: int = MAX_BATCH_ROWS,
-                   mirror_records: bool = False) -> Store:
+    async def open(cls, path: Path, *, max_batch_rows: int = MAX_BATCH_ROWS, mirror_records: bool = False) -> Store:
         """Open (creating if needed) and migrate the database at `path`. With `mirror_records`,
         every status change also queues the request's record for MongoDB."""
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -134,8 +149,7 @@ class Store:
         await self._writer_db.close()
 
     def __repr__(self) -> str:
-        return (f"<Store commits={self.commits} rows={self.rows_written} "
-                f"waiting={self._pending.qsize()}>")
+        return f"<Store commits={self.commits} rows={self.rows_written} waiting={self._pending.qsize()}>"
 
     # -- writes -------------------------------------------------------------------------
 
@@ -156,11 +170,11 @@ class Store:
         statements_ = list(statements)
         now = time.time()
         if self._mirror_records:
-            statements_.append((_OUTBOX_INSERT, ("mongodb", job.object_id, job.revision,
-                                                 json_text.dumps(request_record(job)), now)))
+            statements_.append(
+                (_OUTBOX_INSERT, ("mongodb", job.object_id, job.revision, json_text.dumps(request_record(job)), now))
+            )
         if upload is not None:
-            statements_.append((_OUTBOX_INSERT, ("s3", job.object_id, job.revision,
-                                                 json_text.dumps(upload), now)))
+            statements_.append((_OUTBOX_INSERT, ("s3", job.object_id, job.revision, json_text.dumps(upload), now)))
         await self._write(*statements_)
         if self._mirror_records:
             self._wake_mirror("mongodb")
@@ -182,18 +196,38 @@ class Store:
         payload_json = json_text.dumps(job.payload)
         job.payload_chars = len(payload_json)
         separate = job.payload_chars >= LARGE_PAYLOAD_CHARS  # in its own table (migration 0007)
-        extra = [("INSERT INTO payloads (object_id, payload) VALUES (?, ?)", (job.object_id, payload_json))
-                 ] if separate else []
-        await self._commit_change(job, (
-            "INSERT INTO requests (object_id, service, executor, gen_type, premium, settings,"
-            " service_info, payload, status, created_at, revision, channel, ack_required, request_key,"
-            " cost_units, payload_chars)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
-            (job.object_id, job.service, job.executor.value, job.gen_type.value, int(job.premium),
-             json_text.dumps(job.settings), json_text.dumps(job.service_info), "" if separate else payload_json,
-             job.created_at, job.revision, job.channel, int(job.ack_required), job.request_key,
-             job.cost_units or None, job.payload_chars),
-        ), *extra)
+        extra = (
+            [("INSERT INTO payloads (object_id, payload) VALUES (?, ?)", (job.object_id, payload_json))]
+            if separate
+            else []
+        )
+        await self._commit_change(
+            job,
+            (
+                "INSERT INTO requests (object_id, service, executor, gen_type, premium, settings,"
+                " service_info, payload, status, created_at, revision, channel, ack_required, request_key,"
+                " cost_units, payload_chars)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    job.object_id,
+                    job.service,
+                    job.executor.value,
+                    job.gen_type.value,
+                    int(job.premium),
+                    json_text.dumps(job.settings),
+                    json_text.dumps(job.service_info),
+                    "" if separate else payload_json,
+                    job.created_at,
+                    job.revision,
+                    job.channel,
+                    int(job.ack_required),
+                    job.request_key,
+                    job.cost_units or None,
+                    job.payload_chars,
+                ),
+            ),
+            *extra,
+        )
 
     async def claim(self, job: Job, backend_name: str) -> None:
         """Record that `backend_name` starts `job`; counts the attempt (also on `job`)."""
@@ -203,11 +237,14 @@ class Store:
             job.backend = backend_name
             job.started_at = time.time()
             job.revision += 1
-            await self._commit_change(job, (
-                "UPDATE requests SET status = 'generating', attempts = ?, backend = ?, started_at = ?,"
-                " revision = ? WHERE object_id = ?",
-                (job.attempts, backend_name, job.started_at, job.revision, job.object_id),
-            ))
+            await self._commit_change(
+                job,
+                (
+                    "UPDATE requests SET status = 'generating', attempts = ?, backend = ?, started_at = ?,"
+                    " revision = ? WHERE object_id = ?",
+                    (job.attempts, backend_name, job.started_at, job.revision, job.object_id),
+                ),
+            )
 
     async def requeue(self, job: Job, reason: str) -> None:
         """Put a job whose attempt failed back in line (its attempt stays counted)."""
@@ -215,10 +252,13 @@ class Store:
             job.status = JobStatus.QUEUED
             job.last_error = reason
             job.revision += 1
-            await self._commit_change(job, (
-                "UPDATE requests SET status = 'queued', last_error = ?, revision = ? WHERE object_id = ?",
-                (reason, job.revision, job.object_id),
-            ))
+            await self._commit_change(
+                job,
+                (
+                    "UPDATE requests SET status = 'queued', last_error = ?, revision = ? WHERE object_id = ?",
+                    (reason, job.revision, job.object_id),
+                ),
+            )
 
     async def finish(self, job: Job, generation_s: float | None, upload: dict[str, Any] | None = None) -> None:
         """Commit the final status and result already set on `job`, marked undelivered, with
@@ -228,27 +268,41 @@ class Store:
             job.finished_at = time.time()
             job.generation_s = generation_s
             job.revision += 1
-            await self._commit_change(job, (
-                "UPDATE requests SET status = ?, result = ?, finished_at = ?, generation_s = ?,"
-                " delivered_at = NULL, revision = ? WHERE object_id = ?",
-                (job.status.value, json_text.dumps(job.result), job.finished_at, generation_s, job.revision,
-                 job.object_id),
-            ), upload=upload)
+            await self._commit_change(
+                job,
+                (
+                    "UPDATE requests SET status = ?, result = ?, finished_at = ?, generation_s = ?,"
+                    " delivered_at = NULL, revision = ? WHERE object_id = ?",
+                    (
+                        job.status.value,
+                        json_text.dumps(job.result),
+                        job.finished_at,
+                        generation_s,
+                        job.revision,
+                        job.object_id,
+                    ),
+                ),
+                upload=upload,
+            )
 
     async def replace_result(self, job: Job) -> None:
         """Commit a changed result of a finished job (a fallback for a slow S3 upload)."""
         with _unchanged_on_failure(job):
             job.revision += 1
-            await self._commit_change(job, (
-                "UPDATE requests SET result = ?, revision = ? WHERE object_id = ?",
-                (json_text.dumps(job.result), job.revision, job.object_id),
-            ))
+            await self._commit_change(
+                job,
+                (
+                    "UPDATE requests SET result = ?, revision = ? WHERE object_id = ?",
+                    (json_text.dumps(job.result), job.revision, job.object_id),
+                ),
+            )
 
     async def mark_delivered(self, jobs: Sequence[Job]) -> None:
         """Record that the final messages of `jobs` were sent. Safe to call twice."""
         now = time.time()
-        await asyncio.gather(*[self._mark(job, "delivered_at", now) for job in jobs
-                               if job.delivered_at is None])  # submitted together: one group commit
+        await asyncio.gather(
+            *[self._mark(job, "delivered_at", now) for job in jobs if job.delivered_at is None]
+        )  # submitted together: one group commit
 
     async def mark_acked(self, job: Job) -> None:
         """Record that the client acknowledged the final message of `job`. Safe to call twice."""
@@ -259,9 +313,13 @@ class Store:
         with _unchanged_on_failure(job):
             setattr(job, column, now)
             job.revision += 1
-            await self._commit_change(job, (
-                f"UPDATE requests SET {column} = ?, revision = ? WHERE object_id = ? AND {column} IS NULL",
-                (now, job.revision, job.object_id)))
+            await self._commit_change(
+                job,
+                (
+                    f"UPDATE requests SET {column} = ?, revision = ? WHERE object_id = ? AND {column} IS NULL",
+                    (now, job.revision, job.object_id),
+                ),
+            )
 
     async def requeue_interrupted(self) -> int:
         """Put every request a previous run left `generating` back to `queued` (at start-up,
@@ -275,10 +333,14 @@ class Store:
             job.interruptions += 1
             job.last_error = "interrupted by a restart of the balancer"
             job.revision += 1
-            await self._commit_change(job, (
-                "UPDATE requests SET status = 'queued', attempts = ?, interruptions = ?, last_error = ?,"
-                " revision = ? WHERE object_id = ?",
-                (job.attempts, job.interruptions, job.last_error, job.revision, job.object_id)))
+            await self._commit_change(
+                job,
+                (
+                    "UPDATE requests SET status = 'queued', attempts = ?, interruptions = ?, last_error = ?,"
+                    " revision = ? WHERE object_id = ?",
+                    (job.attempts, job.interruptions, job.last_error, job.revision, job.object_id),
+                ),
+            )
         return len(interrupted)
 
     # -- outbox -------------------------------------------------------------------------
@@ -286,14 +348,13 @@ class Store:
     async def outbox_batch(self, target: str, limit: int) -> list[OutboxItem]:
         """The oldest `limit` pieces of work for one mirror, in order."""
         async with self._reader_db.execute(
-                "SELECT id, object_id, revision, document, attempts FROM outbox WHERE target = ?"
-                " ORDER BY id LIMIT ?", (target, limit)) as cursor:
-            return [OutboxItem(row[0], row[1], row[2], json_text.loads(row[3]), row[4])
-                    async for row in cursor]
+            "SELECT id, object_id, revision, document, attempts FROM outbox WHERE target = ? ORDER BY id LIMIT ?",
+            (target, limit),
+        ) as cursor:
+            return [OutboxItem(row[0], row[1], row[2], json_text.loads(row[3]), row[4]) async for row in cursor]
 
     async def outbox_count(self, target: str) -> int:
-        async with self._reader_db.execute("SELECT count(*) FROM outbox WHERE target = ?",
-                                           (target,)) as cursor:
+        async with self._reader_db.execute("SELECT count(*) FROM outbox WHERE target = ?", (target,)) as cursor:
             (count,) = await cursor.fetchone()
         return count
 
@@ -301,8 +362,9 @@ class Store:
         await self._write(*[("DELETE FROM outbox WHERE id = ?", (row_id,)) for row_id in ids])
 
     async def outbox_failed(self, row_id: int, reason: str) -> None:
-        await self._write(("UPDATE outbox SET attempts = attempts + 1, last_error = ? WHERE id = ?",
-                           (reason[:500], row_id)))
+        await self._write(
+            ("UPDATE outbox SET attempts = attempts + 1, last_error = ? WHERE id = ?", (reason[:500], row_id))
+        )
 
     async def _write_loop(self) -> None:
         while True:
@@ -361,8 +423,9 @@ class Store:
 
     # -- reads --------------------------------------------------------------------------
 
-    async def _fetch_jobs(self, where: str, params: Sequence[Any] = (), *, order: str = "seq",
-                          limit: int = -1, with_payload: bool = True) -> list[Job]:
+    async def _fetch_jobs(
+        self, where: str, params: Sequence[Any] = (), *, order: str = "seq", limit: int = -1, with_payload: bool = True
+    ) -> list[Job]:
         """The matching requests; without `with_payload`, their payload is left in the
         database (None, read back with load_payload). A row that cannot be read back (say,
         JSON nested deeper than the parser's stack allows, stored by an earlier release) is
@@ -370,8 +433,8 @@ class Store:
         jobs, unreadable = [], []
         columns = f"{HEADER_COLUMNS}, {PAYLOAD_SQL} AS payload" if with_payload else HEADER_COLUMNS
         async with self._reader_db.execute(
-                f"SELECT {columns} FROM requests WHERE {where} ORDER BY {order} LIMIT ?",
-                (*params, limit)) as cursor:
+            f"SELECT {columns} FROM requests WHERE {where} ORDER BY {order} LIMIT ?", (*params, limit)
+        ) as cursor:
             cursor.row_factory = None  # plain tuples: job_from_row reads by position
             # One hop to the database thread for all rows: iterating the cursor would hop per
             # 64 rows, which dominated rebuilding a queue of 100,000.
@@ -393,14 +456,24 @@ class Store:
         if object_id in self._set_aside_ids:
             return
         self._set_aside_ids.add(object_id)
-        log.error("%s cannot be read back from the database (%s); it is ended with an error and "
-                  "left out from now on", object_id, reason)
-        result = json_text.dumps({"content_type": "text", "content": f"the stored request cannot be read back: {reason}"})
+        log.error(
+            "%s cannot be read back from the database (%s); it is ended with an error and left out from now on",
+            object_id,
+            reason,
+        )
+        result = json_text.dumps(
+            {"content_type": "text", "content": f"the stored request cannot be read back: {reason}"}
+        )
         now = time.time()
         try:
-            await self._write(("UPDATE requests SET status = 'error', result = ?, finished_at = ?,"
-                               " delivered_at = ?, revision = revision + 1 WHERE object_id = ?"
-                               " AND status IN ('queued', 'generating')", (result, now, now, object_id)))
+            await self._write(
+                (
+                    "UPDATE requests SET status = 'error', result = ?, finished_at = ?,"
+                    " delivered_at = ?, revision = revision + 1 WHERE object_id = ?"
+                    " AND status IN ('queued', 'generating')",
+                    (result, now, now, object_id),
+                )
+            )
         except Exception as exc:
             log.warning("%s: setting it aside failed: %s", object_id, exc)
 
@@ -421,7 +494,8 @@ class Store:
         return await self._fetch_jobs(
             "service = ? AND channel = 'ws' AND status IN ('ok', 'error')"
             " AND (delivered_at IS NULL OR (ack_required = 1 AND acked_at IS NULL))",
-            (service,))
+            (service,),
+        )
 
     async def find_by_request_key(self, service: str, request_key: str) -> Job | None:
         """The request of `service` that carried this idempotency key, if any."""
@@ -435,13 +509,18 @@ class Store:
     async def check_writable(self, timeout_s: float) -> None:
         """Commit a heartbeat row within `timeout_s`. Raises if the database takes no writes."""
         async with asyncio.timeout(timeout_s):
-            await self._write(("INSERT INTO heartbeat (id, at) VALUES (1, ?)"
-                               " ON CONFLICT (id) DO UPDATE SET at = excluded.at", (time.time(),)))
+            await self._write(
+                (
+                    "INSERT INTO heartbeat (id, at) VALUES (1, ?) ON CONFLICT (id) DO UPDATE SET at = excluded.at",
+                    (time.time(),),
+                )
+            )
 
     async def load_payload(self, object_id: str) -> dict[str, Any]:
         """The payload of a committed request, as sent."""
-        async with self._reader_db.execute(f"SELECT {PAYLOAD_SQL} FROM requests WHERE object_id = ?",
-                                           (object_id,)) as cursor:
+        async with self._reader_db.execute(
+            f"SELECT {PAYLOAD_SQL} FROM requests WHERE object_id = ?", (object_id,)
+        ) as cursor:
             (payload,) = await cursor.fetchone()
         return json_text.loads(payload)
 
@@ -453,9 +532,10 @@ class Store:
         """(gen_type, payload, generation seconds) of the backend's latest `limit` successful
         jobs, oldest first: what its learned speed is rebuilt from after a restart."""
         async with self._reader_db.execute(
-                f"SELECT gen_type, {PAYLOAD_SQL}, generation_s FROM requests WHERE status = 'ok'"
-                " AND backend = ? AND generation_s IS NOT NULL ORDER BY finished_at DESC LIMIT ?",
-                (backend_name, limit)) as cursor:
+            f"SELECT gen_type, {PAYLOAD_SQL}, generation_s FROM requests WHERE status = 'ok'"
+            " AND backend = ? AND generation_s IS NOT NULL ORDER BY finished_at DESC LIMIT ?",
+            (backend_name, limit),
+        ) as cursor:
             rows = await cursor.fetchall()
         successes = []
         for gen_type, payload, seconds in reversed(rows):

@@ -15,7 +15,7 @@ Printed, per kind of bot:
   crashes allows these when the kill falls between sending a final and recording it)
 - generated twice: request_ids that ended up as two different requests (idempotency broken)
 
-Usage: .venv/bin/python bench/chaos.py [--cycles 100] [--bots 4]
+Usage: .venv/bin/python -m bench.chaos [--cycles 100] [--bots 4]
 """
 
 from __future__ import annotations
@@ -34,10 +34,8 @@ from pathlib import Path
 
 import aiohttp
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.core import demo_server  # noqa: E402
-from tests.processes import ServerProcess  # noqa: E402
+from bench.core import demo_server
+from bench.processes import ServerProcess
 
 IN_FLIGHT_PER_BOT = 10
 DRAIN_TIMEOUT_S = 60.0
@@ -56,11 +54,14 @@ class ChaosBot:
     def new_request(self) -> dict:
         self.counter += 1
         request_id = f"{self.name}-{self.counter}"
-        message = {"message_type": "request", "executor": random.choice(["kandinsky", "automatic1111"]),
-                   "gen_type": "text2img", "settings": {"premium": random.random() < 0.25,
-                                                        "require_ack": int(self.acks)},
-                   "service_info": {"user_id": random.randint(1, 50), "request_id": request_id},
-                   "payload": {"prompt": f"chaos {request_id}", "steps": 20}}
+        message = {
+            "message_type": "request",
+            "executor": random.choice(["kandinsky", "automatic1111"]),
+            "gen_type": "text2img",
+            "settings": {"premium": random.random() < 0.25, "require_ack": int(self.acks)},
+            "service_info": {"user_id": random.randint(1, 50), "request_id": request_id},
+            "payload": {"prompt": f"chaos {request_id}", "steps": 20},
+        }
         self.unacknowledged[request_id] = message
         return message
 
@@ -71,8 +72,11 @@ class ChaosBot:
         """One connection's life: resend what was never acknowledged, keep sending new
         requests (if `keep_sending`), take answers; returns when the connection drops."""
         try:
-            ws = await session.ws_connect(f"{url}/ws/{self.name}", max_msg_size=0,
-                                          headers={"authorization": f"key-{self.name}", "service": self.name})
+            ws = await session.ws_connect(
+                f"{url}/ws/{self.name}",
+                max_msg_size=0,
+                headers={"authorization": f"key-{self.name}", "service": self.name},
+            )
         except aiohttp.ClientError:
             await asyncio.sleep(0.05)
             return
@@ -122,16 +126,18 @@ class ChaosBot:
 async def run_cycles(cycles: int, bot_count: int, workdir: Path) -> dict[str, ChaosBot]:
     # Each bot is a service of its own, so each final has exactly one bot to reach.
     services = " ".join(f"bot{n}:key-bot{n}" for n in range(bot_count))
-    env = demo_server(workdir, workdir / "chaos.sqlite3", SERVICES=services, DEMO_DELAY_S="0.02",
-                      SHUTDOWN_GRACE_S="1").env
+    env = demo_server(
+        workdir, workdir / "chaos.sqlite3", SERVICES=services, DEMO_DELAY_S="0.02", SHUTDOWN_GRACE_S="1"
+    ).env
     bots = {f"bot{n}": ChaosBot(f"bot{n}", acks=n % 2 == 1) for n in range(bot_count)}
     async with aiohttp.ClientSession() as session:
         for cycle in range(cycles + 1):
             last = cycle == cycles
             server = ServerProcess(env, workdir / "server.log", cwd=workdir)
             await server.start()
-            connections = [asyncio.create_task(bot_loop(bot, session, server.base_url, not last))
-                           for bot in bots.values()]
+            connections = [
+                asyncio.create_task(bot_loop(bot, session, server.base_url, not last)) for bot in bots.values()
+            ]
             if last:
                 await drain(bots)
                 await server.stop()
@@ -143,8 +149,9 @@ async def run_cycles(cycles: int, bot_count: int, workdir: Path) -> dict[str, Ch
                 task.cancel()
             await asyncio.gather(*connections, return_exceptions=True)
             if cycle % 10 == 0:
-                print(f"cycle {cycle}/{cycles}: {sum(len(b.object_ids) for b in bots.values())} requests",
-                      file=sys.stderr)
+                print(
+                    f"cycle {cycle}/{cycles}: {sum(len(b.object_ids) for b in bots.values())} requests", file=sys.stderr
+                )
     return bots
 
 
@@ -167,8 +174,10 @@ def report(bots: dict[str, ChaosBot], database: Path, cycles: int) -> None:
         stored = {row[0]: row[1] for row in db.execute("SELECT object_id, status FROM requests")}
         integrity = db.execute("PRAGMA integrity_check").fetchone()[0]
     print(f"{cycles} kill -9 cycles; integrity_check: {integrity}")
-    print(f"{'bots':<22} {'acknowledged':>12} {'lost':>5} {'silent':>7} {'dup finals':>10} "
-          f"{'gen. twice':>10} {'unacked at end':>14}")
+    print(
+        f"{'bots':<22} {'acknowledged':>12} {'lost':>5} {'silent':>7} {'dup finals':>10} "
+        f"{'gen. twice':>10} {'unacked at end':>14}"
+    )
     for acks in (False, True):
         group = [bot for bot in bots.values() if bot.acks == acks]
         acknowledged = {oid for bot in group for oids in bot.object_ids.values() for oid in oids}
@@ -178,8 +187,10 @@ def report(bots: dict[str, ChaosBot], database: Path, cycles: int) -> None:
         twice = sum(1 for bot in group for oids in bot.object_ids.values() if len(oids) > 1)
         pending = sum(len(bot.unacknowledged) for bot in group)
         label = "ack (require_ack)" if acks else "plain (no ack)"
-        print(f"{label:<22} {len(acknowledged):>12} {len(lost):>5} {len(silent):>7} {duplicates:>10} "
-              f"{twice:>10} {pending:>14}")
+        print(
+            f"{label:<22} {len(acknowledged):>12} {len(lost):>5} {len(silent):>7} {duplicates:>10} "
+            f"{twice:>10} {pending:>14}"
+        )
     statuses = collections.Counter(stored.values())
     print(f"database: {dict(statuses)}")
 

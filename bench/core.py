@@ -8,16 +8,16 @@ from this process. Each number is printed beside a baseline measured in the same
   pipelined vs. one-request-at-a-time sending;
 - dispatch gap through the balancer vs. a client calling the same backend directly.
 
-Usage: .venv/bin/python bench/core.py [--requests N] [--jobs N]
+Usage: .venv/bin/python -m bench.core [--requests N] [--jobs N]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,18 +25,23 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from app.demo_backends import DemoBackendState, automatic1111_app, serve_on_loopback  # noqa: E402
-from tests.processes import ServerProcess  # noqa: E402
+from app.demo_backends import DemoBackendState, automatic1111_app, serve_on_loopback
+from bench.processes import ServerProcess
 
 KEY = "bench-key"
 
 
 def request(prompt: str) -> str:
-    return json.dumps({"message_type": "request", "executor": "automatic1111", "gen_type": "text2img",
-                       "settings": {"premium": 0}, "service_info": {"user_id": 1},
-                       "payload": {"prompt": prompt, "steps": 20}})
+    return json.dumps(
+        {
+            "message_type": "request",
+            "executor": "automatic1111",
+            "gen_type": "text2img",
+            "settings": {"premium": 0},
+            "service_info": {"user_id": 1},
+            "payload": {"prompt": prompt, "steps": 20},
+        }
+    )
 
 
 async def start_backend(state: DemoBackendState) -> tuple[web.AppRunner, str]:
@@ -45,6 +50,7 @@ async def start_backend(state: DemoBackendState) -> tuple[web.AppRunner, str]:
 
 def free_port() -> int:
     import socket
+
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -53,10 +59,20 @@ def free_port() -> int:
 def demo_server(workdir: Path, database: Path, **env: str) -> ServerProcess:
     """`python -m app` in TEST_MODE (demo backends) on a free port, data under `workdir`; not
     started yet. `env` adds or overrides settings."""
-    return ServerProcess({
-        "TEST_MODE": "1", "SERVICES": "", "API_HOST": "127.0.0.1", "API_PORT": str(free_port()),
-        "DATABASE_PATH": str(database), "IMAGES_PATH": str(workdir / "images"),
-        "LOGGING_LEVEL": "WARNING", **env}, workdir / "server.log", cwd=workdir)
+    return ServerProcess(
+        {
+            "TEST_MODE": "1",
+            "SERVICES": "",
+            "API_HOST": "127.0.0.1",
+            "API_PORT": str(free_port()),
+            "DATABASE_PATH": str(database),
+            "IMAGES_PATH": str(workdir / "images"),
+            "LOGGING_LEVEL": "WARNING",
+            **env,
+        },
+        workdir / "server.log",
+        cwd=workdir,
+    )
 
 
 def memory_mb(pid: int, field: str = "VmRSS") -> float:
@@ -69,12 +85,21 @@ def memory_mb(pid: int, field: str = "VmRSS") -> float:
 
 async def start_server(folder: Path, backend_url: str, **env: str) -> ServerProcess:
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "executors.json").write_text(json.dumps([
-        {"name": "gpu", "exec_type": "automatic1111", "endpoint": backend_url, "timeout": 60}]))
-    server = ServerProcess({
-        "API_PORT": str(free_port()), "SERVICES": f"bench:{KEY}", "LOGGING_LEVEL": "WARNING",
-        "DATABASE_PATH": str(folder / "db.sqlite3"), "EXECUTORS_FILE": str(folder / "executors.json"),
-        "IMAGES_PATH": str(folder / "images"), **env}, folder / "server.log")
+    (folder / "executors.json").write_text(
+        json.dumps([{"name": "gpu", "exec_type": "automatic1111", "endpoint": backend_url, "timeout": 60}])
+    )
+    server = ServerProcess(
+        {
+            "API_PORT": str(free_port()),
+            "SERVICES": f"bench:{KEY}",
+            "LOGGING_LEVEL": "WARNING",
+            "DATABASE_PATH": str(folder / "db.sqlite3"),
+            "EXECUTORS_FILE": str(folder / "executors.json"),
+            "IMAGES_PATH": str(folder / "images"),
+            **env,
+        },
+        folder / "server.log",
+    )
     await server.start()
     return server
 
@@ -88,8 +113,9 @@ async def accept_rate(folder: Path, count: int, pipelined: bool, **env: str) -> 
     server = await start_server(folder, url, **env)
     try:
         async with aiohttp.ClientSession() as session:
-            async with session.ws_connect(f"{server.base_url}/ws/bench",
-                                          headers={"authorization": KEY, "service": "bench"}) as ws:
+            async with session.ws_connect(
+                f"{server.base_url}/ws/bench", headers={"authorization": KEY, "service": "bench"}
+            ) as ws:
                 started = time.perf_counter()
                 if pipelined:
                     sender = asyncio.create_task(_send_all(ws, count))
@@ -124,7 +150,7 @@ async def _await_queued(ws: aiohttp.ClientWebSocketResponse, count: int) -> None
 
 def gaps_ms(state: DemoBackendState) -> list[float]:
     calls = state.received
-    return [(later.started_at - earlier.finished_at) * 1000 for earlier, later in zip(calls, calls[1:])]
+    return [(later.started_at - earlier.finished_at) * 1000 for earlier, later in itertools.pairwise(calls)]
 
 
 def summary(values: list[float]) -> str:
@@ -141,8 +167,9 @@ async def dispatch_gaps(folder: Path, jobs: int) -> list[float]:
     server = await start_server(folder, url, SAVE_IMAGES_LOCALLY="1")
     try:
         async with aiohttp.ClientSession() as session:
-            async with session.ws_connect(f"{server.base_url}/ws/bench",
-                                          headers={"authorization": KEY, "service": "bench"}) as ws:
+            async with session.ws_connect(
+                f"{server.base_url}/ws/bench", headers={"authorization": KEY, "service": "bench"}
+            ) as ws:
                 await _send_all(ws, jobs)
                 await _await_queued(ws, jobs)
                 state.gate.set()
@@ -163,8 +190,9 @@ async def direct_gaps(jobs: int) -> list[float]:
     try:
         async with aiohttp.ClientSession() as session:
             for index in range(jobs):
-                async with session.post(f"{url}/sdapi/v1/txt2img",
-                                        data=json.dumps({"prompt": f"r{index}", "steps": 20})) as response:
+                async with session.post(
+                    f"{url}/sdapi/v1/txt2img", data=json.dumps({"prompt": f"r{index}", "steps": 20})
+                ) as response:
                     await response.read()
     finally:
         await runner.cleanup()
@@ -178,18 +206,24 @@ async def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        print(f"accepted requests/s over one websocket, {args.requests} requests, durability on "
-              "(each committed before its `queued`)")
+        print(
+            f"accepted requests/s over one websocket, {args.requests} requests, durability on "
+            "(each committed before its `queued`)"
+        )
         grouped = await accept_rate(root / "grouped", args.requests, pipelined=True)
         print(f"  pipelined, group commit (STORE_BATCH_ROWS=128): {grouped:8.0f} req/s")
         single = await accept_rate(root / "single", args.requests, pipelined=True, STORE_BATCH_ROWS="1")
-        print(f"  pipelined, one commit each (STORE_BATCH_ROWS=1): {single:8.0f} req/s   "
-              f"(group commit x{grouped / single:.1f})")
+        print(
+            f"  pipelined, one commit each (STORE_BATCH_ROWS=1): {single:8.0f} req/s   "
+            f"(group commit x{grouped / single:.1f})"
+        )
         sequential = await accept_rate(root / "sequential", min(args.requests, 1000), pipelined=False)
         print(f"  one at a time (send, wait for queued):          {sequential:8.0f} req/s")
 
-        print(f"\ngap between a backend's response and its next request, backlog of {args.jobs} "
-              "jobs on one instant backend")
+        print(
+            f"\ngap between a backend's response and its next request, backlog of {args.jobs} "
+            "jobs on one instant backend"
+        )
         balancer = await dispatch_gaps(root / "gaps", args.jobs)
         print(f"  through the balancer:          {summary(balancer)}")
         baseline = await direct_gaps(args.jobs)

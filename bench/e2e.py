@@ -3,7 +3,7 @@ commit -> dispatch -> instant backend -> image stored -> `ok` delivered), with 8
 AUTOMATIC1111 test backends, beside huey running no-op tasks (bench/huey_peer.py) in the
 same run. Repeats interleaved; min / median / max.
 
-Usage: .venv/bin/python bench/e2e.py [--jobs N] [--repeats N]
+Usage: .venv/bin/python -m bench.e2e [--jobs N] [--repeats N]
 """
 
 from __future__ import annotations
@@ -20,11 +20,9 @@ from pathlib import Path
 
 import aiohttp
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from app.demo_backends import DemoBackendState, automatic1111_app, serve_on_loopback  # noqa: E402
-from bench.core import KEY, free_port  # noqa: E402
-from tests.processes import ServerProcess  # noqa: E402
+from app.demo_backends import DemoBackendState, automatic1111_app, serve_on_loopback
+from bench.core import KEY, free_port
+from bench.processes import ServerProcess
 
 BACKENDS = 8
 
@@ -37,18 +35,36 @@ async def balancer_rate(folder: Path, jobs: int) -> float:
         runners.append(runner)
         specs.append({"name": f"gpu{number}", "exec_type": "automatic1111", "endpoint": url, "timeout": 60})
     (folder / "executors.json").write_text(json.dumps(specs))
-    server = ServerProcess({
-        "API_PORT": str(free_port()), "SERVICES": f"bench:{KEY}", "LOGGING_LEVEL": "WARNING",
-        "DATABASE_PATH": str(folder / "db.sqlite3"), "EXECUTORS_FILE": str(folder / "executors.json"),
-        "IMAGES_PATH": str(folder / "images")}, folder / "server.log")
+    server = ServerProcess(
+        {
+            "API_PORT": str(free_port()),
+            "SERVICES": f"bench:{KEY}",
+            "LOGGING_LEVEL": "WARNING",
+            "DATABASE_PATH": str(folder / "db.sqlite3"),
+            "EXECUTORS_FILE": str(folder / "executors.json"),
+            "IMAGES_PATH": str(folder / "images"),
+        },
+        folder / "server.log",
+    )
     await server.start()
-    texts = [json.dumps({"message_type": "request", "executor": "automatic1111", "gen_type": "text2img",
-                         "settings": {}, "service_info": {"user_id": n}, "payload": {"prompt": f"p{n}", "steps": 1, "width": 64, "height": 64}})
-             for n in range(jobs)]
+    texts = [
+        json.dumps(
+            {
+                "message_type": "request",
+                "executor": "automatic1111",
+                "gen_type": "text2img",
+                "settings": {},
+                "service_info": {"user_id": n},
+                "payload": {"prompt": f"p{n}", "steps": 1, "width": 64, "height": 64},
+            }
+        )
+        for n in range(jobs)
+    ]
     try:
         async with aiohttp.ClientSession() as session:
-            async with session.ws_connect(f"{server.base_url}/ws/bench", max_msg_size=0,
-                                          headers={"authorization": KEY, "service": "bench"}) as ws:
+            async with session.ws_connect(
+                f"{server.base_url}/ws/bench", max_msg_size=0, headers={"authorization": KEY, "service": "bench"}
+            ) as ws:
                 started = time.perf_counter()
 
                 async def send() -> None:
@@ -71,9 +87,13 @@ async def balancer_rate(folder: Path, jobs: int) -> float:
 
 def huey_rate(folder: Path, jobs: int) -> float | None:
     try:
-        out = subprocess.run([sys.executable, str(Path(__file__).with_name("huey_peer.py")),
-                              str(folder / "huey.sqlite3"), str(jobs)], capture_output=True, text=True,
-                             timeout=300, check=True)
+        out = subprocess.run(
+            [sys.executable, str(Path(__file__).with_name("huey_peer.py")), str(folder / "huey.sqlite3"), str(jobs)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=True,
+        )
     except (subprocess.CalledProcessError, FileNotFoundError):
         return None  # huey is not installed (pip install -r bench/requirements.txt)
     return float(out.stdout.split()[1])
@@ -92,9 +112,13 @@ async def main() -> None:
             if rate is not None:
                 peer.append(rate)
     print(f"no-op jobs per second, {args.jobs} jobs, {args.repeats} repeats (min / median / max)")
-    print(f"  this server, {BACKENDS} instant backends: {min(ours):6.0f} / {statistics.median(ours):6.0f} / {max(ours):6.0f}")
+    print(
+        f"  this server, {BACKENDS} instant backends: {min(ours):6.0f} / {statistics.median(ours):6.0f} / {max(ours):6.0f}"
+    )
     if peer:
-        print(f"  huey, 1 worker, no-op task:       {min(peer):6.0f} / {statistics.median(peer):6.0f} / {max(peer):6.0f}")
+        print(
+            f"  huey, 1 worker, no-op task:       {min(peer):6.0f} / {statistics.median(peer):6.0f} / {max(peer):6.0f}"
+        )
     else:
         print("  huey: not installed (pip install -r bench/requirements.txt)")
 

@@ -5,7 +5,7 @@ Prints frames sent, answers by kind, frames left unanswered, whether the server 
 survived, ERROR lines in its log, and its RSS before and after (with the RSS of a server that
 was sent only valid requests in the same number, as the baseline).
 
-Usage: .venv/bin/python bench/fuzz.py [--frames 40000] [--connections 4] [--seed 1]
+Usage: .venv/bin/python -m bench.fuzz [--frames 40000] [--connections 4] [--seed 1]
 """
 
 from __future__ import annotations
@@ -13,19 +13,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import aiohttp
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.core import demo_server, memory_mb  # noqa: E402
-from tests.bots import Bot  # noqa: E402
-from tests.fuzz_frames import BASE_REQUESTS, fuzz_frames  # noqa: E402
-from tests.test_fuzz import answer_to_frame  # noqa: E402
+from bench.bots import Bot
+from bench.core import demo_server, memory_mb
+from bench.fuzz_frames import BASE_REQUESTS, answer_to_frame, fuzz_frames
 
 HEADERS = {"authorization": "demo-key", "service": "test"}
 
@@ -42,8 +38,7 @@ async def run(frames: list[str], connections: int, workdir: Path) -> dict:
     async def connection(share: list[str]) -> None:
         nonlocal unanswered
         async with aiohttp.ClientSession() as session:
-            bot = Bot(await session.ws_connect(f"{server.base_url}/ws/test", headers=HEADERS,
-                                               max_msg_size=0))
+            bot = Bot(await session.ws_connect(f"{server.base_url}/ws/test", headers=HEADERS, max_msg_size=0))
             queued: set[str] = set()
             for frame in share:
                 await bot.send(frame)
@@ -61,8 +56,15 @@ async def run(frames: list[str], connections: int, workdir: Path) -> dict:
     rss_after = memory_mb(pid) if alive else float("nan")
     await server.stop()
     errors = [line for line in server.log().splitlines() if " ERROR " in line or "Traceback" in line]
-    return {"kinds": kinds, "unanswered": unanswered, "alive": alive, "errors": errors,
-            "rss_before": rss_before, "rss_after": rss_after, "seconds": elapsed}
+    return {
+        "kinds": kinds,
+        "unanswered": unanswered,
+        "alive": alive,
+        "errors": errors,
+        "rss_before": rss_before,
+        "rss_after": rss_after,
+        "seconds": elapsed,
+    }
 
 
 def main() -> None:
@@ -72,15 +74,18 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
     import json
+
     fuzzed = list(fuzz_frames(args.seed, args.frames))
     valid = [json.dumps(BASE_REQUESTS[n % 4]) for n in range(args.frames)]
     for label, frames in (("fuzzed", fuzzed), ("valid only (baseline)", valid)):
         with tempfile.TemporaryDirectory() as folder:
             outcome = asyncio.run(run(frames, args.connections, Path(folder)))
-        print(f"{label}: {len(frames)} frames in {outcome['seconds']:.0f} s, "
-              f"answered {sum(outcome['kinds'].values())}, unanswered {outcome['unanswered']}, "
-              f"server alive: {outcome['alive']}, ERROR/traceback lines: {len(outcome['errors'])}, "
-              f"RSS {outcome['rss_before']:.0f} -> {outcome['rss_after']:.0f} MB")
+        print(
+            f"{label}: {len(frames)} frames in {outcome['seconds']:.0f} s, "
+            f"answered {sum(outcome['kinds'].values())}, unanswered {outcome['unanswered']}, "
+            f"server alive: {outcome['alive']}, ERROR/traceback lines: {len(outcome['errors'])}, "
+            f"RSS {outcome['rss_before']:.0f} -> {outcome['rss_after']:.0f} MB"
+        )
         print(f"  answers: {dict(outcome['kinds'].most_common())}")
         for line in outcome["errors"][:5]:
             print(f"  {line}")

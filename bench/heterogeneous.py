@@ -5,7 +5,7 @@ speed-blind "first free backend" schedule of the same jobs, plus each backend's 
 The backends learn nothing from the executors file (no `speed` hint): the balancer has to
 learn their speeds from their first jobs.
 
-Usage: .venv/bin/python bench/heterogeneous.py [--jobs N] [--seconds S]
+Usage: .venv/bin/python -m bench.heterogeneous [--jobs N] [--seconds S]
 """
 
 from __future__ import annotations
@@ -15,29 +15,32 @@ import asyncio
 import heapq
 import json
 import random
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import aiohttp
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from app.costs import payload_cost_units  # noqa: E402
-from app.demo_backends import DemoBackendState, automatic1111_app, serve_on_loopback  # noqa: E402
-from app.jobs import ExecutorType, GenType  # noqa: E402
-from bench.core import KEY, free_port  # noqa: E402
-from tests.processes import ServerProcess  # noqa: E402
+from app.costs import payload_cost_units
+from app.demo_backends import DemoBackendState, automatic1111_app, serve_on_loopback
+from app.jobs import ExecutorType, GenType
+from bench.core import KEY, free_port
+from bench.processes import ServerProcess
 
 SPEEDS = {"gpu-1x-a": 1.0, "gpu-1x-b": 1.0, "gpu-2x": 2.0, "gpu-4x": 4.0}
 
 
 def mixed_jobs(count: int, seed: int = 7) -> list[dict]:
     rng = random.Random(seed)
-    return [{"prompt": f"job {i}", "steps": rng.choice([10, 20, 30, 50]),
-             "width": rng.choice([256, 512, 768]), "height": rng.choice([256, 512, 768])}
-            for i in range(count)]
+    return [
+        {
+            "prompt": f"job {i}",
+            "steps": rng.choice([10, 20, 30, 50]),
+            "width": rng.choice([256, 512, 768]),
+            "height": rng.choice([256, 512, 768]),
+        }
+        for i in range(count)
+    ]
 
 
 def cost(payload: dict) -> float:
@@ -73,26 +76,40 @@ async def main() -> None:
         runner, endpoint = await serve_on_loopback(automatic1111_app(state))
         runners.append(runner)
         states[name] = state
-        entries.append({"name": name, "exec_type": "automatic1111", "gpu": "unknown",
-                        "endpoint": endpoint})
+        entries.append({"name": name, "exec_type": "automatic1111", "gpu": "unknown", "endpoint": endpoint})
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         (folder / "executors.json").write_text(json.dumps(entries))
-        server = ServerProcess({
-            "API_PORT": str(free_port()), "SERVICES": f"bench:{KEY}", "LOGGING_LEVEL": "WARNING",
-            "DATABASE_PATH": str(folder / "db.sqlite3"), "EXECUTORS_FILE": str(folder / "executors.json"),
-            "SAVE_IMAGES_LOCALLY": "0", "PROGRESS_INTERVAL_S": "0"}, folder / "server.log")
+        server = ServerProcess(
+            {
+                "API_PORT": str(free_port()),
+                "SERVICES": f"bench:{KEY}",
+                "LOGGING_LEVEL": "WARNING",
+                "DATABASE_PATH": str(folder / "db.sqlite3"),
+                "EXECUTORS_FILE": str(folder / "executors.json"),
+                "SAVE_IMAGES_LOCALLY": "0",
+                "PROGRESS_INTERVAL_S": "0",
+            },
+            folder / "server.log",
+        )
         await server.start()
         try:
             async with aiohttp.ClientSession() as session:
-                async with session.ws_connect(f"{server.base_url}/ws/bench",
-                                              headers={"authorization": KEY, "service": "bench"},
-                                              max_msg_size=0) as ws:
+                async with session.ws_connect(
+                    f"{server.base_url}/ws/bench", headers={"authorization": KEY, "service": "bench"}, max_msg_size=0
+                ) as ws:
                     for job in jobs:
-                        await ws.send_json({"message_type": "request", "executor": "automatic1111",
-                                            "gen_type": "text2img", "settings": {},
-                                            "service_info": {"user_id": 1}, "payload": job})
+                        await ws.send_json(
+                            {
+                                "message_type": "request",
+                                "executor": "automatic1111",
+                                "gen_type": "text2img",
+                                "settings": {},
+                                "service_info": {"user_id": 1},
+                                "payload": job,
+                            }
+                        )
                     queued = 0
                     while queued < len(jobs):
                         queued += json.loads((await ws.receive()).data).get("gen_status") == "queued"
@@ -113,8 +130,7 @@ async def main() -> None:
     calls = [call for state in states.values() for call in state.received]
     makespan = max(call.finished_at for call in calls) - released
     ideal = total_units / (base_units_per_s * sum(SPEEDS.values()))
-    blind = first_free_makespan([cost(job) for job in jobs],
-                                [base_units_per_s * factor for factor in SPEEDS.values()])
+    blind = first_free_makespan([cost(job) for job in jobs], [base_units_per_s * factor for factor in SPEEDS.values()])
     print(f"{len(jobs)} mixed jobs on 4 backends (1x, 1x, 2x, 4x), speeds learned, not hinted")
     print(f"  ideal makespan (work / total speed):     {ideal:6.2f} s")
     print(f"  balancer makespan (measured):            {makespan:6.2f} s   ({makespan / ideal:.3f} x ideal)")

@@ -8,7 +8,7 @@ machine hits every contestant. Printed per figure: min / median / max over the r
 --profile (needs py-spy), one extra run of this server is sampled and its hottest functions
 printed.
 
-Usage: .venv/bin/python bench/intake.py [--requests N] [--images N] [--repeats N] [--profile]
+Usage: .venv/bin/python -m bench.intake [--requests N] [--images N] [--repeats N] [--profile]
 """
 
 from __future__ import annotations
@@ -29,10 +29,8 @@ from pathlib import Path
 
 import aiohttp
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from app.demo_backends import DemoBackendState  # noqa: E402
-from bench.core import KEY, free_port, start_backend, start_server  # noqa: E402
+from app.demo_backends import DemoBackendState
+from bench.core import KEY, free_port, start_backend, start_server
 
 PEER_SCRIPT = Path(__file__).with_name("peer_server.py")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -40,13 +38,26 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 def request_text(index: int, image: str | None = None) -> str:
     if image is not None:
-        return json.dumps({"message_type": "request", "executor": "automatic1111", "gen_type": "img2img",
-                           "settings": {}, "service_info": {"user_id": index % 97},
-                           "payload": {"prompt": f"the same, at night {index}", "init_images": [image]}})
-    return json.dumps({"message_type": "request", "executor": "automatic1111", "gen_type": "text2img",
-                       "settings": {"premium": 0}, "service_info": {"user_id": index % 97, "chat_id": 5},
-                       "payload": {"prompt": f"a lighthouse at dusk, number {index}", "steps": 20,
-                                   "width": 512, "height": 512}})
+        return json.dumps(
+            {
+                "message_type": "request",
+                "executor": "automatic1111",
+                "gen_type": "img2img",
+                "settings": {},
+                "service_info": {"user_id": index % 97},
+                "payload": {"prompt": f"the same, at night {index}", "init_images": [image]},
+            }
+        )
+    return json.dumps(
+        {
+            "message_type": "request",
+            "executor": "automatic1111",
+            "gen_type": "text2img",
+            "settings": {"premium": 0},
+            "service_info": {"user_id": index % 97, "chat_id": 5},
+            "payload": {"prompt": f"a lighthouse at dusk, number {index}", "steps": 20, "width": 512, "height": 512},
+        }
+    )
 
 
 def cpu_seconds(pid: int) -> float:
@@ -67,14 +78,17 @@ async def drive(base_url: str, pid: int, connections: int, total: int, image: st
     texts = [request_text(index, image) for index in range(per_connection * connections)]
     headers = {"authorization": KEY, "service": "bench"}
     async with aiohttp.ClientSession() as session:
-        sockets = [await session.ws_connect(f"{base_url}/ws/bench", headers=headers, max_msg_size=0)
-                   for _ in range(connections)]
+        sockets = [
+            await session.ws_connect(f"{base_url}/ws/bench", headers=headers, max_msg_size=0)
+            for _ in range(connections)
+        ]
         cpu_before, started = cpu_seconds(pid), time.perf_counter()
 
         async def one(ws: aiohttp.ClientWebSocketResponse, share: list[str]) -> None:
             async def send() -> None:
                 for text in share:
                     await ws.send_str(text)
+
             sender = asyncio.create_task(send())
             seen = 0
             try:
@@ -98,8 +112,9 @@ async def drive(base_url: str, pid: int, connections: int, total: int, image: st
 class PeerProcess:
     def __init__(self, mode: str, folder: Path) -> None:
         self.port = free_port()
-        self.process = subprocess.Popen([sys.executable, str(PEER_SCRIPT), mode, str(self.port),
-                                         str(folder / "peer.sqlite3")])
+        self.process = subprocess.Popen(
+            [sys.executable, str(PEER_SCRIPT), mode, str(self.port), str(folder / "peer.sqlite3")]
+        )
         self.base_url = f"http://127.0.0.1:{self.port}"
 
     async def ready(self) -> None:
@@ -117,17 +132,31 @@ class PeerProcess:
         self.process.wait()
 
 
-async def run_ours(folder: Path, connections: int, total: int, profile_to: Path | None = None,
-                   image: str | None = None) -> tuple[float, float]:
+async def run_ours(
+    folder: Path, connections: int, total: int, profile_to: Path | None = None, image: str | None = None
+) -> tuple[float, float]:
     state = DemoBackendState()
     state.gate.clear()  # the backend holds every job: only intake is measured
     runner, url = await start_backend(state)
     server = await start_server(folder, url)
     spy = None
     if profile_to is not None:
-        spy = subprocess.Popen(["py-spy", "record", "--format", "raw", "--rate", "250", "-o", str(profile_to),
-                                "--pid", str(server.process.pid)], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+        spy = subprocess.Popen(
+            [
+                "py-spy",
+                "record",
+                "--format",
+                "raw",
+                "--rate",
+                "250",
+                "-o",
+                str(profile_to),
+                "--pid",
+                str(server.process.pid),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         await asyncio.sleep(1.0)
     try:
         return await drive(server.base_url, server.process.pid, connections, total, image)
@@ -140,8 +169,9 @@ async def run_ours(folder: Path, connections: int, total: int, profile_to: Path 
         await runner.cleanup()
 
 
-async def run_peer(mode: str, folder: Path, connections: int, total: int,
-                   image: str | None = None) -> tuple[float, float]:
+async def run_peer(
+    mode: str, folder: Path, connections: int, total: int, image: str | None = None
+) -> tuple[float, float]:
     folder.mkdir(parents=True, exist_ok=True)
     peer = PeerProcess(mode, folder)
     try:
@@ -152,7 +182,7 @@ async def run_peer(mode: str, folder: Path, connections: int, total: int,
 
 
 def spread(values: list[float], unit: str) -> str:
-    return (f"{min(values):7.0f} / {statistics.median(values):7.0f} / {max(values):7.0f} {unit}")
+    return f"{min(values):7.0f} / {statistics.median(values):7.0f} / {max(values):7.0f} {unit}"
 
 
 def hottest(profile: Path, top: int = 12) -> list[str]:
@@ -177,10 +207,11 @@ async def main() -> None:
     args = parser.parse_args()
     contestants = {"this server": None, "peer naive": "naive", "peer group-commit": "group"}
     image = megabyte_image()
-    figures = {"small1": (f"{args.requests} small durable accepts over 1 connection", 1, args.requests, None),
-               "small50": (f"{args.requests} small durable accepts over 50 connections", 50, args.requests, None),
-               "images": (f"{args.images} img2img requests of a 1 MB image each, over 4 connections", 4,
-                          args.images, image)}
+    figures = {
+        "small1": (f"{args.requests} small durable accepts over 1 connection", 1, args.requests, None),
+        "small50": (f"{args.requests} small durable accepts over 50 connections", 50, args.requests, None),
+        "images": (f"{args.images} img2img requests of a 1 MB image each, over 4 connections", 4, args.images, image),
+    }
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         for number, name in enumerate(args.figures.split(",")):

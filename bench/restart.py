@@ -5,7 +5,7 @@ M queued small requests in its database.
 Beside each: the baseline in the same run, the time and peak memory it takes just to read and
 parse every queued row whole (what a queue rebuild that loads payloads costs).
 
-Usage: .venv/bin/python bench/restart.py [--images 2000] [--small 100000]
+Usage: .venv/bin/python -m bench.restart [--images 2000] [--small 100000]
 """
 
 from __future__ import annotations
@@ -22,13 +22,11 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from app.costs import payload_cost_units  # noqa: E402
-from app.ids import new_object_id  # noqa: E402
-from app.jobs import LARGE_PAYLOAD_CHARS, ExecutorType, GenType  # noqa: E402
-from app.store import Store  # noqa: E402
-from bench.core import demo_server, memory_mb  # noqa: E402
+from app.costs import payload_cost_units
+from app.ids import new_object_id
+from app.jobs import LARGE_PAYLOAD_CHARS, ExecutorType, GenType
+from app.store import Store
+from bench.core import demo_server, memory_mb
 
 PNG_HEAD = b"\x89PNG\r\n\x1a\n"
 
@@ -54,9 +52,21 @@ def fill(path: Path, count: int, image_bytes: int) -> None:
             text = json.dumps(payload)
             object_id = new_object_id()
             separate = len(text) >= LARGE_PAYLOAD_CHARS  # where Store.add keeps it
-            rows.append((object_id, "test", "automatic1111", gen_type.value, json.dumps({}),
-                         json.dumps({"user_id": n}), "" if separate else text, now, 1,
-                         payload_cost_units(ExecutorType.AUTOMATIC1111, gen_type, payload), len(text)))
+            rows.append(
+                (
+                    object_id,
+                    "test",
+                    "automatic1111",
+                    gen_type.value,
+                    json.dumps({}),
+                    json.dumps({"user_id": n}),
+                    "" if separate else text,
+                    now,
+                    1,
+                    payload_cost_units(ExecutorType.AUTOMATIC1111, gen_type, payload),
+                    len(text),
+                )
+            )
             if separate:
                 payloads.append((object_id, text))
             if len(rows) == 500:
@@ -66,9 +76,12 @@ def fill(path: Path, count: int, image_bytes: int) -> None:
 
 
 def _insert(db: sqlite3.Connection, rows: list[tuple], payloads: list[tuple]) -> None:
-    db.executemany("INSERT INTO requests (object_id, service, executor, gen_type, settings, service_info,"
-                   " payload, status, created_at, revision, cost_units, payload_chars)"
-                   " VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?)", rows)
+    db.executemany(
+        "INSERT INTO requests (object_id, service, executor, gen_type, settings, service_info,"
+        " payload, status, created_at, revision, cost_units, payload_chars)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
+        rows,
+    )
     db.executemany("INSERT INTO payloads (object_id, payload) VALUES (?, ?)", payloads)
     db.commit()
 
@@ -87,14 +100,16 @@ async def restart(path: Path, workdir: Path) -> tuple[float, float]:
 
 def read_everything(path: Path) -> tuple[float, float]:
     """Baseline: read and parse every queued row whole, in a child process (its own peak RSS)."""
-    code = ("import json, sqlite3, sys, time\n"
-            "t = time.monotonic(); db = sqlite3.connect(sys.argv[1])\n"
-            "sql = \"SELECT r.*, coalesce(p.payload, r.payload) AS whole FROM requests r LEFT JOIN payloads p"
-            " USING (object_id) WHERE status = 'queued'\"\n"
-            "rows = [{k: (json.loads(v) if k == 'whole' else v) for k, v in zip([c[0] for c in cur.description], r)}"
-            " for cur in [db.execute(sql)] for r in cur]\n"
-            "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')][0].split()[1]\n"
-            "print(time.monotonic() - t, int(hwm) / 1024)\n")
+    code = (
+        "import json, sqlite3, sys, time\n"
+        "t = time.monotonic(); db = sqlite3.connect(sys.argv[1])\n"
+        'sql = "SELECT r.*, coalesce(p.payload, r.payload) AS whole FROM requests r LEFT JOIN payloads p'
+        " USING (object_id) WHERE status = 'queued'\"\n"
+        "rows = [{k: (json.loads(v) if k == 'whole' else v) for k, v in zip([c[0] for c in cur.description], r)}"
+        " for cur in [db.execute(sql)] for r in cur]\n"
+        "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')][0].split()[1]\n"
+        "print(time.monotonic() - t, int(hwm) / 1024)\n"
+    )
     out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True)
     seconds, peak = out.stdout.split()
     return float(seconds), float(peak)
@@ -105,9 +120,11 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=2000, help="queued 1 MB img2img requests")
     parser.add_argument("--small", type=int, default=100_000, help="queued small requests")
     args = parser.parse_args()
-    for label, count, size in (("empty queue (process start-up alone)", 0, 0),
-                               (f"{args.images} x 1 MB img2img", args.images, 1_000_000),
-                               (f"{args.small} small", args.small, 0)):
+    for label, count, size in (
+        ("empty queue (process start-up alone)", 0, 0),
+        (f"{args.images} x 1 MB img2img", args.images, 1_000_000),
+        (f"{args.small} small", args.small, 0),
+    ):
         with tempfile.TemporaryDirectory() as folder:
             workdir = Path(folder)
             path = workdir / "backlog.sqlite3"
@@ -115,8 +132,10 @@ def main() -> None:
             fill(path, count, size)
             ready_s, peak_mb = asyncio.run(restart(path, workdir))
             base_s, base_mb = read_everything(path)
-            print(f"{label}: ready in {ready_s:.2f} s, peak RSS {peak_mb:.0f} MB | baseline, reading every "
-                  f"queued row whole: {base_s:.2f} s, peak RSS {base_mb:.0f} MB")
+            print(
+                f"{label}: ready in {ready_s:.2f} s, peak RSS {peak_mb:.0f} MB | baseline, reading every "
+                f"queued row whole: {base_s:.2f} s, peak RSS {base_mb:.0f} MB"
+            )
 
 
 if __name__ == "__main__":

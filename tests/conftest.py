@@ -16,7 +16,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from app.config import Config
 from app.demo_backends import DemoBackendState, automatic1111_app, kandinsky_app
 from app.main import create_app
-from tests.bots import Bot
+from bench.bots import Bot
 from tests.mirror_servers import MongoServer, S3Server
 
 SERVICE_KEYS = {"telegram": "tg-key", "discord": "dc-key", "test": "test-key"}
@@ -25,7 +25,7 @@ KANDINSKY_TOKEN = "kandinsky-token"
 
 @dataclass
 class RunningBackend:
-    """A test GPU server speaking a real BACKENDS.md contract on a loopback port."""
+    """A test GPU server speaking a real backend contract (docs/backends.md) on a loopback port."""
 
     name: str
     exec_type: str
@@ -37,8 +37,15 @@ class RunningBackend:
     def entry(self, **extra: Any) -> dict[str, Any]:
         """Its EXECUTORS_FILE entry, in the original's format."""
         endpoint = f"{self.url}/sdapi/v1" if self.exec_type == "automatic1111" else self.url
-        return {"name": self.name, "gpu": "test", "timeout": 30, "model": "test",
-                "exec_type": self.exec_type, "endpoint": endpoint, **extra}
+        return {
+            "name": self.name,
+            "gpu": "test",
+            "timeout": 30,
+            "model": "test",
+            "exec_type": self.exec_type,
+            "endpoint": endpoint,
+            **extra,
+        }
 
     async def stop(self) -> None:
         """Close the port: connections are refused, as when the GPU box is off."""
@@ -53,8 +60,9 @@ def start_backend(aiohttp_server, unused_tcp_port_factory) -> Callable[..., Awai
     """start_backend("automatic1111", delay_s=0.1) -> a running test backend."""
     counter = {"n": 0}
 
-    async def start(exec_type: str, *, delay_s: float = 0.0, units_per_s: float | None = None,
-                    name: str | None = None) -> RunningBackend:
+    async def start(
+        exec_type: str, *, delay_s: float = 0.0, units_per_s: float | None = None, name: str | None = None
+    ) -> RunningBackend:
         counter["n"] += 1
         state = DemoBackendState(delay_s=delay_s, units_per_s=units_per_s, api_token=KANDINSKY_TOKEN)
         make_app = automatic1111_app if exec_type == "automatic1111" else kandinsky_app
@@ -63,8 +71,9 @@ def start_backend(aiohttp_server, unused_tcp_port_factory) -> Callable[..., Awai
         async def serve() -> TestServer:
             return await aiohttp_server(make_app(state), host="127.0.0.1", port=port)
 
-        return RunningBackend(name or f"{exec_type}-{counter['n']}", exec_type,
-                              f"http://127.0.0.1:{port}", state, await serve(), serve)
+        return RunningBackend(
+            name or f"{exec_type}-{counter['n']}", exec_type, f"http://127.0.0.1:{port}", state, await serve(), serve
+        )
 
     return start
 
@@ -105,11 +114,10 @@ class Balancer:
     client: TestClient
     app: web.Application
 
-    async def connect(self, service: str = "telegram", *, path: str | None = None,
-                      key: str | None = None) -> Bot:
+    async def connect(self, service: str = "telegram", *, path: str | None = None, key: str | None = None) -> Bot:
         ws = await self.client.ws_connect(
-            path or f"/ws/{service}",
-            headers={"authorization": key or SERVICE_KEYS[service], "service": service})
+            path or f"/ws/{service}", headers={"authorization": key or SERVICE_KEYS[service], "service": service}
+        )
         return Bot(ws)
 
 

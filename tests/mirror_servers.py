@@ -33,8 +33,12 @@ class S3Server:
         return f"http://127.0.0.1:{self.port}"
 
     def env(self) -> dict[str, str]:
-        return {"S3_ENDPOINT": self.endpoint, "S3_BUCKET_NAME": self.bucket,
-                "S3_IMAGE_ENDPOINT": IMAGE_ENDPOINT, **S3_KEYS}
+        return {
+            "S3_ENDPOINT": self.endpoint,
+            "S3_BUCKET_NAME": self.bucket,
+            "S3_IMAGE_ENDPOINT": IMAGE_ENDPOINT,
+            **S3_KEYS,
+        }
 
     async def start(self) -> None:
         self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
@@ -47,8 +51,12 @@ class S3Server:
 
     def client(self) -> Any:
         return aioboto3.Session().client(
-            "s3", endpoint_url=self.endpoint, region_name="us-east-1",
-            aws_access_key_id=S3_KEYS["S3_ACCESS_KEY"], aws_secret_access_key=S3_KEYS["S3_SECRET_KEY"])
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name="us-east-1",
+            aws_access_key_id=S3_KEYS["S3_ACCESS_KEY"],
+            aws_secret_access_key=S3_KEYS["S3_SECRET_KEY"],
+        )
 
     async def create_bucket(self) -> None:
         async with self.client() as s3:
@@ -62,8 +70,7 @@ class S3Server:
             for item in listing.get("Contents", []):
                 response = await s3.get_object(Bucket=self.bucket, Key=item["Key"])
                 async with response["Body"] as body:
-                    found[item["Key"]] = {"body": await body.read(),
-                                          "content_type": response["ContentType"]}
+                    found[item["Key"]] = {"body": await body.read(), "content_type": response["ContentType"]}
         return found
 
 

@@ -68,8 +68,9 @@ class MongoTestServer:
                     writer.write(self._frame(request_id, OP_MSG, struct.pack("<I", 0) + b"\x00" + bson.encode(reply)))
                 elif opcode == OP_QUERY:
                     reply = self._op_query(body)
-                    writer.write(self._frame(request_id, OP_REPLY,
-                                             struct.pack("<iqii", 0, 0, 0, 1) + bson.encode(reply)))
+                    writer.write(
+                        self._frame(request_id, OP_REPLY, struct.pack("<iqii", 0, 0, 0, 1) + bson.encode(reply))
+                    )
                 else:
                     break
                 await writer.drain()
@@ -91,11 +92,11 @@ class MongoTestServer:
             position += 1
             if kind == 0:
                 (size,) = struct.unpack_from("<i", body, position)
-                command.update(bson.decode(body[position:position + size]))
+                command.update(bson.decode(body[position : position + size]))
                 position += size
             else:  # kind 1: a document sequence, merged into the command under its name
                 (size,) = struct.unpack_from("<i", body, position)
-                section = body[position + 4:position + size]
+                section = body[position + 4 : position + size]
                 name, _, documents = section.partition(b"\x00")
                 command[name.decode()] = bson.decode_all(documents)
                 position += size
@@ -106,7 +107,7 @@ class MongoTestServer:
         name_end = body.index(b"\x00", position)
         position = name_end + 1 + 8  # collection name, skip, return
         (size,) = struct.unpack_from("<i", body, position)
-        return self._command(bson.decode(body[position:position + size]))
+        return self._command(bson.decode(body[position : position + size]))
 
     # -- commands -------------------------------------------------------------------------
 
@@ -115,19 +116,32 @@ class MongoTestServer:
         self.commands_seen.append(name)
         handler = getattr(self, f"_cmd_{name.lower()}", None)
         if handler is None:
-            return {"ok": 0.0, "errmsg": f"no such command: '{name}'", "code": COMMAND_NOT_FOUND,
-                    "codeName": "CommandNotFound"}
+            return {
+                "ok": 0.0,
+                "errmsg": f"no such command: '{name}'",
+                "code": COMMAND_NOT_FOUND,
+                "codeName": "CommandNotFound",
+            }
         try:
             return {**handler(command), "ok": 1.0}
         except Exception as exc:  # a bug here must answer, not hang the driver
             return {"ok": 0.0, "errmsg": f"test server: {exc!r}", "code": 1}
 
     def _hello(self, _: dict) -> dict:
-        return {"ismaster": True, "isWritablePrimary": True, "helloOk": True,
-                "maxBsonObjectSize": 16 * 1024 * 1024, "maxMessageSizeBytes": 48_000_000,
-                "maxWriteBatchSize": 100_000, "localTime": datetime.datetime.now(datetime.UTC),
-                "logicalSessionTimeoutMinutes": 30, "connectionId": 1,
-                "minWireVersion": 0, "maxWireVersion": 21, "readOnly": False}
+        return {
+            "ismaster": True,
+            "isWritablePrimary": True,
+            "helloOk": True,
+            "maxBsonObjectSize": 16 * 1024 * 1024,
+            "maxMessageSizeBytes": 48_000_000,
+            "maxWriteBatchSize": 100_000,
+            "localTime": datetime.datetime.now(datetime.UTC),
+            "logicalSessionTimeoutMinutes": 30,
+            "connectionId": 1,
+            "minWireVersion": 0,
+            "maxWireVersion": 21,
+            "readOnly": False,
+        }
 
     _cmd_hello = _cmd_ismaster = _hello
 
@@ -167,8 +181,11 @@ class MongoTestServer:
                 modified += changed
             if hits or not update.get("upsert"):
                 continue
-            new = {key: value for key, value in update["q"].items()
-                   if not key.startswith("$") and not isinstance(value, dict)}
+            new = {
+                key: value
+                for key, value in update["q"].items()
+                if not key.startswith("$") and not isinstance(value, dict)
+            }
             apply_update(new, update["u"], inserting=True)
             new.setdefault("_id", ObjectId())
             if new["_id"] in documents:
@@ -190,9 +207,9 @@ class MongoTestServer:
         found = [doc for doc in documents.values() if matches(doc, command.get("filter", {}))]
         for key, direction in reversed(list(command.get("sort", {}).items())):
             found.sort(key=lambda doc: _sortable(doc.get(key)), reverse=direction < 0)
-        found = found[command.get("skip", 0):]
+        found = found[command.get("skip", 0) :]
         if command.get("limit"):
-            found = found[:abs(command["limit"])]
+            found = found[: abs(command["limit"])]
         return {"cursor": {"firstBatch": found, "id": 0, "ns": f"{command['$db']}.{command['find']}"}}
 
     def _cmd_delete(self, command: dict) -> dict:
@@ -209,7 +226,7 @@ class MongoTestServer:
         """Enough of aggregate for count_documents: $match, $skip, $limit, $group with $sum."""
         documents = list(self.collection(command["$db"], command["aggregate"]).values())
         for stage in command.get("pipeline", []):
-            (operator, argument), = stage.items()
+            ((operator, argument),) = stage.items()
             if operator == "$match":
                 documents = [doc for doc in documents if matches(doc, argument)]
             elif operator == "$skip":
@@ -264,8 +281,9 @@ def _compare(document: dict, key: str, operator: str, argument: Any) -> bool:
         return value in argument
     if value is None or argument is None:
         return False
-    return {"$lt": value < argument, "$lte": value <= argument,
-            "$gt": value > argument, "$gte": value >= argument}[operator]
+    return {"$lt": value < argument, "$lte": value <= argument, "$gt": value > argument, "$gte": value >= argument}[
+        operator
+    ]
 
 
 def apply_update(document: dict, update: dict, *, inserting: bool = False) -> bool:

@@ -1,5 +1,5 @@
 """A bot that speaks exactly as the official `devoid_client` 0.1.3 does, written from what it
-is known to send and expect (README, "The wire protocol").
+is known to send and expect (docs/protocol.md).
 
 - It connects with websockets 10.4 to `/ws/{service}` with `authorization` and `service` headers.
 - It serializes its payload classes whole, defaults filled, unset fields as null / [] / "".
@@ -29,28 +29,63 @@ GEN_STATUSES = {"ok", "error", "queued", "generating"}
 
 def automatic1111_payload(prompt: str, init_images: list[str] | None = None) -> dict[str, Any]:
     """The official client's automatic1111 payload class, serialized whole (`__dict__`)."""
-    return {"prompt": prompt, "init_images": init_images, "steps": 30, "cfg_scale": 7,
-            "sampler_index": "Euler a", "width": 512, "height": 768,
-            "seed": random.randint(42, 4294967295), "hr_scale": 1, "hr_upscaler": "Latent",
-            "hr_second_pass_steps": 0, "hr_resize_x": 768, "hr_resize_y": 1024,
-            "denoising_strength": 0.7, "negative_prompt": "child, childish"}
+    return {
+        "prompt": prompt,
+        "init_images": init_images,
+        "steps": 30,
+        "cfg_scale": 7,
+        "sampler_index": "Euler a",
+        "width": 512,
+        "height": 768,
+        "seed": random.randint(42, 4294967295),
+        "hr_scale": 1,
+        "hr_upscaler": "Latent",
+        "hr_second_pass_steps": 0,
+        "hr_resize_x": 768,
+        "hr_resize_y": 1024,
+        "denoising_strength": 0.7,
+        "negative_prompt": "child, childish",
+    }
 
 
-def kandinsky_payload(prompt: str = "", images_texts: list[str] | None = None,
-                      weights: list[float] | None = None) -> dict[str, Any]:
+def kandinsky_payload(
+    prompt: str = "", images_texts: list[str] | None = None, weights: list[float] | None = None
+) -> dict[str, Any]:
     """The official client's kandinsky payload class, serialized whole."""
-    return {"images_texts": images_texts or [], "weights": weights or [], "prompt": prompt,
-            "steps": 30, "guidance_scale": 4, "height": 512, "width": 512, "sampler": "p_sampler",
-            "prior_cf_scale": 4, "prior_steps": "5", "negative_prior_prompt": "",
-            "negative_decoder_prompt": ""}
+    return {
+        "images_texts": images_texts or [],
+        "weights": weights or [],
+        "prompt": prompt,
+        "steps": 30,
+        "guidance_scale": 4,
+        "height": 512,
+        "width": 512,
+        "sampler": "p_sampler",
+        "prior_cf_scale": 4,
+        "prior_steps": "5",
+        "negative_prior_prompt": "",
+        "negative_decoder_prompt": "",
+    }
 
 
-def official_request(executor: str, gen_type: str, payload: dict[str, Any], *, user_id: int,
-                     premium: Any = 0, sync_with_s3: Any = 0, moderate: Any = 0) -> dict[str, Any]:
-    return {"message_type": "request", "executor": executor, "gen_type": gen_type,
-            "settings": {"premium": premium, "moderate": moderate, "sync_with_s3": sync_with_s3},
-            "service_info": {"user_id": user_id, "chat_id": user_id * 10, "message_id": user_id * 100},
-            "payload": payload}
+def official_request(
+    executor: str,
+    gen_type: str,
+    payload: dict[str, Any],
+    *,
+    user_id: int,
+    premium: Any = 0,
+    sync_with_s3: Any = 0,
+    moderate: Any = 0,
+) -> dict[str, Any]:
+    return {
+        "message_type": "request",
+        "executor": executor,
+        "gen_type": gen_type,
+        "settings": {"premium": premium, "moderate": moderate, "sync_with_s3": sync_with_s3},
+        "service_info": {"user_id": user_id, "chat_id": user_id * 10, "message_id": user_id * 100},
+        "payload": payload,
+    }
 
 
 @dataclass
@@ -73,7 +108,8 @@ class OfficialBot:
         self._ws = await websockets.client.connect(
             f"{self.url}/ws/{self.service}",
             extra_headers={"authorization": self.key, "service": self.service},
-            max_size=64 * 1024 * 1024)
+            max_size=64 * 1024 * 1024,
+        )
         self._reader = asyncio.create_task(self._receive())
 
     async def close(self) -> None:
@@ -112,8 +148,7 @@ class OfficialBot:
             if message["message_type"] != "response":
                 continue
             # The official client builds enums from these three: an unknown value raises.
-            for name, allowed in (("executor", EXECUTORS), ("gen_type", GEN_TYPES),
-                                  ("gen_status", GEN_STATUSES)):
+            for name, allowed in (("executor", EXECUTORS), ("gen_type", GEN_TYPES), ("gen_status", GEN_STATUSES)):
                 if message[name] not in allowed:
                     raise ValueError(f"unknown {name} {message[name]!r}")
             self.responses.append(message)
@@ -125,8 +160,7 @@ class OfficialBot:
         self.finals.append(message)
         user_id = message["service_info"]["user_id"]
         if not self.in_flight[user_id]:
-            self.broken.append(f"a final for user {user_id} with nothing in flight "
-                               f"({message['object_id']})")
+            self.broken.append(f"a final for user {user_id} with nothing in flight ({message['object_id']})")
         else:
             self.in_flight[user_id].popleft()
         if self.backlog[user_id]:

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tests.bots import request_message
+from bench.bots import request_message
 
 
 @pytest.fixture
@@ -72,17 +72,22 @@ async def test_missing_service_info_is_an_error_response_tied_to_the_request(set
     answer = await bot.submit(message)
     assert answer["message_type"] == "response" and answer["gen_status"] == "error"
     assert answer["executor"] == "automatic1111" and answer["gen_type"] == "text2img"
-    assert answer["result"] == {"content_type": "text",
-                                "content": "Invalid request: service_info: Missing data for required field"}
+    assert answer["result"] == {
+        "content_type": "text",
+        "content": "Invalid request: service_info: Missing data for required field",
+    }
     assert all(not b.state.received for b in backends)
     await assert_still_works(bot)
 
 
-@pytest.mark.parametrize(("field", "value", "reason"), [
-    ("user_id", "123", "service_info.user_id: Not a valid integer"),
-    ("user_id", 1.5, "service_info.user_id: Not a valid integer"),
-    ("chat_id", [], "service_info.chat_id: Not a valid integer"),
-])
+@pytest.mark.parametrize(
+    ("field", "value", "reason"),
+    [
+        ("user_id", "123", "service_info.user_id: Not a valid integer"),
+        ("user_id", 1.5, "service_info.user_id: Not a valid integer"),
+        ("chat_id", [], "service_info.chat_id: Not a valid integer"),
+    ],
+)
 async def test_wrong_types_in_service_info_are_named(setup, field, value, reason):
     bot, _ = setup
     message = request_message("kandinsky", "text2img", {"prompt": "x"})
@@ -93,28 +98,51 @@ async def test_wrong_types_in_service_info_are_named(setup, field, value, reason
     await assert_still_works(bot)
 
 
-@pytest.mark.parametrize(("executor", "gen_type", "payload", "reason"), [
-    ("kandinsky", "text2img", {"steps": 10}, "payload.prompt: text2img needs a prompt"),
-    ("kandinsky", "text2img", {"prompt": "x", "steps": "ten"}, "payload.steps: Not a valid integer"),
-    ("automatic1111", "text2img", {"prompt": "x", "width": 512.5}, "payload.width: Not a valid integer"),
-    ("automatic1111", "text2img", {"prompt": "x", "cfg_scale": "high"}, "payload.cfg_scale: Not a valid number"),
-    ("automatic1111", "text2img", {"prompt": "x", "steps": 0},
-     "payload.steps: Must be greater than or equal to 1"),
-    ("automatic1111", "img2img", {"prompt": "x"}, "payload.init_images: img2img needs init_images"),
-    ("automatic1111", "img2img", {"init_images": ["not base64!"]},
-     "payload.init_images: 0: Not a base64 image (raw or data:image/...;base64, URI"),
-    ("automatic1111", "img2img", {"init_images": ["AAAAAAAAAAAAAAAA"]},  # base64, but of no image
-     "payload.init_images: 0: Not a base64 image"),
-    ("kandinsky", "mix2img", {"images_texts": ["a", "b"], "weights": [1, 1, 1, 1]},
-     "payload.images_texts: Must hold exactly 4 items (text, image, image, text), got 2"),
-    ("kandinsky", "mix2img", {"images_texts": ["a", "aGk=", "aGk=", "b"], "weights": [1, 2]},
-     "payload.weights: Length must be 4"),
-    ("kandinsky", "mix2img", {"weights": [1, 1, 1, 1]}, "payload.images_texts: mix2img needs images_texts"),
-    ("automatic1111", "text2img", {"prompt": "x", "init_images": ["not base64!"]},
-     "payload.init_images: 0: Not a base64 image"),  # a known key of the executor is checked on every gen type
-])
+@pytest.mark.parametrize(
+    ("executor", "gen_type", "payload", "reason"),
+    [
+        ("kandinsky", "text2img", {"steps": 10}, "payload.prompt: text2img needs a prompt"),
+        ("kandinsky", "text2img", {"prompt": "x", "steps": "ten"}, "payload.steps: Not a valid integer"),
+        ("automatic1111", "text2img", {"prompt": "x", "width": 512.5}, "payload.width: Not a valid integer"),
+        ("automatic1111", "text2img", {"prompt": "x", "cfg_scale": "high"}, "payload.cfg_scale: Not a valid number"),
+        ("automatic1111", "text2img", {"prompt": "x", "steps": 0}, "payload.steps: Must be greater than or equal to 1"),
+        ("automatic1111", "img2img", {"prompt": "x"}, "payload.init_images: img2img needs init_images"),
+        (
+            "automatic1111",
+            "img2img",
+            {"init_images": ["not base64!"]},
+            "payload.init_images: 0: Not a base64 image (raw or data:image/...;base64, URI",
+        ),
+        (
+            "automatic1111",
+            "img2img",
+            {"init_images": ["AAAAAAAAAAAAAAAA"]},  # base64, but of no image
+            "payload.init_images: 0: Not a base64 image",
+        ),
+        (
+            "kandinsky",
+            "mix2img",
+            {"images_texts": ["a", "b"], "weights": [1, 1, 1, 1]},
+            "payload.images_texts: Must hold exactly 4 items (text, image, image, text), got 2",
+        ),
+        (
+            "kandinsky",
+            "mix2img",
+            {"images_texts": ["a", "aGk=", "aGk=", "b"], "weights": [1, 2]},
+            "payload.weights: Length must be 4",
+        ),
+        ("kandinsky", "mix2img", {"weights": [1, 1, 1, 1]}, "payload.images_texts: mix2img needs images_texts"),
+        (
+            "automatic1111",
+            "text2img",
+            {"prompt": "x", "init_images": ["not base64!"]},
+            "payload.init_images: 0: Not a base64 image",
+        ),  # a known key of the executor is checked on every gen type
+    ],
+)
 async def test_payloads_that_break_the_backend_contract_are_refused_with_the_field_named(
-        setup, executor, gen_type, payload, reason):
+    setup, executor, gen_type, payload, reason
+):
     bot, backends = setup
     answer = await bot.submit(request_message(executor, gen_type, payload))
     assert answer["gen_status"] == "error"
@@ -125,10 +153,13 @@ async def test_payloads_that_break_the_backend_contract_are_refused_with_the_fie
     await assert_still_works(bot)
 
 
-@pytest.mark.parametrize(("executor", "gen_type", "reason"), [
-    ("kandinsky", "img2img", "kandinsky does not support img2img (it does mix2img, text2img)."),
-    ("automatic1111", "mix2img", "automatic1111 does not support mix2img (it does img2img, text2img)."),
-])
+@pytest.mark.parametrize(
+    ("executor", "gen_type", "reason"),
+    [
+        ("kandinsky", "img2img", "kandinsky does not support img2img (it does mix2img, text2img)."),
+        ("automatic1111", "mix2img", "automatic1111 does not support mix2img (it does img2img, text2img)."),
+    ],
+)
 async def test_unsupported_pairs_are_refused_up_front(setup, executor, gen_type, reason):
     bot, backends = setup
     answer = await bot.submit(request_message(executor, gen_type, {"prompt": "x"}))

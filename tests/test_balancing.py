@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 from app import keys
 from app.costs import REFERENCE_UNITS_PER_S
-from tests.bots import request_message
+from bench.bots import request_message
 
 JOB = {"prompt": "a harbour", "steps": 20, "width": 512, "height": 512}
 JOB_UNITS = 20 * 512 * 512
@@ -38,8 +38,9 @@ async def test_the_faster_backend_is_learned_from_its_own_jobs(start_backend, st
     bot = await balancer.connect("telegram")
 
     # Two jobs at once: each backend runs one and learns its speed.
-    first = [await bot.submit(request_message("automatic1111", "text2img", {**JOB, "prompt": f"warm {i}"}))
-             for i in range(2)]
+    first = [
+        await bot.submit(request_message("automatic1111", "text2img", {**JOB, "prompt": f"warm {i}"})) for i in range(2)
+    ]
     for queued in first:
         await bot.final(queued["object_id"])
     assert len(slow.state.received) == 1 and len(fast.state.received) == 1
@@ -53,14 +54,15 @@ async def test_the_faster_backend_is_learned_from_its_own_jobs(start_backend, st
 
 async def test_job_timeout_follows_the_expected_duration_within_floor_and_cap(start_backend, start_balancer):
     gpu = await start_backend("automatic1111", name="gpu")
-    balancer = await start_balancer([gpu.entry(timeout=None, speed=1.0)],
-                                    JOB_TIMEOUT_FLOOR_S=30, JOB_TIMEOUT_CAP_S=600, JOB_TIMEOUT_FACTOR=4)
+    balancer = await start_balancer(
+        [gpu.entry(timeout=None, speed=1.0)], JOB_TIMEOUT_FLOOR_S=30, JOB_TIMEOUT_CAP_S=600, JOB_TIMEOUT_FACTOR=4
+    )
     scheduler = balancer.app[keys.SCHEDULER]
     [slot] = [slot for pool in scheduler.pools.values() for slot in pool.slots]
 
     def timeout_for(expected_s: float) -> float:
         return scheduler.job_timeout_s(slot, SimpleNamespace(cost_units=REFERENCE_UNITS_PER_S * expected_s))
 
-    assert timeout_for(1) == 30      # 4 s, raised to the floor
-    assert timeout_for(20) == 80     # 20 s expected x 4
+    assert timeout_for(1) == 30  # 4 s, raised to the floor
+    assert timeout_for(20) == 80  # 20 s expected x 4
     assert timeout_for(1000) == 600  # the cap

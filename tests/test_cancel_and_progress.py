@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from tests.bots import request_message, wait_until
+from bench.bots import request_message, wait_until
 
 
 def cancel_action(object_id: str) -> dict:
@@ -28,8 +28,13 @@ async def test_cancelling_a_queued_request_removes_it(start_backend, start_balan
     gpu.state.gate.set()
     assert (await bot.final(running["object_id"]))["gen_status"] == "ok"
 
-    assert answer == {"message_type": "info", "info_type": "cancel", "content": "cancelled", "outcome": "cancelled",
-                      "object_id": waiting["object_id"]}
+    assert answer == {
+        "message_type": "info",
+        "info_type": "cancel",
+        "content": "cancelled",
+        "outcome": "cancelled",
+        "object_id": waiting["object_id"],
+    }
     assert done["gen_status"] == "error" and done["result"]["content"] == "cancelled"
     assert [c.body["prompt"] for c in gpu.state.received] == ["running"]
 
@@ -90,7 +95,7 @@ async def test_progress_arrives_in_order_and_stops_at_completion(start_backend, 
     progress = [m for m in mine if m.get("info_type") == "progress"]
     assert len(progress) >= 3 and kinds[2:-1] == ["progress"] * len(progress)
     fractions = [m["progress"] for m in progress]
-    assert fractions == sorted(set(fractions)) and 0 < fractions[0] and fractions[-1] <= 1
+    assert fractions == sorted(set(fractions)) and fractions[0] > 0 and fractions[-1] <= 1
     assert all(m["eta_relative"] >= 0 for m in progress)
     # Nothing arrives after the final answer (three poll intervals pass).
     with pytest.raises(TimeoutError):

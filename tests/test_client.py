@@ -12,32 +12,41 @@ import sys
 from pathlib import Path
 
 import aiohttp
-
 import pytest
 from PIL import Image
 
-from tests.bots import Bot, request_message
+from bench.bots import Bot, request_message
+from bench.processes import REPO_ROOT, ServerProcess
 from tests.conftest import base_env
-from tests.processes import REPO_ROOT, ServerProcess
 
 DEMO_HEADERS = {"authorization": "demo-key", "service": "test"}
 
 
 @pytest.fixture
 async def demo_server(tmp_path, unused_tcp_port_factory):
-    server = ServerProcess(base_env(tmp_path, unused_tcp_port_factory(), TEST_MODE=1, SERVICES="",
-                                    DEMO_DELAY_S=0.5, PROGRESS_INTERVAL_S=0.1), tmp_path / "server.log")
+    server = ServerProcess(
+        base_env(
+            tmp_path, unused_tcp_port_factory(), TEST_MODE=1, SERVICES="", DEMO_DELAY_S=0.5, PROGRESS_INTERVAL_S=0.1
+        ),
+        tmp_path / "server.log",
+    )
     await server.start()
     yield server
     await server.stop()
 
 
 async def start_client(cwd: Path, *args: str) -> asyncio.subprocess.Process:
-    env = {key: value for key, value in os.environ.items()
-           if key not in ("DEVOID_URL", "API_HOST", "API_PORT")}
+    env = {key: value for key, value in os.environ.items() if key not in ("DEVOID_URL", "API_HOST", "API_PORT")}
     return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "app.client", *args, cwd=cwd, env={**env, "PYTHONPATH": str(REPO_ROOT)},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        sys.executable,
+        "-m",
+        "app.client",
+        *args,
+        cwd=cwd,
+        env={**env, "PYTHONPATH": str(REPO_ROOT)},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
 
 
 async def run_client(cwd: Path, *args: str) -> tuple[int, str, str]:
@@ -51,8 +60,8 @@ async def run_client(cwd: Path, *args: str) -> tuple[int, str, str]:
 async def test_the_client_saves_a_valid_image(tmp_path, demo_server, executor):
     output = tmp_path / "lighthouse.jpg"
     code, stdout, stderr = await run_client(
-        tmp_path, "a lighthouse at dusk", "--url", demo_server.base_url, "--executor", executor,
-        "--output", str(output))
+        tmp_path, "a lighthouse at dusk", "--url", demo_server.base_url, "--executor", executor, "--output", str(output)
+    )
 
     assert code == 0, stderr
     assert stdout.strip() == f"saved {output}"
@@ -93,8 +102,9 @@ async def test_the_client_leaves_results_waiting_for_the_bots_alone(tmp_path, de
         await asyncio.sleep(1.0)  # done by now (DEMO_DELAY_S=0.5)
 
         output = tmp_path / "mine.jpg"
-        code, _, stderr = await run_client(tmp_path, "a brand new prompt", "--url", demo_server.base_url,
-                                           "--output", str(output))
+        code, _, stderr = await run_client(
+            tmp_path, "a brand new prompt", "--url", demo_server.base_url, "--output", str(output)
+        )
         assert code == 0, stderr
         mine = stderr.splitlines()[0].split()[1]
         assert mine != waiting["object_id"]
@@ -108,8 +118,10 @@ async def test_the_client_leaves_results_waiting_for_the_bots_alone(tmp_path, de
 @pytest.fixture
 async def slow_demo_server(tmp_path, unused_tcp_port_factory):
     """Demo backends that take 30 s per image: requests stay running while a test acts."""
-    server = ServerProcess(base_env(tmp_path, unused_tcp_port_factory(), TEST_MODE=1, SERVICES="",
-                                    DEMO_DELAY_S=30), tmp_path / "server.log")
+    server = ServerProcess(
+        base_env(tmp_path, unused_tcp_port_factory(), TEST_MODE=1, SERVICES="", DEMO_DELAY_S=30),
+        tmp_path / "server.log",
+    )
     await server.start()
     yield server
     await server.stop()

@@ -12,27 +12,30 @@ import pytest
 
 from app.config import SETTINGS, Config, ConfigError
 from app.main import create_app
+from bench.processes import REPO_ROOT, ServerProcess
 from tests.conftest import base_env
-from tests.processes import REPO_ROOT, ServerProcess
 
 
-@pytest.mark.parametrize(("name", "value"), [
-    ("TEST_MODE", "maybe"),
-    ("LOGGING_LEVEL", "LOUD"),
-    ("API_PORT", "eighty"),
-    ("API_PORT", "70000"),
-    ("SERVICES", "telegram"),
-    ("SERVICES", "telegram:k1 telegram:k2"),
-    ("GENERAL_PREMIUM_RATIO", "1"),
-    ("GENERAL_PREMIUM_RATIO", "0 0"),
-    ("GENERAL_PREMIUM_RATIO", "-1 3"),
-    ("SAVE_IMAGES_LOCALLY", "2"),
-    ("MAX_MESSAGE_BYTES", "0"),
-    ("DEMO_DELAY_S", "nan"),
-    ("PUBLIC_URL", "ftp://example"),
-    ("S3_ENDPOINT", "localhost:9000"),
-    ("DATABASE_PATH", ""),
-])
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("TEST_MODE", "maybe"),
+        ("LOGGING_LEVEL", "LOUD"),
+        ("API_PORT", "eighty"),
+        ("API_PORT", "70000"),
+        ("SERVICES", "telegram"),
+        ("SERVICES", "telegram:k1 telegram:k2"),
+        ("GENERAL_PREMIUM_RATIO", "1"),
+        ("GENERAL_PREMIUM_RATIO", "0 0"),
+        ("GENERAL_PREMIUM_RATIO", "-1 3"),
+        ("SAVE_IMAGES_LOCALLY", "2"),
+        ("MAX_MESSAGE_BYTES", "0"),
+        ("DEMO_DELAY_S", "nan"),
+        ("PUBLIC_URL", "ftp://example"),
+        ("S3_ENDPOINT", "localhost:9000"),
+        ("DATABASE_PATH", ""),
+    ],
+)
 def test_a_bad_setting_is_named(tmp_path, name, value):
     with pytest.raises(ConfigError) as error:
         Config.from_env(base_env(tmp_path, 8080, **{name: value}))
@@ -46,7 +49,7 @@ def test_a_key_is_never_echoed_in_the_error(tmp_path):
 
 
 def test_no_services_outside_test_mode_is_an_error_and_test_mode_has_a_demo_key(tmp_path):
-    with pytest.raises(ConfigError, match="^SERVICES: no services configured"):
+    with pytest.raises(ConfigError, match=r"^SERVICES: no services configured"):
         Config.from_env({"SERVICES": ""})
     assert Config.from_env({"TEST_MODE": "1"}).services == {"test": "demo-key"}
 
@@ -60,15 +63,25 @@ def test_defaults_are_local_and_embedded():
     assert config.public_url == "http://127.0.0.1:8080"
 
 
-@pytest.mark.parametrize(("content", "reason"), [
-    (None, "does not exist (create it, or set TEST_MODE=1 to run demo backends)"),
-    ("{not json", "is not readable JSON"),
-    (json.dumps({"name": "x"}), "must hold a JSON list of backends"),
-    (json.dumps([{"name": "a", "exec_type": "dalle", "endpoint": "http://h:1"}]), "has a bad entry"),
-    (json.dumps([{"name": "a", "exec_type": "kandinsky", "endpoint": "not a url"}]), "has a bad entry"),
-    (json.dumps([{"name": "a", "exec_type": "kandinsky", "endpoint": "http://h:1"},
-                 {"name": "a", "exec_type": "kandinsky", "endpoint": "http://h:2"}]), "names a backend twice: a"),
-])
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (None, "does not exist (create it, or set TEST_MODE=1 to run demo backends)"),
+        ("{not json", "is not readable JSON"),
+        (json.dumps({"name": "x"}), "must hold a JSON list of backends"),
+        (json.dumps([{"name": "a", "exec_type": "dalle", "endpoint": "http://h:1"}]), "has a bad entry"),
+        (json.dumps([{"name": "a", "exec_type": "kandinsky", "endpoint": "not a url"}]), "has a bad entry"),
+        (
+            json.dumps(
+                [
+                    {"name": "a", "exec_type": "kandinsky", "endpoint": "http://h:1"},
+                    {"name": "a", "exec_type": "kandinsky", "endpoint": "http://h:2"},
+                ]
+            ),
+            "names a backend twice: a",
+        ),
+    ],
+)
 def test_a_bad_executors_file_is_named(tmp_path, content, reason):
     config = Config.from_env(base_env(tmp_path, 8080))
     if content is not None:
@@ -82,20 +95,42 @@ def test_a_bad_executors_file_is_named(tmp_path, content, reason):
 def test_the_original_executors_format_is_accepted(tmp_path):
     config = Config.from_env(base_env(tmp_path, 8080))
     config.executors_file.parent.mkdir(parents=True, exist_ok=True)
-    config.executors_file.write_text(json.dumps([
-        {"name": "sd-3060", "gpu": "RTX 3060", "timeout": 120, "model": "sd15",
-         "exec_type": "automatic1111", "endpoint": "http://10.0.0.5:7861/sdapi/v1"},
-        {"name": "kd-4090", "gpu": "RTX 4090", "timeout": 60, "model": "kandinsky21",
-         "exec_type": "kandinsky", "endpoint": "http://10.0.0.6:8000", "comment": "extra keys are fine"},
-    ]))
+    config.executors_file.write_text(
+        json.dumps(
+            [
+                {
+                    "name": "sd-3060",
+                    "gpu": "RTX 3060",
+                    "timeout": 120,
+                    "model": "sd15",
+                    "exec_type": "automatic1111",
+                    "endpoint": "http://10.0.0.5:7861/sdapi/v1",
+                },
+                {
+                    "name": "kd-4090",
+                    "gpu": "RTX 4090",
+                    "timeout": 60,
+                    "model": "kandinsky21",
+                    "exec_type": "kandinsky",
+                    "endpoint": "http://10.0.0.6:8000",
+                    "comment": "extra keys are fine",
+                },
+            ]
+        )
+    )
     create_app(config)
 
 
 async def run_to_exit(tmp_path: Path, env: dict[str, str]) -> tuple[int, str]:
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "app", cwd=tmp_path,
+        sys.executable,
+        "-m",
+        "app",
+        cwd=tmp_path,
         env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO_ROOT), **env},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     async with asyncio.timeout(20):
         _, stderr = await process.communicate()
     return process.returncode, stderr.decode()
@@ -105,7 +140,8 @@ async def test_python_m_app_stops_with_one_line_naming_the_setting(tmp_path):
     code, stderr = await run_to_exit(tmp_path, {"TEST_MODE": "1", "API_PORT": "eighty"})
     assert code == 2
     assert stderr.strip().splitlines() == [
-        "devoid: cannot start: API_PORT: expected a port number 0-65535, got 'eighty'"]
+        "devoid: cannot start: API_PORT: expected a port number 0-65535, got 'eighty'"
+    ]
 
 
 async def test_dotenv_is_read_and_the_real_environment_wins(tmp_path, unused_tcp_port_factory):
@@ -114,8 +150,9 @@ async def test_dotenv_is_read_and_the_real_environment_wins(tmp_path, unused_tcp
     assert code == 2 and "LOGGING_LEVEL" in stderr  # the .env value was read
 
     port = unused_tcp_port_factory()
-    server = ServerProcess({"LOGGING_LEVEL": "DEBUG", "API_PORT": str(port), "DEMO_DELAY_S": "0"},
-                           tmp_path / "server.log", cwd=tmp_path)
+    server = ServerProcess(
+        {"LOGGING_LEVEL": "DEBUG", "API_PORT": str(port), "DEMO_DELAY_S": "0"}, tmp_path / "server.log", cwd=tmp_path
+    )
     await server.start()  # LOGGING_LEVEL from the environment overrides the .env's bad one
     await server.stop()
     assert "TEST_MODE=1: using demo backends" in server.log()
@@ -127,5 +164,4 @@ def test_every_setting_is_documented_in_readme_and_env_example():
     env_example = (REPO_ROOT / ".env.example").read_text()
     for setting in SETTINGS:
         assert f"`{setting.env_name}`" in readme, setting.env_name
-        assert f"\n{setting.env_name}=" in env_example or f"\n# {setting.env_name}=" in env_example, \
-            setting.env_name
+        assert f"\n{setting.env_name}=" in env_example or f"\n# {setting.env_name}=" in env_example, setting.env_name

@@ -10,7 +10,7 @@ import pytest
 import websockets.client
 import websockets.exceptions
 
-from tests.bots import request_message
+from bench.bots import request_message
 from tests.conftest import SERVICE_KEYS
 
 
@@ -21,7 +21,8 @@ async def test_a_client_built_like_the_official_one_gets_its_image(start_backend
 
     # devoid_client 0.1.3: websockets.client.connect with both headers, JSON text frames.
     async with websockets.client.connect(
-            url, extra_headers={"authorization": SERVICE_KEYS["discord"], "service": "discord"}) as ws:
+        url, extra_headers={"authorization": SERVICE_KEYS["discord"], "service": "discord"}
+    ) as ws:
         await ws.send(json.dumps(request_message("kandinsky", "text2img", {"prompt": "a kite"})))
         statuses = []
         while not statuses or statuses[-1] not in ("ok", "error"):
@@ -34,15 +35,19 @@ async def test_a_client_built_like_the_official_one_gets_its_image(start_backend
     assert message["result"]["content_type"] == "image_url"
 
 
-@pytest.mark.parametrize(("path", "headers"), [
-    ("/ws/discord", {"authorization": "wrong", "service": "discord"}),
-    ("/ws/discord", {"service": "discord"}),
-    ("/ws/nosuch", {"authorization": SERVICE_KEYS["discord"], "service": "nosuch"}),
-    ("/ws/telegram", {"authorization": SERVICE_KEYS["discord"], "service": "discord"}),
-    ("/ws", {"authorization": SERVICE_KEYS["discord"]}),
-])
+@pytest.mark.parametrize(
+    ("path", "headers"),
+    [
+        ("/ws/discord", {"authorization": "wrong", "service": "discord"}),
+        ("/ws/discord", {"service": "discord"}),
+        ("/ws/nosuch", {"authorization": SERVICE_KEYS["discord"], "service": "nosuch"}),
+        ("/ws/telegram", {"authorization": SERVICE_KEYS["discord"], "service": "discord"}),
+        ("/ws", {"authorization": SERVICE_KEYS["discord"]}),
+    ],
+)
 async def test_wrong_key_or_unknown_service_is_refused_with_401_before_the_upgrade(
-        start_backend, start_balancer, path, headers):
+    start_backend, start_balancer, path, headers
+):
     balancer = await start_balancer([await start_backend("kandinsky")])
     url = f"ws://127.0.0.1:{balancer.config.api_port}{path}"
     with pytest.raises(websockets.exceptions.InvalidStatusCode) as refused:
@@ -58,8 +63,7 @@ async def test_the_bare_ws_route_works_with_the_service_header(start_backend, st
     assert (await bot.final(queued["object_id"]))["service"] == "test"
 
 
-async def test_several_connections_of_one_service_each_get_their_own_answers(
-        start_backend, start_balancer):
+async def test_several_connections_of_one_service_each_get_their_own_answers(start_backend, start_balancer):
     kandinsky = await start_backend("kandinsky", delay_s=0.05)
     balancer = await start_balancer([kandinsky])
     shard_a = await balancer.connect("telegram")

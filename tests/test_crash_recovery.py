@@ -9,9 +9,9 @@ import sqlite3
 import aiohttp
 import pytest
 
-from tests.bots import Bot, request_message, wait_until
+from bench.bots import Bot, request_message, wait_until
+from bench.processes import ServerProcess
 from tests.conftest import SERVICE_KEYS, base_env, write_executors
-from tests.processes import ServerProcess
 
 
 def rows_by_status(database_path) -> dict[str, list[tuple]]:
@@ -40,13 +40,15 @@ async def server_factory(tmp_path, unused_tcp_port_factory):
 
 
 async def connect(session: aiohttp.ClientSession, server: ServerProcess, service: str) -> Bot:
-    ws = await session.ws_connect(f"{server.base_url}/ws/{service}",
-                                  headers={"authorization": SERVICE_KEYS[service], "service": service})
+    ws = await session.ws_connect(
+        f"{server.base_url}/ws/{service}", headers={"authorization": SERVICE_KEYS[service], "service": service}
+    )
     return Bot(ws)
 
 
 async def test_sigkill_with_requests_queued_generating_and_undelivered_loses_none(
-        tmp_path, start_backend, server_factory):
+    tmp_path, start_backend, server_factory
+):
     a1111 = await start_backend("automatic1111")
     kandinsky = await start_backend("kandinsky")
     write_executors(tmp_path, [a1111, kandinsky])
@@ -63,8 +65,7 @@ async def test_sigkill_with_requests_queued_generating_and_undelivered_loses_non
         bot = await connect(session, server, "telegram")
         for index in range(6):
             for executor in ("automatic1111", "kandinsky"):
-                queued = await bot.submit(request_message(executor, "text2img",
-                                                          {"prompt": f"{executor} {index}"}))
+                queued = await bot.submit(request_message(executor, "text2img", {"prompt": f"{executor} {index}"}))
                 assert queued["gen_status"] == "queued"
                 accepted.append(queued["object_id"])
         await bot.close()  # the bot goes away: Kandinsky results now have nowhere to go
@@ -100,13 +101,13 @@ async def test_sigkill_with_requests_queued_generating_and_undelivered_loses_non
     interrupted_id = before["generating"][0][0]
     assert [attempts for oid, _, _, attempts in after["ok"] if oid == interrupted_id] == [1]
     with sqlite3.connect(database_path) as db:
-        assert db.execute("SELECT interruptions FROM requests WHERE object_id = ?",
-                          (interrupted_id,)).fetchone() == (1,)
+        assert db.execute("SELECT interruptions FROM requests WHERE object_id = ?", (interrupted_id,)).fetchone() == (
+            1,
+        )
     assert "1 were interrupted by a restart" in restarted.log()
 
 
-async def test_a_result_finished_while_the_service_was_away_is_delivered_on_reconnect(
-        start_backend, start_balancer):
+async def test_a_result_finished_while_the_service_was_away_is_delivered_on_reconnect(start_backend, start_balancer):
     kandinsky = await start_backend("kandinsky")
     kandinsky.state.gate.clear()
     balancer = await start_balancer([kandinsky])
@@ -124,8 +125,7 @@ async def test_a_result_finished_while_the_service_was_away_is_delivered_on_reco
     assert not other_service.received
 
 
-async def test_sigkill_while_a_failed_job_waits_to_retry_loses_nothing(
-        tmp_path, start_backend, server_factory):
+async def test_sigkill_while_a_failed_job_waits_to_retry_loses_nothing(tmp_path, start_backend, server_factory):
     gpu = await start_backend("automatic1111", name="flaky")
     gpu.state.fail_status = 503
     write_executors(tmp_path, [gpu])
@@ -152,15 +152,15 @@ async def test_sigkill_while_a_failed_job_waits_to_retry_loses_nothing(
 
 
 async def test_sigkill_with_mirror_work_pending_drains_it_after_restart(
-        tmp_path, start_backend, server_factory, s3_server, mongo_server):
+    tmp_path, start_backend, server_factory, s3_server, mongo_server
+):
     if not mongo_server.stoppable:
         pytest.skip("a real MongoDB cannot be stopped from the test")
     kandinsky = await start_backend("kandinsky")
     write_executors(tmp_path, [kandinsky])
     await s3_server.stop()
     await mongo_server.stop()
-    env = {**s3_server.env(), **mongo_server.env(), "SAVE_IMAGES_LOCALLY": "0",
-           "MIRROR_RETRY_MAX_S": "0.2"}
+    env = {**s3_server.env(), **mongo_server.env(), "SAVE_IMAGES_LOCALLY": "0", "MIRROR_RETRY_MAX_S": "0.2"}
     server = server_factory(**env)
     await server.start()
     async with aiohttp.ClientSession() as session:
@@ -183,9 +183,11 @@ async def test_sigkill_with_mirror_work_pending_drains_it_after_restart(
     restarted = server_factory(**env)
     await restarted.start()
     try:
+
         def outbox_empty() -> bool:
             with sqlite3.connect(database_path) as db:
                 return db.execute("SELECT count(*) FROM outbox").fetchone()[0] == 0
+
         await wait_until(outbox_empty)
     finally:
         await restarted.stop()
@@ -196,8 +198,7 @@ async def test_sigkill_with_mirror_work_pending_drains_it_after_restart(
     assert not list((tmp_path / "spool").iterdir())
 
 
-async def test_every_request_acknowledged_before_a_sigkill_is_in_the_database(
-        tmp_path, start_backend, server_factory):
+async def test_every_request_acknowledged_before_a_sigkill_is_in_the_database(tmp_path, start_backend, server_factory):
     gpu = await start_backend("kandinsky")
     gpu.state.gate.clear()  # nothing runs: only accepting is under test
     write_executors(tmp_path, [gpu])
@@ -239,8 +240,9 @@ async def test_a_request_interrupted_by_ten_restarts_in_a_row_is_not_run_again(s
     await bot.close()
     await balancer.client.close()
     with sqlite3.connect(balancer.config.database_path) as db:
-        db.execute("UPDATE requests SET status = 'queued', interruptions = 10 WHERE object_id = ?",
-                   (queued["object_id"],))
+        db.execute(
+            "UPDATE requests SET status = 'queued', interruptions = 10 WHERE object_id = ?", (queued["object_id"],)
+        )
 
     gpu.state.gate.set()
     restarted = await start_balancer([gpu])

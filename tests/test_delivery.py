@@ -8,7 +8,7 @@ import asyncio
 import collections
 
 from app import keys
-from tests.bots import Bot, request_message, wait_until
+from bench.bots import Bot, request_message, wait_until
 
 
 async def collect_finals(bot: Bot, seconds: float) -> list[dict]:

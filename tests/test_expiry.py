@@ -14,8 +14,9 @@ class Requests:
     def __init__(self) -> None:
         self.deadlines: dict[str, float] = {}
         self.expired: list[str] = []
-        self.line = ExpiryLine(self.expire, lambda oid, deadline: self.deadlines.get(oid) == deadline,
-                               lambda: len(self.deadlines))
+        self.line = ExpiryLine(
+            self.expire, lambda oid, deadline: self.deadlines.get(oid) == deadline, lambda: len(self.deadlines)
+        )
 
     def wait(self, object_id: str, seconds: float) -> None:
         self.deadlines[object_id] = time.time() + seconds

@@ -5,7 +5,7 @@ back when healthy. A 4xx fails only its own request."""
 from __future__ import annotations
 
 from app import keys
-from tests.bots import request_message, wait_until
+from bench.bots import request_message, wait_until
 
 
 def backend_state(balancer, name: str) -> dict:
@@ -15,8 +15,9 @@ def backend_state(balancer, name: str) -> dict:
 async def submit_all(bot, count: int, prefix: str = "job") -> list[str]:
     ids = []
     for index in range(count):
-        queued = await bot.submit(request_message("automatic1111", "text2img",
-                                                  {"prompt": f"{prefix} {index}", "steps": 20}))
+        queued = await bot.submit(
+            request_message("automatic1111", "text2img", {"prompt": f"{prefix} {index}", "steps": 20})
+        )
         assert queued["gen_status"] == "queued"
         ids.append(queued["object_id"])
     return ids
@@ -58,8 +59,9 @@ async def test_a_backend_returning_500_is_skipped_and_returns_when_healthy(start
 async def test_a_hanging_backend_times_out_and_the_job_moves_on(start_backend, start_balancer):
     hanging = await start_backend("automatic1111", name="hanging", delay_s=30)
     peer = await start_backend("automatic1111", name="peer")
-    balancer = await start_balancer([hanging.entry(timeout=None), peer.entry(timeout=None)],
-                                    JOB_TIMEOUT_FLOOR_S=0.2, JOB_TIMEOUT_CAP_S=0.4)
+    balancer = await start_balancer(
+        [hanging.entry(timeout=None), peer.entry(timeout=None)], JOB_TIMEOUT_FLOOR_S=0.2, JOB_TIMEOUT_CAP_S=0.4
+    )
     bot = await balancer.connect("telegram")
 
     [object_id] = await submit_all(bot, 1)
@@ -74,7 +76,8 @@ async def test_a_hanging_backend_times_out_and_the_job_moves_on(start_backend, s
 
 
 async def test_a_backend_refusing_connections_is_skipped_and_returns_when_it_listens_again(
-        start_backend, start_balancer):
+    start_backend, start_balancer
+):
     gone = await start_backend("automatic1111", name="gone")
     peer = await start_backend("automatic1111", name="peer")
     await gone.stop()
@@ -108,12 +111,10 @@ async def test_a_body_that_is_not_an_image_is_retried_on_a_peer(start_backend, s
     ids = await submit_all(bot, 3)
     await assert_all_ok(bot, ids)
     assert len(peer.state.received) == 3
-    assert all("not a readable image" in m["content"]
-               for m in bot.received if m.get("info_type") == "retrying")
+    assert all("not a readable image" in m["content"] for m in bot.received if m.get("info_type") == "retrying")
 
 
-async def test_a_4xx_fails_only_that_request_and_does_not_count_against_the_backend(
-        start_backend, start_balancer):
+async def test_a_4xx_fails_only_that_request_and_does_not_count_against_the_backend(start_backend, start_balancer):
     gpu = await start_backend("automatic1111", name="gpu")
     gpu.state.fail_status = 422
     gpu.state.fail_body = {"detail": [{"loc": ["body", "script_args"], "msg": "script not found"}]}

@@ -10,32 +10,55 @@ import pytest
 from PIL import Image
 from yarl import URL
 
-from tests.images import png_base64
-from tests.bots import request_message
+from bench.bots import request_message
+from bench.images import png_base64
 from tests.conftest import KANDINSKY_TOKEN
-
 
 PAIRS = {
     ("automatic1111", "text2img"): (
         "/sdapi/v1/txt2img",
-        {"prompt": "a lighthouse at dusk", "negative_prompt": "blurry", "steps": 20,
-         "width": 512, "height": 640, "cfg_scale": 7.5, "sampler_name": "Euler a", "seed": 42,
-         "enable_hr": False, "override_settings": {"CLIP_stop_at_last_layers": 2}},
+        {
+            "prompt": "a lighthouse at dusk",
+            "negative_prompt": "blurry",
+            "steps": 20,
+            "width": 512,
+            "height": 640,
+            "cfg_scale": 7.5,
+            "sampler_name": "Euler a",
+            "seed": 42,
+            "enable_hr": False,
+            "override_settings": {"CLIP_stop_at_last_layers": 2},
+        },
     ),
     ("automatic1111", "img2img"): (
         "/sdapi/v1/img2img",
-        {"prompt": "the same lighthouse in winter", "init_images": [png_base64()],
-         "denoising_strength": 0.55, "steps": 12, "resize_mode": 1},
+        {
+            "prompt": "the same lighthouse in winter",
+            "init_images": [png_base64()],
+            "denoising_strength": 0.55,
+            "steps": 12,
+            "resize_mode": 1,
+        },
     ),
     ("kandinsky", "text2img"): (
         "/text2img",
-        {"prompt": "a red fox in snow", "steps": 30, "guidance_scale": 4, "prior_steps": "5",
-         "width": 768, "height": 512, "negative_decoder_prompt": "text"},
+        {
+            "prompt": "a red fox in snow",
+            "steps": 30,
+            "guidance_scale": 4,
+            "prior_steps": "5",
+            "width": 768,
+            "height": 512,
+            "negative_decoder_prompt": "text",
+        },
     ),
     ("kandinsky", "mix2img"): (
         "/mix2images",
-        {"images_texts": ["a cat", png_base64((0, 0, 255)), "data:image/png;base64," + png_base64(), "a dog"],
-         "weights": [0.3, 0.2, 0.2, 0.3], "steps": 25},
+        {
+            "images_texts": ["a cat", png_base64((0, 0, 255)), "data:image/png;base64," + png_base64(), "a dog"],
+            "weights": [0.3, 0.2, 0.2, 0.3],
+            "steps": 25,
+        },
     ),
 }
 
@@ -48,7 +71,8 @@ def assert_jpeg(data: bytes) -> None:
 
 @pytest.mark.parametrize(("executor", "gen_type"), list(PAIRS))
 async def test_each_pair_goes_queued_generating_ok_with_the_payload_unchanged(
-        start_backend, start_balancer, executor, gen_type):
+    start_backend, start_balancer, executor, gen_type
+):
     route, payload = PAIRS[(executor, gen_type)]
     a1111 = await start_backend("automatic1111")
     kandinsky = await start_backend("kandinsky")
@@ -114,8 +138,7 @@ async def test_a_backend_error_ends_the_request_with_its_reason(start_backend, s
     balancer = await start_balancer([a1111])
     bot = await balancer.connect("telegram")
 
-    queued = await bot.submit(request_message("automatic1111", "text2img",
-                                              {"prompt": "x", "sampler_name": "Nope"}))
+    queued = await bot.submit(request_message("automatic1111", "text2img", {"prompt": "x", "sampler_name": "Nope"}))
     done = await bot.final(queued["object_id"])
 
     assert done["gen_status"] == "error"
@@ -125,9 +148,16 @@ async def test_a_backend_error_ends_the_request_with_its_reason(start_backend, s
 
 
 async def test_with_every_backend_down_a_request_waits_queued_then_ends_with_a_clear_error(
-        start_balancer, unused_tcp_port_factory):
-    dead = {"name": "gpu-gone", "gpu": "3060", "timeout": 5, "model": "sd15",
-            "exec_type": "automatic1111", "endpoint": f"http://127.0.0.1:{unused_tcp_port_factory()}"}
+    start_balancer, unused_tcp_port_factory
+):
+    dead = {
+        "name": "gpu-gone",
+        "gpu": "3060",
+        "timeout": 5,
+        "model": "sd15",
+        "exec_type": "automatic1111",
+        "endpoint": f"http://127.0.0.1:{unused_tcp_port_factory()}",
+    }
     balancer = await start_balancer([dead], MAX_QUEUE_WAIT_S=0.5, PROBE_BACKOFF_MAX_S=0.1)
     bot = await balancer.connect("telegram")
 
@@ -140,12 +170,14 @@ async def test_with_every_backend_down_a_request_waits_queued_then_ends_with_a_c
     assert "No automatic1111 backend is in service right now (gpu-gone: " in notice["content"]
     assert bot.statuses(queued["object_id"]) == ["queued", "error"]
     assert done["result"]["content"].startswith(
-        "No automatic1111 backend took this request within 0.5 s (gpu-gone: unhealthy (health probe failed")
+        "No automatic1111 backend took this request within 0.5 s (gpu-gone: unhealthy (health probe failed"
+    )
     assert done["result"]["content"].endswith("It was not generated.")
 
 
 async def test_a_lone_backend_answering_something_that_is_not_an_image_fails_after_every_attempt(
-        start_backend, start_balancer):
+    start_backend, start_balancer
+):
     kandinsky = await start_backend("kandinsky")
     kandinsky.state.fail_status = 200
     kandinsky.state.fail_body = {"not": "an image"}

@@ -11,8 +11,8 @@ import sqlite3
 import time
 
 from app import keys
-from tests.bots import request_message, wait_until
-from tests.images import broken_png_base64
+from bench.bots import request_message, wait_until
+from bench.images import broken_png_base64
 from tests.conftest import SERVICE_KEYS
 
 TELEGRAM = {"authorization": SERVICE_KEYS["telegram"], "service": "telegram"}
@@ -27,7 +27,8 @@ async def test_deep_nesting_is_refused_at_intake_on_both_transports(start_backen
     bot = await balancer.connect("telegram")
     for depth in (33, 975, 100_000):
         text = json.dumps(request_message("kandinsky", "text2img", {"prompt": "x"})).replace(
-            '"chat_id": 10', f'"chat_id": 10, "deep": {nested(depth)}')
+            '"chat_id": 10', f'"chat_id": 10, "deep": {nested(depth)}'
+        )
         await bot.send(text)
         answer = await bot.next_message()
         assert answer["info_type"] == "error"
@@ -50,16 +51,20 @@ async def test_a_stored_row_that_cannot_be_read_back_does_not_stop_a_restart(sta
     await balancer.client.close()
     # A row as an earlier release could store it: service_info nested 100,000 levels.
     with sqlite3.connect(balancer.config.database_path) as db:
-        db.execute("INSERT INTO requests (object_id, service, executor, gen_type, settings, service_info,"
-                   " payload, status, created_at) VALUES (?, 'telegram', 'kandinsky', 'text2img', '{}', ?,"
-                   " '{\"prompt\": \"x\"}', 'queued', ?)", ("6b0000000000000000000001", nested(100_000), time.time()))
+        db.execute(
+            "INSERT INTO requests (object_id, service, executor, gen_type, settings, service_info,"
+            " payload, status, created_at) VALUES (?, 'telegram', 'kandinsky', 'text2img', '{}', ?,"
+            " '{\"prompt\": \"x\"}', 'queued', ?)",
+            ("6b0000000000000000000001", nested(100_000), time.time()),
+        )
 
     restarted = await start_balancer([gpu])
     assert (await restarted.client.get("/health")).status == 200
     assert (await restarted.client.get("/status.json")).status == 200
     with sqlite3.connect(restarted.config.database_path) as db:
-        status, result = db.execute("SELECT status, result FROM requests WHERE object_id = ?",
-                                    ("6b0000000000000000000001",)).fetchone()
+        status, result = db.execute(
+            "SELECT status, result FROM requests WHERE object_id = ?", ("6b0000000000000000000001",)
+        ).fetchone()
     assert status == "error" and "cannot be read back" in json.loads(result)["content"]
     bot = await restarted.connect("telegram")  # the queue works
     queued = await bot.submit(request_message("kandinsky", "text2img", {"prompt": "after"}))
@@ -71,7 +76,8 @@ async def test_nan_and_infinity_are_refused(start_backend, start_balancer):
     bot = await balancer.connect("telegram")
     for constant in ("NaN", "Infinity", "-Infinity"):
         text = json.dumps(request_message("automatic1111", "text2img", {"prompt": "x"})).replace(
-            '"prompt": "x"', f'"prompt": "x", "cfg_scale": {constant}')
+            '"prompt": "x"', f'"prompt": "x", "cfg_scale": {constant}'
+        )
         await bot.send(text)
         answer = await bot.next_message()
         assert answer["info_type"] == "error" and f"{constant} is not a number JSON allows" in answer["content"]
@@ -86,7 +92,9 @@ async def test_the_size_limit_counts_bytes_on_both_transports(start_backend, sta
     await bot.send(text)
     answer = await bot.next_message()
     assert answer["gen_status"] == "error"
-    assert f"Message is {len(text.encode())} bytes, over this server's limit of 2000 bytes" in answer["result"]["content"]
+    assert (
+        f"Message is {len(text.encode())} bytes, over this server's limit of 2000 bytes" in answer["result"]["content"]
+    )
     assert answer["service_info"] == message["service_info"]  # the bot can still route it
 
     response = await balancer.client.post("/api/v1/requests", headers=TELEGRAM, data=text.encode())
@@ -103,9 +111,11 @@ async def test_a_key_that_is_not_utf8_is_refused_with_401(start_backend, start_b
     balancer = await start_balancer([await start_backend("kandinsky")])
     server = balancer.client.server
     reader, writer = await asyncio.open_connection(server.host, server.port)
-    writer.write(b"GET /ws/telegram HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                 b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
-                 b"service: telegram\r\nauthorization: \xff\xfe\x80key\r\n\r\n")
+    writer.write(
+        b"GET /ws/telegram HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+        b"service: telegram\r\nauthorization: \xff\xfe\x80key\r\n\r\n"
+    )
     await writer.drain()
     status_line = await asyncio.wait_for(reader.readline(), 5)
     writer.close()
@@ -132,17 +142,27 @@ async def test_many_unknown_keys_get_a_bounded_answer_while_health_keeps_answeri
     assert len(json.dumps(notice)) < 5000
     await wait_until(lambda: len(gpu.state.received) == 1, timeout_s=60)
     assert len(gpu.state.received[0].body) == 500_001  # forwarded whole all the same
-    print("longest /health answer while the frame was handled: %.2f s" % max(t for _, t in health_answers))
+    print(f"longest /health answer while the frame was handled: {max(t for _, t in health_answers):.2f} s")
 
 
 async def test_a_log_line_cannot_be_forged_with_a_newline_in_a_key(start_backend, start_balancer, caplog):
     balancer = await start_balancer([await start_backend("kandinsky")])
     bot = await balancer.connect("telegram")
-    await bot.send({"message_type": "request", "executor": "kandinsky", "gen_type": "text2img",
-                    "service_info": {"user_id": "x\nINFO forged line"}, "payload": {"prompt": "x"}})
+    await bot.send(
+        {
+            "message_type": "request",
+            "executor": "kandinsky",
+            "gen_type": "text2img",
+            "service_info": {"user_id": "x\nINFO forged line"},
+            "payload": {"prompt": "x"},
+        }
+    )
     await bot.next_message()
-    assert not any("forged line" in line and not line.startswith("refused") for record in caplog.records
-                   for line in record.getMessage().splitlines()[1:])
+    assert not any(
+        "forged line" in line and not line.startswith("refused")
+        for record in caplog.records
+        for line in record.getMessage().splitlines()[1:]
+    )
     assert balancer.app[keys.SCHEDULER].running
 
 
@@ -180,8 +200,9 @@ async def test_a_stream_of_poison_requests_takes_no_backend_out(start_backend, s
         poison_ids, normal_sent = [], {}
         for n in range(12):
             if with_poison:
-                poison = await poisoner.submit(request_message(
-                    "automatic1111", "img2img", {"prompt": "p", "init_images": [broken_png_base64()]}))
+                poison = await poisoner.submit(
+                    request_message("automatic1111", "img2img", {"prompt": "p", "init_images": [broken_png_base64()]})
+                )
                 poison_ids.append(poison["object_id"])
             queued = await normal.submit(request_message("automatic1111", "text2img", {"prompt": f"normal {n}"}))
             normal_sent[queued["object_id"]] = time.monotonic()
@@ -201,5 +222,7 @@ async def test_a_stream_of_poison_requests_takes_no_backend_out(start_backend, s
 
     assert not any("taken out of service" in record.getMessage() for record in caplog.records)
     assert {backend["state"] for backend in balancer.app[keys.SCHEDULER].backends_status()} <= {"healthy", "busy"}
-    print(f"12 normal requests alone: median {alone[6]:.2f} s, worst {alone[-1]:.2f} s; beside 12 "
-          f"poison requests: median {latencies[6]:.2f} s, worst {latencies[-1]:.2f} s")
+    print(
+        f"12 normal requests alone: median {alone[6]:.2f} s, worst {alone[-1]:.2f} s; beside 12 "
+        f"poison requests: median {latencies[6]:.2f} s, worst {latencies[-1]:.2f} s"
+    )

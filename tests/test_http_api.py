@@ -8,14 +8,19 @@ import asyncio
 import pytest
 
 from app import keys
-from tests.bots import request_message, wait_until
+from bench.bots import request_message, wait_until
 from tests.conftest import SERVICE_KEYS
 
 TELEGRAM = {"authorization": SERVICE_KEYS["telegram"], "service": "telegram"}
 DISCORD = {"authorization": SERVICE_KEYS["discord"], "service": "discord"}
-KEYED_ROUTES = [("POST", "/api/v1/requests"), ("GET", "/api/v1/requests/" + "0" * 24),
-                ("POST", "/api/v1/requests/" + "0" * 24 + "/cancel"), ("GET", "/api/v1/queues"),
-                ("GET", "/api/v1/backends"), ("GET", "/api/v1/mirrors")]
+KEYED_ROUTES = [
+    ("POST", "/api/v1/requests"),
+    ("GET", "/api/v1/requests/" + "0" * 24),
+    ("POST", "/api/v1/requests/" + "0" * 24 + "/cancel"),
+    ("GET", "/api/v1/queues"),
+    ("GET", "/api/v1/backends"),
+    ("GET", "/api/v1/mirrors"),
+]
 
 
 def assert_error_shape(body: dict, status: int) -> None:
@@ -42,8 +47,11 @@ async def fetch_until_final(client, object_id: str, headers: dict) -> dict:
 
 
 async def test_an_unknown_payload_key_is_accepted_and_reported_in_the_notices(balancer):
-    response = await balancer.client.post("/api/v1/requests", headers=TELEGRAM, json=request_message(
-        "kandinsky", "text2img", {"prompt": "via http", "guidance_scael": 5}))
+    response = await balancer.client.post(
+        "/api/v1/requests",
+        headers=TELEGRAM,
+        json=request_message("kandinsky", "text2img", {"prompt": "via http", "guidance_scael": 5}),
+    )
     queued = await response.json()
     assert response.status == 202 and queued["gen_status"] == "queued"
     [notice] = queued["notices"]
@@ -55,8 +63,9 @@ async def test_an_unknown_payload_key_is_accepted_and_reported_in_the_notices(ba
 async def test_submit_then_fetch_the_result_over_http(balancer):
     client = balancer.client
     bot = await balancer.connect("telegram")  # a websocket of the same service hears nothing of it
-    response = await client.post("/api/v1/requests", headers=TELEGRAM,
-                                 json=request_message("kandinsky", "text2img", {"prompt": "via http"}))
+    response = await client.post(
+        "/api/v1/requests", headers=TELEGRAM, json=request_message("kandinsky", "text2img", {"prompt": "via http"})
+    )
     queued = await response.json()
     assert response.status == 202
     assert (queued["gen_status"], queued["service"], queued["notices"]) == ("queued", "telegram", [])
@@ -72,11 +81,11 @@ async def test_submit_then_fetch_the_result_over_http(balancer):
 
 async def test_only_the_submitting_service_may_fetch_or_cancel(balancer):
     client = balancer.client
-    response = await client.post("/api/v1/requests", headers=TELEGRAM,
-                                 json=request_message("kandinsky", "text2img", {"prompt": "mine"}))
+    response = await client.post(
+        "/api/v1/requests", headers=TELEGRAM, json=request_message("kandinsky", "text2img", {"prompt": "mine"})
+    )
     object_id = (await response.json())["object_id"]
-    for method, path in (("GET", f"/api/v1/requests/{object_id}"),
-                         ("POST", f"/api/v1/requests/{object_id}/cancel")):
+    for method, path in (("GET", f"/api/v1/requests/{object_id}"), ("POST", f"/api/v1/requests/{object_id}/cancel")):
         response = await client.request(method, path, headers=DISCORD)
         assert response.status == 404
         body = await response.json()
@@ -91,8 +100,9 @@ async def test_cancel_over_http(balancer):
     balancer.gpu.state.gate.clear()
     ids = []
     for prompt in ("running", "waiting"):
-        response = await client.post("/api/v1/requests", headers=TELEGRAM,
-                                     json=request_message("kandinsky", "text2img", {"prompt": prompt}))
+        response = await client.post(
+            "/api/v1/requests", headers=TELEGRAM, json=request_message("kandinsky", "text2img", {"prompt": prompt})
+        )
         ids.append((await response.json())["object_id"])
 
     response = await client.post(f"/api/v1/requests/{ids[1]}/cancel", headers=TELEGRAM)
@@ -108,24 +118,41 @@ async def test_cancel_over_http(balancer):
 
 
 @pytest.mark.parametrize(("method", "path"), KEYED_ROUTES)
-@pytest.mark.parametrize("headers", [{}, {"service": "telegram", "authorization": "wrong"},
-                                     {"service": "nosuch", "authorization": SERVICE_KEYS["telegram"]},
-                                     {"authorization": SERVICE_KEYS["telegram"]}])
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"service": "telegram", "authorization": "wrong"},
+        {"service": "nosuch", "authorization": SERVICE_KEYS["telegram"]},
+        {"authorization": SERVICE_KEYS["telegram"]},
+    ],
+)
 async def test_every_keyed_route_refuses_a_bad_key_in_the_error_shape(balancer, method, path, headers):
     response = await balancer.client.request(method, path, headers=headers, json={})
     assert response.status == 401
     assert_error_shape(await response.json(), 401)
 
 
-@pytest.mark.parametrize(("body", "message", "field"), [
-    ("{not json", "Body is not valid JSON", None),
-    (b"!Lij\xff\xfe", "Body is not UTF-8 text: invalid start byte at byte 4.", None),
-    ("[1]", "Body must be a JSON object.", None),
-    ('{"message_type": "request", "executor": "dalle", "gen_type": "text2img", "service_info": '
-     '{"user_id": 1}, "payload": {}}', "executor: Must be one of", "executor"),
-    ('{"message_type": "request", "executor": "kandinsky", "gen_type": "text2img", "service_info": '
-     '{"user_id": 1}, "payload": {"promt": "x"}}', "payload.prompt: text2img needs a prompt", "payload"),
-])
+@pytest.mark.parametrize(
+    ("body", "message", "field"),
+    [
+        ("{not json", "Body is not valid JSON", None),
+        (b"!Lij\xff\xfe", "Body is not UTF-8 text: invalid start byte at byte 4.", None),
+        ("[1]", "Body must be a JSON object.", None),
+        (
+            '{"message_type": "request", "executor": "dalle", "gen_type": "text2img", "service_info": '
+            '{"user_id": 1}, "payload": {}}',
+            "executor: Must be one of",
+            "executor",
+        ),
+        (
+            '{"message_type": "request", "executor": "kandinsky", "gen_type": "text2img", "service_info": '
+            '{"user_id": 1}, "payload": {"promt": "x"}}',
+            "payload.prompt: text2img needs a prompt",
+            "payload",
+        ),
+    ],
+)
 async def test_bad_bodies_are_refused_naming_the_fields(balancer, body, message, field):
     response = await balancer.client.post("/api/v1/requests", headers=TELEGRAM, data=body)
     assert response.status == 400
@@ -146,13 +173,19 @@ async def test_operator_views(balancer):
     client = balancer.client
     balancer.gpu.state.gate.clear()
     for premium in (0, 0, 1):
-        await client.post("/api/v1/requests", headers=TELEGRAM,
-                          json=request_message("kandinsky", "text2img", {"prompt": "q"}, premium=premium))
+        await client.post(
+            "/api/v1/requests",
+            headers=TELEGRAM,
+            json=request_message("kandinsky", "text2img", {"prompt": "q"}, premium=premium),
+        )
     await wait_until(lambda: balancer.gpu.state.received)
 
     queues = {q["executor"]: q for q in await (await client.get("/api/v1/queues", headers=TELEGRAM)).json()}
-    assert (queues["kandinsky"]["general_waiting"], queues["kandinsky"]["premium_waiting"],
-            queues["kandinsky"]["generating"]) == (1, 1, 1)
+    assert (
+        queues["kandinsky"]["general_waiting"],
+        queues["kandinsky"]["premium_waiting"],
+        queues["kandinsky"]["generating"],
+    ) == (1, 1, 1)
     assert queues["kandinsky"]["eta_new_general_s"] > 0
     assert queues["automatic1111"]["backends"] == 0 and queues["automatic1111"]["eta_new_general_s"] is None
 

@@ -14,9 +14,19 @@ from app.lifecycle import Phase, TrackedRequest, WrongPhase
 
 
 def tracked_request() -> TrackedRequest:
-    return TrackedRequest(Job(object_id=new_object_id(), service="telegram", executor=ExecutorType.KANDINSKY,
-                              gen_type=GenType.TEXT2IMG, premium=False, settings={}, service_info={"user_id": 1},
-                              payload={"prompt": "x"}, created_at=time.time()))
+    return TrackedRequest(
+        Job(
+            object_id=new_object_id(),
+            service="telegram",
+            executor=ExecutorType.KANDINSKY,
+            gen_type=GenType.TEXT2IMG,
+            premium=False,
+            settings={},
+            service_info={"user_id": 1},
+            payload={"prompt": "x"},
+            created_at=time.time(),
+        )
+    )
 
 
 async def idle() -> None:

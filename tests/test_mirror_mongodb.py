@@ -21,10 +21,10 @@ from app.ids import new_object_id
 from app.jobs import ExecutorType, GenType, Job, JobStatus
 from app.mirrors.mongodb import MongoMirror, open_client
 from app.store import Store
-from tests.images import noisy_png_base64
-from tests.test_races import database_refusing_writes
-from tests.bots import request_message, wait_until
+from bench.bots import request_message, wait_until
+from bench.images import noisy_png_base64
 from tests.conftest import base_env
+from tests.test_races import database_refusing_writes
 
 
 def mongo_mirror(balancer) -> MongoMirror:
@@ -32,12 +32,12 @@ def mongo_mirror(balancer) -> MongoMirror:
 
 
 async def test_each_request_has_a_record_with_its_final_status(start_backend, start_balancer, mongo_server):
-    balancer = await start_balancer([await start_backend("automatic1111", name="gpu-a")],
-                                    **mongo_server.env())
+    balancer = await start_balancer([await start_backend("automatic1111", name="gpu-a")], **mongo_server.env())
     bot = await balancer.connect("discord")
     image = noisy_png_base64()
-    queued = await bot.submit(request_message("automatic1111", "img2img",
-                                              {"prompt": "winter", "init_images": [image], "steps": 5}))
+    queued = await bot.submit(
+        request_message("automatic1111", "img2img", {"prompt": "winter", "init_images": [image], "steps": 5})
+    )
     await bot.final(queued["object_id"])
 
     async def delivered_record() -> dict | None:
@@ -48,8 +48,12 @@ async def test_each_request_has_a_record_with_its_final_status(start_backend, st
     await wait_until(delivered_record)
     record = await delivered_record()
     assert record["_id"] == ObjectId(queued["object_id"])
-    assert (record["gen_status"], record["service"], record["backend"], record["attempts"]) == \
-        ("ok", "discord", "gpu-a", 1)
+    assert (record["gen_status"], record["service"], record["backend"], record["attempts"]) == (
+        "ok",
+        "discord",
+        "gpu-a",
+        1,
+    )
     assert record["result"]["file_name"] == f"{queued['object_id']}.jpg"
     assert record["payload"]["prompt"] == "winter"
     # The input image is summarized, not copied.
@@ -62,13 +66,13 @@ async def test_each_request_has_a_record_with_its_final_status(start_backend, st
 
 
 async def test_a_mongodb_outage_loses_nothing_and_nothing_regresses(
-        start_backend, start_balancer, mongo_server, caplog):
+    start_backend, start_balancer, mongo_server, caplog
+):
     if not mongo_server.stoppable:
         pytest.skip("a real MongoDB cannot be stopped from the test")
     caplog.set_level(logging.INFO, logger="app.mirrors.outbox")
     await mongo_server.stop()  # down before the balancer starts: start-up must not care
-    balancer = await start_balancer([await start_backend("kandinsky")], MIRROR_RETRY_MAX_S=0.2,
-                                    **mongo_server.env())
+    balancer = await start_balancer([await start_backend("kandinsky")], MIRROR_RETRY_MAX_S=0.2, **mongo_server.env())
     bot = await balancer.connect("telegram")
     ids = []
     for index in range(5):
@@ -96,9 +100,17 @@ async def test_a_mongodb_outage_loses_nothing_and_nothing_regresses(
 
 
 def make_job() -> Job:
-    return Job(object_id=new_object_id(), service="telegram", executor=ExecutorType.KANDINSKY,
-               gen_type=GenType.TEXT2IMG, premium=False, settings={}, service_info={"user_id": 1},
-               payload={"prompt": "x"}, created_at=time.time())
+    return Job(
+        object_id=new_object_id(),
+        service="telegram",
+        executor=ExecutorType.KANDINSKY,
+        gen_type=GenType.TEXT2IMG,
+        premium=False,
+        settings={},
+        service_info={"user_id": 1},
+        payload={"prompt": "x"},
+        created_at=time.time(),
+    )
 
 
 @contextlib.asynccontextmanager
@@ -120,10 +132,10 @@ async def test_an_older_version_written_late_does_not_overwrite_a_newer_one(tmp_
     async with mirror_on_a_store(tmp_path, mongo_server) as (store, mirror, _):
         job = make_job()
         await store.add(job)
-        stale = await store.outbox_batch("mongodb", 10)       # revision 1: queued
+        stale = await store.outbox_batch("mongodb", 10)  # revision 1: queued
         await store.claim(job, "gpu")
         job.status, job.result = JobStatus.OK, {"content_type": "text", "content": "x"}
-        await store.finish(job, 1.0)                           # revision 3: ok
+        await store.finish(job, 1.0)  # revision 3: ok
         mirror.start()
         await wait_until(lambda: mirror.health.state == "connected" and mirror.health.backlog == 0)
         # A retry of the first write arrives after the last one.
@@ -152,8 +164,18 @@ async def test_records_keep_the_original_products_document_shape(start_backend, 
 
     await wait_until(both_final)
     records = await both_final()
-    original_fields = {"object_id", "service", "message_type", "executor", "gen_type", "gen_status",
-                       "result", "settings", "service_info", "payload"}
+    original_fields = {
+        "object_id",
+        "service",
+        "message_type",
+        "executor",
+        "gen_type",
+        "gen_status",
+        "result",
+        "settings",
+        "service_info",
+        "payload",
+    }
     for object_id in (ok["object_id"], failed["object_id"]):
         assert original_fields <= set(records[object_id])
         assert records[object_id]["message_type"] == "response"
@@ -182,9 +204,17 @@ async def test_records_of_the_earlier_release_are_upgraded_at_start(tmp_path, mo
     old_id = new_object_id()
     async with mirror_on_a_store(tmp_path, mongo_server) as (_, mirror, database):
         await database["requests"].insert_one(
-            {"_id": ObjectId(old_id), "object_id": old_id, "service": "telegram", "executor": "kandinsky",
-             "gen_type": "text2img", "status": "ok", "revision": 4,
-             "result": {"content_type": "image_url", "content": "http://x/a.jpg", "file_name": f"{old_id}.jpg"}})
+            {
+                "_id": ObjectId(old_id),
+                "object_id": old_id,
+                "service": "telegram",
+                "executor": "kandinsky",
+                "gen_type": "text2img",
+                "status": "ok",
+                "revision": 4,
+                "result": {"content_type": "image_url", "content": "http://x/a.jpg", "file_name": f"{old_id}.jpg"},
+            }
+        )
         mirror.start()
         await wait_until(lambda: mirror.health.state == "connected")
         record = (await mongo_server.records())[old_id]
@@ -198,8 +228,7 @@ async def test_the_mirror_outlives_a_database_that_refuses_writes(start_backend,
     if not mongo_server.stoppable:
         pytest.skip("a real MongoDB cannot be stopped from the test")
     await mongo_server.stop()
-    balancer = await start_balancer([await start_backend("kandinsky")], MIRROR_RETRY_MAX_S=0.2,
-                                    **mongo_server.env())
+    balancer = await start_balancer([await start_backend("kandinsky")], MIRROR_RETRY_MAX_S=0.2, **mongo_server.env())
     bot = await balancer.connect("telegram")
     queued = await bot.submit(request_message("kandinsky", "text2img", {"prompt": "p"}))
     await bot.final(queued["object_id"])
@@ -217,4 +246,5 @@ async def test_the_mirror_outlives_a_database_that_refuses_writes(start_backend,
 def mongo_has(mongo_server, object_id: str):
     async def check() -> bool:
         return object_id in await mongo_server.records()
+
     return check

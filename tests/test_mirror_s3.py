@@ -10,7 +10,7 @@ import logging
 from PIL import Image
 
 from app import keys
-from tests.bots import request_message, wait_until
+from bench.bots import request_message, wait_until
 from tests.mirror_servers import IMAGE_ENDPOINT
 
 
@@ -26,8 +26,7 @@ def assert_jpeg(data: bytes) -> None:
 
 
 async def test_sync_upload_is_in_s3_before_the_ok(start_backend, start_balancer, s3_server):
-    balancer = await start_balancer([await start_backend("kandinsky")], SAVE_IMAGES_LOCALLY=0,
-                                    **s3_server.env())
+    balancer = await start_balancer([await start_backend("kandinsky")], SAVE_IMAGES_LOCALLY=0, **s3_server.env())
     bot = await balancer.connect("telegram")
 
     queued = await bot.submit(kandinsky_request("synced", sync=1))
@@ -35,8 +34,11 @@ async def test_sync_upload_is_in_s3_before_the_ok(start_backend, start_balancer,
     stored = await s3_server.objects()  # read right after the ok: it must already be there
 
     file_name = f"{queued['object_id']}.jpg"
-    assert done["result"] == {"content_type": "image_url", "content": IMAGE_ENDPOINT + file_name,
-                              "file_name": file_name}
+    assert done["result"] == {
+        "content_type": "image_url",
+        "content": IMAGE_ENDPOINT + file_name,
+        "file_name": file_name,
+    }
     assert list(stored) == [file_name]
     assert stored[file_name]["content_type"] == "image/jpeg"
     assert_jpeg(stored[file_name]["body"])
@@ -44,11 +46,11 @@ async def test_sync_upload_is_in_s3_before_the_ok(start_backend, start_balancer,
     assert list(balancer.config.spool_path.iterdir()) == []
 
 
-async def test_without_sync_the_ok_is_sent_at_once_and_the_upload_follows(
-        start_backend, start_balancer, s3_server):
+async def test_without_sync_the_ok_is_sent_at_once_and_the_upload_follows(start_backend, start_balancer, s3_server):
     await s3_server.stop()  # the upload cannot finish before the ok
-    balancer = await start_balancer([await start_backend("kandinsky")], SAVE_IMAGES_LOCALLY=0,
-                                    MIRROR_RETRY_MAX_S=0.2, **s3_server.env())
+    balancer = await start_balancer(
+        [await start_backend("kandinsky")], SAVE_IMAGES_LOCALLY=0, MIRROR_RETRY_MAX_S=0.2, **s3_server.env()
+    )
     bot = await balancer.connect("telegram")
 
     queued = await bot.submit(kandinsky_request("async", sync=0))
@@ -62,11 +64,15 @@ async def test_without_sync_the_ok_is_sent_at_once_and_the_upload_follows(
     assert list(await s3_server.objects()) == [f"{queued['object_id']}.jpg"]
 
 
-async def test_an_s3_outage_loses_no_image_and_uploads_each_once(
-        start_backend, start_balancer, s3_server, caplog):
+async def test_an_s3_outage_loses_no_image_and_uploads_each_once(start_backend, start_balancer, s3_server, caplog):
     caplog.set_level(logging.INFO, logger="app.mirrors.s3")
-    balancer = await start_balancer([await start_backend("kandinsky")], SAVE_IMAGES_LOCALLY=1,
-                                    S3_SYNC_TIMEOUT_S=0.3, MIRROR_RETRY_MAX_S=0.2, **s3_server.env())
+    balancer = await start_balancer(
+        [await start_backend("kandinsky")],
+        SAVE_IMAGES_LOCALLY=1,
+        S3_SYNC_TIMEOUT_S=0.3,
+        MIRROR_RETRY_MAX_S=0.2,
+        **s3_server.env(),
+    )
     bot = await balancer.connect("telegram")
     await s3_server.stop()
 
@@ -103,10 +109,12 @@ async def test_an_s3_outage_loses_no_image_and_uploads_each_once(
 
 
 async def test_a_missing_bucket_is_reported_at_start_up_and_nothing_stops(
-        start_backend, start_balancer, s3_server, caplog):
+    start_backend, start_balancer, s3_server, caplog
+):
     caplog.set_level(logging.INFO, logger="app.mirrors.outbox")
-    balancer = await start_balancer([await start_backend("kandinsky")],
-                                    **{**s3_server.env(), "S3_BUCKET_NAME": "no-such-bucket"})
+    balancer = await start_balancer(
+        [await start_backend("kandinsky")], **{**s3_server.env(), "S3_BUCKET_NAME": "no-such-bucket"}
+    )
     mirror = balancer.app[keys.MIRRORS][0]
     await wait_until(lambda: mirror.health.state == "down")
     assert "404" in mirror.health.last_error or "Not Found" in mirror.health.last_error

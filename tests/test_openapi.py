@@ -9,8 +9,8 @@ import sys
 
 from openapi_spec_validator import validate
 
+from bench.processes import REPO_ROOT, ServerProcess
 from tests.conftest import base_env
-from tests.processes import REPO_ROOT, ServerProcess
 
 DEMO_HEADERS = ["-H", "authorization: demo-key", "-H", "service: test"]
 
@@ -21,10 +21,12 @@ async def test_the_document_is_valid_and_lists_every_route(start_backend, start_
     document = await response.json()
     validate(document)
 
-    registered = {(route.method, route.resource.canonical) for route in balancer.app.router.routes()
-                  if route.method != "HEAD" and not route.resource.canonical.startswith("/docs/static")}
-    documented = {(method.upper(), path) for path, operations in document["paths"].items()
-                  for method in operations}
+    registered = {
+        (route.method, route.resource.canonical)
+        for route in balancer.app.router.routes()
+        if route.method != "HEAD" and not route.resource.canonical.startswith("/docs/static")
+    }
+    documented = {(method.upper(), path) for path, operations in document["paths"].items() for method in operations}
     assert documented == registered
     schemas = document["components"]["schemas"]
     # The websocket's messages are described too.
@@ -34,15 +36,30 @@ async def test_the_document_is_valid_and_lists_every_route(start_backend, start_
 
 async def test_schemathesis_finds_no_failures(tmp_path, unused_tcp_port_factory):
     port = unused_tcp_port_factory()
-    server = ServerProcess(base_env(tmp_path, port, TEST_MODE=1, SERVICES="", DEMO_DELAY_S=0,
-                                    LOGGING_LEVEL="WARNING"), tmp_path / "server.log")
+    server = ServerProcess(
+        base_env(tmp_path, port, TEST_MODE=1, SERVICES="", DEMO_DELAY_S=0, LOGGING_LEVEL="WARNING"),
+        tmp_path / "server.log",
+    )
     await server.start()
     try:
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "schemathesis.cli", "run", f"{server.base_url}/openapi.json",
-            *DEMO_HEADERS, "--max-examples", "40", "--exclude-path-regex", "^/ws",
-            "--seed", "20261127", cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+            sys.executable,
+            "-m",
+            "schemathesis.cli",
+            "run",
+            f"{server.base_url}/openapi.json",
+            *DEMO_HEADERS,
+            "--max-examples",
+            "40",
+            "--exclude-path-regex",
+            "^/ws",
+            "--seed",
+            "20261127",
+            cwd=tmp_path,
+            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
         async with asyncio.timeout(240):
             output, _ = await process.communicate()
     finally:

@@ -9,8 +9,17 @@ from app.queues import WeightedQueue
 
 
 def job(name: str, premium: bool, cost: float = 1.0) -> Job:
-    made = Job(object_id=name, service="s", executor=ExecutorType.KANDINSKY, gen_type=GenType.TEXT2IMG,
-               premium=premium, settings={}, service_info={}, payload={}, created_at=time.time())
+    made = Job(
+        object_id=name,
+        service="s",
+        executor=ExecutorType.KANDINSKY,
+        gen_type=GenType.TEXT2IMG,
+        premium=premium,
+        settings={},
+        service_info={},
+        payload={},
+        created_at=time.time(),
+    )
     made.cost_units = cost
     return made
 

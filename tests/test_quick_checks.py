@@ -14,7 +14,7 @@ from marshmallow import ValidationError
 from app import fast_checks, payloads, schemas
 from app.jobs import SUPPORTED_GEN_TYPES, ExecutorType, GenType, Job
 from app.payloads import PAYLOAD_SCHEMAS, check_payload
-from tests.images import png_base64
+from bench.images import png_base64
 
 PROPERTY_SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 IMAGE = png_base64()
@@ -22,13 +22,23 @@ IMAGE = png_base64()
 # Values of every JSON type, including the edges the checks must not wave through: bools where
 # numbers go, whole floats, out-of-range numbers, empty strings, nulls, broken base64.
 scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(-5, 5), st.integers(-(2 ** 70), 2 ** 70),
+    st.none(),
+    st.booleans(),
+    st.integers(-5, 5),
+    st.integers(-(2**70), 2**70),
     st.sampled_from([0, 1, 2, 3, 8192, 8193, 1000, 1001, 64, 65, -1]),
-    st.floats(allow_nan=False, allow_infinity=False), st.sampled_from([0.5, 1.0, 5.0, 8.0, 9.0, -0.0]),
-    st.text(max_size=8), st.sampled_from(["", "5", " 7 ", IMAGE, "data:image/png;base64," + IMAGE,
-                                          IMAGE[:-2], "iVBORw0KGgo", "request", "automatic1111"]))
-values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=5), inner, max_size=4),
-                      max_leaves=8)
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.sampled_from([0.5, 1.0, 5.0, 8.0, 9.0, -0.0]),
+    st.text(max_size=8),
+    st.sampled_from(
+        ["", "5", " 7 ", IMAGE, "data:image/png;base64," + IMAGE, IMAGE[:-2], "iVBORw0KGgo", "request", "automatic1111"]
+    ),
+)
+values = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=5), inner, max_size=4),
+    max_leaves=8,
+)
 
 
 def schema_accepts(schema, data) -> bool:
@@ -64,24 +74,33 @@ def test_check_payload_refuses_exactly_what_the_whole_schema_refuses(key, data):
     assert quick_says == schema_accepts(schema, payload), payload
 
 
-settings_dicts = st.dictionaries(st.sampled_from(["premium", "moderate", "sync_with_s3", "require_ack", "extra"]),
-                                 values, max_size=5)
-service_infos = st.dictionaries(st.sampled_from(["user_id", "chat_id", "message_id", "request_id", "x"]),
-                                values, max_size=5)
+settings_dicts = st.dictionaries(
+    st.sampled_from(["premium", "moderate", "sync_with_s3", "require_ack", "extra"]), values, max_size=5
+)
+service_infos = st.dictionaries(
+    st.sampled_from(["user_id", "chat_id", "message_id", "request_id", "x"]), values, max_size=5
+)
 envelopes = st.fixed_dictionaries(
-    {"message_type": st.sampled_from(["request", "info", 5]),
-     "executor": st.sampled_from(["automatic1111", "kandinsky", "other", None]),
-     "gen_type": st.sampled_from(["text2img", "img2img", "mix2img", "nope"]),
-     "service_info": service_infos | values, "payload": st.just({"prompt": "p"}) | values},
-    optional={"settings": settings_dicts | values, "stray": values})
+    {
+        "message_type": st.sampled_from(["request", "info", 5]),
+        "executor": st.sampled_from(["automatic1111", "kandinsky", "other", None]),
+        "gen_type": st.sampled_from(["text2img", "img2img", "mix2img", "nope"]),
+        "service_info": service_infos | values,
+        "payload": st.just({"prompt": "p"}) | values,
+    },
+    optional={"settings": settings_dicts | values, "stray": values},
+)
 
 
 @PROPERTY_SETTINGS
 @given(message=envelopes)
 def test_a_message_loads_the_same_quickly_or_through_the_schemas(message):
     for schema in (schemas.RequestMessageSchema(), schemas.SettingsSchema(), schemas.ServiceInfoSchema()):
-        data = message if isinstance(schema, schemas.RequestMessageSchema) else message.get(
-            "settings" if isinstance(schema, schemas.SettingsSchema) else "service_info")
+        data = (
+            message
+            if isinstance(schema, schemas.RequestMessageSchema)
+            else message.get("settings" if isinstance(schema, schemas.SettingsSchema) else "service_info")
+        )
         quick = fast_checks.QuickLoader(schema).load(data)
         if quick is not None:
             assert quick == schema.load(data), data
@@ -93,7 +112,7 @@ def test_parse_request_answers_as_the_schemas_alone_would(message):
     """The quick path changes nothing a client sees: the same request, or the same refusal."""
     try:
         parsed = schemas.parse_request(message)
-    except Exception as exc:  # noqa: BLE001 - compared below
+    except Exception as exc:
         parsed = exc
     expected_ok = True
     try:
@@ -110,9 +129,17 @@ def test_parse_request_answers_as_the_schemas_alone_would(message):
 
 
 def test_the_queued_answer_is_what_the_response_schema_dumps():
-    job = Job(object_id="0" * 24, service="telegram", executor=ExecutorType.AUTOMATIC1111,
-              gen_type=GenType.TEXT2IMG, premium=False, settings={}, service_info={"user_id": 7},
-              payload={"prompt": "p"}, created_at=0.0)
+    job = Job(
+        object_id="0" * 24,
+        service="telegram",
+        executor=ExecutorType.AUTOMATIC1111,
+        gen_type=GenType.TEXT2IMG,
+        premium=False,
+        settings={},
+        service_info={"user_id": 7},
+        payload={"prompt": "p"},
+        created_at=0.0,
+    )
     for avg_time in (None, 3, 2.5):
         built = schemas.short_response(job, "queued", avg_time)
         dumped = schemas.ResponseSchema().dump({**built})
@@ -120,9 +147,21 @@ def test_the_queued_answer_is_what_the_response_schema_dumps():
 
 
 @PROPERTY_SETTINGS
-@given(start=st.sampled_from(["iVBORw0KGgoAAAANSUhEUg", "/9j/", "R0lGODlh", "UklGRiQAAABXRUJQ", "SUkqAAgA",
-                              "data:image/png;base64,iVBORw0KGgo", "data:text/plain;base64,/9j/", ""]),
-       rest=st.text(alphabet="ABCabc0129+/=-_ \n.é", max_size=12))
+@given(
+    start=st.sampled_from(
+        [
+            "iVBORw0KGgoAAAANSUhEUg",
+            "/9j/",
+            "R0lGODlh",
+            "UklGRiQAAABXRUJQ",
+            "SUkqAAgA",
+            "data:image/png;base64,iVBORw0KGgo",
+            "data:text/plain;base64,/9j/",
+            "",
+        ]
+    ),
+    rest=st.text(alphabet="ABCabc0129+/=-_ \n.é", max_size=12),
+)
 def test_the_image_check_matches_the_pattern_the_openapi_document_publishes(start, rest):
     text = start + rest
     assert payloads.is_base64_image(text) == bool(re.fullmatch(payloads.BASE64_IMAGE_PATTERN, text)), text

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from app import keys
 from app.lifecycle import Phase
-from tests.bots import request_message, wait_until
+from bench.bots import request_message, wait_until
 from tests.test_cancel_and_progress import cancel_action
 
 
@@ -38,7 +38,8 @@ async def a_gpu_that_holds_its_jobs(start_backend, start_balancer):
 
 
 async def test_cancelling_a_request_that_waits_to_be_retried_leaves_the_running_job_alone(
-        start_backend, start_balancer):
+    start_backend, start_balancer
+):
     gpu = await start_backend("kandinsky")
     balancer = await start_balancer([gpu], RETRY_BACKOFF_S=30, BREAKER_FAILURES=10)
     scheduler = balancer.app[keys.SCHEDULER]
@@ -65,8 +66,7 @@ async def test_cancelling_a_request_that_waits_to_be_retried_leaves_the_running_
     assert [call.body["prompt"] for call in gpu.state.received] == ["A", "B"]
 
 
-async def test_a_cancel_while_the_answer_is_stored_is_too_late_and_the_final_comes_once(
-        start_backend, start_balancer):
+async def test_a_cancel_while_the_answer_is_stored_is_too_late_and_the_final_comes_once(start_backend, start_balancer):
     gpu, balancer, bot = await a_gpu_that_holds_its_jobs(start_backend, start_balancer)
     queued = await bot.submit(request_message("kandinsky", "text2img", {"prompt": "a fox"}))
     await wait_until(lambda: gpu.state.running == 1)
@@ -83,13 +83,14 @@ async def test_a_cancel_while_the_answer_is_stored_is_too_late_and_the_final_com
     # The connection is fine, and nothing else arrives for the request.
     again = await bot.submit(request_message("kandinsky", "text2img", {"prompt": "next"}))
     await bot.final(again["object_id"])
-    assert [m["gen_status"] for m in bot.received
-            if m.get("object_id") == queued["object_id"] and m.get("message_type") == "response"
-            ] == ["queued", "generating", "ok"]
+    assert [
+        m["gen_status"]
+        for m in bot.received
+        if m.get("object_id") == queued["object_id"] and m.get("message_type") == "response"
+    ] == ["queued", "generating", "ok"]
 
 
-async def test_requests_resume_without_a_restart_once_the_database_takes_writes_again(
-        start_backend, start_balancer):
+async def test_requests_resume_without_a_restart_once_the_database_takes_writes_again(start_backend, start_balancer):
     gpu, balancer, bot = await a_gpu_that_holds_its_jobs(start_backend, start_balancer)
     running = await bot.submit(request_message("kandinsky", "text2img", {"prompt": "running"}))
     waiting = await bot.submit(request_message("kandinsky", "text2img", {"prompt": "waiting"}))
@@ -98,8 +99,9 @@ async def test_requests_resume_without_a_restart_once_the_database_takes_writes_
     with database_refusing_writes(balancer.config.database_path):
         gpu.state.gate.set()
         # Both are held: one cannot record its result, the next cannot record its claim.
-        notices = [await bot.next_message(lambda m: m.get("info_type") == "storage_retry", timeout_s=20)
-                   for _ in range(2)]
+        notices = [
+            await bot.next_message(lambda m: m.get("info_type") == "storage_retry", timeout_s=20) for _ in range(2)
+        ]
         assert {n["object_id"] for n in notices} == {running["object_id"], waiting["object_id"]}
         assert "database is locked" in notices[0]["content"]
     finals = [await bot.final(r["object_id"], timeout_s=20) for r in (running, waiting)]

@@ -8,9 +8,9 @@ import signal
 import aiohttp
 import pytest
 
-from tests.bots import Bot, request_message, wait_until
+from bench.bots import Bot, request_message, wait_until
+from bench.processes import ServerProcess
 from tests.conftest import SERVICE_KEYS, base_env, write_executors
-from tests.processes import ServerProcess
 
 
 @pytest.fixture
@@ -31,8 +31,9 @@ async def test_sighup_adds_disables_and_removes_backends(tmp_path, start_backend
     write_executors(tmp_path, [first])
     await server.start()
     async with aiohttp.ClientSession() as session:
-        ws = await session.ws_connect(f"{server.base_url}/ws/telegram",
-                                      headers={"authorization": SERVICE_KEYS["telegram"], "service": "telegram"})
+        ws = await session.ws_connect(
+            f"{server.base_url}/ws/telegram", headers={"authorization": SERVICE_KEYS["telegram"], "service": "telegram"}
+        )
         bot = Bot(ws)
         assert (await generate(bot, "before"))["gen_status"] == "ok"
 

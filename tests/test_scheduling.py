@@ -5,16 +5,15 @@ from __future__ import annotations
 import asyncio
 
 from app import keys
-from tests.images import noisy_png_base64
-from tests.bots import request_message
+from bench.bots import request_message
+from bench.images import noisy_png_base64
 
 
 async def fill_queue(bot, jobs: list[tuple[str, int]]) -> dict[str, str]:
     """Submit (prompt, premium) pairs; returns object_id -> prompt."""
     ids = {}
     for prompt, premium in jobs:
-        queued = await bot.submit(request_message("automatic1111", "text2img",
-                                                  {"prompt": prompt}, premium=premium))
+        queued = await bot.submit(request_message("automatic1111", "text2img", {"prompt": prompt}, premium=premium))
         assert queued["gen_status"] == "queued"
         ids[queued["object_id"]] = prompt
     return ids
@@ -43,7 +42,7 @@ async def test_ratio_1_3_gives_three_premium_per_general_while_both_wait(start_b
 
     # While both classes wait (the first 16 dispatches), every 4 hold 3 premium and 1 general.
     for window in range(0, 16, 4):
-        classes = [prompt[0] for prompt in order[window:window + 4]]
+        classes = [prompt[0] for prompt in order[window : window + 4]]
         assert sorted(classes) == ["g", "p", "p", "p"], order
     # Then only general requests are left: they follow without a premium slot left empty.
     assert order[16:] == ["g4", "g5", "g6", "g7"]
@@ -56,7 +55,7 @@ async def test_ratio_2_1_favours_general(start_backend, start_balancer):
     jobs = [(f"g{i}", 0) for i in range(6)] + [(f"p{i}", 1) for i in range(3)]
     order = await run_backlog(start_backend, start_balancer, jobs, GENERAL_PREMIUM_RATIO="2 1")
     for window in range(0, 9, 3):
-        assert sorted(p[0] for p in order[window:window + 3]) == ["g", "g", "p"], order
+        assert sorted(p[0] for p in order[window : window + 3]) == ["g", "g", "p"], order
 
 
 async def test_a_lone_class_is_served_in_arrival_order(start_backend, start_balancer):
@@ -65,8 +64,9 @@ async def test_a_lone_class_is_served_in_arrival_order(start_backend, start_bala
 
 
 async def test_general_only_is_served_in_arrival_order(start_backend, start_balancer):
-    general_only = await run_backlog(start_backend, start_balancer, [(f"g{i}", 0) for i in range(10)],
-                                     GENERAL_PREMIUM_RATIO="1 3")
+    general_only = await run_backlog(
+        start_backend, start_balancer, [(f"g{i}", 0) for i in range(10)], GENERAL_PREMIUM_RATIO="1 3"
+    )
     assert general_only == [f"g{i}" for i in range(10)]
 
 

@@ -13,17 +13,22 @@ import sys
 
 import aiohttp
 
-from tests.bots import Bot, request_message, wait_until
+from bench.bots import Bot, request_message, wait_until
+from bench.processes import REPO_ROOT, ServerProcess
 from tests.conftest import SERVICE_KEYS, base_env, write_executors
-from tests.processes import REPO_ROOT, ServerProcess
 
 
 async def run_to_exit(env: dict[str, str], cwd, timeout_s: float = 20.0) -> tuple[int, str]:
     """Start `python -m app` and wait for it to exit by itself."""
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "app", cwd=cwd,
+        sys.executable,
+        "-m",
+        "app",
+        cwd=cwd,
         env={"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(REPO_ROOT), **env},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
     async with asyncio.timeout(timeout_s):
         output, _ = await process.communicate()
     return process.returncode, output.decode()
@@ -35,20 +40,21 @@ def attempts_of(database_path, object_id: str) -> tuple[str, int]:
 
 
 async def connect(session: aiohttp.ClientSession, server: ServerProcess, service: str = "telegram") -> Bot:
-    ws = await session.ws_connect(f"{server.base_url}/ws/{service}",
-                                  headers={"authorization": SERVICE_KEYS[service], "service": service})
+    ws = await session.ws_connect(
+        f"{server.base_url}/ws/{service}", headers={"authorization": SERVICE_KEYS[service], "service": service}
+    )
     return Bot(ws)
 
 
 async def connect_demo(session: aiohttp.ClientSession, server: ServerProcess) -> Bot:
     """A bot of TEST_MODE's demo service."""
-    ws = await session.ws_connect(f"{server.base_url}/ws/test",
-                                  headers={"authorization": "demo-key", "service": "test"})
+    ws = await session.ws_connect(
+        f"{server.base_url}/ws/test", headers={"authorization": "demo-key", "service": "test"}
+    )
     return Bot(ws)
 
 
-async def test_a_second_server_on_the_same_database_refuses_to_start(tmp_path, start_backend,
-                                                                     unused_tcp_port_factory):
+async def test_a_second_server_on_the_same_database_refuses_to_start(tmp_path, start_backend, unused_tcp_port_factory):
     gpu = await start_backend("automatic1111")
     gpu.state.gate.clear()
     write_executors(tmp_path, [gpu])
@@ -64,8 +70,10 @@ async def test_a_second_server_on_the_same_database_refuses_to_start(tmp_path, s
             code, output = await run_to_exit(env, tmp_path)  # same database, same port
 
             assert code == 2
-            assert output.strip() == (f"devoid: cannot start: another server (pid {first.process.pid}) "
-                                      f"is already using DATABASE_PATH={env['DATABASE_PATH']}")
+            assert output.strip() == (
+                f"devoid: cannot start: another server (pid {first.process.pid}) "
+                f"is already using DATABASE_PATH={env['DATABASE_PATH']}"
+            )
             # The first server's job was not touched, let alone run twice.
             assert attempts_of(env["DATABASE_PATH"], queued["object_id"]) == ("generating", 1)
             assert len(gpu.state.received) == 1
@@ -84,8 +92,9 @@ async def test_a_port_in_use_or_an_unusable_folder_is_one_line_and_exit_2(tmp_pa
 
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    code, output = await run_to_exit(base_env(tmp_path, unused_tcp_port_factory(), TEST_MODE=1,
-                                              IMAGES_PATH=blocker / "images"), tmp_path)
+    code, output = await run_to_exit(
+        base_env(tmp_path, unused_tcp_port_factory(), TEST_MODE=1, IMAGES_PATH=blocker / "images"), tmp_path
+    )
     assert code == 2 and output.startswith(f"devoid: cannot start: IMAGES_PATH={blocker / 'images'} is not usable")
     assert len(output.strip().splitlines()) == 1
 
@@ -93,6 +102,7 @@ async def test_a_port_in_use_or_an_unusable_folder_is_one_line_and_exit_2(tmp_pa
 class socket_listening:
     def __init__(self, port: int) -> None:
         import socket
+
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", port))
         self.sock.listen()
@@ -105,8 +115,9 @@ class socket_listening:
 
 
 async def test_listening_is_logged_once_started_and_signals_are_logged(tmp_path, unused_tcp_port_factory):
-    server = ServerProcess(base_env(tmp_path, unused_tcp_port_factory(), TEST_MODE=1, SERVICES=""),
-                           tmp_path / "server.log")
+    server = ServerProcess(
+        base_env(tmp_path, unused_tcp_port_factory(), TEST_MODE=1, SERVICES=""), tmp_path / "server.log"
+    )
     await server.start()
     server.process.send_signal(signal.SIGTERM)
     assert await server.wait() == 0
@@ -117,8 +128,7 @@ async def test_listening_is_logged_once_started_and_signals_are_logged(tmp_path,
 
 
 async def test_a_second_ctrl_c_exits_at_once_and_loses_nothing(tmp_path, unused_tcp_port_factory):
-    env = base_env(tmp_path, unused_tcp_port_factory(), TEST_MODE=1, SERVICES="", DEMO_DELAY_S=30,
-                   SHUTDOWN_GRACE_S=60)
+    env = base_env(tmp_path, unused_tcp_port_factory(), TEST_MODE=1, SERVICES="", DEMO_DELAY_S=30, SHUTDOWN_GRACE_S=60)
     server = ServerProcess(env, tmp_path / "server.log")
     await server.start()
     async with aiohttp.ClientSession() as session:
@@ -133,7 +143,8 @@ async def test_a_second_ctrl_c_exits_at_once_and_loses_nothing(tmp_path, unused_
             code = await server.wait()
     assert code == 130
     assert server.log().strip().splitlines()[-1] == (
-        "devoid: SIGINT again during shutdown: exiting now; queued and running requests resume at the next start")
+        "devoid: SIGINT again during shutdown: exiting now; queued and running requests resume at the next start"
+    )
     assert "Traceback" not in server.log()
 
     restarted = ServerProcess({**env, "DEMO_DELAY_S": "0"}, tmp_path / "restarted.log")
@@ -147,8 +158,7 @@ async def test_a_second_ctrl_c_exits_at_once_and_loses_nothing(tmp_path, unused_
 
 
 async def test_test_mode_honours_the_shutdown_grace(tmp_path, unused_tcp_port_factory):
-    env = base_env(tmp_path, unused_tcp_port_factory(), TEST_MODE=1, SERVICES="", DEMO_DELAY_S=60,
-                   SHUTDOWN_GRACE_S=0.5)
+    env = base_env(tmp_path, unused_tcp_port_factory(), TEST_MODE=1, SERVICES="", DEMO_DELAY_S=60, SHUTDOWN_GRACE_S=0.5)
     server = ServerProcess(env, tmp_path / "server.log")
     await server.start()
     async with aiohttp.ClientSession() as session:
@@ -165,7 +175,8 @@ async def test_test_mode_honours_the_shutdown_grace(tmp_path, unused_tcp_port_fa
 
 
 async def test_an_abandoned_automatic1111_job_is_interrupted_and_not_counted_as_an_attempt(
-        tmp_path, start_backend, unused_tcp_port_factory):
+    tmp_path, start_backend, unused_tcp_port_factory
+):
     gpu = await start_backend("automatic1111", delay_s=60)
     write_executors(tmp_path, [gpu])
     env = base_env(tmp_path, unused_tcp_port_factory(), SHUTDOWN_GRACE_S=0.3, MAX_ATTEMPTS=1)
@@ -196,8 +207,9 @@ async def test_every_request_committed_before_sigterm_got_its_queued(tmp_path, u
     await server.start()
     heard: set[str] = set()
     async with aiohttp.ClientSession() as session:
-        ws = await session.ws_connect(f"{server.base_url}/ws/test",
-                                      headers={"authorization": "demo-key", "service": "test"})
+        ws = await session.ws_connect(
+            f"{server.base_url}/ws/test", headers={"authorization": "demo-key", "service": "test"}
+        )
         for n in range(400):
             await ws.send_str(json.dumps(request_message("kandinsky", "text2img", {"prompt": f"burst {n}"})))
         answered = 0

@@ -8,12 +8,20 @@ from pathlib import Path
 
 from playwright.async_api import async_playwright
 
-from tests.bots import request_message
+from bench.bots import request_message
 
 CHROMIUM = Path(os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium"))
 # Flags for a sandboxed, offline machine (no background network, no first-run work).
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
 
 
 async def test_the_status_page_shows_backends_and_a_finished_request(start_backend, start_balancer):

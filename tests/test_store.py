@@ -16,9 +16,17 @@ from app.store import Store, connect
 
 
 def new_job(**changes) -> Job:
-    fields = dict(object_id=new_object_id(), service="telegram", executor=ExecutorType.KANDINSKY,
-                  gen_type=GenType.TEXT2IMG, premium=False, settings={"premium": 0},
-                  service_info={"user_id": 1}, payload={"prompt": "x"}, created_at=time.time())
+    fields = dict(
+        object_id=new_object_id(),
+        service="telegram",
+        executor=ExecutorType.KANDINSKY,
+        gen_type=GenType.TEXT2IMG,
+        premium=False,
+        settings={"premium": 0},
+        service_info={"user_id": 1},
+        payload={"prompt": "x"},
+        created_at=time.time(),
+    )
     return Job(**(fields | changes))
 
 
@@ -88,8 +96,9 @@ async def test_one_bad_write_fails_alone(tmp_path):
     await store.add(existing)
     others = [new_job() for _ in range(5)]
     duplicate = new_job(object_id=existing.object_id)
-    results = await asyncio.gather(*(store.add(j) for j in [*others[:2], duplicate, *others[2:]]),
-                                   return_exceptions=True)
+    results = await asyncio.gather(
+        *(store.add(j) for j in [*others[:2], duplicate, *others[2:]]), return_exceptions=True
+    )
     assert [type(r).__name__ for r in results] == ["NoneType"] * 2 + ["IntegrityError"] + ["NoneType"] * 3
     assert len(await store.queued_jobs()) == 6
     await store.close()
@@ -139,7 +148,8 @@ async def test_a_database_from_the_first_release_upgrades_and_its_queue_resumes(
         await db.execute(
             "INSERT INTO requests (object_id, service, executor, gen_type, payload, status, created_at)"
             " VALUES ('6b0000000000000000000001', 'telegram', 'kandinsky', 'text2img',"
-            " '{\"prompt\": \"old\"}', 'generating', 1.0)")
+            " '{\"prompt\": \"old\"}', 'generating', 1.0)"
+        )
     finally:
         await db.close()
 
@@ -147,8 +157,12 @@ async def test_a_database_from_the_first_release_upgrades_and_its_queue_resumes(
     try:
         assert await store.requeue_interrupted() == 1
         [job] = await store.queued_jobs()
-        assert (job.object_id, job.payload, job.channel, job.attempts) == \
-            ("6b0000000000000000000001", {"prompt": "old"}, "ws", 0)
+        assert (job.object_id, job.payload, job.channel, job.attempts) == (
+            "6b0000000000000000000001",
+            {"prompt": "old"},
+            "ws",
+            0,
+        )
         assert job.revision == 1  # the requeue was the record's first change since the upgrade
     finally:
         await store.close()

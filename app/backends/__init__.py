@@ -1,1 +1,1 @@
-"""Clients for the GPU servers requests are balanced across (../shared/BACKENDS.md)."""
+"""Clients for the GPU servers requests are balanced across (docs/backends.md)."""

@@ -38,8 +38,9 @@ class Automatic1111Backend(Backend):
             try:
                 body = await response.json(content_type=None, loads=json_text.loads)
             except ValueError:
-                raise BackendFailed(f"backend {self.name} answered with a body that is not JSON",
-                                    kind="malformed") from None
+                raise BackendFailed(
+                    f"backend {self.name} answered with a body that is not JSON", kind="malformed"
+                ) from None
         images = body.get("images") if isinstance(body, dict) else None
         if not images or not isinstance(images[0], str):
             raise BackendFailed(f"backend {self.name} answered without an image", kind="malformed")
@@ -48,8 +49,9 @@ class Automatic1111Backend(Backend):
         try:
             return base64.b64decode(first, validate=True)
         except (binascii.Error, ValueError):
-            raise BackendFailed(f"backend {self.name} answered with an image that is not base64",
-                                kind="malformed") from None
+            raise BackendFailed(
+                f"backend {self.name} answered with an image that is not base64", kind="malformed"
+            ) from None
 
     async def _probe(self) -> str | None:
         # /memory answers in API-only and UI mode, even mid-generation; /internal/ping only
@@ -60,8 +62,7 @@ class Automatic1111Backend(Backend):
         return reason
 
     async def progress(self) -> Progress | None:
-        async with self._session.get(f"{self.api_url}/progress",
-                                     params={"skip_current_image": "true"}) as response:
+        async with self._session.get(f"{self.api_url}/progress", params={"skip_current_image": "true"}) as response:
             if response.status != 200:
                 return None
             body = await response.json(content_type=None, loads=json_text.loads)
@@ -69,8 +70,10 @@ class Automatic1111Backend(Backend):
         if not isinstance(fraction, (int, float)):
             return None
         eta = body.get("eta_relative")
-        return Progress(fraction=min(1.0, max(0.0, float(fraction))),
-                        eta_s=float(eta) if isinstance(eta, (int, float)) and eta >= 0 else None)
+        return Progress(
+            fraction=min(1.0, max(0.0, float(fraction))),
+            eta_s=float(eta) if isinstance(eta, (int, float)) and eta >= 0 else None,
+        )
 
     async def interrupt(self) -> bool:
         async with self._session.post(f"{self.api_url}/interrupt", json={}) as response:

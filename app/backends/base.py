@@ -32,13 +32,13 @@ class BackendSpec:
     timeout_s: float | None = None  # the least time a job gets on it; None = JOB_TIMEOUT_FLOOR_S
     gpu: str = ""
     model: str = ""
-    speed: float | None = None      # relative to the reference GPU (app/costs.py)
+    speed: float | None = None  # relative to the reference GPU (app/costs.py)
     disabled: bool = False
 
 
 @dataclass(frozen=True)
 class Progress:
-    fraction: float      # 0..1
+    fraction: float  # 0..1
     eta_s: float | None  # seconds left, as the backend estimates them
 
 
@@ -75,8 +75,7 @@ class Backend:
             async with asyncio.timeout(timeout_s):
                 return await self._call(gen_type, payload)
         except TimeoutError:
-            raise BackendFailed(f"backend {self.name} did not answer within {timeout_s:g} s",
-                                kind="timeout") from None
+            raise BackendFailed(f"backend {self.name} did not answer within {timeout_s:g} s", kind="timeout") from None
         except aiohttp.ClientConnectionError as exc:
             raise BackendFailed(f"backend {self.name} is unreachable: {exc}", kind="refused") from None
         except aiohttp.ClientError as exc:
@@ -88,8 +87,7 @@ class Backend:
         try:
             return await asyncio.to_thread(to_jpeg, image)
         except NotAnImage as exc:
-            raise BackendFailed(f"backend {self.name} returned an image that is {exc}",
-                                kind="malformed") from None
+            raise BackendFailed(f"backend {self.name} returned an image that is {exc}", kind="malformed") from None
 
     async def probe(self, timeout_s: float) -> str | None:
         """A cheap health check. Returns None when healthy, else a readable reason."""
@@ -122,25 +120,31 @@ class Backend:
                 return None
             return f"health probe answered HTTP {response.status}"
 
-    async def _post_json(self, url: str, payload: dict[str, Any],
-                         headers: dict[str, str] | None = None) -> aiohttp.ClientResponse:
+    async def _post_json(
+        self, url: str, payload: dict[str, Any], headers: dict[str, str] | None = None
+    ) -> aiohttp.ClientResponse:
         """POST the payload exactly as the client sent it; raise BackendFailed on non-2xx."""
         # A file-like body is streamed in chunks; aiohttp warns that a large bytes body would
         # be written in one go (img2img payloads are megabytes).
         response = await self._session.post(
-            url, data=io.BytesIO(json_text.dumps_bytes(payload)),
-            headers={"Content-Type": "application/json", **(headers or {})})
+            url,
+            data=io.BytesIO(json_text.dumps_bytes(payload)),
+            headers={"Content-Type": "application/json", **(headers or {})},
+        )
         if response.status >= 400:
             body = await response.text(errors="replace")
             response.release()
             reason = _error_reason(body)
             if response.status in (401, 403):
                 # Our credentials, not the request: the backend is unusable until fixed.
-                raise BackendFailed(f"backend {self.name} refused the balancer's credentials "
-                                    f"(HTTP {response.status}): {reason}", kind="server")
+                raise BackendFailed(
+                    f"backend {self.name} refused the balancer's credentials (HTTP {response.status}): {reason}",
+                    kind="server",
+                )
             if response.status < 500:
-                raise BackendFailed(f"backend {self.name} refused the request "
-                                    f"(HTTP {response.status}): {reason}", kind="rejected")
+                raise BackendFailed(
+                    f"backend {self.name} refused the request (HTTP {response.status}): {reason}", kind="rejected"
+                )
             raise BackendFailed(f"backend {self.name} failed (HTTP {response.status}): {reason}")
         return response
 

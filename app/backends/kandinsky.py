@@ -19,8 +19,7 @@ class KandinskyBackend(Backend):
         self._headers = {"authorization": api_token}
 
     async def _call(self, gen_type: GenType, payload: dict[str, Any]) -> bytes:
-        response = await self._post_json(f"{self.api_url}/{_ROUTES[gen_type]}", payload,
-                                         headers=self._headers)
+        response = await self._post_json(f"{self.api_url}/{_ROUTES[gen_type]}", payload, headers=self._headers)
         async with response:
             return await response.read()
 

@@ -34,9 +34,13 @@ _TIME_FIELDS = ("queued_at", "generating_at", "finished_at", "delivered_at")
 def open_client(config: Config) -> AsyncMongoClient:
     """A client that connects lazily: start-up never waits for (or fails on) MongoDB."""
     timeout_ms = int(config.mongodb_timeout_s * 1000)
-    return AsyncMongoClient(config.mongodb_uri, serverSelectionTimeoutMS=timeout_ms,
-                            connectTimeoutMS=timeout_ms, socketTimeoutMS=timeout_ms,
-                            appname="devoid-generator")
+    return AsyncMongoClient(
+        config.mongodb_uri,
+        serverSelectionTimeoutMS=timeout_ms,
+        connectTimeoutMS=timeout_ms,
+        socketTimeoutMS=timeout_ms,
+        appname="devoid-generator",
+    )
 
 
 def to_document(record: dict[str, Any]) -> dict[str, Any]:
@@ -69,7 +73,8 @@ class MongoMirror(OutboxWorker):
         for status in ("queued", "generating", "ok", "error"):
             outcome = await self._collection.update_many(
                 {"gen_status": {"$exists": False}, "status": status},
-                {"$set": {"gen_status": status, "message_type": "response"}})
+                {"$set": {"gen_status": status, "message_type": "response"}},
+            )
             upgraded += outcome.modified_count
         self._upgraded = True
         if upgraded:
@@ -83,16 +88,20 @@ class MongoMirror(OutboxWorker):
             if item.object_id not in newest or item.revision > newest[item.object_id].revision:
                 newest[item.object_id] = item
         operations = [
-            UpdateOne({"_id": ObjectId(item.object_id),
-                       "$or": [{"revision": {"$lt": item.revision}}, {"revision": {"$exists": False}}]},
-                      {"$set": to_document(item.document)}, upsert=True)
+            UpdateOne(
+                {
+                    "_id": ObjectId(item.object_id),
+                    "$or": [{"revision": {"$lt": item.revision}}, {"revision": {"$exists": False}}],
+                },
+                {"$set": to_document(item.document)},
+                upsert=True,
+            )
             for item in newest.values()
         ]
         try:
             await self._collection.bulk_write(operations, ordered=False)
         except BulkWriteError as exc:
             errors = exc.details.get("writeErrors", [])
-            if any(error.get("code") != DUPLICATE_KEY for error in errors) or exc.details.get(
-                    "writeConcernErrors"):
+            if any(error.get("code") != DUPLICATE_KEY for error in errors) or exc.details.get("writeConcernErrors"):
                 raise
         done.extend(item.id for item in items)

@@ -79,8 +79,9 @@ class OutboxWorker:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            self._set_state("down", backlog=await self._store.outbox_count(self.target),
-                            error=f"{type(exc).__name__}: {exc}"[:300])
+            self._set_state(
+                "down", backlog=await self._store.outbox_count(self.target), error=f"{type(exc).__name__}: {exc}"[:300]
+            )
             return
         self._set_state("connected", backlog=await self._store.outbox_count(self.target))
 
@@ -102,8 +103,12 @@ class OutboxWorker:
                 # The database refused to read or update the outbox (disk full, locked): the
                 # rows are still there, so try again; a row delivered twice is harmless
                 # (revision-guarded records, uploads that overwrite).
-                log.warning("mirror %s: the outbox could not be read or updated (%s); retrying in "
-                            "%.1f s", self.target, f"{type(exc).__name__}: {exc}"[:300], store_retry_s)
+                log.warning(
+                    "mirror %s: the outbox could not be read or updated (%s); retrying in %.1f s",
+                    self.target,
+                    f"{type(exc).__name__}: {exc}"[:300],
+                    store_retry_s,
+                )
                 await asyncio.sleep(store_retry_s)
                 store_retry_s = min(store_retry_s * 2, self._retry_max_s)
 
@@ -146,7 +151,6 @@ class OutboxWorker:
         if state == previous:
             return
         if state == "down":
-            log.warning("mirror %s is down (%s); %d items wait and will be retried",
-                        self.target, error, backlog)
+            log.warning("mirror %s is down (%s); %d items wait and will be retried", self.target, error, backlog)
         else:
             log.info("mirror %s is connected; %d items wait", self.target, backlog)

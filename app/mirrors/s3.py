@@ -33,8 +33,9 @@ def client_config() -> BotoConfig:
     from botocore.config import Config as BotoConfig
 
     # The outbox retries with its own backoff; botocore's retries would only hide outages.
-    return BotoConfig(connect_timeout=CONNECT_TIMEOUT_S, read_timeout=READ_TIMEOUT_S,
-                      retries={"max_attempts": 1, "mode": "standard"})
+    return BotoConfig(
+        connect_timeout=CONNECT_TIMEOUT_S, read_timeout=READ_TIMEOUT_S, retries={"max_attempts": 1, "mode": "standard"}
+    )
 
 
 def upload_document(path: Path, key: str, delete_after: bool) -> dict[str, Any]:
@@ -70,12 +71,12 @@ class S3Mirror(OutboxWorker):
             path = Path(item.document["path"])
             if not path.exists():
                 # Nothing can bring it back; say so loudly and move on.
-                log.error("%s: image %s is gone before its S3 upload; not uploaded",
-                          item.object_id, path)
+                log.error("%s: image %s is gone before its S3 upload; not uploaded", item.object_id, path)
                 done.append(item.id)
                 continue
-            await self._client.upload_file(str(path), self._bucket, item.document["key"],
-                                           ExtraArgs={"ContentType": CONTENT_TYPE})
+            await self._client.upload_file(
+                str(path), self._bucket, item.document["key"], ExtraArgs={"ContentType": CONTENT_TYPE}
+            )
             if item.document.get("delete_after"):
                 path.unlink(missing_ok=True)
             done.append(item.id)

@@ -8,19 +8,40 @@ import random
 from collections.abc import Iterator
 from typing import Any
 
-from tests.images import png_base64
+from bench.bots import Bot
+from bench.images import png_base64
 
 BASE_REQUESTS = [
-    {"message_type": "request", "executor": "automatic1111", "gen_type": "text2img",
-     "settings": {"premium": 0, "moderate": 0, "sync_with_s3": 0},
-     "service_info": {"user_id": 1, "chat_id": 2, "message_id": 3}, "payload": {"prompt": "a", "steps": 5}},
-    {"message_type": "request", "executor": "automatic1111", "gen_type": "img2img",
-     "settings": {"premium": 1}, "service_info": {"user_id": 1},
-     "payload": {"prompt": "b", "init_images": [png_base64()], "denoising_strength": 0.5}},
-    {"message_type": "request", "executor": "kandinsky", "gen_type": "text2img",
-     "service_info": {"user_id": 2}, "payload": {"prompt": "c", "width": 512, "prior_steps": "5"}},
-    {"message_type": "request", "executor": "kandinsky", "gen_type": "mix2img", "service_info": {"user_id": 3},
-     "payload": {"images_texts": ["x", png_base64(), png_base64((0, 0, 9)), "y"], "weights": [1, 1, 1, 1]}},
+    {
+        "message_type": "request",
+        "executor": "automatic1111",
+        "gen_type": "text2img",
+        "settings": {"premium": 0, "moderate": 0, "sync_with_s3": 0},
+        "service_info": {"user_id": 1, "chat_id": 2, "message_id": 3},
+        "payload": {"prompt": "a", "steps": 5},
+    },
+    {
+        "message_type": "request",
+        "executor": "automatic1111",
+        "gen_type": "img2img",
+        "settings": {"premium": 1},
+        "service_info": {"user_id": 1},
+        "payload": {"prompt": "b", "init_images": [png_base64()], "denoising_strength": 0.5},
+    },
+    {
+        "message_type": "request",
+        "executor": "kandinsky",
+        "gen_type": "text2img",
+        "service_info": {"user_id": 2},
+        "payload": {"prompt": "c", "width": 512, "prior_steps": "5"},
+    },
+    {
+        "message_type": "request",
+        "executor": "kandinsky",
+        "gen_type": "mix2img",
+        "service_info": {"user_id": 3},
+        "payload": {"images_texts": ["x", png_base64(), png_base64((0, 0, 9)), "y"], "weights": [1, 1, 1, 1]},
+    },
     {"message_type": "info", "action": "cancel", "object_id": "0" * 24},
     {"message_type": "info", "action": "ack", "object_id": "f" * 24},
 ]
@@ -33,7 +54,7 @@ def _random_value(rng: random.Random, depth: int = 0) -> Any:
     if kind == 1:
         return rng.choice([True, False])
     if kind == 2:
-        return rng.randint(-2**63, 2**63)
+        return rng.randint(-(2**63), 2**63)
     if kind == 3:
         return rng.choice([0, 1, -1, 10**30, 8193, 1001])
     if kind == 4:
@@ -94,13 +115,33 @@ def fuzz_frames(seed: int, count: int) -> Iterator[str]:
         elif roll < 0.72:
             depth = rng.choice([33, 200, 976, 5000])
             yield json.dumps({**base, "service_info": {"user_id": 1}}).replace(
-                '"user_id": 1', '"user_id": 1, "deep": ' + "[" * depth + "]" * depth)
+                '"user_id": 1', '"user_id": 1, "deep": ' + "[" * depth + "]" * depth
+            )
         elif roll < 0.80:
             text = json.dumps(_mutate(rng, base))
-            yield text[:rng.randrange(len(text))]  # truncated
+            yield text[: rng.randrange(len(text))]  # truncated
         elif roll < 0.86:
             yield json.dumps(base).replace('"steps": 5', '"steps": NaN').replace('"user_id": 1', '"user_id": Infinity')
         elif roll < 0.92:
             yield json.dumps(_random_value(rng))  # any JSON, rarely an object
         else:
             yield "".join(chr(rng.randrange(1, 0xD7FF)) for _ in range(rng.randrange(1, 200)))
+
+
+INTAKE_INFOS = {"error", "cancel", "ack"}
+
+
+async def answer_to_frame(bot: Bot, queued: set[str]) -> dict:
+    """The one answer intake gives a frame: `queued`, a refusal, or an action's or error's info
+    (finals and notices of earlier requests are passed over)."""
+
+    def is_intake_answer(message: dict) -> bool:
+        if message.get("message_type") == "info":
+            return message.get("info_type") in INTAKE_INFOS
+        status = message.get("gen_status")
+        return status == "queued" or (status == "error" and message["object_id"] not in queued)
+
+    answer = await bot.next_message(is_intake_answer)
+    if answer.get("gen_status") == "queued":
+        queued.add(answer["object_id"])
+    return answer

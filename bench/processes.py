@@ -30,13 +30,11 @@ class ServerProcess:
     async def start(self) -> None:
         # A clean environment: only what the test sets, so nothing from .env or the shell leaks in.
         # It runs in its own folder (where a test may put a .env), importing the app from here.
-        env = {"PATH": os.environ.get("PATH", ""), "PYTHONUNBUFFERED": "1",
-               "PYTHONPATH": str(REPO_ROOT), **self.env}
-        log_file = open(self.log_path, "ab")
-        self.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "app", cwd=self.cwd, env=env,
-            stdout=log_file, stderr=asyncio.subprocess.STDOUT)
-        log_file.close()
+        env = {"PATH": os.environ.get("PATH", ""), "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO_ROOT), **self.env}
+        with open(self.log_path, "ab") as log_file:
+            self.process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "app", cwd=self.cwd, env=env, stdout=log_file, stderr=asyncio.subprocess.STDOUT
+            )
         await self._wait_ready()
 
     async def _wait_ready(self) -> None:
