@@ -42,6 +42,8 @@ GPU_SPEED_HINTS = {
 
 
 def job_cost_units(job: Job) -> float:
+    if job.payload is None:
+        raise ValueError(f"{job.object_id}: its payload waits in the database; load it to cost it")
     return payload_cost_units(job.executor, job.gen_type, job.payload)
 
 

@@ -44,7 +44,7 @@ class ConnectionHub:
         self._store = store
         self._send_timeout_s = send_timeout_s
         # Each connection's transport, to cut off a client that stopped reading.
-        self._transports: dict[web.WebSocketResponse, asyncio.BaseTransport] = {}
+        self._transports: dict[web.WebSocketResponse, asyncio.Transport] = {}
         # Shared connections: any answer of their service may go to them (bot shards).
         self._connections: dict[str, set[web.WebSocketResponse]] = defaultdict(set)
         # Private connections: only answers of requests sent on them.
@@ -58,7 +58,7 @@ class ConnectionHub:
         # `queued` is not sent yet): shutdown waits for them before closing sockets.
         self.accepts: set[asyncio.Task[None]] = set()
         self.closing = False
-        self._handovers: set[asyncio.Task[None]] = set()
+        self._handovers: set[asyncio.Task[Any]] = set()
 
     def __repr__(self) -> str:
         return (
@@ -70,7 +70,7 @@ class ConnectionHub:
         self,
         service: str,
         ws: web.WebSocketResponse,
-        transport: asyncio.BaseTransport | None = None,
+        transport: asyncio.Transport | None = None,
         *,
         private: bool = False,
     ) -> None:

@@ -28,6 +28,7 @@ from app.executors import build_backend, load_executors
 from app.jobs import ExecutorType
 from app.metrics import Metrics, live_families
 from app.mirrors.outbox import OutboxWorker
+from app.mirrors.s3 import S3Mirror
 from app.openapi import build_spec
 from app.pages import SERVER_NAME, VERSION
 from app.process import EXIT_CANNOT_START, CannotStart, DatabaseLock, bind, check_writable_folder, on_stop_signals
@@ -91,7 +92,7 @@ def create_app(config: Config) -> web.Application:
 
         async with _backend_specs(config, file_specs) as initial_specs:
             app[keys.HUB] = ConnectionHub(app[keys.STORE], config.send_timeout_s)
-            uploads = next((m for m in app[keys.MIRRORS] if m.target == "s3"), None)
+            uploads = next((m for m in app[keys.MIRRORS] if isinstance(m, S3Mirror)), None)
             scheduler = Scheduler(
                 config,
                 app[keys.STORE],

@@ -15,7 +15,7 @@ from app.payloads import BASE64_IMAGE_PATTERN, PAYLOAD_SCHEMAS
 from app.routes import LIST_ROUTES, ROUTES, Route
 from app.schemas import ActionSchema, InfoSchema, ResponseSchema, ServiceInfoSchema, SettingsSchema
 
-SECURITY = [{"serviceKey": [], "serviceName": []}]
+SECURITY: list[dict[str, list[str]]] = [{"serviceKey": [], "serviceName": []}]
 # Documented as schemas although they travel over the websocket.
 WEBSOCKET_MESSAGES = {"Action": ActionSchema, "Response": ResponseSchema, "Info": InfoSchema}
 _PATH_PARAMETER = re.compile(r"{(\w+)}")

@@ -262,7 +262,7 @@ class Automatic1111Fields(BackendPayload):
     include_init_images = Flag()
 
 
-def _needed(what: str) -> dict[str, str]:
+def _needed(what: str) -> dict[str, Any]:
     """Error messages of a field a gen type cannot do without (missing or null alike)."""
     return {"required": what, "null": what}
 

@@ -74,6 +74,7 @@ class WeightedQueue:
             chosen = max(candidates, key=lambda premium: self._current[premium])
             self._current[chosen] -= total
         job = heads[chosen]
+        assert job is not None  # only classes with a head are candidates
         line = self._jobs[chosen]
         if line[0] is job:
             line.popleft()

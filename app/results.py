@@ -45,7 +45,9 @@ class ResultWriter:
         self._spool_path = spool_path
         if save_locally:
             images_path.mkdir(parents=True, exist_ok=True)
-        if s3_url_prefix is not None and spool_path is not None:
+        if s3_url_prefix is not None and not save_locally:
+            if spool_path is None:
+                raise ValueError("with S3 and no local images, images need a spool folder (SPOOL_PATH)")
             spool_path.mkdir(parents=True, exist_ok=True)
 
     async def store_image(self, job: Job, jpeg: bytes) -> StoredImage:
@@ -56,6 +58,7 @@ class ResultWriter:
             # The file is the upload's source: it must be on disk before the upload row is
             # committed. Kept under IMAGES_PATH when local images are on, else spooled.
             folder = self.images_path if self.save_locally else self._spool_path
+            assert folder is not None  # checked in __init__
             path = folder / file_name
             await asyncio.to_thread(_write_atomically, path, jpeg)
             return StoredImage(

@@ -244,19 +244,19 @@ class Scheduler:
                 self._retire_if_removed(slot)
                 log.info("backend %s leaves the pool%s", name, " after its job" if slot.job else "")
         for name, spec in wanted.items():
-            slot = current.get(name)
-            if slot is not None and not slot.removed:
-                if slot.backend.spec != spec:
+            existing = current.get(name)
+            if existing is not None and not existing.removed:
+                if existing.backend.spec != spec:
                     # The running job keeps its client; the next one uses the new settings.
-                    slot.backend = self._make_backend(spec)
-                    slot.wake.set()
+                    existing.backend = self._make_backend(spec)
+                    existing.wake.set()
                     log.info("backend %s updated%s", name, " (disabled)" if spec.disabled else "")
                 continue
             self._add_slot(self._make_backend(spec))
             log.info("backend %s added (%s at %s)", name, spec.exec_type.value, spec.endpoint)
         self.dispatch()
 
-    def queues_status(self) -> list[dict[str, object]]:
+    def queues_status(self) -> list[dict[str, Any]]:
         """Per executor type: who waits, what runs, and the ETA of a typical new request."""
         states = []
         for executor, pool in self.pools.items():
@@ -275,7 +275,7 @@ class Scheduler:
             )
         return states
 
-    def backends_status(self) -> list[dict[str, object]]:
+    def backends_status(self) -> list[dict[str, Any]]:
         return [
             {
                 "name": slot.name,
@@ -658,8 +658,9 @@ class Scheduler:
             log.exception("%s: storing the image failed", job.object_id)
             job.result = {"content_type": "text", "content": f"the image could not be stored: {exc}"}
             job.status = JobStatus.ERROR
-        wait_for_upload = upload is not None and self._uploads is not None and job.flag("sync_with_s3")
-        uploaded = self._uploads.expect(job.object_id) if wait_for_upload else None
+        uploads = self._uploads
+        wait_for_upload = upload is not None and uploads is not None and job.flag("sync_with_s3")
+        uploaded = uploads.expect(job.object_id) if uploads is not None and wait_for_upload else None
         # Reserved for this task's delivery before it is committed: a connection opening in
         # between must not also be sent it from the backlog.
         self._listener.reserve_final(job)
@@ -675,8 +676,8 @@ class Scheduler:
         if not recorded:
             # The store closed first (shutdown): SQLite still has the request queued or
             # generating, and the next start runs it again.
-            if uploaded is not None:
-                self._uploads.forget(job.object_id)
+            if uploads is not None and uploaded is not None:
+                uploads.forget(job.object_id)
             return
         tracked.done()
         self.finished += 1
@@ -685,7 +686,7 @@ class Scheduler:
             log.info("%s ok on %s in %.2f s", job.object_id, job.backend, generation_s or 0.0)
         else:
             log.info("%s error: %s", job.object_id, job.result["content"])
-        if uploaded is not None:
+        if uploaded is not None and upload is not None:
             try:
                 await self._await_upload(job, upload, uploaded)
             except BaseException:
@@ -701,7 +702,8 @@ class Scheduler:
                 await uploaded
             return
         except TimeoutError:
-            self._uploads.forget(job.object_id)
+            if self._uploads is not None:
+                self._uploads.forget(job.object_id)
         try:
             job.result = await self._results.fallback_result(job, upload)
         except FileNotFoundError:

@@ -257,7 +257,7 @@ def readable_envelope(message: dict[str, Any]) -> dict[str, Any]:
 def _summary(field_errors: dict[str, Any]) -> str:
     """One readable sentence out of marshmallow's nested messages (the first
     MAX_REPORTED_ERRORS of them, at most MAX_ERROR_SUMMARY_CHARS)."""
-    parts = []
+    parts: list[str] = []
     for path, reason in _walk(field_errors, ""):
         if len(parts) == MAX_REPORTED_ERRORS:
             parts.append("and more")

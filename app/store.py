@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiosqlite
 
@@ -355,8 +355,8 @@ class Store:
 
     async def outbox_count(self, target: str) -> int:
         async with self._reader_db.execute("SELECT count(*) FROM outbox WHERE target = ?", (target,)) as cursor:
-            (count,) = await cursor.fetchone()
-        return count
+            row = await cursor.fetchone()
+        return row[0] if row is not None else 0
 
     async def outbox_done(self, ids: Sequence[int]) -> None:
         await self._write(*[("DELETE FROM outbox WHERE id = ?", (row_id,)) for row_id in ids])
@@ -438,7 +438,7 @@ class Store:
             cursor.row_factory = None  # plain tuples: job_from_row reads by position
             # One hop to the database thread for all rows: iterating the cursor would hop per
             # 64 rows, which dominated rebuilding a queue of 100,000.
-            rows = await cursor.fetchall()
+            rows = cast("list[tuple[Any, ...]]", await cursor.fetchall())  # row_factory None: tuples
             with no_cycle_collection():
                 for row in rows:
                     try:
@@ -521,8 +521,10 @@ class Store:
         async with self._reader_db.execute(
             f"SELECT {PAYLOAD_SQL} FROM requests WHERE object_id = ?", (object_id,)
         ) as cursor:
-            (payload,) = await cursor.fetchone()
-        return json_text.loads(payload)
+            row = await cursor.fetchone()
+        if row is None:
+            raise KeyError(f"no request {object_id} in the database")
+        return json_text.loads(row[0])
 
     async def get(self, object_id: str) -> Job | None:
         jobs = await self._fetch_jobs("object_id = ?", (object_id,))
@@ -538,7 +540,7 @@ class Store:
         ) as cursor:
             rows = await cursor.fetchall()
         successes = []
-        for gen_type, payload, seconds in reversed(rows):
+        for gen_type, payload, seconds in list(rows)[::-1]:
             try:
                 successes.append((GenType(gen_type), json_text.loads(payload), seconds))
             except (ValueError, RecursionError):
