@@ -503,8 +503,9 @@ class Store:
         return jobs[0] if jobs else None
 
     async def recent_jobs(self, limit: int) -> list[Job]:
-        """The latest `limit` requests, newest first."""
-        return await self._fetch_jobs("1", order="created_at DESC", limit=limit)
+        """The latest `limit` requests, newest first, without their payloads (a page of
+        recent img2img requests would otherwise read megabytes per poll)."""
+        return await self._fetch_jobs("1", order="created_at DESC", limit=limit, with_payload=False)
 
     async def check_writable(self, timeout_s: float) -> None:
         """Commit a heartbeat row within `timeout_s`. Raises if the database takes no writes."""

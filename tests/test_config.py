@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from app.config import SETTINGS, Config, ConfigError
+from app.executors import load_executors
+from app.jobs import ExecutorType
 from app.main import create_app
 from bench.processes import REPO_ROOT, ServerProcess
 from tests.conftest import base_env
@@ -118,7 +120,12 @@ def test_the_original_executors_format_is_accepted(tmp_path):
             ]
         )
     )
-    create_app(config)
+    create_app(config)  # starts without complaint
+    specs = load_executors(config.executors_file)
+    assert [(spec.name, spec.exec_type, spec.endpoint, spec.timeout_s, spec.gpu) for spec in specs] == [
+        ("sd-3060", ExecutorType.AUTOMATIC1111, "http://10.0.0.5:7861/sdapi/v1", 120, "RTX 3060"),
+        ("kd-4090", ExecutorType.KANDINSKY, "http://10.0.0.6:8000", 60, "RTX 4090"),
+    ]
 
 
 async def run_to_exit(tmp_path: Path, env: dict[str, str]) -> tuple[int, str]:

@@ -1,0 +1,84 @@
+"""How the balancer sizes a job and learns a GPU: the cost model and a backend's learned speed
+and circuit breaker, without sockets (pure bookkeeping)."""
+
+from __future__ import annotations
+
+import pytest
+
+from app.backends.base import Backend, BackendSpec
+from app.costs import REFERENCE_UNITS_PER_S, initial_units_per_s, payload_cost_units
+from app.jobs import ExecutorType, GenType
+from app.pool import BackendSlot, BackendState
+
+A1111, KANDINSKY = ExecutorType.AUTOMATIC1111, ExecutorType.KANDINSKY
+
+
+def cost(payload: dict, gen_type: GenType = GenType.TEXT2IMG, executor: ExecutorType = A1111) -> float:
+    return payload_cost_units(executor, gen_type, payload)
+
+
+def test_a_job_costs_steps_times_pixels_times_images():
+    base = cost({"steps": 20, "width": 512, "height": 512})
+    assert base == 20 * 512 * 512
+    assert cost({"steps": 40, "width": 512, "height": 512}) == 2 * base
+    assert cost({"steps": 20, "width": 1024, "height": 1024}) == 4 * base
+    assert cost({"steps": 20, "width": 512, "height": 512, "n_iter": 2, "batch_size": 3}) == 6 * base
+
+
+def test_left_out_fields_cost_what_the_backend_would_do_by_default():
+    assert cost({"prompt": "p"}) == 50 * 512 * 512  # AUTOMATIC1111's 50 steps at 512 px
+    assert cost({"prompt": "p"}, executor=KANDINSKY) == 30 * 512 * 512
+    assert cost({"steps": None, "width": None}) == cost({})
+
+
+def test_img2img_costs_its_denoised_share_and_hires_adds_a_second_pass():
+    full = cost({"steps": 20}, GenType.IMG2IMG)
+    assert cost({"steps": 20, "denoising_strength": 0.5}, GenType.IMG2IMG) == pytest.approx(full / 2)
+    plain = cost({"steps": 20, "width": 512, "height": 512})
+    hires = cost({"steps": 20, "width": 512, "height": 512, "enable_hr": True, "hr_scale": 2})
+    assert hires == pytest.approx(plain + 20 * 1024 * 1024)
+
+
+def test_a_new_gpu_starts_from_its_stated_speed_or_its_name():
+    assert initial_units_per_s("", 2.0) == 2 * REFERENCE_UNITS_PER_S
+    assert initial_units_per_s("NVIDIA RTX 4090", None) > initial_units_per_s("RTX 3060", None)
+    assert initial_units_per_s("some unknown card", None) == REFERENCE_UNITS_PER_S
+
+
+def slot(speed_hint: float | None = None) -> BackendSlot:
+    spec = BackendSpec(name="gpu", exec_type=A1111, endpoint="http://127.0.0.1:1", speed=speed_hint)
+    return BackendSlot.for_backend(Backend(spec, session=None))  # type: ignore[arg-type]
+
+
+def test_a_wrong_seed_is_forgotten_after_a_few_jobs():
+    gpu = slot(speed_hint=4.0)  # said to be 4x the reference; it is really 1x
+    true_speed = REFERENCE_UNITS_PER_S
+    gpu.record_success(true_speed * 10, 10.0)
+    assert gpu.units_per_s == pytest.approx(true_speed)  # the first job counts whole
+    for _ in range(10):
+        gpu.record_success(true_speed * 10 * 1.1, 10.0)  # 10 % faster lately
+    assert gpu.units_per_s == pytest.approx(true_speed * 1.1, rel=0.01)
+    assert gpu.expected_s(true_speed * 11) == pytest.approx(10.0, rel=0.01)
+
+
+def test_the_breaker_opens_after_failures_in_a_row_and_sits_out_longer_each_time():
+    gpu = slot()
+    gpu.probed = gpu.up = True
+    options = {"backend_is_down": False, "breaker_failures": 3, "max_cooldown_s": 60.0}
+    assert not gpu.record_failure("HTTP 500", **options)
+    gpu.record_success(REFERENCE_UNITS_PER_S, 1.0)  # a success in between resets the count
+    assert not gpu.record_failure("HTTP 500", **options)
+    assert not gpu.record_failure("HTTP 500", **options)
+    assert gpu.record_failure("HTTP 500", **options)
+    assert gpu.state is BackendState.UNHEALTHY and gpu.last_error == "HTTP 500"
+    first_cooldown = gpu.cooldown_s
+    gpu.up = True  # its probe answered again, but its jobs keep failing
+    assert gpu.record_failure("HTTP 500", **options)
+    assert gpu.cooldown_s == 2 * first_cooldown
+
+
+def test_an_unreachable_backend_is_taken_out_at_once():
+    gpu = slot()
+    gpu.probed = gpu.up = True
+    assert gpu.record_failure("connection refused", backend_is_down=True, breaker_failures=3, max_cooldown_s=60.0)
+    assert not gpu.in_service
