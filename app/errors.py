@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 from typing import Any
 
 
@@ -35,27 +36,30 @@ class NoBackend(DevoidError):
     status = 503
 
 
-class BackendFailed(DevoidError):
-    """A backend call failed. `kind` says how:
+class FailureKind(str, enum.Enum):
+    """How a backend call failed."""
 
-    refused    the connection failed (down, wrong address, tunnel gone)
-    timeout    no answer within the job's timeout
-    server     HTTP 5xx
-    malformed  a 2xx whose body is not the image it should be
-    rejected   HTTP 4xx: the request itself is bad; not the backend's fault, not retried
-    """
+    REFUSED = "refused"  # the connection failed (down, wrong address, tunnel gone)
+    TIMEOUT = "timeout"  # no answer within the job's timeout
+    SERVER = "server"  # HTTP 5xx
+    MALFORMED = "malformed"  # a 2xx whose body is not the image it should be
+    REJECTED = "rejected"  # HTTP 4xx: the request itself is bad; not the backend's fault, not retried
+
+
+class BackendFailed(DevoidError):
+    """A backend call failed; `kind` says how (FailureKind)."""
 
     status = 502
 
-    def __init__(self, reason: str, *, kind: str = "server") -> None:
+    def __init__(self, reason: str, *, kind: FailureKind = FailureKind.SERVER) -> None:
         super().__init__(reason)
         self.kind = kind
 
     @property
     def retryable(self) -> bool:
-        return self.kind != "rejected"
+        return self.kind is not FailureKind.REJECTED
 
     @property
     def backend_is_down(self) -> bool:
         """Failures that say the backend is gone rather than having a bad moment."""
-        return self.kind in ("refused", "timeout")
+        return self.kind in (FailureKind.REFUSED, FailureKind.TIMEOUT)

@@ -39,6 +39,11 @@ class ExpiryLine:
     def __len__(self) -> int:
         return len(self._heap)
 
+    @property
+    def armed(self) -> bool:
+        """A timer is set: some entry will be looked at when its deadline comes."""
+        return self._timer is not None
+
     def add(self, object_id: str, deadline: float) -> None:
         """Expire `object_id` at `deadline` (time.time() seconds) unless it is no longer
         current by then."""

@@ -26,7 +26,7 @@ import aiohttp
 from app.backends.base import Backend, BackendSpec, Progress
 from app.config import Config
 from app.costs import job_cost_units, payload_cost_units
-from app.errors import BackendFailed
+from app.errors import BackendFailed, FailureKind
 from app.expiry import ExpiryLine
 from app.jobs import LARGE_PAYLOAD_CHARS, ExecutorType, GenType, Job, JobStatus
 from app.lifecycle import CancelOutcome, Phase, TrackedRequest
@@ -430,7 +430,9 @@ class Scheduler:
             raise
         except Exception:
             log.exception("%s failed inside the balancer", job.object_id)
-            failure = BackendFailed("internal error in the balancer; the request was not generated", kind="rejected")
+            failure = BackendFailed(
+                "internal error in the balancer; the request was not generated", kind=FailureKind.REJECTED
+            )
         slot.job = None
         tracked.leave_slot()
         self._retire_if_removed(slot)

@@ -10,7 +10,7 @@ import aiohttp
 
 from app import json_text
 from app.backends.base import Backend, BackendSpec, Progress
-from app.errors import BackendFailed
+from app.errors import BackendFailed, FailureKind
 from app.jobs import GenType
 
 _ROUTES = {GenType.TEXT2IMG: "txt2img", GenType.IMG2IMG: "img2img"}
@@ -39,18 +39,18 @@ class Automatic1111Backend(Backend):
                 body = await response.json(content_type=None, loads=json_text.loads)
             except ValueError:
                 raise BackendFailed(
-                    f"backend {self.name} answered with a body that is not JSON", kind="malformed"
+                    f"backend {self.name} answered with a body that is not JSON", kind=FailureKind.MALFORMED
                 ) from None
         images = body.get("images") if isinstance(body, dict) else None
         if not images or not isinstance(images[0], str):
-            raise BackendFailed(f"backend {self.name} answered without an image", kind="malformed")
+            raise BackendFailed(f"backend {self.name} answered without an image", kind=FailureKind.MALFORMED)
         # Extensions may append extra images (masks, grids): the first is the result.
         first = images[0].split(",", 1)[1] if images[0].startswith("data:") else images[0]
         try:
             return base64.b64decode(first, validate=True)
         except (binascii.Error, ValueError):
             raise BackendFailed(
-                f"backend {self.name} answered with an image that is not base64", kind="malformed"
+                f"backend {self.name} answered with an image that is not base64", kind=FailureKind.MALFORMED
             ) from None
 
     async def _probe(self) -> str | None:

@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 
 from app import json_text
-from app.errors import BackendFailed
+from app.errors import BackendFailed, FailureKind
 from app.images import NotAnImage, to_jpeg
 from app.jobs import ExecutorType, GenType
 
@@ -75,9 +75,11 @@ class Backend:
             async with asyncio.timeout(timeout_s):
                 return await self._call(gen_type, payload)
         except TimeoutError:
-            raise BackendFailed(f"backend {self.name} did not answer within {timeout_s:g} s", kind="timeout") from None
+            raise BackendFailed(
+                f"backend {self.name} did not answer within {timeout_s:g} s", kind=FailureKind.TIMEOUT
+            ) from None
         except aiohttp.ClientConnectionError as exc:
-            raise BackendFailed(f"backend {self.name} is unreachable: {exc}", kind="refused") from None
+            raise BackendFailed(f"backend {self.name} is unreachable: {exc}", kind=FailureKind.REFUSED) from None
         except aiohttp.ClientError as exc:
             raise BackendFailed(f"backend {self.name} failed: {exc}") from None
 
@@ -87,7 +89,9 @@ class Backend:
         try:
             return await asyncio.to_thread(to_jpeg, image)
         except NotAnImage as exc:
-            raise BackendFailed(f"backend {self.name} returned an image that is {exc}", kind="malformed") from None
+            raise BackendFailed(
+                f"backend {self.name} returned an image that is {exc}", kind=FailureKind.MALFORMED
+            ) from None
 
     async def probe(self, timeout_s: float) -> str | None:
         """A cheap health check. Returns None when healthy, else a readable reason."""
@@ -139,11 +143,12 @@ class Backend:
                 # Our credentials, not the request: the backend is unusable until fixed.
                 raise BackendFailed(
                     f"backend {self.name} refused the balancer's credentials (HTTP {response.status}): {reason}",
-                    kind="server",
+                    kind=FailureKind.SERVER,
                 )
             if response.status < 500:
                 raise BackendFailed(
-                    f"backend {self.name} refused the request (HTTP {response.status}): {reason}", kind="rejected"
+                    f"backend {self.name} refused the request (HTTP {response.status}): {reason}",
+                    kind=FailureKind.REJECTED,
                 )
             raise BackendFailed(f"backend {self.name} failed (HTTP {response.status}): {reason}")
         return response
