@@ -22,8 +22,8 @@ from typing import Any
 from aiohttp import web
 from PIL import Image, ImageDraw
 
-from app.costs import payload_cost_units
-from app.jobs import ExecutorType, GenType
+from app.domain.costs import payload_cost_units
+from app.domain.jobs import ExecutorType, GenType
 
 # Demo images are drawn small whatever size was asked for: they show the flow, not art.
 MAX_DEMO_SIDE_PX = 256
@@ -44,7 +44,7 @@ class DemoBackendState:
     """What a demo backend does and has seen.
 
     delay_s      seconds per image; with `units_per_s` set, the job's cost / units_per_s
-                 instead (a GPU of that speed, app/costs.py)
+                 instead (a GPU of that speed, app/domain/costs.py)
     gate         cleared = generation calls wait until it is set
     fail_status  set = generation calls are answered with that status and `fail_body`
     probe_status the health routes' status (503 = the probe fails)

@@ -12,7 +12,7 @@ from app.backends.automatic1111 import Automatic1111Backend
 from app.backends.base import Backend, BackendSpec
 from app.backends.kandinsky import KandinskyBackend
 from app.config import ConfigError
-from app.jobs import ExecutorType
+from app.domain.jobs import ExecutorType
 
 
 class ExecutorEntrySchema(Schema):

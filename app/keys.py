@@ -6,12 +6,13 @@ import aiohttp
 from aiohttp import web
 
 from app.config import Config
-from app.delivery import ConnectionHub
+from app.engine.scheduler import Scheduler
 from app.metrics import Metrics
 from app.mirrors.outbox import OutboxWorker
-from app.results import ResultWriter
-from app.scheduler import Scheduler
-from app.store import Store
+from app.storage.results import ResultWriter
+from app.storage.store import Store
+from app.web.delivery import ConnectionHub
+from app.web.intake import Intake
 
 CONFIG = web.AppKey("config", Config)
 STORE = web.AppKey("store", Store)
@@ -19,6 +20,7 @@ HTTP_SESSION = web.AppKey("http_session", aiohttp.ClientSession)
 RESULTS = web.AppKey("results", ResultWriter)
 HUB = web.AppKey("hub", ConnectionHub)
 SCHEDULER = web.AppKey("scheduler", Scheduler)
+INTAKE = web.AppKey("intake", Intake)
 MIRRORS = web.AppKey("mirrors", list[OutboxWorker])
 METRICS = web.AppKey("metrics", Metrics)
 OPENAPI = web.AppKey("openapi", dict)

@@ -18,28 +18,30 @@ from aiohttp import web
 from dotenv import find_dotenv, load_dotenv
 
 from app import keys
-from app.api import api_errors
 from app.backends.base import Backend, BackendSpec
 from app.config import Config, ConfigError, configure_logging
-from app.costs import REFERENCE_UNITS_PER_S
-from app.delivery import ConnectionHub
 from app.demo_backends import DemoBackendState, automatic1111_app, kandinsky_app, serve_on_loopback
+from app.domain.costs import REFERENCE_UNITS_PER_S
+from app.domain.jobs import ExecutorType
+from app.engine.scheduler import Scheduler
 from app.executors import build_backend, load_executors
-from app.jobs import ExecutorType
 from app.metrics import Metrics, live_families
 from app.mirrors.outbox import OutboxWorker
+from app.mirrors.records import request_record
 from app.mirrors.s3 import S3Mirror
-from app.openapi import build_spec
-from app.pages import SERVER_NAME, VERSION
 from app.process import EXIT_CANNOT_START, CannotStart, DatabaseLock, bind, check_writable_folder, on_stop_signals
-from app.results import ResultWriter
-from app.routes import add_routes
-from app.scheduler import Scheduler
-from app.store import Store
+from app.storage.results import ResultWriter
+from app.storage.store import Store
+from app.web.api import api_errors
+from app.web.delivery import ConnectionHub
+from app.web.intake import Intake
+from app.web.openapi import build_spec
+from app.web.pages import SERVER_NAME, VERSION
+from app.web.routes import add_routes
 
 log = logging.getLogger(__name__)
 
-# How long the reference GPU takes for a default-sized job (app/costs.py).
+# How long the reference GPU takes for a default-sized job (app/domain/costs.py).
 DEMO_TYPICAL_JOB_S = 512 * 512 * 50 / REFERENCE_UNITS_PER_S
 # HTTP bodies larger than a websocket message are not expected anywhere.
 CLIENT_MAX_SIZE_FACTOR = 2
@@ -63,7 +65,9 @@ def create_app(config: Config) -> web.Application:
 
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
         app[keys.STORE] = await Store.open(
-            config.database_path, max_batch_rows=config.store_batch_rows, mirror_records=config.mongodb_enabled
+            config.database_path,
+            max_batch_rows=config.store_batch_rows,
+            record_of=request_record if config.mongodb_enabled else None,
         )
         yield
         await app[keys.STORE].close()
@@ -104,6 +108,7 @@ def create_app(config: Config) -> web.Application:
                 metrics=app[keys.METRICS],
             )
             app[keys.SCHEDULER] = scheduler
+            app[keys.INTAKE] = Intake(app[keys.STORE], scheduler, app[keys.HUB])
             app[keys.METRICS].watch(
                 lambda: live_families(
                     scheduler.queues_status(),

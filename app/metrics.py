@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from app.jobs import Job
+from app.domain.jobs import Job
 
 GENERATION_BUCKETS_S = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
 ETA_ERROR_BUCKETS_S = (-120, -60, -30, -10, -5, -2, 0, 2, 5, 10, 30, 60, 120)

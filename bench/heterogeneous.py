@@ -21,9 +21,9 @@ from pathlib import Path
 
 import aiohttp
 
-from app.costs import payload_cost_units
 from app.demo_backends import DemoBackendState, automatic1111_app, serve_on_loopback
-from app.jobs import ExecutorType, GenType
+from app.domain.costs import payload_cost_units
+from app.domain.jobs import ExecutorType, GenType
 from bench.core import KEY, free_port
 from bench.processes import ServerProcess
 

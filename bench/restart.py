@@ -22,10 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from app.costs import payload_cost_units
-from app.ids import new_object_id
-from app.jobs import LARGE_PAYLOAD_CHARS, ExecutorType, GenType
-from app.store import Store
+from app.domain.costs import payload_cost_units
+from app.domain.ids import new_object_id
+from app.domain.jobs import LARGE_PAYLOAD_CHARS, ExecutorType, GenType
+from app.storage.store import Store
 from bench.core import demo_server, memory_mb
 
 PNG_HEAD = b"\x89PNG\r\n\x1a\n"

@@ -6,7 +6,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 from app import keys
-from app.costs import REFERENCE_UNITS_PER_S
+from app.domain.costs import REFERENCE_UNITS_PER_S
 from bench.bots import request_message
 
 JOB = {"prompt": "a harbour", "steps": 20, "width": 512, "height": 512}

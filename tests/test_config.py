@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from app.config import SETTINGS, Config, ConfigError
+from app.domain.jobs import ExecutorType
 from app.executors import load_executors
-from app.jobs import ExecutorType
 from app.main import create_app
 from bench.processes import REPO_ROOT, ServerProcess
 from tests.conftest import base_env

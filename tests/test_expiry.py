@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from app.expiry import COMPACT_SLACK, ExpiryLine
+from app.engine.expiry import COMPACT_SLACK, ExpiryLine
 from bench.bots import wait_until
 
 

@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from app.ids import new_object_id
-from app.jobs import ExecutorType, GenType, Job
-from app.lifecycle import Phase, TrackedRequest, WrongPhase
+from app.domain.ids import new_object_id
+from app.domain.jobs import ExecutorType, GenType, Job
+from app.domain.lifecycle import Phase, TrackedRequest, WrongPhase
 
 
 def tracked_request() -> TrackedRequest:

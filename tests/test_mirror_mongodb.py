@@ -17,10 +17,11 @@ from bson import ObjectId
 
 from app import keys
 from app.config import Config
-from app.ids import new_object_id
-from app.jobs import ExecutorType, GenType, Job, JobStatus
+from app.domain.ids import new_object_id
+from app.domain.jobs import ExecutorType, GenType, Job, JobStatus
 from app.mirrors.mongodb import MongoMirror, open_client
-from app.store import Store
+from app.mirrors.records import request_record
+from app.storage.store import Store
 from bench.bots import request_message, wait_until
 from bench.images import noisy_png_base64
 from tests.conftest import base_env
@@ -117,7 +118,7 @@ def make_job() -> Job:
 async def mirror_on_a_store(tmp_path, mongo_server) -> AsyncIterator[tuple[Store, MongoMirror, Any]]:
     """A store with record mirroring on, and its (not yet started) MongoDB mirror and client."""
     config = Config.from_env(base_env(tmp_path, 8080, **mongo_server.env()))
-    store = await Store.open(tmp_path / "mirrored.sqlite3", mirror_records=True)
+    store = await Store.open(tmp_path / "mirrored.sqlite3", record_of=request_record)
     client = open_client(config)
     mirror = MongoMirror(store, config, client)
     try:

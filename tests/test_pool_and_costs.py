@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 
 from app.backends.base import Backend, BackendSpec
-from app.costs import REFERENCE_UNITS_PER_S, initial_units_per_s, payload_cost_units
-from app.jobs import ExecutorType, GenType
-from app.pool import BackendSlot, BackendState
+from app.domain.costs import REFERENCE_UNITS_PER_S, initial_units_per_s, payload_cost_units
+from app.domain.jobs import ExecutorType, GenType
+from app.engine.pool import BackendSlot, BackendState
 
 A1111, KANDINSKY = ExecutorType.AUTOMATIC1111, ExecutorType.KANDINSKY
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import time
 
-from app.jobs import ExecutorType, GenType, Job
-from app.queues import WeightedQueue
+from app.domain.jobs import ExecutorType, GenType, Job
+from app.engine.queues import WeightedQueue
 
 
 def job(name: str, premium: bool, cost: float = 1.0) -> Job:

@@ -1,4 +1,4 @@
-"""The intake's quick checks (app/fast_checks.py) never accept what the marshmallow schemas would
+"""The intake's quick checks (app/domain/fast_checks.py) never accept what the marshmallow schemas would
 refuse, and load what they accept exactly as the schemas do: a bot cannot tell which path
 its request took, except by speed."""
 
@@ -11,9 +11,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from marshmallow import ValidationError
 
-from app import fast_checks, payloads, schemas
-from app.jobs import SUPPORTED_GEN_TYPES, ExecutorType, GenType, Job
-from app.payloads import PAYLOAD_SCHEMAS, check_payload
+from app.domain import fast_checks, payloads
+from app.domain.jobs import SUPPORTED_GEN_TYPES, ExecutorType, GenType, Job
+from app.domain.payloads import PAYLOAD_SCHEMAS, check_payload
+from app.web import schemas
 from bench.images import png_base64
 
 PROPERTY_SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from app import keys
-from app.lifecycle import Phase
+from app.domain.lifecycle import Phase
 from bench.bots import request_message, wait_until
 from tests.test_cancel_and_progress import cancel_action
 

@@ -9,10 +9,10 @@ import time
 
 import pytest
 
-from app.ids import new_object_id
-from app.jobs import ExecutorType, GenType, Job, JobStatus
-from app.migrations import MIGRATIONS_DIR, apply_migrations, migration_files
-from app.store import Store, connect
+from app.domain.ids import new_object_id
+from app.domain.jobs import ExecutorType, GenType, Job, JobStatus
+from app.storage.migrations import MIGRATIONS_DIR, apply_migrations, migration_files
+from app.storage.store import Store, connect
 
 
 def new_job(**changes) -> Job:

@@ -8,10 +8,10 @@ from typing import Any
 
 import aiohttp
 
-from app import json_text
 from app.backends.base import Backend, BackendSpec, Progress
-from app.errors import BackendFailed, FailureKind
-from app.jobs import GenType
+from app.domain import json_text
+from app.domain.errors import BackendFailed, FailureKind
+from app.domain.jobs import GenType
 
 _ROUTES = {GenType.TEXT2IMG: "txt2img", GenType.IMG2IMG: "img2img"}
 

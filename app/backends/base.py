@@ -11,10 +11,10 @@ from typing import Any
 
 import aiohttp
 
-from app import json_text
-from app.errors import BackendFailed, FailureKind
+from app.domain import json_text
+from app.domain.errors import BackendFailed, FailureKind
+from app.domain.jobs import ExecutorType, GenType
 from app.images import NotAnImage, to_jpeg
-from app.jobs import ExecutorType, GenType
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ class BackendSpec:
     timeout_s: float | None = None  # the least time a job gets on it; None = JOB_TIMEOUT_FLOOR_S
     gpu: str = ""
     model: str = ""
-    speed: float | None = None  # relative to the reference GPU (app/costs.py)
+    speed: float | None = None  # relative to the reference GPU (app/domain/costs.py)
     disabled: bool = False
 
 

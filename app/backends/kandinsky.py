@@ -7,7 +7,7 @@ from typing import Any
 import aiohttp
 
 from app.backends.base import Backend, BackendSpec
-from app.jobs import GenType
+from app.domain.jobs import GenType
 
 _ROUTES = {GenType.TEXT2IMG: "text2img", GenType.MIX2IMG: "mix2images"}
 

@@ -22,7 +22,7 @@ from pymongo.errors import BulkWriteError
 
 from app.config import Config
 from app.mirrors.outbox import OutboxWorker
-from app.store import OutboxItem, Store
+from app.storage.store import OutboxItem, Store
 
 log = logging.getLogger(__name__)
 

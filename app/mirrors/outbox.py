@@ -13,7 +13,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 
-from app.store import OutboxItem, Store, StoreClosed
+from app.storage.store import OutboxItem, Store, StoreClosed
 
 log = logging.getLogger(__name__)
 

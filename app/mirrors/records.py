@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from app.jobs import Job
+from app.domain.jobs import Job
 
 # Strings longer than this in a payload are images (base64 or data: URIs) in practice; they
 # are summarized, so records stay small.

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from app.config import Config
 from app.mirrors.outbox import OutboxWorker
-from app.store import OutboxItem, Store
+from app.storage.store import OutboxItem, Store
 
 if TYPE_CHECKING:
     from botocore.config import Config as BotoConfig
@@ -36,11 +36,6 @@ def client_config() -> BotoConfig:
     return BotoConfig(
         connect_timeout=CONNECT_TIMEOUT_S, read_timeout=READ_TIMEOUT_S, retries={"max_attempts": 1, "mode": "standard"}
     )
-
-
-def upload_document(path: Path, key: str, delete_after: bool) -> dict[str, Any]:
-    """The outbox document of one upload."""
-    return {"path": str(path), "key": key, "delete_after": delete_after}
 
 
 class S3Mirror(OutboxWorker):

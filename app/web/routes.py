@@ -1,5 +1,5 @@
 """Every route of the server, listed once: registered from this table, and documented from it
-(app/openapi.py), so the OpenAPI document cannot miss a route."""
+(app/web/openapi.py), so the OpenAPI document cannot miss a route."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from aiohttp import web
 from marshmallow import Schema
 
-from app import api, pages
-from app.api_schemas import (
+from app.web import api, pages
+from app.web.api_schemas import (
     BackendStateSchema,
     CancelResultSchema,
     ErrorSchema,
@@ -21,8 +21,8 @@ from app.api_schemas import (
     StatusSchema,
     SubmittedSchema,
 )
-from app.gateway import websocket_handler
-from app.schemas import ResponseSchema
+from app.web.gateway import websocket_handler
+from app.web.schemas import ResponseSchema
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ERROR = ErrorSchema

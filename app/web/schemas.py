@@ -10,11 +10,11 @@ from typing import Any
 
 from marshmallow import INCLUDE, Schema, ValidationError, fields, validate
 
-from app import json_text
-from app.errors import InvalidRequest
-from app.fast_checks import QuickLoader
-from app.jobs import SUPPORTED_GEN_TYPES, ExecutorType, GenType, Job, JobStatus
-from app.payloads import Flag, WholeNumber, check_payload
+from app.domain import json_text
+from app.domain.errors import InvalidRequest
+from app.domain.fast_checks import QuickLoader
+from app.domain.jobs import SUPPORTED_GEN_TYPES, ExecutorType, GenType, Job, JobStatus
+from app.domain.payloads import Flag, WholeNumber, check_payload
 
 # How deep a message may nest objects and arrays. Real requests use 3 or 4 levels; the limit
 # keeps every stored document readable by json.loads in any call stack.

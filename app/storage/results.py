@@ -11,8 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from app.jobs import Job
-from app.mirrors.s3 import upload_document
+from app.domain.jobs import Job
 
 # Only names this server writes are ever served: no path can be smuggled through /img/.
 IMAGE_FILE_NAME = re.compile(r"^[0-9a-f]{24}\.jpg$")
@@ -86,6 +85,11 @@ class ResultWriter:
             return None
         path = self.images_path / file_name
         return path if path.is_file() else None
+
+
+def upload_document(path: Path, key: str, delete_after: bool) -> dict[str, Any]:
+    """The S3 outbox document of one image upload (app/mirrors/s3.py carries it out)."""
+    return {"path": str(path), "key": key, "delete_after": delete_after}
 
 
 def _base64_result(file_name: str, jpeg: bytes) -> dict[str, Any]:

@@ -8,8 +8,8 @@ import gc
 from collections.abc import Iterator
 from typing import Any
 
-from app import json_text
-from app.jobs import ExecutorType, GenType, Job, JobStatus
+from app.domain import json_text
+from app.domain.jobs import ExecutorType, GenType, Job, JobStatus
 
 # A request's payload, wherever it is kept (migration 0007).
 PAYLOAD_SQL = (

@@ -9,7 +9,7 @@ import swagger_ui_bundle
 from aiohttp import web
 
 from app import __version__, keys
-from app.api_schemas import IdentitySchema, StatusSchema
+from app.web.api_schemas import IdentitySchema, StatusSchema
 
 SERVER_NAME = "Devoid Generator"
 VERSION = __version__

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from app.jobs import ExecutorType, GenType, Job
+from app.domain.jobs import ExecutorType, GenType, Job
 
 # Backend defaults when the payload leaves a field out (each backend API's own defaults).
 DEFAULT_STEPS = {ExecutorType.AUTOMATIC1111: 50, ExecutorType.KANDINSKY: 30}

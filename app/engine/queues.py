@@ -6,7 +6,7 @@ import math
 from collections import deque
 from collections.abc import Callable, Iterator
 
-from app.jobs import Job
+from app.domain.jobs import Job
 
 
 class WeightedQueue:

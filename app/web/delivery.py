@@ -26,11 +26,11 @@ from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from app import json_text
 from app.backends.base import Progress
-from app.jobs import Job
-from app.schemas import final_response, info_message, short_response
-from app.store import Store
+from app.domain import json_text
+from app.domain.jobs import Job
+from app.storage.store import Store
+from app.web.schemas import final_response, info_message, short_response
 
 log = logging.getLogger(__name__)
 

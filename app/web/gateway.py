@@ -1,7 +1,7 @@
 """The websocket gateway: who may connect, and what happens to each message they send.
 
-A request's path here: decode_message -> intake.build_job (schema + payload contract) ->
-intake.accept (committed, `queued` answered, queued for the scheduler). A bad message is
+A request's path here: decode_message -> Intake.job_from_request (schema + payload contract) ->
+Intake.accept (committed, `queued` answered, queued for the scheduler). A bad message is
 answered (an error `response` when its executor and gen_type are valid, an `info` message
 otherwise) and the connection carries on.
 
@@ -21,12 +21,11 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from app import keys
-from app.errors import InvalidRequest
-from app.ids import new_object_id
-from app.intake import accept, job_from_request
-from app.jobs import Job
-from app.lifecycle import CancelOutcome
-from app.schemas import (
+from app.domain.errors import InvalidRequest
+from app.domain.ids import new_object_id
+from app.domain.jobs import Job
+from app.domain.lifecycle import CancelOutcome
+from app.web.schemas import (
     bounded_errors,
     decode_message,
     info_message,
@@ -149,7 +148,9 @@ class _Connection:
             if request is None:
                 await self._on_action(message)
                 return
-            job = job_from_request(self._app, self._service, request, origin=self._ws, channel=self._channel)
+            job = self._app[keys.INTAKE].job_from_request(
+                self._service, request, origin=self._ws, channel=self._channel
+            )
         except InvalidRequest as exc:
             await hub.send_to(self._ws, self._rejection(exc))
             return
@@ -201,7 +202,7 @@ class _Connection:
             await hub.send_to(self._ws, message)
 
         try:
-            await accept(self._app, job, announce)
+            await self._app[keys.INTAKE].accept(job, announce)
         except Exception as exc:
             log.exception("%s could not be stored", job.object_id)
             error = InvalidRequest(

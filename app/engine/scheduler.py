@@ -25,17 +25,17 @@ import aiohttp
 
 from app.backends.base import Backend, BackendSpec, Progress
 from app.config import Config
-from app.costs import job_cost_units, payload_cost_units
-from app.errors import BackendFailed, FailureKind
-from app.expiry import ExpiryLine
-from app.jobs import LARGE_PAYLOAD_CHARS, ExecutorType, GenType, Job, JobStatus
-from app.lifecycle import CancelOutcome, Phase, TrackedRequest
+from app.domain.costs import job_cost_units, payload_cost_units
+from app.domain.errors import BackendFailed, FailureKind
+from app.domain.jobs import LARGE_PAYLOAD_CHARS, ExecutorType, GenType, Job, JobStatus
+from app.domain.lifecycle import CancelOutcome, Phase, TrackedRequest
+from app.engine.expiry import ExpiryLine
+from app.engine.pool import BackendSlot, ExecutorPool, watch_health
+from app.engine.progress import ProgressReporter
 from app.metrics import Metrics
-from app.pool import BackendSlot, ExecutorPool, watch_health
-from app.progress import ProgressReporter
-from app.request_rows import no_cycle_collection
-from app.results import ResultWriter
-from app.store import Store, StoreClosed
+from app.storage.request_rows import no_cycle_collection
+from app.storage.results import ResultWriter
+from app.storage.store import Store, StoreClosed
 
 if TYPE_CHECKING:
     from app.mirrors.s3 import S3Mirror
@@ -93,7 +93,7 @@ class Scheduler:
         self.pools = {executor: ExecutorPool(executor, config.general_premium_ratio) for executor in ExecutorType}
         self._initial_backends = backends
         self._watchers: dict[BackendSlot, asyncio.Task[None]] = {}
-        # The one record of every request this process holds, by object_id (app/lifecycle.py).
+        # The one record of every request this process holds, by object_id (app/domain/lifecycle.py).
         self._tracked: dict[str, TrackedRequest] = {}
         self._expiry = ExpiryLine(self._expire, self._expiry_stands, lambda: len(self._tracked))
         self._progress = ProgressReporter(config.progress_interval_s, config.probe_timeout_s, listener.job_progress)

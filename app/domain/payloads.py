@@ -26,8 +26,8 @@ from typing import Any
 
 from marshmallow import INCLUDE, Schema, ValidationError, fields, validate
 
-from app import fast_checks
-from app.jobs import ExecutorType, GenType
+from app.domain import fast_checks
+from app.domain.jobs import ExecutorType, GenType
 
 # Generous bounds: they exist to stop a request that would tie up a GPU for hours, not to
 # second-guess the backend. Larger than any real use we know of.

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 
 from app.backends.base import Backend
 from app.config import Config
-from app.costs import initial_units_per_s
-from app.jobs import ExecutorType, Job
-from app.queues import WeightedQueue
+from app.domain.costs import initial_units_per_s
+from app.domain.jobs import ExecutorType, Job
+from app.engine.queues import WeightedQueue
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,11 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from app import keys
-from app.api_schemas import (
+from app.domain.errors import DevoidError, InvalidRequest
+from app.domain.jobs import Job
+from app.domain.lifecycle import CancelOutcome
+from app.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from app.web.api_schemas import (
     BackendStateSchema,
     CancelResultSchema,
     ErrorSchema,
@@ -23,13 +27,8 @@ from app.api_schemas import (
     QueueStateSchema,
     SubmittedSchema,
 )
-from app.errors import DevoidError, InvalidRequest
-from app.gateway import authenticate
-from app.intake import accept, build_job
-from app.jobs import Job
-from app.lifecycle import CancelOutcome
-from app.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from app.schemas import bounded_errors, decode_message, final_response, short_response
+from app.web.gateway import authenticate
+from app.web.schemas import bounded_errors, decode_message, final_response, short_response
 
 log = logging.getLogger(__name__)
 
@@ -95,14 +94,14 @@ async def submit_request(request: web.Request) -> web.Response:
     except UnicodeDecodeError as exc:
         raise InvalidRequest(f"Body is not UTF-8 text: {exc.reason} at byte {exc.start}.") from None
     message = decode_message(text, what="Body")
-    job = build_job(request.app, service, message, channel="http")
+    job = request.app[keys.INTAKE].build_job(service, message, channel="http")
     notices: list[dict] = []
 
     async def announce(answer: dict) -> None:
         if answer.get("message_type") == "info":
             notices.append(answer)
 
-    queued = await accept(request.app, job, announce)
+    queued = await request.app[keys.INTAKE].accept(job, announce)
     return web.json_response(_submitted_schema.dump({**queued, "notices": notices}), status=202)
 
 

@@ -10,10 +10,10 @@ from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
 from marshmallow import Schema, fields, validate
 
-from app.jobs import SUPPORTED_GEN_TYPES
-from app.payloads import BASE64_IMAGE_PATTERN, PAYLOAD_SCHEMAS
-from app.routes import LIST_ROUTES, ROUTES, Route
-from app.schemas import ActionSchema, InfoSchema, ResponseSchema, ServiceInfoSchema, SettingsSchema
+from app.domain.jobs import SUPPORTED_GEN_TYPES
+from app.domain.payloads import BASE64_IMAGE_PATTERN, PAYLOAD_SCHEMAS
+from app.web.routes import LIST_ROUTES, ROUTES, Route
+from app.web.schemas import ActionSchema, InfoSchema, ResponseSchema, ServiceInfoSchema, SettingsSchema
 
 SECURITY: list[dict[str, list[str]]] = [{"serviceKey": [], "serviceName": []}]
 # Documented as schemas although they travel over the websocket.

@@ -1,11 +1,11 @@
 """Schemas of the HTTP API's answers; the OpenAPI document is generated from these and from
-the wire schemas in app/schemas.py."""
+the wire schemas in app/web/schemas.py."""
 
 from __future__ import annotations
 
 from marshmallow import Schema, fields
 
-from app.schemas import InfoSchema, ResponseSchema
+from app.web.schemas import InfoSchema, ResponseSchema
 
 
 class ErrorBodySchema(Schema):

@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 
 from app.backends.base import Backend, Progress
-from app.jobs import Job
+from app.domain.jobs import Job
 
 log = logging.getLogger(__name__)
 

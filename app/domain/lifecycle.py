@@ -20,10 +20,10 @@ import enum
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from app.jobs import Job
+from app.domain.jobs import Job
 
 if TYPE_CHECKING:
-    from app.pool import BackendSlot
+    from app.engine.pool import BackendSlot
 
 
 class Phase(str, enum.Enum):

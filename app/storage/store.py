@@ -22,11 +22,10 @@ from typing import Any, cast
 
 import aiosqlite
 
-from app import json_text
-from app.jobs import LARGE_PAYLOAD_CHARS, GenType, Job, JobStatus
-from app.migrations import apply_migrations
-from app.mirrors.records import request_record
-from app.request_rows import HEADER_COLUMNS, OBJECT_ID_INDEX, PAYLOAD_SQL, job_from_row, no_cycle_collection
+from app.domain import json_text
+from app.domain.jobs import LARGE_PAYLOAD_CHARS, GenType, Job, JobStatus
+from app.storage.migrations import apply_migrations
+from app.storage.request_rows import HEADER_COLUMNS, OBJECT_ID_INDEX, PAYLOAD_SQL, job_from_row, no_cycle_collection
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +35,7 @@ MAX_BATCH_ROWS = 128
 BUSY_TIMEOUT_MS = 5000
 
 Statement = tuple[str, Sequence[Any]]
+RecordBuilder = Callable[[Job], dict[str, Any]]
 _OUTBOX_INSERT = "INSERT INTO outbox (target, object_id, revision, document, created_at) VALUES (?, ?, ?, ?, ?)"
 
 
@@ -111,9 +111,11 @@ class Store:
         writer_db: aiosqlite.Connection,
         reader_db: aiosqlite.Connection,
         max_batch_rows: int,
-        mirror_records: bool,
+        record_of: RecordBuilder | None,
     ) -> None:
-        self._mirror_records = mirror_records
+        # The MongoDB mirror's document of a request (None: no MongoDB mirror). Given by the
+        # caller, so the store knows no mirror's format.
+        self._record_of = record_of
         # Called after mirror work for that target is committed (the mirror's worker wakes).
         self.outbox_listeners: dict[str, Callable[[], None]] = {}
         self._writer_db = writer_db
@@ -127,9 +129,11 @@ class Store:
         self.rows_written = 0
 
     @classmethod
-    async def open(cls, path: Path, *, max_batch_rows: int = MAX_BATCH_ROWS, mirror_records: bool = False) -> Store:
-        """Open (creating if needed) and migrate the database at `path`. With `mirror_records`,
-        every status change also queues the request's record for MongoDB."""
+    async def open(
+        cls, path: Path, *, max_batch_rows: int = MAX_BATCH_ROWS, record_of: RecordBuilder | None = None
+    ) -> Store:
+        """Open (creating if needed) and migrate the database at `path`. With `record_of`,
+        every status change also queues the request's record (`record_of(job)`) for MongoDB."""
         path.parent.mkdir(parents=True, exist_ok=True)
         writer_db = await connect(path)
         try:
@@ -138,7 +142,7 @@ class Store:
             await writer_db.close()
             raise
         reader_db = await connect(path, read_only=True)
-        return cls(writer_db, reader_db, max_batch_rows, mirror_records)
+        return cls(writer_db, reader_db, max_batch_rows, record_of)
 
     async def close(self) -> None:
         """Commit every write already submitted, then close both connections."""
@@ -169,14 +173,14 @@ class Store:
         work: the new version of its record for MongoDB, and an S3 upload if given."""
         statements_ = list(statements)
         now = time.time()
-        if self._mirror_records:
+        if self._record_of is not None:
             statements_.append(
-                (_OUTBOX_INSERT, ("mongodb", job.object_id, job.revision, json_text.dumps(request_record(job)), now))
+                (_OUTBOX_INSERT, ("mongodb", job.object_id, job.revision, json_text.dumps(self._record_of(job)), now))
             )
         if upload is not None:
             statements_.append((_OUTBOX_INSERT, ("s3", job.object_id, job.revision, json_text.dumps(upload), now)))
         await self._write(*statements_)
-        if self._mirror_records:
+        if self._record_of is not None:
             self._wake_mirror("mongodb")
         if upload is not None:
             self._wake_mirror("s3")

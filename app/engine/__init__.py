@@ -1,0 +1,2 @@
+"""What runs requests: the scheduler, the backend pool, the weighted queues, expiry
+and progress polling."""

@@ -1,0 +1,134 @@
+"""Taking in one generation request, the same way for the websocket and the HTTP API:
+validate it, commit it, tell the client `queued`, hand it to the scheduler. `Intake` holds
+exactly what that needs: the store, the scheduler, and delivery (for resent requests whose
+final answer exists)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from app.domain.costs import job_cost_units
+from app.domain.errors import InvalidRequest
+from app.domain.ids import new_object_id
+from app.domain.jobs import Job
+from app.engine.scheduler import Scheduler
+from app.storage.store import Store
+from app.web.delivery import ConnectionHub
+from app.web.schemas import final_response, info_message, parse_request, short_response
+
+log = logging.getLogger(__name__)
+
+Announce = Callable[[dict[str, Any]], Awaitable[Any]]
+
+
+class Intake:
+    def __init__(self, store: Store, scheduler: Scheduler, hub: ConnectionHub) -> None:
+        self._store = store
+        self._scheduler = scheduler
+        self._hub = hub
+
+    def build_job(self, service: str, message: dict[str, Any], *, origin: Any = None, channel: str = "ws") -> Job:
+        """A Job from a request message. Raises InvalidRequest (with what could be read of the
+        message) when it is malformed or no backend of its executor type is configured."""
+        return self.job_from_request(service, parse_request(message), origin=origin, channel=channel)
+
+    def job_from_request(
+        self, service: str, request: dict[str, Any], *, origin: Any = None, channel: str = "ws"
+    ) -> Job:
+        """A Job from a request already checked by schemas.parse_request."""
+        executor = request["executor"]
+        if not self._scheduler.has_backends(executor):
+            raise InvalidRequest(f"No {executor.value} backend is configured on this server.", envelope=request)
+        request_id = request["service_info"].get("request_id")
+        return Job(
+            object_id=new_object_id(),
+            service=service,
+            executor=executor,
+            gen_type=request["gen_type"],
+            premium=request["flags"]["premium"],
+            settings=request["settings"],
+            service_info=request["service_info"],
+            payload=request["payload"],
+            created_at=time.time(),
+            origin=origin,
+            channel=channel,
+            unknown_fields=request["unknown_fields"],
+            ack_required=request["flags"]["require_ack"],
+            request_key=json.dumps(request_id) if request_id is not None else None,
+        )
+
+    async def accept(self, job: Job, announce: Announce) -> dict[str, Any]:
+        """Commit `job`, announce its `queued` answer (then an `unknown_field` notice when its
+        payload has keys the backend does not know, and a `no_backend` notice when no backend of
+        its type is in service), then queue it. Returns the `queued` answer.
+
+        A request whose `service_info.request_id` this service used before is not queued again:
+        the original's current state is announced and returned instead (idempotent resends).
+
+        Raises whatever the store raises when the request could not be committed; nothing was
+        queued then.
+        """
+        store, scheduler = self._store, self._scheduler
+        if job.request_key is not None:
+            original = await store.find_by_request_key(job.service, job.request_key)
+            if original is not None:
+                return await self._answer_repeat(original, job, announce)
+        job.cost_units = job_cost_units(job)  # stored with it: the queue is rebuilt without payloads
+        try:
+            await store.add(job)
+        except sqlite3.IntegrityError:
+            # The same key arrived twice at once: the other one was committed first.
+            original = await store.find_by_request_key(job.service, job.request_key) if job.request_key else None
+            if original is None:
+                raise
+            return await self._answer_repeat(original, job, announce)
+        log.info(
+            "%s queued: %s %s from %s%s (%s)",
+            job.object_id,
+            job.executor.value,
+            job.gen_type.value,
+            job.service,
+            " (premium)" if job.premium else "",
+            "private ws" if job.channel == "http" and job.origin is not None else job.channel,
+        )
+        job.eta_s = scheduler.eta_for_new(job.executor, job.premium, job.cost_units)
+        queued = short_response(job, "queued", job.eta_s)
+        # `queued` goes out before the job can be dispatched, so it always precedes `generating`.
+        await announce(queued)
+        if job.unknown_fields is not None:
+            await announce(
+                info_message(
+                    "unknown_field",
+                    job.unknown_fields.sentence(),
+                    object_id=job.object_id,
+                    unknown_fields=job.unknown_fields.hints,
+                )
+            )
+        notice = scheduler.no_backend_notice(job.executor)
+        if notice:
+            await announce(info_message("no_backend", notice, object_id=job.object_id))
+        scheduler.submit(job)
+        return queued
+
+    async def _answer_repeat(self, original: Job, repeat: Job, announce: Announce) -> dict[str, Any]:
+        """A request repeating an idempotency key: the original's current state (its final answer
+        if it has one) instead of a new request."""
+        log.info(
+            "%s: a repeat with the same request_id from %s was not queued again", original.object_id, original.service
+        )
+        if not original.status.is_final:
+            answer = short_response(original, original.status.value, None)
+            await announce(answer)
+            return answer
+        answer = final_response(original)
+        if repeat.channel == "ws" and repeat.origin is not None:
+            # Through delivery, so the final is not also sent from the backlog at the same time.
+            await self._hub.answer_repeat(original, repeat.origin)
+        else:
+            await announce(answer)
+        return answer
