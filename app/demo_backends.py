@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import io
 import json
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -52,6 +53,10 @@ class DemoBackendState:
 
     delay_s: float = 0.0
     units_per_s: float | None = None
+    # With units_per_s: each duration is scaled by a factor drawn from [1 - noise, 1 + noise]
+    # (seeded by noise_seed, so a benchmark replays the same run).
+    noise: float = 0.0
+    noise_seed: int = 0
     api_token: str = ""
     fail_status: int | None = None
     fail_body: dict[str, Any] = field(default_factory=dict)
@@ -67,6 +72,7 @@ class DemoBackendState:
 
     def __post_init__(self) -> None:
         self.gate.set()
+        self.random = random.Random(self.noise_seed)
 
 
 STATE = web.AppKey("demo_backend_state", DemoBackendState)
@@ -94,7 +100,8 @@ _GEN_TYPES = {
 
 def _duration_s(state: DemoBackendState, path: str, body: dict[str, Any]) -> float:
     if state.units_per_s:
-        return payload_cost_units(*_GEN_TYPES[path], body) / state.units_per_s
+        factor = state.random.uniform(1 - state.noise, 1 + state.noise) if state.noise else 1.0
+        return payload_cost_units(*_GEN_TYPES[path], body) / state.units_per_s * factor
     return state.delay_s
 
 

@@ -83,12 +83,12 @@ def memory_mb(pid: int, field: str = "VmRSS") -> float:
     return float("nan")
 
 
-async def start_server(folder: Path, backend_url: str, **env: str) -> ServerProcess:
+def balancer(folder: Path, backends: list[dict], **env: str) -> ServerProcess:
+    """The balancer as a process (not started yet) on a free port, with the bench service and
+    `backends` as its executors file; its data under `folder`. `env` adds or overrides settings."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "executors.json").write_text(
-        json.dumps([{"name": "gpu", "exec_type": "automatic1111", "endpoint": backend_url, "timeout": 60}])
-    )
-    server = ServerProcess(
+    (folder / "executors.json").write_text(json.dumps(backends))
+    return ServerProcess(
         {
             "API_PORT": str(free_port()),
             "SERVICES": f"bench:{KEY}",
@@ -99,6 +99,12 @@ async def start_server(folder: Path, backend_url: str, **env: str) -> ServerProc
             **env,
         },
         folder / "server.log",
+    )
+
+
+async def start_server(folder: Path, backend_url: str, **env: str) -> ServerProcess:
+    server = balancer(
+        folder, [{"name": "gpu", "exec_type": "automatic1111", "endpoint": backend_url, "timeout": 60}], **env
     )
     await server.start()
     return server

@@ -21,31 +21,18 @@ from pathlib import Path
 import aiohttp
 
 from app.demo_backends import DemoBackendState, automatic1111_app, serve_on_loopback
-from bench.core import KEY, free_port
-from bench.processes import ServerProcess
+from bench.core import KEY, balancer
 
 BACKENDS = 8
 
 
 async def balancer_rate(folder: Path, jobs: int) -> float:
-    folder.mkdir(parents=True)
     runners, specs = [], []
     for number in range(BACKENDS):
         runner, url = await serve_on_loopback(automatic1111_app(DemoBackendState()))
         runners.append(runner)
         specs.append({"name": f"gpu{number}", "exec_type": "automatic1111", "endpoint": url, "timeout": 60})
-    (folder / "executors.json").write_text(json.dumps(specs))
-    server = ServerProcess(
-        {
-            "API_PORT": str(free_port()),
-            "SERVICES": f"bench:{KEY}",
-            "LOGGING_LEVEL": "WARNING",
-            "DATABASE_PATH": str(folder / "db.sqlite3"),
-            "EXECUTORS_FILE": str(folder / "executors.json"),
-            "IMAGES_PATH": str(folder / "images"),
-        },
-        folder / "server.log",
-    )
+    server = balancer(folder, specs)
     await server.start()
     texts = [
         json.dumps(

@@ -24,8 +24,7 @@ import aiohttp
 from app.demo_backends import DemoBackendState, automatic1111_app, serve_on_loopback
 from app.domain.costs import payload_cost_units
 from app.domain.jobs import ExecutorType, GenType
-from bench.core import KEY, free_port
-from bench.processes import ServerProcess
+from bench.core import KEY, balancer
 
 SPEEDS = {"gpu-1x-a": 1.0, "gpu-1x-b": 1.0, "gpu-2x": 2.0, "gpu-4x": 4.0}
 
@@ -80,19 +79,7 @@ async def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        (folder / "executors.json").write_text(json.dumps(entries))
-        server = ServerProcess(
-            {
-                "API_PORT": str(free_port()),
-                "SERVICES": f"bench:{KEY}",
-                "LOGGING_LEVEL": "WARNING",
-                "DATABASE_PATH": str(folder / "db.sqlite3"),
-                "EXECUTORS_FILE": str(folder / "executors.json"),
-                "SAVE_IMAGES_LOCALLY": "0",
-                "PROGRESS_INTERVAL_S": "0",
-            },
-            folder / "server.log",
-        )
+        server = balancer(folder, entries, SAVE_IMAGES_LOCALLY="0", PROGRESS_INTERVAL_S="0")
         await server.start()
         try:
             async with aiohttp.ClientSession() as session:

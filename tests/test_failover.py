@@ -45,7 +45,8 @@ async def test_a_backend_returning_500_is_skipped_and_returns_when_healthy(start
     retries = [m for m in bot.received if m.get("info_type") == "retrying"]
     assert retries and "HTTP 500" in retries[0]["content"] and "CUDA out of memory" in retries[0]["content"]
 
-    # The sick backend heals; with the peer busy, the next job runs on it.
+    # The sick backend heals and takes work again (with the peer held, at least one of the next
+    # jobs runs on it; it may take both, as it is now estimated as fast as its peer).
     sick.state.fail_status = None
     peer.state.gate.clear()
     await wait_until(lambda: backend_state(balancer, "sick")["state"] == "healthy")
@@ -53,7 +54,7 @@ async def test_a_backend_returning_500_is_skipped_and_returns_when_healthy(start
     await wait_until(lambda: any(c.body["prompt"].startswith("after") for c in sick.state.received))
     peer.state.gate.set()
     await assert_all_ok(bot, ids)
-    assert backend_state(balancer, "sick")["jobs_done"] == 1
+    assert backend_state(balancer, "sick")["jobs_done"] >= 1
 
 
 async def test_a_hanging_backend_times_out_and_the_job_moves_on(start_backend, start_balancer):

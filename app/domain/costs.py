@@ -67,6 +67,12 @@ def payload_cost_units(executor: ExecutorType, gen_type: GenType, payload: dict[
     return units
 
 
+def has_speed_hint(gpu: str, speed_hint: float | None) -> bool:
+    """Whether the executors file says how fast a backend is (`speed`, or a known GPU name)."""
+    name = gpu.lower().replace(" ", "")
+    return bool(speed_hint) or any(marker in name for marker in GPU_SPEED_HINTS)
+
+
 def initial_units_per_s(gpu: str, speed_hint: float | None) -> float:
     """A backend's speed before it has finished anything: the executors file's `speed`
     (relative to the reference GPU), else a known GPU name, else the reference."""

@@ -11,7 +11,9 @@ the backend sits out twice as long before its next probe.
 from __future__ import annotations
 
 import asyncio
+import collections
 import enum
+import heapq
 import logging
 import time
 from collections.abc import Callable
@@ -19,7 +21,7 @@ from dataclasses import dataclass, field
 
 from app.backends.base import Backend
 from app.config import Config
-from app.domain.costs import initial_units_per_s
+from app.domain.costs import has_speed_hint, initial_units_per_s
 from app.domain.jobs import ExecutorType, Job
 from app.engine.queues import WeightedQueue
 
@@ -29,6 +31,10 @@ log = logging.getLogger(__name__)
 # its first jobs count more, so a wrong seed is forgotten quickly.
 SPEED_EWMA_WEIGHT = 0.3
 FIRST_PROBE_BACKOFF_S = 1.0
+# Estimates replay this many dispatches one by one; jobs further ahead count as spread work.
+SIMULATED_PICKS = 256
+# Arrival rates (for the requests expected to pass a waiting one) are counted over this window.
+ARRIVAL_WINDOW_S = 60.0
 
 
 class BackendState(str, enum.Enum):
@@ -176,6 +182,8 @@ class ExecutorPool:
         self.executor = executor
         self.queue = WeightedQueue(*ratio)
         self.slots: list[BackendSlot] = []
+        # When requests of each class were queued lately (premium -> times).
+        self._arrivals: dict[bool, collections.deque[float]] = {False: collections.deque(), True: collections.deque()}
 
     def available_slots(self) -> list[BackendSlot]:
         return [slot for slot in self.slots if slot.available]
@@ -183,21 +191,84 @@ class ExecutorPool:
     def in_service(self) -> list[BackendSlot]:
         return [slot for slot in self.slots if slot.in_service]
 
+    def calibrate_unlearned(self) -> None:
+        """Backends that have finished nothing yet, and whose speed the executors file does not
+        state, are assumed as fast as the median of those already measured: a guess from the
+        same pool is closer than the reference GPU's speed (which may be off several times
+        over). Their own first job then replaces the guess (app/engine/pool.py, record_success)."""
+        learned = sorted(slot.units_per_s for slot in self.slots if slot.jobs_done)
+        if not learned:
+            return
+        median = learned[len(learned) // 2]
+        for slot in self.slots:
+            spec = slot.backend.spec
+            if not slot.jobs_done and not has_speed_hint(spec.gpu, spec.speed):
+                slot.units_per_s = median
+
+    def note_arrival(self, premium: bool) -> None:
+        """A request of this class was queued (its arrival rate feeds the estimates)."""
+        arrivals = self._arrivals[premium]
+        now = time.monotonic()
+        arrivals.append(now)
+        while arrivals and arrivals[0] < now - ARRIVAL_WINDOW_S:
+            arrivals.popleft()
+
+    def arrival_rate(self, premium: bool) -> float:
+        """Requests of this class queued per second, over the last ARRIVAL_WINDOW_S."""
+        arrivals = self._arrivals[premium]
+        if len(arrivals) < 2:
+            return 0.0
+        span = max(time.monotonic() - arrivals[0], 1.0)
+        return len(arrivals) / span
+
     def eta_for_new(self, premium: bool, cost_units: float) -> float | None:
         """Seconds until a request of this class and cost, queued now, is expected to be done;
-        None when no backend of this type is in service."""
+        None when no backend of this type is in service.
+
+        It replays what the dispatcher will do: each backend frees when its running job is
+        expected to end (from the job's cost and that backend's learned speed); the jobs to be
+        taken before this one (by the class ratio: those waiting, plus the other class's
+        arrivals expected meanwhile, as far as the ratio lets them pass) go one by one to the
+        backend that frees first; then this one does, and takes its cost over that backend's
+        speed. The first SIMULATED_PICKS jobs ahead are replayed; the rest are counted as work
+        spread over the pool's total speed. O(min(ahead, SIMULATED_PICKS) x log backends).
+        """
         serving = self.in_service()
         if not serving:
             return None
-        fastest_free = max((s.units_per_s for s in serving if s.job is None), default=None)
-        ahead = self.queue.picks_before_new(premium)
-        if ahead == 0 and fastest_free:
-            return round(cost_units / fastest_free, 1)
+        same, other, room = self.queue.picks_ahead(premium)
+        same_units = self.queue.mean_units(premium) or cost_units
+        other_units = self.queue.mean_units(not premium) or cost_units
+        starts_at, done_at = self._replay(serving, same, same_units, other, other_units, cost_units)
+        # Requests of the other class that arrive while this one waits, and may pass it.
+        passing = min(room, round(self.arrival_rate(not premium) * starts_at))
+        if passing:
+            _, done_at = self._replay(serving, same, same_units, other + passing, other_units, cost_units)
+        return round(done_at, 2)
+
+    @staticmethod
+    def _replay(
+        serving: list[BackendSlot], same: int, same_units: float, other: int, other_units: float, cost_units: float
+    ) -> tuple[float, float]:
+        """(seconds until the new job starts, seconds until it is done)."""
         now = time.monotonic()
+        # (seconds until free, faster first on a tie, index): an idle backend is free now.
+        free = [
+            (slot.remaining_units(now) / slot.units_per_s, -slot.units_per_s, index)
+            for index, slot in enumerate(serving)
+        ]
+        heapq.heapify(free)
+        ahead = same + other
+        mean_units = (same * same_units + other * other_units) / ahead if ahead else 0.0
+        replayed = min(ahead, SIMULATED_PICKS)
+        for _ in range(replayed):
+            seconds, faster, index = heapq.heappop(free)
+            heapq.heappush(free, (seconds + mean_units / serving[index].units_per_s, faster, index))
         total_speed = sum(slot.units_per_s for slot in serving)
-        mean_waiting = self.queue.waiting_units / len(self.queue) if len(self.queue) else cost_units
-        backlog_units = sum(slot.remaining_units(now) for slot in serving) + ahead * mean_waiting
-        return round(backlog_units / total_speed + cost_units / (total_speed / len(serving)), 1)
+        spread_s = (ahead - replayed) * mean_units / total_speed
+        seconds, _, index = free[0]
+        starts_at = spread_s + seconds
+        return starts_at, starts_at + cost_units / serving[index].units_per_s
 
     def status_line(self) -> str:
         return (

@@ -23,8 +23,9 @@ class WeightedQueue:
         self._weights = {False: general_weight, True: premium_weight}
         self._current = {False: 0, True: 0}
         self._jobs: dict[bool, deque[Job]] = {False: deque(), True: deque()}
-        # Sum of the waiting jobs' cost, kept as they come and go (ETAs read it per request).
-        self.waiting_units = 0.0
+        # Sum of the waiting jobs' cost per class, kept as they come and go (ETAs read it per
+        # request).
+        self._units = {False: 0.0, True: 0.0}
 
     def __len__(self) -> int:
         return len(self._jobs[False]) + len(self._jobs[True])
@@ -37,19 +38,19 @@ class WeightedQueue:
 
     def push(self, job: Job) -> None:
         self._jobs[job.premium].append(job)
-        self.waiting_units += job.cost_units
+        self._units[job.premium] += job.cost_units
 
     def push_front(self, job: Job) -> None:
         """Put a job back at the head of its class (it keeps its place in line)."""
         self._jobs[job.premium].appendleft(job)
-        self.waiting_units += job.cost_units
+        self._units[job.premium] += job.cost_units
 
     def remove(self, job: Job) -> bool:
         try:
             self._jobs[job.premium].remove(job)
         except ValueError:
             return False
-        self.waiting_units -= job.cost_units
+        self._units[job.premium] -= job.cost_units
         return True
 
     def pop(self, accept: Callable[[Job], bool] | None = None) -> Job | None:
@@ -80,7 +81,7 @@ class WeightedQueue:
             line.popleft()
         else:
             line.remove(job)
-        self.waiting_units -= job.cost_units
+        self._units[job.premium] -= job.cost_units
         return job
 
     def _first(self, premium: bool, accept: Callable[[Job], bool] | None) -> Job | None:
@@ -93,12 +94,28 @@ class WeightedQueue:
         yield from self._jobs[True]
         yield from self._jobs[False]
 
+    @property
+    def waiting_units(self) -> float:
+        return self._units[False] + self._units[True]
+
+    def mean_units(self, premium: bool) -> float | None:
+        """The mean cost of the waiting jobs of a class (None when none waits)."""
+        count = len(self._jobs[premium])
+        return self._units[premium] / count if count else None
+
     def picks_before_new(self, premium: bool) -> int:
         """How many jobs would be taken before a job of this class pushed now."""
+        same, other, _ = self.picks_ahead(premium)
+        return same + other
+
+    def picks_ahead(self, premium: bool) -> tuple[int, int, int]:
+        """For a job of this class pushed now: (jobs of its class taken before it, jobs of the
+        other class taken before it, further jobs of the other class that could still be
+        taken before it if they arrived now: the room the ratio leaves them)."""
         same = len(self._jobs[premium])
         other = len(self._jobs[not premium])
         own_weight, other_weight = self._weights[premium], self._weights[not premium]
         if own_weight == 0:
-            return same + other
-        other_taken = math.ceil((same + 1) * other_weight / own_weight)
-        return same + min(other, other_taken)
+            return same, other, 0
+        other_allowed = math.ceil((same + 1) * other_weight / own_weight)
+        return same, min(other, other_allowed), max(0, other_allowed - other)

@@ -134,6 +134,8 @@ class Scheduler:
             # Speeds learned before the restart are not thrown away.
             for gen_type, payload, seconds in await self._store.recent_successes(backend.name, 10):
                 slot.record_success(payload_cost_units(backend.executor, gen_type, payload), seconds)
+        for pool in self.pools.values():
+            pool.calibrate_unlearned()  # a backend new since the last run starts from its peers
         requeued = await self._store.requeue_interrupted()
         with no_cycle_collection(then_freeze=True):
             queued = await self._store.queued_jobs()
@@ -309,6 +311,7 @@ class Scheduler:
 
     def submit(self, job: Job) -> None:
         """Queue a job that is already committed to the store."""
+        self.pools[job.executor].note_arrival(job.premium)
         self._enqueue(job)
         self.dispatch()
 
@@ -449,6 +452,7 @@ class Scheduler:
                 return  # cancelled (or expired) meanwhile: already being answered
             if jpeg is not None:
                 slot.record_success(job.cost_units, seconds or 0.0)
+                pool.calibrate_unlearned()
                 # It worked here: the backends that failed it are to blame after all.
                 for suspect in tracked.suspects:
                     self._charge(suspect, f"failed a request that {slot.name} then served")
