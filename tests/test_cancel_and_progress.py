@@ -100,3 +100,20 @@ async def test_progress_arrives_in_order_and_stops_at_completion(start_backend, 
     # Nothing arrives after the final answer (three poll intervals pass).
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(bot.ws.receive(), 0.3)
+
+
+async def test_a_waiting_request_hears_when_its_estimate_moves(start_backend, start_balancer):
+    # The executors file says this GPU is 100x the reference; it is slow. Once its first job
+    # ends the balancer knows better, and the requests still waiting are told.
+    slow = await start_backend("automatic1111", name="slow", delay_s=3)
+    balancer = await start_balancer([slow.entry(speed=100)])
+    bot = await balancer.connect("telegram")
+    ids = [
+        (await bot.submit(request_message("automatic1111", "text2img", {"prompt": f"p{n}", "steps": 20})))["object_id"]
+        for n in range(3)
+    ]
+    told = await bot.next_message(lambda m: m.get("info_type") == "eta" and m.get("object_id") == ids[2], timeout_s=20)
+    [queued] = [m for m in bot.received if m.get("object_id") == ids[2] and m.get("gen_status") == "queued"]
+    assert queued["avg_time"] < 1  # what the stated speed promised
+    assert told["eta_s"] >= 2.5  # its own 3 s job at least
+    assert "ready in about" in told["content"]

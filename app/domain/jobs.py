@@ -89,6 +89,9 @@ class Job:
     cost_units: float = field(default=0.0, repr=False, compare=False)
     avoid_backends: set[str] = field(default_factory=set, repr=False, compare=False)
     eta_s: float | None = field(default=None, repr=False, compare=False)  # told with `queued`
+    # When the client was last told it would be ready (time.monotonic()), and when it was told.
+    eta_due: float | None = field(default=None, repr=False, compare=False)
+    eta_told_at: float = field(default=0.0, repr=False, compare=False)
     payload_chars: int = field(default=0, repr=False, compare=False)  # size of its JSON
     # Payload keys its backend does not know (payloads.UnknownFields), told after `queued`.
     unknown_fields: Any = field(default=None, repr=False, compare=False)

@@ -205,6 +205,27 @@ class ExecutorPool:
             if not slot.jobs_done and not has_speed_hint(spec.gpu, spec.speed):
                 slot.units_per_s = median
 
+    def waiting_estimates(self, limit: int) -> list[tuple[Job, float]]:
+        """(job, seconds until it is expected to be done) for the first `limit` waiting jobs in
+        dispatch order, by the same replay as eta_for_new with each job's own cost. Empty
+        when no backend is in service."""
+        serving = self.in_service()
+        if not serving:
+            return []
+        now = time.monotonic()
+        free = [
+            (slot.remaining_units(now) / slot.units_per_s, -slot.units_per_s, index)
+            for index, slot in enumerate(serving)
+        ]
+        heapq.heapify(free)
+        estimates = []
+        for job in self.queue.in_dispatch_order(limit):
+            seconds, faster, index = heapq.heappop(free)
+            done = seconds + job.cost_units / serving[index].units_per_s
+            heapq.heappush(free, (done, faster, index))
+            estimates.append((job, done))
+        return estimates
+
     def note_arrival(self, premium: bool) -> None:
         """A request of this class was queued (its arrival rate feeds the estimates)."""
         arrivals = self._arrivals[premium]

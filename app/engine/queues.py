@@ -94,6 +94,28 @@ class WeightedQueue:
         yield from self._jobs[True]
         yield from self._jobs[False]
 
+    def in_dispatch_order(self, limit: int) -> list[Job]:
+        """The first `limit` waiting jobs in the order `pop` would take them (for estimates;
+        changes nothing)."""
+        current = dict(self._current)
+        taken = {False: 0, True: 0}
+        order: list[Job] = []
+        while len(order) < limit:
+            candidates = [premium for premium in (True, False) if taken[premium] < len(self._jobs[premium])]
+            if not candidates:
+                break
+            chosen = candidates[0]
+            if len(candidates) == 2:
+                total = 0
+                for premium in candidates:
+                    current[premium] += self._weights[premium]
+                    total += self._weights[premium]
+                chosen = max(candidates, key=lambda premium: current[premium])
+                current[chosen] -= total
+            order.append(self._jobs[chosen][taken[chosen]])
+            taken[chosen] += 1
+        return order
+
     @property
     def waiting_units(self) -> float:
         return self._units[False] + self._units[True]

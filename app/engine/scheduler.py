@@ -53,6 +53,14 @@ MAX_INTERRUPTIONS = 10
 INTERRUPT_TIMEOUT_S = 2.0
 
 
+# Revised estimates for waiting requests (see _revise_estimates).
+ETA_REFRESH_S = 2.0
+ETA_REFRESH_LIMIT = 1000
+ETA_CHANGE_SHARE = 0.2
+ETA_CHANGE_S = 5.0
+ETA_MIN_INTERVAL_S = 5.0
+
+
 class JobListener(Protocol):
     """Who hears about a job's progress (the gateway's delivery)."""
 
@@ -61,6 +69,8 @@ class JobListener(Protocol):
     async def job_progress(self, job: Job, progress: Progress) -> None: ...
 
     async def job_retrying(self, job: Job, reason: str, delay_s: float) -> None: ...
+
+    async def job_eta(self, job: Job, eta_s: float) -> None: ...
 
     async def job_storage_retry(self, job: Job, reason: str) -> None: ...
 
@@ -101,6 +111,7 @@ class Scheduler:
         # Messages to clients, sent off the paths that hold a backend: a client that stops
         # reading its socket must not hold a GPU for everyone (see _tell).
         self._telling: set[asyncio.Task[None]] = set()
+        self._eta_task: asyncio.Task[None] | None = None
         self._stopping = False
         self.dispatched = 0
         self.finished = 0
@@ -167,6 +178,7 @@ class Scheduler:
             ", ".join(f"{e.value}={len(p.slots)}" for e, p in self.pools.items()),
         )
         self.dispatch()  # backends whose first probe already answered
+        self._eta_task = asyncio.create_task(self._revise_estimates(), name="eta-revisions")
 
     async def stop(self, grace_s: float) -> None:
         """Stop claiming; give running jobs and answers being stored `grace_s` in all, then
@@ -176,6 +188,8 @@ class Scheduler:
         self._stopping = True
         deadline = time.monotonic() + grace_s
         self._expiry.close()
+        if self._eta_task is not None:
+            self._eta_task.cancel()
         for tracked in self._tracked.values():
             tracked.cancel_timers()
         running = {t.task: t for t in self._tracked.values() if t.task is not None}
@@ -317,6 +331,23 @@ class Scheduler:
 
     def eta_for_new(self, executor: ExecutorType, premium: bool, cost_units: float) -> float | None:
         return self.pools[executor].eta_for_new(premium, cost_units)
+
+    async def _revise_estimates(self) -> None:
+        """Every ETA_REFRESH_S, re-estimate the first ETA_REFRESH_LIMIT waiting requests of each
+        executor type; a client whose request's estimate moved by more than the larger of
+        ETA_CHANGE_SHARE of it and ETA_CHANGE_S hears the new one (`info` `eta`), at most once
+        every ETA_MIN_INTERVAL_S per request."""
+        while True:
+            await asyncio.sleep(ETA_REFRESH_S)
+            now = time.monotonic()
+            for pool in self.pools.values():
+                for job, eta_s in pool.waiting_estimates(ETA_REFRESH_LIMIT):
+                    if now - job.eta_told_at < ETA_MIN_INTERVAL_S:
+                        continue
+                    moved = abs(now + eta_s - job.eta_due) if job.eta_due is not None else float("inf")
+                    if moved > max(ETA_CHANGE_SHARE * eta_s, ETA_CHANGE_S):
+                        job.eta_due, job.eta_told_at = now + eta_s, now
+                        self._tell(self._listener.job_eta(job, round(eta_s, 1)))
 
     def no_backend_notice(self, executor: ExecutorType) -> str | None:
         """A sentence for the client when no backend of `executor` is in service."""

@@ -194,6 +194,12 @@ class ConnectionHub:
             ),
         )
 
+    async def job_eta(self, job: Job, eta_s: float) -> None:
+        await self.send_for_job(
+            job,
+            info_message("eta", f"New estimate: ready in about {eta_s:.0f} s.", object_id=job.object_id, eta_s=eta_s),
+        )
+
     async def job_storage_retry(self, job: Job, reason: str) -> None:
         await self.send_for_job(
             job,

@@ -122,6 +122,7 @@ class InfoSchema(Schema):
     ack         the answer to an ack action: `outcome` is "acked" or "not_found"
     duplicate   a request repeated a request_id whose final answer is being sent right now
                 (to this or another connection of the service); it was not queued again
+    eta         a waiting request's estimate moved: ready in about `eta_s` seconds from now
     storage_retry  the server's database refused a write of this request's progress; the
                 request is kept, and the write is retried until the database takes it
     """
@@ -133,6 +134,7 @@ class InfoSchema(Schema):
     errors = fields.Dict()
     progress = fields.Float()
     eta_relative = fields.Float(allow_none=True)
+    eta_s = fields.Float()
     attempt = fields.Integer()
     retry_in_s = fields.Float()
     unknown_fields = fields.Dict(keys=fields.String(), values=fields.String(allow_none=True))
