@@ -3,12 +3,14 @@ and circuit breaker, without sockets (pure bookkeeping)."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from app.backends.base import Backend, BackendSpec
 from app.domain.costs import REFERENCE_UNITS_PER_S, initial_units_per_s, payload_cost_units
-from app.domain.jobs import ExecutorType, GenType
-from app.engine.pool import BackendSlot, BackendState
+from app.domain.jobs import ExecutorType, GenType, Job
+from app.engine.pool import BackendSlot, BackendState, FasterLater
 
 A1111, KANDINSKY = ExecutorType.AUTOMATIC1111, ExecutorType.KANDINSKY
 
@@ -82,3 +84,40 @@ def test_an_unreachable_backend_is_taken_out_at_once():
     gpu.probed = gpu.up = True
     assert gpu.record_failure("connection refused", backend_is_down=True, breaker_failures=3, max_cooldown_s=60.0)
     assert not gpu.in_service
+
+
+def busy_slot(name: str, units_per_s: float, remaining_s: float) -> BackendSlot:
+    gpu = slot()
+    gpu.backend = Backend(BackendSpec(name=name, exec_type=A1111, endpoint="http://127.0.0.1:1"), session=None)  # type: ignore[arg-type]
+    gpu.units_per_s = units_per_s
+    gpu.job = job_of(units_per_s * remaining_s)
+    gpu.started_monotonic = time.monotonic()
+    return gpu
+
+
+def job_of(units: float) -> Job:
+    return Job(
+        object_id=f"{int(units):024x}"[-24:],
+        service="s",
+        executor=A1111,
+        gen_type=GenType.TEXT2IMG,
+        premium=False,
+        settings={},
+        service_info={},
+        payload={},
+        created_at=0.0,
+        cost_units=units,
+    )
+
+
+def test_a_large_job_waits_a_moment_for_the_fast_gpu_and_a_small_one_does_not():
+    slow_free = busy_slot("slow", 1.0, 0.0)
+    slow_free.job = None
+    fast_busy = busy_slot("fast", 4.0, 1.0)  # frees in 1 s
+    large, small, second_large = job_of(40.0), job_of(2.0), job_of(40.1)
+    later = FasterLater([slow_free], [fast_busy], [large, small, second_large])
+    assert later.leave_for_later(large)  # 1 s + 10 s on the fast one, 40 s on the slow one
+    assert not later.leave_for_later(small)  # 2 s on the slow one now beats 11 s + 0.5 s
+    assert later.leave_for_later(second_large)  # 11 s + 10 s still beats 40 s
+    beyond_window = job_of(39.0)
+    assert not later.leave_for_later(beyond_window)  # never passed over outside the window

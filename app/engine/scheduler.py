@@ -30,7 +30,7 @@ from app.domain.errors import BackendFailed, FailureKind
 from app.domain.jobs import LARGE_PAYLOAD_CHARS, ExecutorType, GenType, Job, JobStatus
 from app.domain.lifecycle import CancelOutcome, Phase, TrackedRequest
 from app.engine.expiry import ExpiryLine
-from app.engine.pool import BackendSlot, ExecutorPool, watch_health
+from app.engine.pool import PLACEMENT_WINDOW, BackendSlot, ExecutorPool, FasterLater, watch_health
 from app.engine.progress import ProgressReporter
 from app.metrics import Metrics
 from app.storage.request_rows import no_cycle_collection
@@ -395,12 +395,23 @@ class Scheduler:
                 free = pool.available_slots()
                 if not free:
                     break
-                serving = {slot.name for slot in pool.in_service()}
+                in_service = pool.in_service()
+                serving = {slot.name for slot in in_service}
+                later = FasterLater(
+                    free,
+                    [slot for slot in in_service if slot.job is not None],
+                    pool.queue.in_dispatch_order(PLACEMENT_WINDOW),
+                )
 
-                def can_start(job: Job, free: list[BackendSlot] = free, serving: set[str] = serving) -> bool:
+                def can_start(
+                    job: Job, free: list[BackendSlot] = free, serving: set[str] = serving, later: FasterLater = later
+                ) -> bool:
                     # A retried job waits for a backend that has not failed it yet, unless
-                    # every backend in service already has.
-                    return any(slot.name not in job.avoid_backends for slot in free) or serving <= job.avoid_backends
+                    # every backend in service already has; a job that a busy backend would
+                    # finish sooner is left for it (FasterLater).
+                    if not (any(slot.name not in job.avoid_backends for slot in free) or serving <= job.avoid_backends):
+                        return False
+                    return not later.leave_for_later(job)
 
                 job = pool.queue.pop(accept=can_start)
                 if job is None:
