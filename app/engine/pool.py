@@ -265,8 +265,15 @@ class ExecutorPool:
         ]
         heapq.heapify(free)
         estimates = []
-        for job in self.queue.in_dispatch_order(limit):
-            seconds, faster, index = heapq.heappop(free)
+        for position, job in enumerate(self.queue.in_dispatch_order(limit)):
+            if position < PLACEMENT_WINDOW:
+                # Near the head, where it will be done first (as the dispatcher places it).
+                entry = min(free, key=lambda e: e[0] + job.cost_units / serving[e[2]].units_per_s)
+                free.remove(entry)
+                heapq.heapify(free)
+            else:
+                entry = heapq.heappop(free)
+            seconds, faster, index = entry
             done = seconds + job.cost_units / serving[index].units_per_s
             heapq.heappush(free, (done, faster, index))
             estimates.append((job, done))
@@ -333,7 +340,12 @@ class ExecutorPool:
             heapq.heappush(free, (seconds + mean_units / serving[index].units_per_s, faster, index))
         total_speed = sum(slot.units_per_s for slot in serving)
         spread_s = (ahead - replayed) * mean_units / total_speed
-        seconds, _, index = free[0]
+        # It goes where it is expected to be done first: the dispatcher leaves a job for a
+        # busy backend that will finish it sooner (FasterLater).
+        seconds, index = min(
+            ((seconds, index) for seconds, _, index in free),
+            key=lambda entry: entry[0] + cost_units / serving[entry[1]].units_per_s,
+        )
         starts_at = spread_s + seconds
         return starts_at, starts_at + cost_units / serving[index].units_per_s
 
