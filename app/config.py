@@ -216,6 +216,14 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("IMAGES_PATH", "data/images", _text, "folder for local images"),
     Setting(
+        "IMAGE_URL_SECRET",
+        "",
+        _text,
+        "signs image URLs (/img/{file_name}?key=...): an image is served only with its key; empty = a "
+        "random secret made once and kept beside the database (DATABASE_PATH.image-url-secret)",
+        secret=True,
+    ),
+    Setting(
         "STATUS_PAGE",
         "1",
         _parse_flag,
@@ -308,6 +316,7 @@ class Config:
     kandinsky_api_token: str = dataclasses.field(repr=False)
     save_images_locally: bool
     images_path: Path
+    image_url_secret: str = dataclasses.field(repr=False)
     status_page: bool
     max_message_bytes: int
     send_timeout_s: float

@@ -30,7 +30,7 @@ from app.mirrors.outbox import OutboxWorker
 from app.mirrors.records import request_record
 from app.mirrors.s3 import S3Mirror
 from app.process import EXIT_CANNOT_START, CannotStart, DatabaseLock, bind, check_writable_folder, on_stop_signals
-from app.storage.results import ResultWriter
+from app.storage.results import ResultWriter, image_url_secret
 from app.storage.store import Store
 from app.web.api import api_errors
 from app.web.delivery import ConnectionHub
@@ -59,6 +59,7 @@ def create_app(config: Config) -> web.Application:
         url_prefix=config.image_url_prefix,
         spool_path=config.spool_path,
         s3_url_prefix=config.s3_image_endpoint if config.s3_enabled else None,
+        url_secret=image_url_secret(config.image_url_secret, config.database_path),
     )
     # A bad file stops start-up here, before anything is served.
     file_specs = None if config.test_mode else load_executors(config.executors_file)

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 from yarl import URL
 
+from app.storage.results import ResultWriter, image_url_secret
 from bench.bots import request_message
 from bench.images import png_base64
 from tests.conftest import KANDINSKY_TOKEN
@@ -99,13 +100,16 @@ async def test_each_pair_goes_queued_generating_ok_with_the_payload_unchanged(
     if executor == "kandinsky":
         assert call.headers["authorization"] == KANDINSKY_TOKEN
 
-    # The image is served by this server at the URL in the result.
+    # The image is served by this server at the URL in the result, and only with its key.
     url = URL(done["result"]["content"])
     assert done["result"]["content_type"] == "image_url"
     assert url.port == balancer.config.api_port and url.path == f"/img/{queued['object_id']}.jpg"
-    response = await balancer.client.get(url.path)
+    assert len(url.query["key"]) == 32
+    response = await balancer.client.get(url.path_qs)
     assert response.status == 200 and response.content_type == "image/jpeg"
     assert_jpeg(await response.read())
+    for guess in (url.path, f"{url.path}?key={'0' * 32}", f"{url.path}?key="):
+        assert (await balancer.client.get(guess)).status == 404, guess
 
 
 async def test_without_local_images_the_result_is_base64_jpeg(start_backend, start_balancer):
@@ -191,3 +195,19 @@ async def test_a_lone_backend_answering_something_that_is_not_an_image_fails_aft
     assert done["result"]["content"].startswith("Failed after 3 attempts; the last: backend kandinsky-")
     assert "returned an image that is not a readable image" in done["result"]["content"]
     assert len(kandinsky.state.received) == 3
+
+
+def test_image_keys_survive_a_restart_and_symlinked_images_are_not_served(tmp_path):
+    database = tmp_path / "devoid.sqlite3"
+    secret = image_url_secret("", database)
+    assert image_url_secret("", database) == secret  # kept: URLs already sent stay valid
+    assert (database.with_name("devoid.sqlite3.image-url-secret").stat().st_mode & 0o777) == 0o600
+    assert image_url_secret("configured", database) == b"configured"
+
+    writer = ResultWriter(
+        save_locally=True, images_path=tmp_path / "images", url_prefix="http://x/img/", url_secret=secret
+    )
+    (tmp_path / "elsewhere.jpg").write_bytes(b"not an image of ours")
+    name = "0" * 24 + ".jpg"
+    (tmp_path / "images" / name).symlink_to(tmp_path / "elsewhere.jpg")
+    assert writer.served_file(name, writer.image_key(name)) is None

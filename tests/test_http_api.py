@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from yarl import URL
 
 from app import keys
 from bench.bots import request_message, wait_until
@@ -72,7 +73,7 @@ async def test_submit_then_fetch_the_result_over_http(balancer):
     done = await fetch_until_final(client, queued["object_id"], TELEGRAM)
 
     assert done["gen_status"] == "ok" and done["payload"] == {"prompt": "via http"}
-    image = await client.get(f"/img/{done['result']['file_name']}")
+    image = await client.get(URL(done["result"]["content"]).path_qs)
     assert image.status == 200 and image.content_type == "image/jpeg"
     assert (await balancer.app[keys.STORE].get(queued["object_id"])).delivered_at is not None
     with pytest.raises(TimeoutError):

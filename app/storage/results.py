@@ -1,12 +1,20 @@
 """Where a finished image goes: S3 (by way of the outbox), a file under IMAGES_PATH served at
-/img/, or inline base64."""
+/img/, or inline base64.
+
+Local image URLs are capabilities: `/img/<object_id>.jpg?key=<key>`, the key an HMAC of the
+file name under IMAGE_URL_SECRET. Whoever the bot hands the URL to can fetch it (chat
+platforms fetch URLs without headers); without the key nothing is served, so knowing or
+guessing an object id is not enough."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
+import hmac
 import os
 import re
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,8 +25,25 @@ from app.domain.jobs import Job
 IMAGE_FILE_NAME = re.compile(r"^[0-9a-f]{24}\.jpg$")
 
 
+# Hex characters of HMAC-SHA256 in a key: 128 bits, beyond guessing.
+KEY_CHARS = 32
+
+
 def image_file_name(object_id: str) -> str:
     return f"{object_id}.jpg"
+
+
+def image_url_secret(configured: str, database_path: Path) -> bytes:
+    """IMAGE_URL_SECRET, or the server's own: made once at random and kept beside the database
+    (owner-only), so the URLs it signed stay valid across restarts."""
+    if configured:
+        return configured.encode()
+    path = database_path.with_name(database_path.name + ".image-url-secret")
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as file:
+            file.write(secrets.token_hex(32))
+    return path.read_text().strip().encode()
 
 
 @dataclass(frozen=True)
@@ -36,7 +61,9 @@ class ResultWriter:
         url_prefix: str,
         s3_url_prefix: str | None = None,
         spool_path: Path | None = None,
+        url_secret: bytes = b"",
     ) -> None:
+        self._url_secret = url_secret
         self.save_locally = save_locally
         self.images_path = images_path
         self._url_prefix = url_prefix
@@ -76,15 +103,31 @@ class ResultWriter:
             return self._local_result(file_name)
         return _base64_result(file_name, await asyncio.to_thread(Path(upload["path"]).read_bytes))
 
+    def image_key(self, file_name: str) -> str:
+        """The key that opens /img/<file_name>."""
+        return hmac.new(self._url_secret, file_name.encode(), hashlib.sha256).hexdigest()[:KEY_CHARS]
+
+    def local_url_path(self, file_name: str) -> str:
+        """The path (and key) of a local image, for this server's own pages."""
+        return f"/img/{file_name}?key={self.image_key(file_name)}"
+
     def _local_result(self, file_name: str) -> dict[str, Any]:
-        return {"content_type": "image_url", "content": self._url_prefix + file_name, "file_name": file_name}
+        url = f"{self._url_prefix}{file_name}?key={self.image_key(file_name)}"
+        return {"content_type": "image_url", "content": url, "file_name": file_name}
 
     def local_file(self, file_name: str) -> Path | None:
-        """The path of a served image, or None if the name is not one of ours or is absent."""
+        """The path of a local image, or None if the name is not one of ours, is absent, or is
+        a symlink (only files this server wrote are served)."""
         if not self.save_locally or not IMAGE_FILE_NAME.match(file_name):
             return None
         path = self.images_path / file_name
-        return path if path.is_file() else None
+        return path if path.is_file() and not path.is_symlink() else None
+
+    def served_file(self, file_name: str, key: str) -> Path | None:
+        """The image `/img/<file_name>?key=<key>` opens: None without the right key."""
+        if not hmac.compare_digest(key.encode("utf-8", "surrogateescape"), self.image_key(file_name).encode()):
+            return None
+        return self.local_file(file_name)
 
 
 def upload_document(path: Path, key: str, delete_after: bool) -> dict[str, Any]:

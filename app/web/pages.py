@@ -38,7 +38,7 @@ async def status(request: web.Request) -> web.Response:
         if job.result and job.result.get("content_type") == "image_url":
             # Locally saved images are shown from this server; others from their URL.
             local = results.local_file(job.result.get("file_name", ""))
-            thumbnail = f"/img/{local.name}" if local else job.result["content"]
+            thumbnail = results.local_url_path(local.name) if local else job.result["content"]
         recent.append(
             {
                 "object_id": job.object_id,
@@ -63,8 +63,9 @@ async def status(request: web.Request) -> web.Response:
 
 
 async def image(request: web.Request) -> web.FileResponse:
-    """Serve a result image written under IMAGES_PATH, and nothing else."""
-    path = request.app[keys.RESULTS].local_file(request.match_info["file_name"])
+    """Serve a result image written under IMAGES_PATH, and nothing else, to whoever has its key
+    (the URL in the ok message carries it). A missing or wrong key is a 404, like a missing image."""
+    path = request.app[keys.RESULTS].served_file(request.match_info["file_name"], request.query.get("key", ""))
     if path is None:
         raise web.HTTPNotFound(text="No such image.")
     return web.FileResponse(

@@ -161,8 +161,8 @@ ROUTES: tuple[Route, ...] = (
         "/img/{file_name}",
         pages.image,
         "image",
-        "A result image saved locally",
-        {200: ("The JPEG", "image/jpeg"), 404: ("No such image", "text/plain")},
+        "A result image saved locally, at the URL of its ok message (with `?key=`, the image's key)",
+        {200: ("The JPEG", "image/jpeg"), 404: ("No such image, or a missing or wrong key", "text/plain")},
         tags=("requests",),
     ),
     Route(
