@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
+import collections.abc
 import contextlib
 import hashlib
 import io
@@ -61,7 +63,10 @@ class DemoBackendState:
     fail_status: int | None = None
     fail_body: dict[str, Any] = field(default_factory=dict)
     probe_status: int = 200
-    received: list[ReceivedCall] = field(default_factory=list)
+    # Every call, for tests to inspect; with keep_received, only that many of the latest (the
+    # demo backends of TEST_MODE run for days: their memory must not grow with every request).
+    received: collections.abc.MutableSequence[ReceivedCall] = field(default_factory=list)
+    keep_received: int | None = None
     gate: asyncio.Event = field(default_factory=asyncio.Event)
     interrupted: asyncio.Event = field(default_factory=asyncio.Event)
     running: int = 0
@@ -71,6 +76,8 @@ class DemoBackendState:
     interrupts: int = 0
 
     def __post_init__(self) -> None:
+        if self.keep_received is not None:
+            self.received = collections.deque(self.received, maxlen=self.keep_received)
         self.gate.set()
         self.random = random.Random(self.noise_seed)
 

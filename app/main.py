@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 
 # How long the reference GPU takes for a default-sized job (app/domain/costs.py).
 DEMO_TYPICAL_JOB_S = 512 * 512 * 50 / REFERENCE_UNITS_PER_S
+# What TEST_MODE's demo backends remember of the calls they served (the latest ones).
+DEMO_CALLS_KEPT = 100
 # HTTP bodies larger than a websocket message are not expected anywhere.
 CLIENT_MAX_SIZE_FACTOR = 2
 
@@ -179,7 +181,9 @@ async def _backend_specs(config: Config, file_specs: list[BackendSpec] | None) -
         (ExecutorType.AUTOMATIC1111, automatic1111_app),
         (ExecutorType.KANDINSKY, kandinsky_app),
     ):
-        state = DemoBackendState(delay_s=config.demo_delay_s, api_token=config.kandinsky_api_token)
+        state = DemoBackendState(
+            delay_s=config.demo_delay_s, api_token=config.kandinsky_api_token, keep_received=DEMO_CALLS_KEPT
+        )
         runner, endpoint = await serve_on_loopback(make_app(state))
         runners.append(runner)
         # Seeded so a typical job is expected to take DEMO_DELAY_S, as it will.

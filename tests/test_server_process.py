@@ -13,6 +13,7 @@ import sys
 
 import aiohttp
 
+from app.demo_backends import DemoBackendState, automatic1111_app, serve_on_loopback
 from bench.bots import Bot, request_message, wait_until
 from bench.processes import REPO_ROOT, ServerProcess
 from tests.conftest import SERVICE_KEYS, base_env, write_executors
@@ -226,3 +227,17 @@ async def test_every_request_committed_before_sigterm_got_its_queued(tmp_path, u
         committed = {row[0] for row in db.execute("SELECT object_id FROM requests")}
     assert committed, "the burst was not under way when the signal came"
     assert committed - heard == set()  # nothing committed without its `queued`
+
+
+async def test_test_mode_demo_backends_remember_only_their_latest_calls():
+    state = DemoBackendState(keep_received=2)
+    runner, url = await serve_on_loopback(automatic1111_app(state))
+    try:
+        async with aiohttp.ClientSession() as session:
+            for number in range(3):
+                body = {"prompt": f"call {number}", "width": 64, "height": 64}
+                async with session.post(f"{url}/sdapi/v1/txt2img", json=body) as response:
+                    assert response.status == 200
+    finally:
+        await runner.cleanup()
+    assert [call.body["prompt"] for call in state.received] == ["call 1", "call 2"]
