@@ -1,6 +1,8 @@
 """Balancing mixed GPUs: 4 simulated backends of speeds 1x, 1x, 2x, 4x and a backlog of mixed-size
 jobs. Prints the makespan against the ideal (total work / total speed) and against a
-speed-blind "first free backend" schedule of the same jobs, plus each backend's busy fraction.
+speed-blind "first free backend" schedule of the same jobs and against replays of them placed by
+earliest finish (in order, and largest first; all computed with exact speeds and no overhead),
+plus each backend's busy fraction.
 
 The backends learn nothing from the executors file (no `speed` hint): the balancer has to
 learn their speeds from their first jobs.
@@ -57,6 +59,16 @@ def first_free_makespan(costs: list[float], speeds: list[float]) -> float:
         end = max(end, finish)
         heapq.heappush(free_at, (finish, index))
     return end
+
+
+def earliest_finish_makespan(costs: list[float], speeds: list[float]) -> float:
+    """Each job, in the order given, to the backend that would finish it first (knowing every
+    speed exactly): the replay baseline for placement by earliest finish."""
+    free_at = [0.0] * len(speeds)
+    for units in costs:
+        index = min(range(len(speeds)), key=lambda i: free_at[i] + units / speeds[i])
+        free_at[index] += units / speeds[index]
+    return max(free_at)
 
 
 async def main() -> None:
@@ -117,11 +129,16 @@ async def main() -> None:
     calls = [call for state in states.values() for call in state.received]
     makespan = max(call.finished_at for call in calls) - released
     ideal = total_units / (base_units_per_s * sum(SPEEDS.values()))
-    blind = first_free_makespan([cost(job) for job in jobs], [base_units_per_s * factor for factor in SPEEDS.values()])
+    costs, speeds = [cost(job) for job in jobs], [base_units_per_s * factor for factor in SPEEDS.values()]
+    blind = first_free_makespan(costs, speeds)
+    fifo_earliest = earliest_finish_makespan(costs, speeds)
+    largest_first = earliest_finish_makespan(sorted(costs, reverse=True), speeds)
     print(f"{len(jobs)} mixed jobs on 4 backends (1x, 1x, 2x, 4x), speeds learned, not hinted")
     print(f"  ideal makespan (work / total speed):     {ideal:6.2f} s")
     print(f"  balancer makespan (measured):            {makespan:6.2f} s   ({makespan / ideal:.3f} x ideal)")
     print(f"  speed-blind first-free (computed):       {blind:6.2f} s   ({blind / ideal:.3f} x ideal)")
+    print(f"  earliest finish, FIFO (computed):        {fifo_earliest:6.2f} s   ({fifo_earliest / ideal:.3f} x ideal)")
+    print(f"  earliest finish, largest first (comp.):  {largest_first:6.2f} s   ({largest_first / ideal:.3f} x ideal)")
     print("  backend     speed  jobs  busy fraction")
     for name, state in states.items():
         busy = sum(call.finished_at - max(call.started_at, released) for call in state.received)
