@@ -31,8 +31,10 @@ log = logging.getLogger(__name__)
 # its first jobs count more, so a wrong seed is forgotten quickly.
 SPEED_EWMA_WEIGHT = 0.3
 FIRST_PROBE_BACKOFF_S = 1.0
-# Estimates replay this many dispatches one by one; jobs further ahead count as spread work.
-SIMULATED_PICKS = 256
+# Estimates replay this many dispatches per backend one by one (by then every backend has
+# started jobs from the line and their free times are interleaved); jobs further ahead count
+# as work spread over the pool. Every intake pays for this replay, so it is kept short.
+REPLAYED_ROUNDS = 4
 # Placement (FasterLater): how far into the line a job may be passed over for a faster,
 # busy backend, and by how much sooner that backend must be expected to finish it.
 PLACEMENT_WINDOW = 8
@@ -304,8 +306,8 @@ class ExecutorPool:
         taken before this one (by the class ratio: those waiting, plus the other class's
         arrivals expected meanwhile, as far as the ratio lets them pass) go one by one to the
         backend that frees first; then this one does, and takes its cost over that backend's
-        speed. The first SIMULATED_PICKS jobs ahead are replayed; the rest are counted as work
-        spread over the pool's total speed. O(min(ahead, SIMULATED_PICKS) x log backends).
+        speed. The first REPLAYED_ROUNDS x backends jobs ahead are replayed; the rest are counted
+        as work spread over the pool's total speed. O(backends x log backends) per request.
         """
         serving = self.in_service()
         if not serving:
@@ -334,7 +336,7 @@ class ExecutorPool:
         heapq.heapify(free)
         ahead = same + other
         mean_units = (same * same_units + other * other_units) / ahead if ahead else 0.0
-        replayed = min(ahead, SIMULATED_PICKS)
+        replayed = min(ahead, REPLAYED_ROUNDS * len(serving))
         for _ in range(replayed):
             seconds, faster, index = heapq.heappop(free)
             heapq.heappush(free, (seconds + mean_units / serving[index].units_per_s, faster, index))
