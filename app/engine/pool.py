@@ -107,6 +107,9 @@ class BackendSlot:
             return 0.0
         return max(0.0, self.job.cost_units - (now - self.started_monotonic) * self.units_per_s)
 
+    def seconds_until_free(self, now: float) -> float:
+        return self.remaining_units(now) / self.units_per_s
+
     def record_success(self, cost_units: float, seconds: float) -> None:
         measured = cost_units / max(seconds, 1e-3)
         weight = max(SPEED_EWMA_WEIGHT, 1.0 / (self.jobs_done + 1))
@@ -193,7 +196,7 @@ class FasterLater:
         now = time.monotonic()
         self._free = free
         # Each busy backend and the seconds until it is free, advanced as jobs are left for it.
-        self._busy = [_FreeAt(slot, slot.remaining_units(now) / slot.units_per_s) for slot in busy]
+        self._busy = [_FreeAt(slot, slot.seconds_until_free(now)) for slot in busy]
         self._window = {id(job) for job in window}
 
     def leave_for_later(self, job: Job) -> bool:
@@ -221,6 +224,15 @@ class _FreeAt:
 
     def finish_s(self, job: Job) -> float:
         return self.seconds + job.cost_units / self.slot.units_per_s
+
+
+def _when_free(serving: list[BackendSlot]) -> list[tuple[float, float, int]]:
+    """A heap of (seconds until free, faster first on a tie, index in `serving`): an idle
+    backend is free now. The replays of the estimates start from it."""
+    now = time.monotonic()
+    free = [(slot.seconds_until_free(now), -slot.units_per_s, index) for index, slot in enumerate(serving)]
+    heapq.heapify(free)
+    return free
 
 
 class ExecutorPool:
@@ -260,12 +272,7 @@ class ExecutorPool:
         serving = self.in_service()
         if not serving:
             return []
-        now = time.monotonic()
-        free = [
-            (slot.remaining_units(now) / slot.units_per_s, -slot.units_per_s, index)
-            for index, slot in enumerate(serving)
-        ]
-        heapq.heapify(free)
+        free = _when_free(serving)
         estimates = []
         for position, job in enumerate(self.queue.in_dispatch_order(limit)):
             if position < PLACEMENT_WINDOW:
@@ -327,13 +334,7 @@ class ExecutorPool:
         serving: list[BackendSlot], same: int, same_units: float, other: int, other_units: float, cost_units: float
     ) -> tuple[float, float]:
         """(seconds until the new job starts, seconds until it is done)."""
-        now = time.monotonic()
-        # (seconds until free, faster first on a tie, index): an idle backend is free now.
-        free = [
-            (slot.remaining_units(now) / slot.units_per_s, -slot.units_per_s, index)
-            for index, slot in enumerate(serving)
-        ]
-        heapq.heapify(free)
+        free = _when_free(serving)
         ahead = same + other
         mean_units = (same * same_units + other * other_units) / ahead if ahead else 0.0
         replayed = min(ahead, REPLAYED_ROUNDS * len(serving))
