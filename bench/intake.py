@@ -31,6 +31,7 @@ import aiohttp
 
 from app.demo_backends import DemoBackendState
 from bench.core import KEY, free_port, start_backend, start_server
+from bench.processes import wait_until_answering
 
 PEER_SCRIPT = Path(__file__).with_name("peer_server.py")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -118,14 +119,8 @@ class PeerProcess:
         self.base_url = f"http://127.0.0.1:{self.port}"
 
     async def ready(self) -> None:
-        async with aiohttp.ClientSession() as session:
-            for _ in range(200):
-                try:
-                    async with session.get(self.base_url + "/"):
-                        return
-                except aiohttp.ClientConnectionError:
-                    await asyncio.sleep(0.05)
-        raise RuntimeError("peer server did not start")
+        code = self.process.poll
+        await wait_until_answering(self.base_url, lambda: None if code() is None else f"peer server exited {code()}")
 
     def stop(self) -> None:
         self.process.terminate()

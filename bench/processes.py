@@ -6,12 +6,31 @@ import asyncio
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT_S = 20.0
+
+
+async def wait_until_answering(base_url: str, exited: Callable[[], str | None]) -> None:
+    """Poll `GET base_url/` until it answers 200, at most READY_TIMEOUT_S. `exited()` says why
+    the process is gone (raised at once), or None while it runs."""
+    async with aiohttp.ClientSession() as session:
+        async with asyncio.timeout(READY_TIMEOUT_S):
+            while True:
+                reason = exited()
+                if reason is not None:
+                    raise RuntimeError(reason)
+                try:
+                    async with session.get(base_url + "/") as response:
+                        if response.status == 200:
+                            return
+                except aiohttp.ClientConnectionError:
+                    pass
+                await asyncio.sleep(0.05)
 
 
 class ServerProcess:
@@ -38,18 +57,11 @@ class ServerProcess:
         await self._wait_ready()
 
     async def _wait_ready(self) -> None:
-        async with aiohttp.ClientSession() as session:
-            async with asyncio.timeout(READY_TIMEOUT_S):
-                while True:
-                    if self.process.returncode is not None:
-                        raise RuntimeError(f"server exited {self.process.returncode}: {self.log()}")
-                    try:
-                        async with session.get(self.base_url + "/") as response:
-                            if response.status == 200:
-                                return
-                    except aiohttp.ClientConnectionError:
-                        pass
-                    await asyncio.sleep(0.05)
+        def exited() -> str | None:
+            code = self.process.returncode if self.process else None
+            return None if code is None else f"server exited {code}: {self.log()}"
+
+        await wait_until_answering(self.base_url, exited)
 
     def kill(self) -> None:
         """SIGKILL: no shutdown code runs, as in a power cut or an OOM kill."""

@@ -294,7 +294,7 @@ def _walk(messages: Any, prefix: str):
 
 
 def short_response(job: Job, gen_status: str, avg_time_s: float | None) -> dict[str, Any]:
-    """The queued/generating form: what ResponseSchema dumps (tests/test_schemas.py holds
+    """The queued/generating form: what ResponseSchema dumps (tests/test_quick_checks.py holds
     them equal), built directly because every request gets one or two."""
     return {
         "object_id": job.object_id,
