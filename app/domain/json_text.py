@@ -16,9 +16,6 @@ from typing import Any
 
 import orjson
 
-JSONDecodeError = json.JSONDecodeError
-
-
 # orjson reads an integer past 64 bits as a float; a float this large (or a big integer read
 # that way) sends the document through `json`, which keeps integers exact.
 _BIG = 2.0**63
