@@ -30,7 +30,7 @@ from app.mirrors.outbox import OutboxWorker
 from app.mirrors.records import request_record
 from app.mirrors.s3 import S3Mirror
 from app.process import EXIT_CANNOT_START, CannotStart, DatabaseLock, bind, check_writable_folder, on_stop_signals
-from app.storage.results import ResultWriter, image_url_secret
+from app.storage.results import ImageSecretUnusable, ResultWriter, image_url_secret
 from app.storage.store import Store
 from app.web.api import api_errors
 from app.web.delivery import ConnectionHub
@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> None:
             check_writable_folder(setting, folder)
         app = create_app(config)
         sock = bind(config.api_host, config.api_port)
-    except (ConfigError, CannotStart) as exc:
+    except (ConfigError, CannotStart, ImageSecretUnusable) as exc:
         print(f"devoid: cannot start: {exc}", file=sys.stderr)
         sys.exit(EXIT_CANNOT_START)
     try:

@@ -143,6 +143,16 @@ async def run_to_exit(tmp_path: Path, env: dict[str, str]) -> tuple[int, str]:
     return process.returncode, stderr.decode()
 
 
+async def test_an_unusable_image_url_secret_stops_start_up_with_one_line(tmp_path):
+    (tmp_path / "devoid.sqlite3.image-url-secret").mkdir()  # where the secret file would go
+    code, stderr = await run_to_exit(
+        tmp_path, {"TEST_MODE": "1", "API_PORT": "0", "DATABASE_PATH": str(tmp_path / "devoid.sqlite3")}
+    )
+    assert code == 2
+    [line] = stderr.strip().splitlines()
+    assert line.startswith("devoid: cannot start: the image URL secret") and "IMAGE_URL_SECRET" in line
+
+
 async def test_python_m_app_stops_with_one_line_naming_the_setting(tmp_path):
     code, stderr = await run_to_exit(tmp_path, {"TEST_MODE": "1", "API_PORT": "eighty"})
     assert code == 2

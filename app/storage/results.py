@@ -33,17 +33,27 @@ def image_file_name(object_id: str) -> str:
     return f"{object_id}.jpg"
 
 
+class ImageSecretUnusable(RuntimeError):
+    """IMAGE_URL_SECRET is empty and the server's own secret file cannot be made or read."""
+
+
 def image_url_secret(configured: str, database_path: Path) -> bytes:
     """IMAGE_URL_SECRET, or the server's own: made once at random and kept beside the database
     (owner-only), so the URLs it signed stay valid across restarts."""
     if configured:
         return configured.encode()
     path = database_path.with_name(database_path.name + ".image-url-secret")
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as file:
-            file.write(secrets.token_hex(32))
-    return path.read_text().strip().encode()
+    try:
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as file:
+                file.write(secrets.token_hex(32))
+        return path.read_text().strip().encode()
+    except OSError as exc:
+        raise ImageSecretUnusable(
+            f"the image URL secret {path} cannot be created or read ({exc.strerror}); fix its "
+            "permissions or set IMAGE_URL_SECRET"
+        ) from None
 
 
 @dataclass(frozen=True)
