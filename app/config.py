@@ -101,6 +101,57 @@ def _text(raw: str) -> str:
 
 
 @dataclass(frozen=True)
+class PerService:
+    """A limit that may differ per service: `named` ones, and `default` for the rest. 0 = no limit."""
+
+    default: float
+    named: Mapping[str, float] = dataclasses.field(default_factory=dict)
+
+    def __call__(self, service: str) -> float:
+        return self.named.get(service, self.default)
+
+
+def _per_service(built_in: str) -> Callable[[str], PerService]:
+    """`20` (every service), `telegram:50 discord:10` (the rest keep `built_in`), or both
+    (`telegram:50 20`: 50 for telegram, 20 for the rest). 0 turns the limit off."""
+
+    def number(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = -1.0
+        if not value >= 0 or value == float("inf"):
+            raise ValueError(f"expected a number >= 0, got {text!r}")
+        return value
+
+    def parse(raw: str) -> PerService:
+        default, named = None, {}
+        for part in raw.split():
+            name, sep, value = part.rpartition(":")
+            if not sep:
+                if default is not None:
+                    raise ValueError(f"two values for every service: {raw!r}")
+                default = number(value)
+            elif not name or name in named:
+                raise ValueError(f"expected name:number pairs and at most one bare number, got {raw!r}")
+            else:
+                named[name] = number(value)
+        return PerService(number(built_in) if default is None else default, named)
+
+    return parse
+
+
+def _parse_service_names(raw: str) -> frozenset[str] | None:
+    """`*` = every service (None); else space-separated service names (empty = none)."""
+    names = raw.split()
+    if names == ["*"]:
+        return None
+    if "*" in names:
+        raise ValueError("'*' stands alone: it already means every service")
+    return frozenset(names)
+
+
+@dataclass(frozen=True)
 class Setting:
     env_name: str
     default: str
@@ -227,8 +278,17 @@ SETTINGS: tuple[Setting, ...] = (
         "STATUS_PAGE",
         "1",
         _parse_flag,
-        "1: a browser opening / gets a live status page (queues, backends, recent requests "
-        "with thumbnails), also as /status.json, without a key; 0: off",
+        "1: a browser opening / gets a live status page (queues, backends, recent requests), "
+        "also as /status.json; without STATUS_PAGE_KEY it shows counts and states only; 0: off",
+    ),
+    Setting(
+        "STATUS_PAGE_KEY",
+        "",
+        _text,
+        "opens the status page's detailed view (request ids, services, thumbnails, error texts): "
+        "open /#key=<key>, or send it as the authorization header of /status.json; empty = only "
+        "the public view (counts and states)",
+        secret=True,
     ),
     Setting(
         "MAX_MESSAGE_BYTES",
@@ -242,6 +302,55 @@ SETTINGS: tuple[Setting, ...] = (
         _parse_positive_float,
         "seconds one message to a client may wait for the client to read; a connection that "
         "stops reading longer is closed, and its answers wait in SQLite for a reconnect",
+    ),
+    Setting(
+        "MAX_USER_REQUESTS",
+        "20",
+        _per_service("20"),
+        "requests one user (service_info.user_id) may have queued or running; a number for every "
+        "service and/or name:number pairs; 0 = no cap (code user_queue_full)",
+    ),
+    Setting(
+        "MAX_SERVICE_REQUESTS",
+        "5000",
+        _per_service("5000"),
+        "requests one service may have queued or running; number and/or name:number; 0 = no cap "
+        "(code service_queue_full)",
+    ),
+    Setting(
+        "SERVICE_RATE_PER_S",
+        "50",
+        _per_service("50"),
+        "requests per second a service may send, on average (token bucket); number and/or "
+        "name:number; 0 = no limit (code rate_limited)",
+    ),
+    Setting(
+        "SERVICE_BURST",
+        "500",
+        _per_service("500"),
+        "requests a service may send at once before SERVICE_RATE_PER_S applies (the bucket's size)",
+    ),
+    Setting(
+        "PREMIUM_SERVICES",
+        "*",
+        _parse_service_names,
+        "services whose premium flag is honoured: * = all, or space-separated names; a premium "
+        "request from another service is refused (code premium_not_allowed)",
+    ),
+    Setting(
+        "MAX_JOB_UNITS",
+        "800000000",
+        _per_service("800000000"),
+        "largest job in cost units (steps x width x height x images; the default is about 10 minutes "
+        "of a reference GPU, e.g. 1024x1024, 50 steps, 15 images); number and/or name:number; 0 = "
+        "no ceiling (code job_too_large)",
+    ),
+    Setting(
+        "MODERATION_RULES_FILE",
+        "",
+        _text,
+        "JSON rules that requests with settings.moderate=1 are checked against (docs/operations.md); "
+        "empty = the built-in rules (code moderated)",
     ),
     Setting("DEMO_DELAY_S", "2.0", _parse_non_negative_float, "seconds a TEST_MODE demo backend takes per image"),
     Setting(
@@ -318,8 +427,16 @@ class Config:
     images_path: Path
     image_url_secret: str = dataclasses.field(repr=False)
     status_page: bool
+    status_page_key: str = dataclasses.field(repr=False)
     max_message_bytes: int
     send_timeout_s: float
+    max_user_requests: PerService
+    max_service_requests: PerService
+    service_rate_per_s: PerService
+    service_burst: PerService
+    premium_services: frozenset[str] | None
+    max_job_units: PerService
+    moderation_rules_file: str
     demo_delay_s: float
     shutdown_grace_s: float
     mongodb_uri: str = dataclasses.field(repr=False)
@@ -356,6 +473,7 @@ class Config:
             if not values["test_mode"]:
                 raise ConfigError("SERVICES: no services configured (expected space-separated name:key pairs)")
             values["services"] = dict(DEMO_SERVICES)
+        _check_services_named(values)
         _check_all_or_none(values, ("mongodb_uri", "mongodb_db"))
         _check_all_or_none(
             values, ("s3_endpoint", "s3_access_key", "s3_secret_key", "s3_bucket_name", "s3_image_endpoint")
@@ -378,6 +496,24 @@ class Config:
     @property
     def s3_enabled(self) -> bool:
         return bool(self.s3_endpoint)
+
+
+def _check_services_named(values: dict[str, Any]) -> None:
+    """A limit for a service that does not exist is a typo that would leave the real one unlimited."""
+    known = values["services"]
+    for setting in (
+        "max_user_requests",
+        "max_service_requests",
+        "service_rate_per_s",
+        "service_burst",
+        "max_job_units",
+    ):
+        for name in values[setting].named:
+            if name not in known:
+                raise ConfigError(f"{setting.upper()}: no service is named {name!r} (SERVICES has {', '.join(known)})")
+    for name in values["premium_services"] or ():
+        if name not in known:
+            raise ConfigError(f"PREMIUM_SERVICES: no service is named {name!r} (SERVICES has {', '.join(known)})")
 
 
 def _check_all_or_none(values: dict[str, Any], names: tuple[str, ...]) -> None:

@@ -23,12 +23,14 @@ from app.config import Config, ConfigError, configure_logging
 from app.demo_backends import DemoBackendState, automatic1111_app, kandinsky_app, serve_on_loopback
 from app.domain.costs import REFERENCE_UNITS_PER_S
 from app.domain.jobs import ExecutorType
+from app.engine.admission import Admission
 from app.engine.scheduler import Scheduler
 from app.executors import build_backend, load_executors
 from app.metrics import Metrics, live_families
 from app.mirrors.outbox import OutboxWorker
 from app.mirrors.records import request_record
 from app.mirrors.s3 import S3Mirror
+from app.moderation import Moderator
 from app.process import EXIT_CANNOT_START, CannotStart, DatabaseLock, bind, check_writable_folder, on_stop_signals
 from app.storage.results import ImageSecretUnusable, ResultWriter, image_url_secret
 from app.storage.store import Store
@@ -65,6 +67,7 @@ def create_app(config: Config) -> web.Application:
     )
     # A bad file stops start-up here, before anything is served.
     file_specs = None if config.test_mode else load_executors(config.executors_file)
+    moderator = Moderator.load(config.moderation_rules_file)
 
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
         app[keys.STORE] = await Store.open(
@@ -107,11 +110,12 @@ def create_app(config: Config) -> web.Application:
                 app[keys.HUB],
                 [make_backend(spec) for spec in initial_specs],
                 make_backend,
+                admission=Admission(config, moderator, app[keys.METRICS]),
                 uploads=uploads,
                 metrics=app[keys.METRICS],
             )
             app[keys.SCHEDULER] = scheduler
-            app[keys.INTAKE] = Intake(app[keys.STORE], scheduler, app[keys.HUB])
+            app[keys.INTAKE] = Intake(app[keys.STORE], scheduler, app[keys.HUB], scheduler.admission)
             app[keys.METRICS].watch(
                 lambda: live_families(
                     scheduler.queues_status(),

@@ -39,6 +39,19 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.refused = Counter(
+            "devoid_refused_requests",
+            "Requests refused before they were queued, by limit or moderation (code)",
+            ["code", "service"],
+            registry=self.registry,
+        )
+        self.moderated = Counter(
+            "devoid_moderation_checks",
+            "Requests with settings.moderate checked by moderation, by outcome (passed, blocked)",
+            ["outcome"],
+            registry=self.registry,
+        )
+
     def watch(self, read_live: Callable[[], Iterator[GaugeMetricFamily]]) -> None:
         """Register gauges computed by `read_live` at each scrape."""
         self.registry.register(_LiveCollector(read_live))

@@ -56,6 +56,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+# A benchmark's load comes from one bot and one user at thousands of requests/s: the limits a
+# real deployment keeps on (MAX_USER_REQUESTS, ...) are lifted, or they would be what is measured.
+NO_LIMITS = {"MAX_USER_REQUESTS": "0", "MAX_SERVICE_REQUESTS": "0", "SERVICE_RATE_PER_S": "0", "MAX_JOB_UNITS": "0"}
+
+
 def demo_server(workdir: Path, database: Path, **env: str) -> ServerProcess:
     """`python -m app` in TEST_MODE (demo backends) on a free port, data under `workdir`; not
     started yet. `env` adds or overrides settings."""
@@ -68,6 +73,7 @@ def demo_server(workdir: Path, database: Path, **env: str) -> ServerProcess:
             "DATABASE_PATH": str(database),
             "IMAGES_PATH": str(workdir / "images"),
             "LOGGING_LEVEL": "WARNING",
+            **NO_LIMITS,
             **env,
         },
         workdir / "server.log",
@@ -96,6 +102,7 @@ def balancer(folder: Path, backends: list[dict], **env: str) -> ServerProcess:
             "DATABASE_PATH": str(folder / "db.sqlite3"),
             "EXECUTORS_FILE": str(folder / "executors.json"),
             "IMAGES_PATH": str(folder / "images"),
+            **NO_LIMITS,
             **env,
         },
         folder / "server.log",

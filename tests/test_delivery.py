@@ -35,11 +35,11 @@ async def _delivered(balancer, object_id: str) -> bool:
 
 
 async def submit_and_leave(balancer, count: int, *, require_ack: int = 0) -> list[str]:
-    """A bot sends `count` requests and goes away before any is answered."""
+    """A bot sends `count` requests (for as many users) and goes away before any is answered."""
     bot = await balancer.connect("telegram")
     ids = []
     for n in range(count):
-        message = request_message("kandinsky", "text2img", {"prompt": f"cat {n}"})
+        message = request_message("kandinsky", "text2img", {"prompt": f"cat {n}"}, user_id=n)
         message["settings"]["require_ack"] = require_ack
         ids.append((await bot.submit(message))["object_id"])
     await bot.close()

@@ -25,7 +25,8 @@ KEYED_ROUTES = [
 
 
 def assert_error_shape(body: dict, status: int) -> None:
-    assert set(body) == {"error"} and set(body["error"]) == {"status", "message", "fields"}
+    assert set(body) == {"error"} and {"status", "message", "fields"} <= set(body["error"])
+    assert set(body["error"]) <= {"status", "message", "fields", "code", "retry_after_s"}
     assert body["error"]["status"] == status and body["error"]["message"]
 
 
@@ -249,3 +250,25 @@ async def test_swagger_ui_is_served_from_this_server(balancer):
     assert "/docs/static/swagger-ui-bundle.js" in page and "/openapi.json" in page
     script = await balancer.client.get("/docs/static/swagger-ui-bundle.js")
     assert script.status == 200 and len(await script.read()) > 100_000
+
+
+async def test_the_keyless_status_view_shows_no_ids_thumbnails_or_error_texts(start_backend, start_balancer):
+    gpu = await start_backend("kandinsky", name="kd-1")
+    balancer = await start_balancer([gpu], STATUS_PAGE_KEY="operator-secret", HEALTH_INTERVAL_S=0.2)
+    bot = await balancer.connect("telegram")
+    queued = await bot.submit(request_message("kandinsky", "text2img", {"prompt": "private"}))
+    await bot.final(queued["object_id"])
+    await gpu.stop()  # the backend's failure text names its address
+    await wait_until(lambda: balancer.app[keys.SCHEDULER].backends_status()[0]["last_error"])
+
+    public = await (await balancer.client.get("/status.json")).text()
+    for secret in (queued["object_id"], "telegram", "?key=", "127.0.0.1"):
+        assert secret not in public, secret
+    assert '"detailed": false' in public
+
+    operator = await balancer.client.get("/status.json", headers={"authorization": "operator-secret"})
+    detailed = await operator.json()
+    assert detailed["detailed"] and detailed["recent"][0]["object_id"] == queued["object_id"]
+    assert "127.0.0.1" in detailed["backends"][0]["last_error"]
+    wrong = await (await balancer.client.get("/status.json", headers={"authorization": "tg-key"})).json()
+    assert not wrong["detailed"]

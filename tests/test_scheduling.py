@@ -24,7 +24,8 @@ async def run_backlog(start_backend, start_balancer, jobs, **env):
     prompts in the order the GPU received them, after the first."""
     gpu = await start_backend("automatic1111")
     gpu.state.gate.clear()
-    balancer = await start_balancer([gpu], **env)
+    # One user sends the whole backlog: no per-user cap here.
+    balancer = await start_balancer([gpu], **{"MAX_USER_REQUESTS": 0, **env})
     bot = await balancer.connect("telegram")
     ids = await fill_queue(bot, [("first", 0)] + jobs)
     gpu.state.gate.set()

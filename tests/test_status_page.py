@@ -26,11 +26,14 @@ CHROMIUM_ARGS = [
 
 async def test_the_status_page_shows_backends_and_a_finished_request(start_backend, start_balancer):
     assert CHROMIUM.exists(), f"{CHROMIUM} is missing: .ci/run installs Debian's chromium"
-    balancer = await start_balancer([await start_backend("kandinsky", name="kd-status")])
+    balancer = await start_balancer(
+        [await start_backend("kandinsky", name="kd-status")], STATUS_PAGE_KEY="operator-secret"
+    )
     bot = await balancer.connect("telegram")
     queued = await bot.submit(request_message("kandinsky", "text2img", {"prompt": "for the page"}))
     await bot.final(queued["object_id"])
-    url = f"http://127.0.0.1:{balancer.config.api_port}/"
+    # The operator opens the detailed view with the key in the fragment (never sent in the URL).
+    url = f"http://127.0.0.1:{balancer.config.api_port}/#key=operator-secret"
 
     async with async_playwright() as playwright:
         browser = await playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)

@@ -100,3 +100,18 @@ class Job:
         """A settings flag (`premium`, `moderate`, `sync_with_s3`), checked at intake to be
         true/false or 0/1."""
         return self.settings.get(name) in (True, 1)
+
+    def envelope(self) -> dict[str, Any]:
+        """What an error answer to this request echoes of it, when it was not queued."""
+        return {
+            "executor": self.executor,
+            "gen_type": self.gen_type,
+            "settings": self.settings,
+            "service_info": self.service_info,
+            "payload": self.payload,
+        }
+
+    @property
+    def user_id(self) -> Any:
+        """The bot's user (service_info.user_id, required at intake)."""
+        return self.service_info.get("user_id")

@@ -29,6 +29,7 @@ from app.domain.costs import job_cost_units, payload_cost_units
 from app.domain.errors import BackendFailed, FailureKind
 from app.domain.jobs import LARGE_PAYLOAD_CHARS, ExecutorType, GenType, Job, JobStatus
 from app.domain.lifecycle import CancelOutcome, Phase, TrackedRequest
+from app.engine.admission import Admission
 from app.engine.expiry import ExpiryLine
 from app.engine.pool import PLACEMENT_WINDOW, BackendSlot, ExecutorPool, FasterLater, watch_health
 from app.engine.progress import ProgressReporter
@@ -90,10 +91,13 @@ class Scheduler:
         listener: JobListener,
         backends: list[Backend],
         make_backend: Callable[[BackendSpec], Backend],
+        admission: Admission,
         uploads: S3Mirror | None = None,
         metrics: Metrics | None = None,
     ) -> None:
         self._config = config
+        # Counts what this process holds per service and user, for the limits at intake.
+        self.admission = admission
         self._metrics = metrics or Metrics()
         self._uploads = uploads
         self._store = store
@@ -312,6 +316,7 @@ class Scheduler:
         """Start holding `job` (not yet in any queue)."""
         tracked = TrackedRequest(job)
         self._tracked[job.object_id] = tracked
+        self.admission.hold(job)  # counted already when intake admitted it; at start-up, here
         return tracked
 
     def _enqueue(self, job: Job) -> None:
@@ -721,6 +726,7 @@ class Scheduler:
             if not recorded:
                 self._listener.release_final(job)
         self._tracked.pop(job.object_id, None)
+        self.admission.release(job.object_id)
         if not recorded:
             # The store closed first (shutdown): SQLite still has the request queued or
             # generating, and the next start runs it again.

@@ -8,13 +8,14 @@ Every route under /api/ takes the service key in the same headers as the websock
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
 from app import keys
-from app.domain.errors import DevoidError, InvalidRequest
+from app.domain.errors import DevoidError, InvalidRequest, Refusal
 from app.domain.jobs import Job
 from app.domain.lifecycle import CancelOutcome
 from app.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -44,10 +45,21 @@ _mirrors_schema = MirrorStateSchema(many=True)
 
 
 def error_response(
-    status: int, message: str, field_errors: dict | None = None, headers: dict[str, str] | None = None
+    status: int,
+    message: str,
+    field_errors: dict | None = None,
+    headers: dict[str, str] | None = None,
+    *,
+    code: str | None = None,
+    retry_after_s: float | None = None,
 ) -> web.Response:
-    body = _error_schema.dump({"error": {"status": status, "message": message, "field_errors": field_errors or {}}})
-    return web.json_response(body, status=status, headers=headers)
+    error = {"status": status, "message": message, "field_errors": field_errors or {}}
+    if code is not None:
+        error["code"] = code
+    if retry_after_s is not None:
+        error["retry_after_s"] = retry_after_s
+        headers = {**(headers or {}), "Retry-After": str(max(1, math.ceil(retry_after_s)))}
+    return web.json_response(_error_schema.dump({"error": error}), status=status, headers=headers)
 
 
 @web.middleware
@@ -60,13 +72,16 @@ async def api_errors(
     try:
         return await handler(request)
     except DevoidError as exc:
-        return error_response(exc.status, exc.reason, bounded_errors(exc.field_errors))
+        return error_response(
+            exc.status, exc.reason, bounded_errors(exc.field_errors), code=exc.code, retry_after_s=exc.retry_after_s
+        )
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         # Keep what the exception says in headers (Allow on a 405).
         headers = {key: value for key, value in exc.headers.items() if key.lower() == "allow"}
-        return error_response(exc.status, exc.text or exc.reason, headers=headers)
+        code = Refusal.MESSAGE_TOO_LARGE.value if exc.status == 413 else None
+        return error_response(exc.status, exc.text or exc.reason, headers=headers, code=code)
     except Exception:
         log.exception("unexpected error on %s %s", request.method, request.path)
         return error_response(500, "Internal error; it has been logged.")

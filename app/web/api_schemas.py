@@ -14,6 +14,10 @@ class ErrorBodySchema(Schema):
     field_errors = fields.Dict(
         required=True, data_key="fields", metadata={"description": "Offending fields -> reasons."}
     )
+    code = fields.String(
+        metadata={"description": "A refused request's stable reason (docs/protocol.md, refusal codes)."}
+    )
+    retry_after_s = fields.Float(metadata={"description": "With code rate_limited: seconds to wait."})
 
 
 class ErrorSchema(Schema):
@@ -80,18 +84,20 @@ class IdentitySchema(Schema):
 
 
 class RecentRequestSchema(Schema):
-    object_id = fields.String(required=True)
-    service = fields.String(required=True)
+    object_id = fields.String(required=True, allow_none=True, metadata={"description": "null in the public view."})
+    service = fields.String(required=True, allow_none=True, metadata={"description": "null in the public view."})
     executor = fields.String(required=True)
     gen_type = fields.String(required=True)
     status = fields.String(required=True)
     created_at = fields.Float(required=True)
-    thumbnail = fields.String(required=True, allow_none=True)
+    thumbnail = fields.String(required=True, allow_none=True, metadata={"description": "null in the public view."})
 
 
 class StatusSchema(Schema):
-    """What the status page shows."""
+    """What the status page shows. Without STATUS_PAGE_KEY (the public view) it leaves out what
+    belongs to a service or could leak a request: ids, services, thumbnails, error texts."""
 
+    detailed = fields.Boolean(required=True)
     queues = fields.List(fields.Nested(QueueStateSchema), required=True)
     backends = fields.List(fields.Nested(BackendStateSchema), required=True)
     mirrors = fields.List(fields.Nested(MirrorStateSchema), required=True)

@@ -21,7 +21,7 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from app import keys
-from app.domain.errors import InvalidRequest
+from app.domain.errors import InvalidRequest, Refusal
 from app.domain.ids import new_object_id
 from app.domain.jobs import Job
 from app.domain.lifecycle import CancelOutcome
@@ -159,7 +159,10 @@ class _Connection:
         if hub.closing:  # shutdown has begun (perhaps while this waited for a free slot)
             self._slots.release()
             await hub.send_to(
-                self._ws, self._rejection(InvalidRequest(SHUTTING_DOWN, envelope=readable_envelope(message)))
+                self._ws,
+                self._rejection(
+                    InvalidRequest(SHUTTING_DOWN, envelope=readable_envelope(message), refusal=Refusal.SHUTTING_DOWN)
+                ),
             )
             return
         task = asyncio.create_task(self._accept(job))
@@ -203,17 +206,14 @@ class _Connection:
 
         try:
             await self._app[keys.INTAKE].accept(job, announce)
+        except InvalidRequest as refused:  # a limit or moderation said no
+            await hub.send_to(self._ws, rejection_response(job.object_id, self._service, refused))
         except Exception as exc:
             log.exception("%s could not be stored", job.object_id)
             error = InvalidRequest(
                 f"The request could not be stored, it was not queued: {exc}",
-                envelope={
-                    "executor": job.executor,
-                    "gen_type": job.gen_type,
-                    "settings": job.settings,
-                    "service_info": job.service_info,
-                    "payload": job.payload,
-                },
+                envelope=job.envelope(),
+                refusal=Refusal.NOT_STORED,
             )
             await hub.send_to(self._ws, rejection_response(job.object_id, self._service, error))
 
@@ -222,7 +222,7 @@ class _Connection:
         log.info("refused a message from %s: %r", self._service, error.reason[:300])
         if error.envelope:
             return rejection_response(new_object_id(), self._service, error)
-        return info_message("error", error.reason, errors=bounded_errors(error.field_errors) or None)
+        return info_message("error", error.reason, errors=bounded_errors(error.field_errors) or None, code=error.code)
 
     async def drain(self) -> None:
         """Let accepts already started finish: their requests are committed and will run."""
@@ -252,4 +252,4 @@ def _refuse_oversized(text: str, limit: int) -> None:
     for name in ("settings", "service_info"):
         if name in envelope and len(json.dumps(envelope[name])) > MAX_ECHOED_ENVELOPE_CHARS:
             del envelope[name]
-    raise InvalidRequest(reason, envelope=envelope)
+    raise InvalidRequest(reason, envelope=envelope, refusal=Refusal.MESSAGE_TOO_LARGE)

@@ -13,9 +13,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from app.domain.costs import job_cost_units
-from app.domain.errors import InvalidRequest
+from app.domain.errors import InvalidRequest, Refusal
 from app.domain.ids import new_object_id
 from app.domain.jobs import Job
+from app.engine.admission import Admission
 from app.engine.scheduler import Scheduler
 from app.storage.store import Store
 from app.web.delivery import ConnectionHub
@@ -27,10 +28,11 @@ Announce = Callable[[dict[str, Any]], Awaitable[Any]]
 
 
 class Intake:
-    def __init__(self, store: Store, scheduler: Scheduler, hub: ConnectionHub) -> None:
+    def __init__(self, store: Store, scheduler: Scheduler, hub: ConnectionHub, admission: Admission) -> None:
         self._store = store
         self._scheduler = scheduler
         self._hub = hub
+        self._admission = admission
 
     def build_job(self, service: str, message: dict[str, Any], *, origin: Any = None, channel: str = "ws") -> Job:
         """A Job from a request message. Raises InvalidRequest (with what could be read of the
@@ -43,7 +45,11 @@ class Intake:
         """A Job from a request already checked by schemas.parse_request."""
         executor = request["executor"]
         if not self._scheduler.has_backends(executor):
-            raise InvalidRequest(f"No {executor.value} backend is configured on this server.", envelope=request)
+            raise InvalidRequest(
+                f"No {executor.value} backend is configured on this server.",
+                envelope=request,
+                refusal=Refusal.NO_BACKEND,
+            )
         request_id = request["service_info"].get("request_id")
         return Job(
             object_id=new_object_id(),
@@ -70,8 +76,8 @@ class Intake:
         A request whose `service_info.request_id` this service used before is not queued again:
         the original's current state is announced and returned instead (idempotent resends).
 
-        Raises whatever the store raises when the request could not be committed; nothing was
-        queued then.
+        Raises InvalidRequest (its `refusal` says why) when a limit or moderation refuses it,
+        and whatever the store raises when it could not be committed; nothing was queued then.
         """
         store, scheduler = self._store, self._scheduler
         if job.request_key is not None:
@@ -79,14 +85,19 @@ class Intake:
             if original is not None:
                 return await self._answer_repeat(original, job, announce)
         job.cost_units = job_cost_units(job)  # stored with it: the queue is rebuilt without payloads
+        self._admission.admit(job)
         try:
             await store.add(job)
         except sqlite3.IntegrityError:
+            self._admission.release(job.object_id)
             # The same key arrived twice at once: the other one was committed first.
             original = await store.find_by_request_key(job.service, job.request_key) if job.request_key else None
             if original is None:
                 raise
             return await self._answer_repeat(original, job, announce)
+        except BaseException:
+            self._admission.release(job.object_id)
+            raise
         log.info(
             "%s queued: %s %s from %s%s (%s)",
             job.object_id,

@@ -3,6 +3,7 @@ the OpenAPI document and Swagger UI (served from the swagger-ui-bundle package, 
 
 from __future__ import annotations
 
+import hmac
 from pathlib import Path
 
 import swagger_ui_bundle
@@ -28,21 +29,29 @@ async def home(request: web.Request) -> web.StreamResponse:
     )
 
 
+def _detailed_view(request: web.Request) -> bool:
+    """Whether the caller sent STATUS_PAGE_KEY (as the page does from its `#key=` fragment)."""
+    key = request.app[keys.CONFIG].status_page_key
+    given = request.headers.get("authorization", "")
+    return bool(key) and hmac.compare_digest(given.encode("utf-8", "surrogateescape"), key.encode())
+
+
 async def status(request: web.Request) -> web.Response:
     if not request.app[keys.CONFIG].status_page:
         raise web.HTTPNotFound(text="The status page is off (STATUS_PAGE=0).")
     scheduler, results = request.app[keys.SCHEDULER], request.app[keys.RESULTS]
+    detailed = _detailed_view(request)
     recent = []
     for job in await request.app[keys.STORE].recent_jobs(RECENT_REQUESTS):
         thumbnail = None
-        if job.result and job.result.get("content_type") == "image_url":
+        if detailed and job.result and job.result.get("content_type") == "image_url":
             # Locally saved images are shown from this server; others from their URL.
             local = results.local_file(job.result.get("file_name", ""))
             thumbnail = results.local_url_path(local.name) if local else job.result["content"]
         recent.append(
             {
-                "object_id": job.object_id,
-                "service": job.service,
+                "object_id": job.object_id if detailed else None,
+                "service": job.service if detailed else None,
                 "executor": job.executor.value,
                 "gen_type": job.gen_type.value,
                 "status": job.status.value,
@@ -50,12 +59,19 @@ async def status(request: web.Request) -> web.Response:
                 "thumbnail": thumbnail,
             }
         )
+    backends = scheduler.backends_status()
+    mirrors = [mirror.health.as_dict() for mirror in request.app[keys.MIRRORS]]
+    if not detailed:
+        # Error texts may quote a backend's address or echo a request (a prompt).
+        backends = [backend | {"last_error": "", "job": None} for backend in backends]
+        mirrors = [mirror | {"last_error": ""} for mirror in mirrors]
     return web.json_response(
         StatusSchema().dump(
             {
+                "detailed": detailed,
                 "queues": scheduler.queues_status(),
-                "backends": scheduler.backends_status(),
-                "mirrors": [mirror.health.as_dict() for mirror in request.app[keys.MIRRORS]],
+                "backends": backends,
+                "mirrors": mirrors,
                 "recent": recent,
             }
         )

@@ -102,6 +102,15 @@ class ResponseSchema(Schema):
     settings = fields.Dict()
     service_info = fields.Dict()
     payload = fields.Dict()
+    code = fields.String(
+        metadata={
+            "description": "Additive, on a request refused before it was queued: why, as a stable "
+            "machine-readable code (docs/protocol.md lists them)."
+        }
+    )
+    retry_after_s = fields.Float(
+        metadata={"description": "Additive, with code rate_limited: seconds until the service may send again."}
+    )
 
 
 class InfoSchema(Schema):
@@ -109,7 +118,7 @@ class InfoSchema(Schema):
     it is about:
 
     error       a message that could not be tied to a request was refused (`errors` maps
-                fields to reasons)
+                fields to reasons, `code` says why in one word)
     no_backend  the request is queued, but no backend of its type is in service
     progress    `progress` (0..1) and `eta_relative` (seconds left) of a generating request
     unknown_field  the request was queued, but its payload has keys the backend does not know;
@@ -139,6 +148,8 @@ class InfoSchema(Schema):
     retry_in_s = fields.Float()
     unknown_fields = fields.Dict(keys=fields.String(), values=fields.String(allow_none=True))
     outcome = fields.String()
+    code = fields.String()
+    retry_after_s = fields.Float()
 
 
 class ActionSchema(Schema):
@@ -341,6 +352,8 @@ def rejection_response(object_id: str, service: str, error: InvalidRequest) -> d
             "settings": envelope.get("settings", {}),
             "service_info": envelope.get("service_info", {}),
             "payload": envelope.get("payload", {}),
+            "code": error.code,
+            **({"retry_after_s": error.retry_after_s} if error.retry_after_s is not None else {}),
         }
     ) | {"errors": bounded_errors(error.field_errors)}
 

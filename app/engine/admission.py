@@ -1,0 +1,160 @@
+"""Who may queue what: the limits a request passes before it is committed, and the count of
+requests held (queued or running) per service and per user that two of them rest on.
+
+Checked in this order, cheapest and most general first, each refusal with its stable code
+(app/domain/errors.py Refusal): premium permission, job size, the service's rate (a token
+bucket), the service's held requests, the user's held requests, then moderation.
+
+The counts are kept in memory: a request is counted from the moment it is admitted (before
+its commit, so concurrent requests cannot all slip under a cap) until its final answer is
+committed; at start-up every request read back from SQLite is counted again.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import time
+from typing import Any
+
+from app.config import Config
+from app.domain.errors import InvalidRequest, Refusal
+from app.domain.jobs import Job
+from app.metrics import Metrics
+from app.moderation import Moderator
+
+log = logging.getLogger(__name__)
+
+
+class TokenBucket:
+    """`rate_per_s` tokens a second, at most `burst` saved up; each request takes one."""
+
+    def __init__(self, rate_per_s: float, burst: float) -> None:
+        self.rate_per_s = rate_per_s
+        self.burst = max(burst, 1.0)
+        self._tokens = self.burst
+        self._at = time.monotonic()
+
+    def take(self) -> float:
+        """Take a token: 0.0 when there was one, else the seconds until there is one."""
+        now = time.monotonic()
+        self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate_per_s)
+        self._at = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return 0.0
+        return (1.0 - self._tokens) / self.rate_per_s
+
+
+class Admission:
+    def __init__(self, config: Config, moderator: Moderator, metrics: Metrics) -> None:
+        self._config = config
+        self._moderator = moderator
+        self._metrics = metrics
+        self._held: dict[str, tuple[str, Any]] = {}  # object_id -> (service, user_id)
+        self._by_user: collections.Counter[tuple[str, Any]] = collections.Counter()
+        self._by_service: collections.Counter[str] = collections.Counter()
+        self._buckets: dict[str, TokenBucket] = {}
+
+    def admit(self, job: Job) -> None:
+        """Count `job` as held, or raise InvalidRequest with the refusal that stops it."""
+        try:
+            self._check(job)
+        except InvalidRequest as refused:
+            self._metrics.refused.labels(refused.code, job.service).inc()
+            log.info("%s refused (%s) from %s: %s", job.object_id, refused.code, job.service, refused.reason)
+            raise
+        self.hold(job)
+
+    def hold(self, job: Job) -> None:
+        """Count a request as queued or running (once, however often it is called)."""
+        if job.object_id in self._held:
+            return
+        who = (job.service, job.user_id)
+        self._held[job.object_id] = who
+        self._by_user[who] += 1
+        self._by_service[job.service] += 1
+
+    def release(self, object_id: str) -> None:
+        """The request is final (or was never committed): it no longer counts."""
+        who = self._held.pop(object_id, None)
+        if who is None:
+            return
+        _count_down(self._by_user, who)
+        _count_down(self._by_service, who[0])
+
+    def held_by_user(self, service: str, user_id: Any) -> int:
+        return self._by_user[(service, user_id)]
+
+    def _check(self, job: Job) -> None:
+        config, service = self._config, job.service
+
+        def refuse(refusal: Refusal, reason: str, retry_after_s: float | None = None) -> InvalidRequest:
+            return InvalidRequest(reason, envelope=job.envelope(), refusal=refusal, retry_after_s=retry_after_s)
+
+        if job.premium and config.premium_services is not None and service not in config.premium_services:
+            raise refuse(
+                Refusal.PREMIUM_NOT_ALLOWED,
+                f"Service {service!r} may not send premium requests on this server (PREMIUM_SERVICES); "
+                "send it without the premium flag.",
+            )
+        ceiling = config.max_job_units(service)
+        if ceiling and job.cost_units > ceiling:
+            raise refuse(
+                Refusal.JOB_TOO_LARGE,
+                f"This job is {job.cost_units:.3g} cost units (steps x width x height x images), over this "
+                f"server's ceiling of {ceiling:.3g} (MAX_JOB_UNITS): ask for fewer steps, a smaller size or "
+                "fewer images.",
+            )
+        rate = config.service_rate_per_s(service)
+        if rate:
+            bucket = self._buckets.get(service)
+            if bucket is None or bucket.rate_per_s != rate:
+                bucket = self._buckets[service] = TokenBucket(rate, config.service_burst(service))
+            wait_s = bucket.take()
+            if wait_s:
+                wait_s = math.ceil(wait_s * 1000) / 1000
+                raise refuse(
+                    Refusal.RATE_LIMITED,
+                    f"Service {service!r} sends faster than the {rate:g} requests/s this server takes from it "
+                    f"(SERVICE_RATE_PER_S); send again in {wait_s:g} s.",
+                    retry_after_s=wait_s,
+                )
+        service_cap = config.max_service_requests(service)
+        if service_cap and self._by_service[service] >= service_cap:
+            raise refuse(
+                Refusal.SERVICE_QUEUE_FULL,
+                f"Service {service!r} already has {self._by_service[service]} requests queued or running, "
+                f"this server's cap (MAX_SERVICE_REQUESTS); send again when some have finished.",
+            )
+        user_cap = _user_cap(config.max_user_requests(service), job.service_info.get("max_user_queue_size"))
+        held = self._by_user[(service, job.user_id)]
+        if user_cap and held >= user_cap:
+            raise refuse(
+                Refusal.USER_QUEUE_FULL,
+                f"User {job.user_id} already has {held} requests queued or running, the most one user may "
+                f"have (cap {user_cap:g}); send again when one has finished.",
+            )
+        if job.flag("moderate"):
+            rule = self._moderator.blocking_rule(job.gen_type, job.payload or {})
+            self._metrics.moderated.labels("blocked" if rule else "passed").inc()
+            if rule:
+                raise refuse(
+                    Refusal.MODERATED,
+                    f"Refused by moderation: the request's text matches the rule {rule!r}. It was not generated.",
+                )
+
+
+def _count_down(counter: collections.Counter[Any], key: Any) -> None:
+    counter[key] -= 1
+    if counter[key] <= 0:
+        del counter[key]  # users come and go: no key is kept at zero
+
+
+def _user_cap(server_cap: float, asked: Any) -> float:
+    """The server's cap for one user, lowered (never raised) by a request's own
+    service_info.max_user_queue_size."""
+    if isinstance(asked, int) and not isinstance(asked, bool) and asked > 0:
+        return min(server_cap, asked) if server_cap else asked
+    return server_cap
