@@ -275,6 +275,20 @@ SETTINGS: tuple[Setting, ...] = (
         secret=True,
     ),
     Setting(
+        "RETENTION_S",
+        "604800",
+        _parse_non_negative_float,
+        "seconds a finished request keeps its payload, result and local image (default 7 days); "
+        "then only a summary row stays; 0 = keep everything forever",
+    ),
+    Setting(
+        "SUMMARY_RETENTION_S",
+        "7776000",
+        _parse_non_negative_float,
+        "seconds after it finished that a request's summary row is deleted too (default 90 days, at "
+        "least RETENTION_S); 0 = keep summaries forever",
+    ),
+    Setting(
         "STATUS_PAGE",
         "1",
         _parse_flag,
@@ -426,6 +440,8 @@ class Config:
     save_images_locally: bool
     images_path: Path
     image_url_secret: str = dataclasses.field(repr=False)
+    retention_s: float
+    summary_retention_s: float
     status_page: bool
     status_page_key: str = dataclasses.field(repr=False)
     max_message_bytes: int

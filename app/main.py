@@ -33,6 +33,7 @@ from app.mirrors.s3 import S3Mirror
 from app.moderation import Moderator
 from app.process import EXIT_CANNOT_START, CannotStart, DatabaseLock, bind, check_writable_folder, on_stop_signals
 from app.storage.results import ImageSecretUnusable, ResultWriter, image_url_secret
+from app.storage.retention import Retention
 from app.storage.store import Store
 from app.web.api import api_errors
 from app.web.delivery import ConnectionHub
@@ -129,11 +130,24 @@ def create_app(config: Config) -> web.Application:
             stop_reloading_on_hangup()
             await scheduler.stop(config.shutdown_grace_s)
 
+    async def retention_ctx(app: web.Application) -> AsyncIterator[None]:
+        if not config.retention_s:
+            yield
+            return
+        retention = Retention(
+            app[keys.STORE], config.images_path, config.retention_s, config.summary_retention_s, app[keys.METRICS]
+        )
+        task = asyncio.create_task(retention.run(), name="retention")
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
     async def close_connections(app: web.Application) -> None:
         await app[keys.HUB].close_all()
 
     # Dependency order; shutdown runs it in reverse (scheduler first, store last).
-    app.cleanup_ctx.extend([store_ctx, mirrors_ctx, http_session_ctx, scheduler_ctx])
+    app.cleanup_ctx.extend([store_ctx, mirrors_ctx, http_session_ctx, scheduler_ctx, retention_ctx])
     app.on_shutdown.append(close_connections)
     add_routes(app)
     return app

@@ -52,6 +52,17 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.pruned = Counter(
+            "devoid_pruned_requests",
+            "Finished requests pruned to a summary after RETENTION_S",
+            registry=self.registry,
+        )
+        self.forgotten = Counter(
+            "devoid_deleted_summaries",
+            "Request summaries deleted after SUMMARY_RETENTION_S",
+            registry=self.registry,
+        )
+
     def watch(self, read_live: Callable[[], Iterator[GaugeMetricFamily]]) -> None:
         """Register gauges computed by `read_live` at each scrape."""
         self.registry.register(_LiveCollector(read_live))

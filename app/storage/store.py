@@ -347,6 +347,48 @@ class Store:
             )
         return len(interrupted)
 
+    # -- retention ----------------------------------------------------------------------
+
+    async def prunable(self, finished_before: float, limit: int) -> list[tuple[str, str | None]]:
+        """(object_id, file_name of its image result or None) of up to `limit` finished
+        requests not yet pruned that finished before `finished_before`, oldest first."""
+        async with self._reader_db.execute(
+            "SELECT object_id, json_extract(result, '$.file_name') FROM requests"
+            " WHERE status IN ('ok', 'error') AND pruned_at IS NULL AND finished_at < ?"
+            " ORDER BY finished_at LIMIT ?",
+            (finished_before, limit),
+        ) as cursor:
+            return [(row[0], row[1]) async for row in cursor]
+
+    async def prune(self, object_ids: Sequence[str], summary: str) -> None:
+        """Keep only the summary of these finished requests: the payload goes, and an image
+        result becomes the text `summary` (an error's text is kept). One transaction."""
+        if not object_ids:
+            return
+        marks = ", ".join("?" * len(object_ids))
+        await self._write(
+            (
+                "UPDATE requests SET payload = '{}', payload_chars = 2, pruned_at = ?,"
+                " result = CASE WHEN json_extract(result, '$.content_type') = 'text' THEN result ELSE ? END"
+                f" WHERE object_id IN ({marks}) AND status IN ('ok', 'error')",
+                (time.time(), json_text.dumps({"content_type": "text", "content": summary}), *object_ids),
+            ),
+            (f"DELETE FROM payloads WHERE object_id IN ({marks})", tuple(object_ids)),
+        )
+
+    async def forget_summaries(self, finished_before: float, limit: int) -> int:
+        """Delete up to `limit` pruned requests that finished before `finished_before`, oldest
+        first. Returns how many."""
+        async with self._reader_db.execute(
+            "SELECT object_id FROM requests WHERE pruned_at IS NOT NULL AND finished_at < ? ORDER BY finished_at LIMIT ?",
+            (finished_before, limit),
+        ) as cursor:
+            object_ids = [row[0] async for row in cursor]
+        if object_ids:
+            marks = ", ".join("?" * len(object_ids))
+            await self._write((f"DELETE FROM requests WHERE object_id IN ({marks})", tuple(object_ids)))
+        return len(object_ids)
+
     # -- outbox -------------------------------------------------------------------------
 
     async def outbox_batch(self, target: str, limit: int) -> list[OutboxItem]:
@@ -497,7 +539,7 @@ class Store:
         never sent, or (with require_ack) sent and not acknowledged. Oldest first."""
         return await self._fetch_jobs(
             "service = ? AND channel = 'ws' AND status IN ('ok', 'error')"
-            " AND (delivered_at IS NULL OR (ack_required = 1 AND acked_at IS NULL))",
+            " AND (delivered_at IS NULL OR (ack_required = 1 AND acked_at IS NULL)) AND pruned_at IS NULL",
             (service,),
         )
 

@@ -1,0 +1,108 @@
+"""Nothing is kept forever: past RETENTION_S a finished request keeps a summary, its payload,
+image and result go, and under a steady load the database stops growing."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+
+from yarl import URL
+
+from bench.bots import request_message, wait_until
+from bench.images import noisy_png_base64
+from tests.conftest import SERVICE_KEYS
+
+TELEGRAM = {"authorization": SERVICE_KEYS["telegram"], "service": "telegram"}
+
+
+def stored(database, object_id: str) -> tuple:
+    with sqlite3.connect(database) as db:
+        return db.execute(
+            "SELECT status, payload, result, pruned_at, (SELECT count(*) FROM payloads WHERE object_id = ?)"
+            " FROM requests WHERE object_id = ?",
+            (object_id, object_id),
+        ).fetchone()
+
+
+async def test_a_finished_request_past_retention_keeps_only_its_summary(start_backend, start_balancer):
+    gpu = await start_backend("automatic1111")
+    balancer = await start_balancer([gpu], RETENTION_S=1)
+    bot = await balancer.connect("telegram")
+    image = noisy_png_base64(side=160)  # a payload large enough for the payloads table
+    queued = await bot.submit(
+        request_message("automatic1111", "img2img", {"init_images": [image], "prompt": "a fox"}, user_id=4)
+    )
+    done = await bot.final(queued["object_id"])
+    url = URL(done["result"]["content"])
+    image_file = balancer.config.images_path / f"{queued['object_id']}.jpg"
+    assert (await balancer.client.get(url.path_qs)).status == 200 and image_file.exists()
+    assert stored(balancer.config.database_path, queued["object_id"])[4] == 1
+
+    await wait_until(lambda: stored(balancer.config.database_path, queued["object_id"])[3] is not None, timeout_s=10)
+    status, payload, result, _, separate_payloads = stored(balancer.config.database_path, queued["object_id"])
+    assert (status, payload, separate_payloads) == ("ok", "{}", 0)
+    assert "deleted 1 s after it finished (RETENTION_S)" in result
+    assert not image_file.exists() and (await balancer.client.get(url.path_qs)).status == 404
+    # The summary still answers: the request existed, and what became of it.
+    fetched = await (await balancer.client.get(f"/api/v1/requests/{queued['object_id']}", headers=TELEGRAM)).json()
+    assert fetched["gen_status"] == "ok" and fetched["service_info"]["user_id"] == 4
+    assert fetched["result"]["content_type"] == "text" and "RETENTION_S" in fetched["result"]["content"]
+    metrics = await (await balancer.client.get("/metrics")).text()
+    assert "devoid_pruned_requests_total 1.0" in metrics
+
+
+async def test_summaries_past_their_own_retention_are_deleted(start_backend, start_balancer):
+    balancer = await start_balancer([await start_backend("kandinsky")], RETENTION_S=0.2, SUMMARY_RETENTION_S=0.5)
+    bot = await balancer.connect("telegram")
+    queued = await bot.submit(request_message("kandinsky", "text2img", {"prompt": "brief"}))
+    await bot.final(queued["object_id"])
+    await wait_until(lambda: stored(balancer.config.database_path, queued["object_id"]) is None, timeout_s=10)
+    response = await balancer.client.get(f"/api/v1/requests/{queued['object_id']}", headers=TELEGRAM)
+    assert response.status == 404
+
+
+async def test_a_request_still_waiting_is_never_pruned_however_old(start_backend, start_balancer):
+    gpu = await start_backend("automatic1111")
+    gpu.state.gate.clear()
+    balancer = await start_balancer([gpu], RETENTION_S=0.2)
+    bot = await balancer.connect("telegram")
+    first = await bot.submit(request_message("automatic1111", "text2img", {"prompt": "first"}))
+    waiting = await bot.submit(request_message("automatic1111", "text2img", {"prompt": "still waiting"}))
+    await asyncio.sleep(1.0)  # five retention periods: several prune passes ran
+    gpu.state.gate.set()
+    for queued in (first, waiting):
+        done = await bot.final(queued["object_id"])
+        assert done["gen_status"] == "ok" and done["payload"]["prompt"] in ("first", "still waiting")
+    assert [call.body["prompt"] for call in gpu.state.received] == ["first", "still waiting"]
+
+
+async def test_under_a_steady_load_the_database_stops_growing(start_backend, start_balancer):
+    gpu = await start_backend("automatic1111")
+    balancer = await start_balancer([gpu], RETENTION_S=0.3, MAX_USER_REQUESTS=0)
+    bot = await balancer.connect("telegram")
+    database = balancer.config.database_path
+    image = noisy_png_base64(side=256)  # ~200 KB of base64 per request
+
+    def on_disk() -> int:
+        return sum(path.stat().st_size for path in database.parent.glob(database.name + "*") if path.is_file())
+
+    sizes = []
+    for round_ in range(8):
+        ids = [
+            (
+                await bot.submit(
+                    request_message("automatic1111", "img2img", {"init_images": [image], "prompt": f"r{round_} {n}"})
+                )
+            )["object_id"]
+            for n in range(10)
+        ]
+        for object_id in ids:
+            await bot.final(object_id)
+        # Past the retention time this round is pruned: its space is free for the next one.
+        await wait_until(lambda ids=ids: all(stored(database, object_id)[3] for object_id in ids), timeout_s=10)
+        sizes.append(on_disk())
+    written = 8 * 10 * len(image)
+    # Without pruning the files would hold every round (21 MB); with it they level off after a
+    # few rounds (the WAL file keeps its size between checkpoints).
+    assert sizes[-1] < written / 2, (sizes, written)
+    assert sizes[-1] <= sizes[3] * 1.25, sizes
