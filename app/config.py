@@ -366,6 +366,14 @@ SETTINGS: tuple[Setting, ...] = (
         "JSON rules that requests with settings.moderate=1 are checked against (docs/operations.md); "
         "empty = the built-in rules (code moderated)",
     ),
+    Setting(
+        "IMAGE_CHECK_URL",
+        "",
+        _parse_url,
+        "classifier the finished image of a request with settings.moderate=1 is POSTed to before "
+        "delivery (docs/operations.md, Image check); empty = off",
+    ),
+    Setting("IMAGE_CHECK_TIMEOUT_S", "10", _parse_positive_float, "seconds one call to IMAGE_CHECK_URL may take"),
     Setting("DEMO_DELAY_S", "2.0", _parse_non_negative_float, "seconds a TEST_MODE demo backend takes per image"),
     Setting(
         "SHUTDOWN_GRACE_S",
@@ -453,6 +461,8 @@ class Config:
     premium_services: frozenset[str] | None
     max_job_units: PerService
     moderation_rules_file: str
+    image_check_url: str
+    image_check_timeout_s: float
     demo_delay_s: float
     shutdown_grace_s: float
     mongodb_uri: str = dataclasses.field(repr=False)

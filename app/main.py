@@ -26,6 +26,7 @@ from app.domain.jobs import ExecutorType
 from app.engine.admission import Admission
 from app.engine.scheduler import Scheduler
 from app.executors import build_backend, load_executors
+from app.image_check import ImageCheck
 from app.metrics import Metrics, live_families
 from app.mirrors.outbox import OutboxWorker
 from app.mirrors.records import request_record
@@ -112,6 +113,11 @@ def create_app(config: Config) -> web.Application:
                 [make_backend(spec) for spec in initial_specs],
                 make_backend,
                 admission=Admission(config, moderator, app[keys.METRICS]),
+                image_check=(
+                    ImageCheck(config.image_check_url, session, config.image_check_timeout_s)
+                    if config.image_check_url
+                    else None
+                ),
                 uploads=uploads,
                 metrics=app[keys.METRICS],
             )

@@ -47,8 +47,9 @@ class Metrics:
         )
         self.moderated = Counter(
             "devoid_moderation_checks",
-            "Requests with settings.moderate checked by moderation, by outcome (passed, blocked)",
-            ["outcome"],
+            "Moderation checks of requests with settings.moderate: stage prompt (the rules, at intake) "
+            "or image (IMAGE_CHECK_URL); outcome passed or blocked",
+            ["stage", "outcome"],
             registry=self.registry,
         )
 

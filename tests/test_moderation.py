@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from aiohttp import web
 
 from app.config import ConfigError
 from app.domain.jobs import GenType
@@ -39,8 +40,8 @@ async def test_a_blocked_prompt_is_refused_before_any_backend_call(start_backend
     assert (await bot.final(fine["object_id"]))["gen_status"] == "ok"
     assert [call.body["prompt"] for call in gpu.state.received] == ["a lighthouse at dusk"]
     metrics = await (await balancer.client.get("/metrics")).text()
-    assert 'devoid_moderation_checks_total{outcome="blocked"} 2.0' in metrics
-    assert 'devoid_moderation_checks_total{outcome="passed"} 1.0' in metrics
+    assert 'devoid_moderation_checks_total{outcome="blocked",stage="prompt"} 2.0' in metrics
+    assert 'devoid_moderation_checks_total{outcome="passed",stage="prompt"} 1.0' in metrics
 
 
 async def test_without_the_moderate_flag_nothing_is_checked(start_backend, start_balancer):
@@ -117,3 +118,59 @@ async def test_a_broken_rules_file_stops_start_up_with_one_line(tmp_path, start_
     with pytest.raises(ConfigError, match="MODERATION_RULES_FILE") as raised:
         await start_balancer([], MODERATION_RULES_FILE=str(rules))
     assert complaint in str(raised.value) and "\n" not in str(raised.value)
+
+
+class Classifier:
+    """The operator's image classifier on a real port: blocks images while `blocking`."""
+
+    def __init__(self) -> None:
+        self.blocking = False
+        self.seen: list[tuple[str, str, bytes]] = []  # object_id, content type, first bytes
+
+    def app(self) -> web.Application:
+        async def judge(request: web.Request) -> web.Response:
+            body = await request.read()
+            self.seen.append((request.headers["X-Devoid-Object-Id"], request.content_type, body[:2]))
+            if self.blocking:
+                return web.json_response({"allowed": False, "reason": "explicit content (score 0.97)"})
+            return web.json_response({"allowed": True})
+
+        app = web.Application()
+        app.router.add_post("/check", judge)
+        return app
+
+
+async def test_the_image_hook_judges_finished_images_of_moderated_requests(
+    aiohttp_server, start_backend, start_balancer
+):
+    classifier = Classifier()
+    hook = await aiohttp_server(classifier.app(), host="127.0.0.1")
+    balancer = await start_balancer([await start_backend("kandinsky")], IMAGE_CHECK_URL=str(hook.make_url("/check")))
+    bot = await balancer.connect("telegram")
+
+    allowed = await bot.submit(moderated({"prompt": "a harbour"}, executor="kandinsky"))
+    assert (await bot.final(allowed["object_id"]))["result"]["content_type"] == "image_url"
+    unmoderated = await bot.submit(moderated({"prompt": "a barn"}, moderate=0, executor="kandinsky"))
+    await bot.final(unmoderated["object_id"])
+    classifier.blocking = True
+    blocked = await bot.submit(moderated({"prompt": "a tower"}, executor="kandinsky"))
+    refused = await bot.final(blocked["object_id"])
+
+    assert refused["gen_status"] == "error"
+    assert refused["result"]["content"] == "Refused by image moderation: explicit content (score 0.97)"
+    assert not (balancer.config.images_path / f"{blocked['object_id']}.jpg").exists()
+    jpeg = ("image/jpeg", b"\xff\xd8")
+    assert classifier.seen == [(allowed["object_id"], *jpeg), (blocked["object_id"], *jpeg)]
+
+
+async def test_an_image_that_cannot_be_checked_is_not_delivered(start_backend, start_balancer, unused_tcp_port):
+    balancer = await start_balancer(
+        [await start_backend("kandinsky")], IMAGE_CHECK_URL=f"http://127.0.0.1:{unused_tcp_port}/check"
+    )
+    bot = await balancer.connect("telegram")
+    queued = await bot.submit(moderated({"prompt": "a harbour"}, executor="kandinsky"))
+    final = await bot.final(queued["object_id"])
+    assert (
+        final["gen_status"] == "error"
+        and "the image check could not be made after 3 tries" in final["result"]["content"]
+    )

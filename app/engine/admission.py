@@ -138,7 +138,7 @@ class Admission:
             )
         if job.flag("moderate"):
             rule = self._moderator.blocking_rule(job.gen_type, job.payload or {})
-            self._metrics.moderated.labels("blocked" if rule else "passed").inc()
+            self._metrics.moderated.labels("prompt", "blocked" if rule else "passed").inc()
             if rule:
                 raise refuse(
                     Refusal.MODERATED,

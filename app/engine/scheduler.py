@@ -33,6 +33,7 @@ from app.engine.admission import Admission
 from app.engine.expiry import ExpiryLine
 from app.engine.pool import PLACEMENT_WINDOW, BackendSlot, ExecutorPool, FasterLater, watch_health
 from app.engine.progress import ProgressReporter
+from app.image_check import ImageCheck
 from app.metrics import Metrics
 from app.storage.request_rows import no_cycle_collection
 from app.storage.results import ResultWriter
@@ -92,12 +93,14 @@ class Scheduler:
         backends: list[Backend],
         make_backend: Callable[[BackendSpec], Backend],
         admission: Admission,
+        image_check: ImageCheck | None = None,
         uploads: S3Mirror | None = None,
         metrics: Metrics | None = None,
     ) -> None:
         self._config = config
         # Counts what this process holds per service and user, for the limits at intake.
         self.admission = admission
+        self._image_check = image_check  # IMAGE_CHECK_URL: finished images of moderated requests
         self._metrics = metrics or Metrics()
         self._uploads = uploads
         self._store = store
@@ -700,6 +703,12 @@ class Scheduler:
         try:
             if job.payload is None:  # cancelled or expired while it waited: echo it all the same
                 job.payload = await self._store.load_payload(job.object_id)
+            if jpeg is not None and self._image_check is not None and job.flag("moderate"):
+                verdict = await self._image_check.judge(job, jpeg)
+                self._metrics.moderated.labels("image", "passed" if verdict.allowed else "blocked").inc()
+                if not verdict.allowed:
+                    jpeg = None
+                    failure = f"Refused by image moderation: {verdict.reason or 'the image check did not allow it.'}"
             if jpeg is not None:
                 stored = await self._results.store_image(job, jpeg)
                 job.result, upload = stored.result, stored.upload
