@@ -75,6 +75,8 @@ async def test_a_service_with_its_cap_queued_is_refused_while_other_services_are
     assert refused["code"] == "service_queue_full" and "'telegram' already has 4" in refused["result"]["content"]
     for n in range(6):
         assert (await discord.submit(a_request(user_id=n)))["gen_status"] == "queued"
+    response = await balancer.client.post("/api/v1/requests", headers=TELEGRAM, json=a_request(user_id=100))
+    assert response.status == 429 and (await response.json())["error"]["code"] == "service_queue_full"
 
 
 async def test_a_service_sending_faster_than_its_rate_is_told_when_to_send_again(held_gpu, start_balancer):
