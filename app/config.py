@@ -7,8 +7,9 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -524,6 +525,20 @@ class Config:
         return bool(self.s3_endpoint)
 
 
+def unknown_settings(names: Iterable[str]) -> list[tuple[str, str | None]]:
+    """Of `names` (environment variables, .env keys), those that look like one of ours but are
+    not: the same first word as a setting (`API_PROT`), or a close spelling of one
+    (`LOGING_LEVEL`). Each with the setting it most likely means, or None."""
+    known = {setting.env_name for setting in SETTINGS}
+    prefixes = {name.split("_", 1)[0] + "_" for name in known}
+    found = []
+    for name in sorted(set(names) - known):
+        closest = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+        if closest or name.startswith(tuple(prefixes)):
+            found.append((name, closest[0] if closest else None))
+    return found
+
+
 def _check_services_named(values: dict[str, Any]) -> None:
     """A limit for a service that does not exist is a typo that would leave the real one unlimited."""
     known = values["services"]
@@ -590,11 +605,43 @@ def env_example() -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    # `python -m app.config` rewrites the settings table in README.md and .env.example.
-    root = Path(__file__).resolve().parent.parent
+def documented_files(root: Path) -> dict[Path, str]:
+    """README.md and .env.example as they should read, with the settings table from SETTINGS."""
     readme = (root / "README.md").read_text()
     start = readme.index("| setting | default | meaning |")
     end = readme.index("\n\n", start)
-    (root / "README.md").write_text(readme[:start] + settings_table() + readme[end:])
-    (root / ".env.example").write_text(env_example())
+    return {root / "README.md": readme[:start] + settings_table() + readme[end:], root / ".env.example": env_example()}
+
+
+def _document_settings(argv: list[str]) -> int:
+    """`python -m app.config [--check | --write]`: show, check or rewrite the settings docs."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m app.config",
+        description="The settings table of README.md and .env.example, generated from app/config.py. "
+        "Without an option it prints the table and writes nothing.",
+    )
+    action = parser.add_mutually_exclusive_group()
+    action.add_argument("--check", action="store_true", help="exit 1 if README.md or .env.example is out of date")
+    action.add_argument("--write", action="store_true", help="rewrite the table in README.md and .env.example")
+    args = parser.parse_args(argv)
+    files = documented_files(Path(__file__).resolve().parent.parent)
+    stale = [path for path, text in files.items() if not path.exists() or path.read_text() != text]
+    if args.check:
+        for path in stale:
+            print(f"{path.name} is out of date: run python -m app.config --write")
+        return 1 if stale else 0
+    if args.write:
+        for path in stale:
+            path.write_text(files[path])
+            print(f"rewrote {path.name}")
+        return 0
+    print(settings_table())
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(_document_settings(sys.argv[1:]))

@@ -10,16 +10,16 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
 import aiohttp
 from aiohttp import web
 from dotenv import find_dotenv, load_dotenv
 
-from app import keys
+from app import checkup, keys
 from app.backends.base import Backend, BackendSpec
-from app.config import Config, ConfigError, configure_logging
+from app.config import Config, ConfigError, configure_logging, unknown_settings
 from app.demo_backends import DemoBackendState, automatic1111_app, kandinsky_app, serve_on_loopback
 from app.domain.costs import REFERENCE_UNITS_PER_S
 from app.domain.jobs import ExecutorType
@@ -69,6 +69,12 @@ def create_app(config: Config) -> web.Application:
     )
     # A bad file stops start-up here, before anything is served.
     file_specs = None if config.test_mode else load_executors(config.executors_file)
+    if file_specs == []:
+        log.warning(
+            "EXECUTORS_FILE %s lists no backends: every request is refused (no_backend) until some are "
+            "added (SIGHUP re-reads the file)",
+            config.executors_file,
+        )
     moderator = Moderator.load(config.moderation_rules_file)
 
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -79,6 +85,7 @@ def create_app(config: Config) -> web.Application:
         )
         yield
         await app[keys.STORE].close()
+        log.info("shutdown: database closed")
 
     async def http_session_ctx(app: web.Application) -> AsyncIterator[None]:
         # No overall timeout here: each backend call gets its own, from its expected duration.
@@ -95,6 +102,8 @@ def create_app(config: Config) -> web.Application:
             yield
             for mirror in app[keys.MIRRORS]:
                 await mirror.stop()
+            if app[keys.MIRRORS]:
+                log.info("shutdown: mirrors stopped (their unfinished work waits in the outbox)")
 
     async def scheduler_ctx(app: web.Application) -> AsyncIterator[None]:
         session = app[keys.HTTP_SESSION]
@@ -134,7 +143,9 @@ def create_app(config: Config) -> web.Application:
             reload_on_hangup(config, scheduler)
             yield
             stop_reloading_on_hangup()
+            log.info("shutdown: stopping the scheduler (running jobs get up to %g s)", config.shutdown_grace_s)
             await scheduler.stop(config.shutdown_grace_s)
+            log.info("shutdown: scheduler stopped")
 
     async def retention_ctx(app: web.Application) -> AsyncIterator[None]:
         if not config.retention_s:
@@ -151,6 +162,7 @@ def create_app(config: Config) -> web.Application:
 
     async def close_connections(app: web.Application) -> None:
         await app[keys.HUB].close_all()
+        log.info("shutdown: client connections closed")
 
     # Dependency order; shutdown runs it in reverse (scheduler first, store last).
     app.cleanup_ctx.extend([store_ctx, mirrors_ctx, http_session_ctx, scheduler_ctx, retention_ctx])
@@ -172,20 +184,9 @@ async def _open_mirrors(config: Config, store: Store, stack: contextlib.AsyncExi
         stack.push_async_callback(client.close)
         mirrors.append(mongodb.MongoMirror(store, config, client))
     if config.s3_enabled:
-        import aioboto3
-
         from app.mirrors import s3
 
-        client = await stack.enter_async_context(
-            aioboto3.Session().client(
-                "s3",
-                endpoint_url=config.s3_endpoint,
-                region_name=config.s3_region,
-                aws_access_key_id=config.s3_access_key,
-                aws_secret_access_key=config.s3_secret_key,
-                config=s3.client_config(),
-            )
-        )
+        client = await stack.enter_async_context(s3.open_client(config))
         mirrors.append(s3.S3Mirror(store, config, client))
     if mirrors:
         log.info("mirrors: %s", ", ".join(mirror.target for mirror in mirrors))
@@ -265,17 +266,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "runs it with demo backends.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {VERSION}")
+    parser.add_argument(
+        "command",
+        nargs="?",
+        choices=["serve", "check"],
+        default="serve",
+        help="serve (the default): run the server; check: validate the settings and the executors "
+        "file, probe every backend and mirror once, print one line per item and exit non-zero if "
+        "anything is wrong (nothing is started or changed)",
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     """The `devoid` command (and `python -m app`)."""
-    parse_args(argv)
+    args = parse_args(argv)
     # .env of the working directory; the real environment wins over it (override=False).
     load_dotenv(find_dotenv(usecwd=True), override=False)
+    if args.command == "check":
+        sys.exit(checkup.run(os.environ))
     try:
         config = Config.from_env(os.environ)
         configure_logging(config.logging_level)
+        warn_about_settings(config, os.environ)
         # One server per database, checked before anything reads the queue; then the folders
         # and the port, bound before the scheduler starts (a port in use must not cost a
         # dispatched job).
@@ -291,6 +304,18 @@ def main(argv: list[str] | None = None) -> None:
         asyncio.run(serve(app, sock, config))
     finally:
         lock.release()
+
+
+def warn_about_settings(config: Config, environ: Mapping[str, str]) -> None:
+    """Start-up warnings for settings that are probably not what the operator meant."""
+    for name, guess in unknown_settings(environ):
+        log.warning(
+            "%s (environment or .env) is not a setting of this server and is ignored%s",
+            name,
+            f"; did you mean {guess}?" if guess else "",
+        )
+    if config.test_mode and environ.get("SERVICES", "").strip():
+        log.warning("TEST_MODE=1 with SERVICES set: the demo key (test:demo-key) is not added; use a SERVICES key")
 
 
 def _data_folders(config: Config) -> list[tuple[str, Path]]:
@@ -328,6 +353,7 @@ async def serve(app: web.Application, sock: socket.socket, config: Config) -> No
             ", ".join(sorted(config.services)),
         )
         await stopping.wait()
+        log.info("shutdown: refusing new requests; answering those already being committed")
         await app[keys.HUB].finish_accepts()
     finally:
         await runner.cleanup()  # closes connections, then the scheduler, mirrors and store

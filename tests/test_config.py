@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -174,6 +175,17 @@ async def test_dotenv_is_read_and_the_real_environment_wins(tmp_path, unused_tcp
     await server.stop()
     assert "TEST_MODE=1: using demo backends" in server.log()
     assert " DEBUG " in server.log()
+
+
+def test_the_settings_docs_are_current_and_the_generator_writes_only_when_asked():
+    check = subprocess.run(
+        [sys.executable, "-m", "app.config", "--check"], cwd=REPO_ROOT, capture_output=True, text=True
+    )
+    assert check.returncode == 0, check.stdout
+    before = (REPO_ROOT / "README.md").stat().st_mtime_ns
+    shown = subprocess.run([sys.executable, "-m", "app.config"], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert shown.stdout.startswith("| setting | default | meaning |")
+    assert (REPO_ROOT / "README.md").stat().st_mtime_ns == before
 
 
 def test_every_setting_is_documented_in_readme_and_env_example():

@@ -19,12 +19,13 @@ from bench.processes import REPO_ROOT, ServerProcess
 from tests.conftest import SERVICE_KEYS, base_env, write_executors
 
 
-async def run_to_exit(env: dict[str, str], cwd, timeout_s: float = 20.0) -> tuple[int, str]:
-    """Start `python -m app` and wait for it to exit by itself."""
+async def run_to_exit(env: dict[str, str], cwd, timeout_s: float = 20.0, *args: str) -> tuple[int, str]:
+    """Start `python -m app [args]` and wait for it to exit by itself."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "app",
+        *args,
         cwd=cwd,
         env={"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(REPO_ROOT), **env},
         stdout=asyncio.subprocess.PIPE,
@@ -87,14 +88,15 @@ async def test_a_second_server_on_the_same_database_refuses_to_start(tmp_path, s
 async def test_a_port_in_use_or_an_unusable_folder_is_one_line_and_exit_2(tmp_path, unused_tcp_port_factory):
     port = unused_tcp_port_factory()
     with socket_listening(port):
-        code, output = await run_to_exit(base_env(tmp_path, port, TEST_MODE=1), tmp_path)
+        code, output = await run_to_exit(base_env(tmp_path, port, TEST_MODE=1, SERVICES=""), tmp_path)
     assert (code, output.strip()) == (2, f"devoid: cannot start: API_PORT={port} on 127.0.0.1 is already in use")
     assert not (tmp_path / "data" / "devoid.sqlite3").exists()  # nothing was opened
 
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     code, output = await run_to_exit(
-        base_env(tmp_path, unused_tcp_port_factory(), TEST_MODE=1, IMAGES_PATH=blocker / "images"), tmp_path
+        base_env(tmp_path, unused_tcp_port_factory(), TEST_MODE=1, SERVICES="", IMAGES_PATH=blocker / "images"),
+        tmp_path,
     )
     assert code == 2 and output.startswith(f"devoid: cannot start: IMAGES_PATH={blocker / 'images'} is not usable")
     assert len(output.strip().splitlines()) == 1
@@ -125,7 +127,64 @@ async def test_listening_is_logged_once_started_and_signals_are_logged(tmp_path,
     log = server.log()
     assert log.index("scheduler started") < log.index("listening on")
     assert "SIGTERM received: shutting down" in log
+    steps = [
+        "shutdown: refusing new requests",
+        "shutdown: client connections closed",
+        "shutdown: stopping the scheduler",
+        "shutdown: scheduler stopped",
+        "shutdown: database closed",
+    ]
+    assert [log.index(step) for step in steps] == sorted(log.index(step) for step in steps)
     assert log.rstrip().endswith("stopped")
+
+
+async def test_misspelled_settings_and_an_empty_backend_list_are_warned_about_by_name(
+    tmp_path, unused_tcp_port_factory
+):
+    write_executors(tmp_path, [])
+    (tmp_path / ".env").write_text("LOGING_LEVEL=DEBUG\n")
+    env = base_env(tmp_path, unused_tcp_port_factory(), API_PROT="9000")
+    server = ServerProcess(env, tmp_path / "server.log", cwd=tmp_path)
+    await server.start()
+    await server.stop()
+    log = server.log()
+    assert (
+        "API_PROT (environment or .env) is not a setting of this server and is ignored; did you mean API_PORT?" in log
+    )
+    assert "LOGING_LEVEL (environment or .env) is not a setting of this server and is ignored; did you mean" in log
+    assert "lists no backends: every request is refused (no_backend)" in log
+
+
+async def test_devoid_check_passes_a_good_configuration_and_names_what_is_wrong_in_a_bad_one(
+    tmp_path, start_backend, unused_tcp_port_factory
+):
+    gpu = await start_backend("automatic1111", name="gpu-good")
+    write_executors(tmp_path, [gpu])
+    env = base_env(tmp_path, unused_tcp_port_factory())
+    status, output = await run_to_exit(env, tmp_path, 30.0, "check")
+    assert status == 0, output
+    assert "ok    backend gpu-good" in output and "answers" in output
+    assert "does not exist yet; it is created at start-up" in output
+    assert output.rstrip().endswith("nothing wrong")
+    assert not (tmp_path / "data" / "devoid.sqlite3").exists()  # a check changes nothing
+
+    dead = {**gpu.entry(), "name": "gpu-gone", "endpoint": f"http://127.0.0.1:{unused_tcp_port_factory()}/sdapi/v1"}
+    write_executors(tmp_path, [gpu, dead])
+    status, output = await run_to_exit({**env, "SERVICE_BURST": "7", "MAX_USER_REQUEST": "3"}, tmp_path, 30.0, "check")
+    assert status == 1, output
+    assert "FAIL  backend gpu-gone" in output and "health probe failed" in output
+    assert "warn  setting MAX_USER_REQUEST" in output and "did you mean MAX_USER_REQUESTS?" in output
+    assert output.rstrip().endswith("1 wrong")
+
+    status, output = await run_to_exit({**env, "API_PORT": "eighty"}, tmp_path, 30.0, "check")
+    assert status == 1 and "FAIL  settings                 API_PORT: expected a port number" in output
+
+
+async def test_devoid_help_and_version_start_nothing(tmp_path):
+    status, output = await run_to_exit({"TEST_MODE": "1"}, tmp_path, 20.0, "--help")
+    assert status == 0 and "check" in output and "usage: devoid" in output
+    status, output = await run_to_exit({"TEST_MODE": "1"}, tmp_path, 20.0, "--version")
+    assert status == 0 and output.startswith("devoid ")
 
 
 async def test_a_second_ctrl_c_exits_at_once_and_loses_nothing(tmp_path, unused_tcp_port_factory):

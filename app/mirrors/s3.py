@@ -38,6 +38,20 @@ def client_config() -> BotoConfig:
     )
 
 
+def open_client(config: Config) -> Any:
+    """aioboto3's S3 client for the configured server, as an async context manager."""
+    import aioboto3
+
+    return aioboto3.Session().client(
+        "s3",
+        endpoint_url=config.s3_endpoint,
+        region_name=config.s3_region,
+        aws_access_key_id=config.s3_access_key,
+        aws_secret_access_key=config.s3_secret_key,
+        config=client_config(),
+    )
+
+
 class S3Mirror(OutboxWorker):
     target = "s3"
 
