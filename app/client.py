@@ -1,12 +1,15 @@
 """A command-line client that sends one request as a bot service would, shows its way through
 the queue, and saves the image.
 
-    python -m app.client "a lighthouse at dusk" [--executor kandinsky] [--output out.jpg]
+    devoid-client "a lighthouse at dusk" [--executor automatic1111] [--output out.jpg]
 
 It connects privately (`?receive=own`): it only ever sees its own request, never the results
 waiting for the service's bots. Ctrl-C or --timeout cancels the request. The server's address
 comes from --url, else DEVOID_URL, else API_HOST/API_PORT (environment or .env) as the
-server reads them.
+server reads them; `host:port` and `ws://` URLs work too, and the client adds `/ws/<service>`
+itself. Images are saved as <object_id>.jpg under --output-dir (default data/client-images,
+which git ignores) unless --output names the file. With --json, stdout carries one JSON object
+per event (queued, generating, progress, eta, retrying, no_backend, saved, error) for scripts.
 
 Exit status: 0 saved, 1 the request ended in an error (or timed out, or was cancelled),
 2 refused (wrong key or service), 3 the server could not be reached or the connection broke,
@@ -20,6 +23,7 @@ import asyncio
 import base64
 import json
 import os
+import re
 import sys
 import uuid
 from collections.abc import Mapping
@@ -35,6 +39,25 @@ BAR_WIDTH = 24
 CANCEL_ANSWER_TIMEOUT_S = 3.0
 # The server's own defaults (app/config.py), for when neither the environment nor .env say.
 DEFAULT_API_HOST, DEFAULT_API_PORT = "127.0.0.1", "8080"
+DEFAULT_OUTPUT_DIR = Path("data/client-images")
+# The websocket path at the end of a pasted URL: `.../ws` or `.../ws/<service>`.
+_WS_SUFFIX = re.compile(r"(^|/)ws(/[^/]*)?$")
+
+
+def server_url(raw: str) -> str:
+    """The server's base URL from what a person types: `host:port` gets http://, ws:// and
+    wss:// become http:// and https://, and a trailing /ws or /ws/<service> is dropped (the
+    client adds it). Raises ValueError for anything else that is not http(s)."""
+    url = raw.strip().rstrip("/")
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "http", url
+    scheme = {"ws": "http", "wss": "https"}.get(scheme.lower(), scheme.lower())
+    if scheme not in ("http", "https") or not rest:
+        raise ValueError(f"expected a server address such as http://127.0.0.1:8080, got {raw!r}")
+    host, _, path = rest.partition("/")
+    path = _WS_SUFFIX.sub("", path)
+    return f"{scheme}://{host}{'/' + path if path else ''}"
 
 
 class ClientError(Exception):
@@ -60,21 +83,34 @@ def default_url(environ: Mapping[str, str], dotenv: Mapping[str, str | None]) ->
     return f"http://{host}:{setting('API_PORT', DEFAULT_API_PORT)}"
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The description kept as written; each option's default shown when it has one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m app.client", description=__doc__.splitlines()[0])
+    assert __doc__ is not None
+    parser = argparse.ArgumentParser(prog="devoid-client", description=__doc__, formatter_class=_HelpFormatter)
     parser.add_argument("prompt", help="what to draw")
-    parser.add_argument("--executor", choices=["kandinsky", "automatic1111"], default="kandinsky")
+    parser.add_argument(
+        "--executor", choices=["kandinsky", "automatic1111"], default="kandinsky", help="backend type to use"
+    )
     parser.add_argument(
         "--gen-type", choices=["text2img"], default="text2img", help="only text2img from the command line"
     )
     parser.add_argument("--premium", action="store_true", help="send as a premium request")
-    parser.add_argument("--steps", type=int, help="sampling steps (backend default if left out)")
-    parser.add_argument("--width", type=int)
-    parser.add_argument("--height", type=int)
+    parser.add_argument("--steps", type=int, help="sampling steps (the backend's default if left out)")
+    parser.add_argument("--width", type=int, help="pixels (the backend's default if left out)")
+    parser.add_argument("--height", type=int, help="pixels (the backend's default if left out)")
     parser.add_argument(
         "--url",
         default=default_url(os.environ, dotenv_values(find_dotenv(usecwd=True))),
-        help="server URL (default: DEVOID_URL, else API_HOST/API_PORT from the environment or .env)",
+        help="server address (from DEVOID_URL, else API_HOST/API_PORT in the environment or .env)",
     )
     parser.add_argument(
         "--service", default=os.environ.get("DEVOID_SERVICE", "test"), help="service name (env DEVOID_SERVICE)"
@@ -84,11 +120,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=os.environ.get("DEVOID_KEY", "demo-key"),
         help="service key (env DEVOID_KEY); the default is TEST_MODE's demo key",
     )
-    parser.add_argument("--output", type=Path, help="where to save the image (default <object_id>.jpg)")
+    parser.add_argument("--output", type=Path, help="file to save the image as (instead of --output-dir)")
+    parser.add_argument(
+        "--output-dir", type=Path, default=DEFAULT_OUTPUT_DIR, help="folder for <object_id>.jpg, created if needed"
+    )
     parser.add_argument(
         "--timeout", type=float, metavar="SECONDS", help="give up (and cancel the request) after this long"
     )
-    return parser.parse_args(argv)
+    parser.add_argument("--json", action="store_true", help="one JSON object per event on stdout, for scripts")
+    args = parser.parse_args(argv)
+    try:
+        args.url = server_url(args.url)
+    except ValueError as exc:
+        parser.error(f"--url: {exc}")
+    return args
 
 
 def request_message(args: argparse.Namespace) -> dict[str, Any]:
@@ -114,6 +159,19 @@ class ProgressView:
         self._tty = stream.isatty()
         self._last = ""
 
+    def message(self, message: dict[str, Any]) -> None:
+        """A message about our request."""
+        line = describe(message)
+        if line:
+            self.show(line)
+
+    def finished(self, path: Path | None, error: ClientError | None) -> None:
+        self.done()
+        if error is not None:
+            print(f"error: {error}", file=sys.stderr)
+        else:
+            print(f"saved {path}")
+
     def show(self, text: str) -> None:
         if text == self._last:
             return
@@ -127,6 +185,42 @@ class ProgressView:
     def done(self) -> None:
         if self._tty:
             self._stream.write("\n")
+
+
+class JsonView:
+    """--json: one JSON object per event on stdout (`event` names it), nothing on stderr."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def _emit(self, event: dict[str, Any]) -> None:
+        self._stream.write(json.dumps(event) + "\n")
+        self._stream.flush()
+
+    def message(self, message: dict[str, Any]) -> None:
+        if message.get("message_type") == "response":
+            event = {"event": message["gen_status"], "object_id": message["object_id"]}
+            if message["gen_status"] in ("queued", "generating"):
+                event["avg_time"] = message.get("avg_time")
+            self._emit(event)
+        elif message.get("info_type") in ("progress", "eta", "retrying", "no_backend"):
+            fields = ("progress", "eta_relative", "eta_s", "attempt", "retry_in_s", "content")
+            self._emit(
+                {"event": message["info_type"], "object_id": message.get("object_id")}
+                | {name: message[name] for name in fields if name in message}
+            )
+
+    def show(self, text: str) -> None:
+        pass  # the object_id line: the first event carries it
+
+    def done(self) -> None:
+        pass
+
+    def finished(self, path: Path | None, error: ClientError | None) -> None:
+        if error is not None:
+            self._emit({"event": "error", "message": str(error), "exit_status": error.exit_status})
+        else:
+            self._emit({"event": "saved", "path": str(path)})
 
 
 def describe(message: dict[str, Any]) -> str | None:
@@ -150,9 +244,9 @@ def describe(message: dict[str, Any]) -> str | None:
     return None
 
 
-async def generate(args: argparse.Namespace, view: ProgressView) -> Path:
+async def generate(args: argparse.Namespace, view: ProgressView | JsonView) -> Path:
     """Send the request, follow it, save the image. Raises ClientError."""
-    ws_url = args.url.rstrip("/").replace("http://", "ws://").replace("https://", "wss://")
+    ws_url = args.url.replace("http://", "ws://", 1).replace("https://", "wss://", 1)
     headers = {"authorization": args.key, "service": args.service}
     async with aiohttp.ClientSession() as session:
         try:
@@ -172,7 +266,7 @@ async def generate(args: argparse.Namespace, view: ProgressView) -> Path:
             raise ClientError(f"cannot reach the server at {args.url}: {exc}", EXIT_UNREACHABLE) from None
         if final["gen_status"] != "ok":
             raise ClientError(f"the request failed: {final['result']['content']}", EXIT_FAILED)
-        return await save(session, final, args.output)
+        return await save(session, final, args.output or args.output_dir / f"{final['object_id']}.jpg")
 
 
 class Interrupted(ClientError):
@@ -180,7 +274,7 @@ class Interrupted(ClientError):
 
 
 async def follow(
-    ws: aiohttp.ClientWebSocketResponse, view: ProgressView, request_id: str, timeout_s: float | None
+    ws: aiohttp.ClientWebSocketResponse, view: ProgressView | JsonView, request_id: str, timeout_s: float | None
 ) -> dict[str, Any]:
     """Follow our request to its final answer. Only our own request's messages come on this
     private connection; each is still matched by object_id (taken from the answer that echoes
@@ -198,7 +292,7 @@ async def follow(
 
 
 async def _read_until_final(
-    ws: aiohttp.ClientWebSocketResponse, view: ProgressView, request_id: str, state: dict[str, Any]
+    ws: aiohttp.ClientWebSocketResponse, view: ProgressView | JsonView, request_id: str, state: dict[str, Any]
 ) -> dict[str, Any]:
     async for frame in ws:
         if frame.type is not aiohttp.WSMsgType.TEXT:
@@ -215,9 +309,7 @@ async def _read_until_final(
             view.show(f"object_id {state['object_id']}")
         if state["object_id"] is None or message.get("object_id") != state["object_id"]:
             continue
-        line = describe(message)
-        if line:
-            view.show(line)
+        view.message(message)
         if message.get("gen_status") in ("ok", "error"):
             view.done()
             return message
@@ -244,9 +336,8 @@ async def _cancel(ws: aiohttp.ClientWebSocketResponse, object_id: str | None) ->
     return f"request {object_id} may still run (the cancel was not answered)"
 
 
-async def save(session: aiohttp.ClientSession, final: dict[str, Any], output: Path | None) -> Path:
+async def save(session: aiohttp.ClientSession, final: dict[str, Any], path: Path) -> Path:
     result = final["result"]
-    path = output or Path(result.get("file_name") or f"{final['object_id']}.jpg")
     if result["content_type"] == "base64":
         data = base64.b64decode(result["content"])
     else:
@@ -257,13 +348,17 @@ async def save(session: aiohttp.ClientSession, final: dict[str, Any], output: Pa
                 data = await response.read()
         except aiohttp.ClientError as exc:
             raise ClientError(f"cannot download {result['content']}: {exc}", EXIT_UNREACHABLE) from None
-    path.write_bytes(data)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    except OSError as exc:
+        raise ClientError(f"cannot save the image as {path}: {exc.strerror}", EXIT_FAILED) from None
     return path
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    view = ProgressView(sys.stderr)
+    view: ProgressView | JsonView = JsonView(sys.stdout) if args.json else ProgressView(sys.stderr)
     outcome: list[ClientError] = []
 
     async def run() -> Path | None:
@@ -279,12 +374,8 @@ def main(argv: list[str] | None = None) -> int:
         path = None
         if not outcome:
             outcome.append(Interrupted("interrupted", EXIT_INTERRUPTED))
-    if outcome:
-        view.done()
-        print(f"error: {outcome[0]}", file=sys.stderr)
-        return outcome[0].exit_status
-    print(f"saved {path}")
-    return EXIT_OK
+    view.finished(path, outcome[0] if outcome else None)
+    return outcome[0].exit_status if outcome else EXIT_OK
 
 
 def console_main() -> None:

@@ -6,8 +6,10 @@ Ctrl-C or --timeout cancels the request."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import aiohttp
 import pytest
 from PIL import Image
 
+from app.client import server_url
 from bench.bots import Bot, request_message
 from bench.processes import REPO_ROOT, ServerProcess
 from tests.conftest import base_env
@@ -156,3 +159,59 @@ async def test_the_default_url_comes_from_api_host_and_port_in_dot_env(tmp_path,
     (tmp_path / ".env").write_text(f"API_HOST=0.0.0.0\nAPI_PORT={demo_server.env['API_PORT']}\n")
     code, stdout, stderr = await run_client(tmp_path, "from .env", "--output", str(tmp_path / "x.jpg"))
     assert code == 0, stderr
+
+
+@pytest.mark.parametrize(
+    "typed, meant",
+    [
+        ("127.0.0.1:8080", "http://127.0.0.1:8080"),
+        ("http://host/ws", "http://host"),
+        ("http://host/ws/test/", "http://host"),
+        ("wss://bots.example.org/proxy/ws", "https://bots.example.org/proxy"),
+        ("HTTPS://bots.example.org", "https://bots.example.org"),
+    ],
+)
+def test_urls_as_people_type_them_reach_the_server(typed, meant):
+    assert server_url(typed) == meant
+
+
+async def test_a_url_without_a_scheme_or_with_ws_works_and_a_wrong_scheme_is_one_line(tmp_path, demo_server):
+    address = demo_server.base_url.removeprefix("http://")
+    code, stdout, stderr = await run_client(
+        tmp_path, "no scheme", "--url", address, "--output", str(tmp_path / "a.jpg")
+    )
+    assert code == 0, stderr
+    code, _, stderr = await run_client(
+        tmp_path, "with ws", "--url", f"{demo_server.base_url}/ws", "--output", str(tmp_path / "b.jpg")
+    )
+    assert code == 0, stderr
+    code, _, stderr = await run_client(tmp_path, "x", "--url", "ftp://host")
+    assert code == 2 and stderr.strip().splitlines()[-1].endswith(
+        "--url: expected a server address such as http://127.0.0.1:8080, got 'ftp://host'"
+    )
+
+
+async def test_images_go_to_the_output_dir_and_json_gives_one_event_per_line(tmp_path, demo_server):
+    code, stdout, stderr = await run_client(
+        tmp_path, "scripted", "--url", demo_server.base_url, "--executor", "automatic1111", "--json"
+    )
+    assert code == 0 and stderr == "", stderr
+    events = [json.loads(line) for line in stdout.splitlines()]
+    kinds = [event["event"] for event in events]
+    assert kinds[0] == "queued" and "generating" in kinds and kinds[-2:] == ["ok", "saved"]
+    object_id = events[0]["object_id"]
+    saved = tmp_path / "data" / "client-images" / f"{object_id}.jpg"
+    assert events[-1]["path"] == str(saved.relative_to(tmp_path)) and saved.exists()
+    assert all(event["object_id"] == object_id for event in events[:-1])
+
+    code, stdout, _ = await run_client(tmp_path, "x", "--url", demo_server.base_url, "--key", "nope", "--json")
+    assert code == 2 and json.loads(stdout) == {
+        "event": "error",
+        "message": "the server refused service 'test' with this key (HTTP 401)",
+        "exit_status": 2,
+    }
+
+
+@pytest.mark.parametrize("path", ["lighthouse.jpg", "data/client-images/6571c2f0a1b2c3d4e5f60718.jpg"])
+def test_saved_images_are_ignored_by_git(path):
+    assert subprocess.run(["git", "check-ignore", "-q", path], cwd=REPO_ROOT, check=False).returncode == 0
