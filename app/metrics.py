@@ -3,6 +3,7 @@ live scheduler and mirrors at scrape time. Each app has its own registry (no glo
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -12,6 +13,7 @@ from prometheus_client.registry import Collector
 from app.domain.jobs import Job
 
 GENERATION_BUCKETS_S = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
+QUEUE_WAIT_BUCKETS_S = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 ETA_ERROR_BUCKETS_S = (-120, -60, -30, -10, -5, -2, 0, 2, 5, 10, 30, 60, 120)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -39,9 +41,28 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.accepted = Counter(
+            "devoid_accepted_requests",
+            "Requests committed and answered `queued`",
+            ["executor", "class"],
+            registry=self.registry,
+        )
+        self.dispatches = Counter(
+            "devoid_dispatches",
+            "Attempts started on a backend (a retried request is dispatched again)",
+            ["backend"],
+            registry=self.registry,
+        )
+        self.queue_wait = Histogram(
+            "devoid_queue_wait_seconds",
+            "From `queued` to the first dispatch",
+            ["executor", "class"],
+            buckets=QUEUE_WAIT_BUCKETS_S,
+            registry=self.registry,
+        )
         self.refused = Counter(
             "devoid_refused_requests",
-            "Requests refused before they were queued, by limit or moderation (code)",
+            "Requests refused before they were queued, by refusal code (docs/protocol.md)",
             ["code", "service"],
             registry=self.registry,
         )
@@ -67,6 +88,19 @@ class Metrics:
     def watch(self, read_live: Callable[[], Iterator[GaugeMetricFamily]]) -> None:
         """Register gauges computed by `read_live` at each scrape."""
         self.registry.register(_LiveCollector(read_live))
+
+    def request_refused(self, code: str | None, service: str) -> None:
+        self.refused.labels(code or "invalid_request", service).inc()
+
+    def request_accepted(self, job: Job) -> None:
+        self.accepted.labels(job.executor.value, "premium" if job.premium else "general").inc()
+
+    def request_dispatched(self, job: Job, backend: str) -> None:
+        self.dispatches.labels(backend).inc()
+        if job.attempts == 0 and job.interruptions == 0:
+            self.queue_wait.labels(job.executor.value, "premium" if job.premium else "general").observe(
+                max(0.0, time.time() - job.created_at)
+            )
 
     def request_finished(self, job: Job, generation_s: float | None) -> None:
         self.requests.labels(job.status.value, job.executor.value, job.service).inc()

@@ -4,12 +4,15 @@ health, metrics and the home page; auth failures and bad input in the one error 
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 
 import pytest
 from yarl import URL
 
 from app import keys
 from bench.bots import request_message, wait_until
+from bench.processes import REPO_ROOT
 from tests.conftest import SERVICE_KEYS
 
 TELEGRAM = {"authorization": SERVICE_KEYS["telegram"], "service": "telegram"}
@@ -272,3 +275,23 @@ async def test_the_keyless_status_view_shows_no_ids_thumbnails_or_error_texts(st
     assert "127.0.0.1" in detailed["backends"][0]["last_error"]
     wrong = await (await balancer.client.get("/status.json", headers={"authorization": "tg-key"})).json()
     assert not wrong["detailed"]
+
+
+async def test_every_metric_the_grafana_dashboard_queries_is_served(balancer):
+    dashboard = json.loads((REPO_ROOT / "docs" / "grafana-dashboard.json").read_text())
+    queried = {
+        name
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        for name in re.findall(r"\bdevoid_[a-z_]+", target["expr"])
+    }
+    assert len(queried) >= 10
+    bot = await balancer.connect("telegram")
+    queued = await bot.submit(request_message("kandinsky", "text2img", {"prompt": "for the charts"}))
+    await bot.final(queued["object_id"])
+    await bot.submit(request_message("kandinsky", "text2img", {"prompt": "x", "steps": 0}))  # refused
+    text = await (await balancer.client.get("/metrics")).text()
+    samples = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
+    # A family with no series yet (no mirror configured here) is still declared.
+    declared = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")}
+    assert queried <= samples | declared, queried - samples - declared

@@ -62,7 +62,6 @@ class Admission:
         try:
             self._check(job)
         except InvalidRequest as refused:
-            self._metrics.refused.labels(refused.code, job.service).inc()
             log.info("%s refused (%s) from %s: %s", job.object_id, refused.code, job.service, refused.reason)
             raise
         self.hold(job)

@@ -333,6 +333,7 @@ class Scheduler:
 
     def submit(self, job: Job) -> None:
         """Queue a job that is already committed to the store."""
+        self._metrics.request_accepted(job)
         self.pools[job.executor].note_arrival(job.premium)
         self._enqueue(job)
         self.dispatch()
@@ -436,6 +437,7 @@ class Scheduler:
         slot.job = tracked.job
         slot.started_monotonic = time.monotonic()
         self.dispatched += 1
+        self._metrics.request_dispatched(tracked.job, slot.name)
         tracked.start(slot, asyncio.create_task(self._run(pool, slot, tracked), name=f"run-{tracked.object_id}"))
 
     def job_timeout_s(self, slot: BackendSlot, job: Job) -> float:

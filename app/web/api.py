@@ -72,6 +72,8 @@ async def api_errors(
     try:
         return await handler(request)
     except DevoidError as exc:
+        if isinstance(exc, InvalidRequest) and request.path == "/api/v1/requests":
+            request.app[keys.METRICS].request_refused(exc.code, request.headers.get("service", ""))
         return error_response(
             exc.status, exc.reason, bounded_errors(exc.field_errors), code=exc.code, retry_after_s=exc.retry_after_s
         )

@@ -207,9 +207,11 @@ class _Connection:
         try:
             await self._app[keys.INTAKE].accept(job, announce)
         except InvalidRequest as refused:  # a limit or moderation said no
+            self._app[keys.METRICS].request_refused(refused.code, self._service)
             await hub.send_to(self._ws, rejection_response(job.object_id, self._service, refused))
         except Exception as exc:
             log.exception("%s could not be stored", job.object_id)
+            self._app[keys.METRICS].request_refused(Refusal.NOT_STORED.value, self._service)
             error = InvalidRequest(
                 f"The request could not be stored, it was not queued: {exc}",
                 envelope=job.envelope(),
@@ -220,6 +222,7 @@ class _Connection:
     def _rejection(self, error: InvalidRequest) -> dict:
         # %r: the reason may quote client text (key names); repr keeps it on one log line.
         log.info("refused a message from %s: %r", self._service, error.reason[:300])
+        self._app[keys.METRICS].request_refused(error.code, self._service)
         if error.envelope:
             return rejection_response(new_object_id(), self._service, error)
         return info_message("error", error.reason, errors=bounded_errors(error.field_errors) or None, code=error.code)
