@@ -13,6 +13,7 @@ from app.storage.results import ResultWriter
 from app.storage.store import Store
 from app.web.delivery import ConnectionHub
 from app.web.intake import Intake
+from app.web.status_history import StatusHistory
 
 CONFIG = web.AppKey("config", Config)
 STORE = web.AppKey("store", Store)
@@ -24,3 +25,4 @@ INTAKE = web.AppKey("intake", Intake)
 MIRRORS = web.AppKey("mirrors", list[OutboxWorker])
 METRICS = web.AppKey("metrics", Metrics)
 OPENAPI = web.AppKey("openapi", dict)
+STATUS_HISTORY = web.AppKey("status_history", StatusHistory)

@@ -36,12 +36,14 @@ from app.process import EXIT_CANNOT_START, CannotStart, DatabaseLock, bind, chec
 from app.storage.results import ImageSecretUnusable, ResultWriter, image_url_secret
 from app.storage.retention import Retention
 from app.storage.store import Store
+from app.web.access_log import QuietPollingAccessLogger
 from app.web.api import api_errors
 from app.web.delivery import ConnectionHub
 from app.web.intake import Intake
 from app.web.openapi import build_spec
 from app.web.pages import SERVER_NAME, VERSION
 from app.web.routes import add_routes
+from app.web.status_history import StatusHistory
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +142,11 @@ def create_app(config: Config) -> web.Application:
                 )
             )
             await scheduler.start()
+            app[keys.STATUS_HISTORY] = StatusHistory(scheduler, app[keys.METRICS])
+            sampling = asyncio.create_task(app[keys.STATUS_HISTORY].run(), name="status-history")
             reload_on_hangup(config, scheduler)
             yield
+            sampling.cancel()
             stop_reloading_on_hangup()
             log.info("shutdown: stopping the scheduler (running jobs get up to %g s)", config.shutdown_grace_s)
             await scheduler.stop(config.shutdown_grace_s)
@@ -342,7 +347,12 @@ async def serve(app: web.Application, sock: socket.socket, config: Config) -> No
         stopping.set()
 
     on_stop_signals(stop)
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=config.shutdown_grace_s + 5)
+    runner = web.AppRunner(
+        app,
+        handle_signals=False,
+        shutdown_timeout=config.shutdown_grace_s + 5,
+        access_log_class=QuietPollingAccessLogger,
+    )
     await runner.setup()  # store, mirrors, backends, scheduler (cleanup_ctx)
     try:
         await web.SockSite(runner, sock, shutdown_timeout=config.shutdown_grace_s + 5).start()

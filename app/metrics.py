@@ -3,6 +3,7 @@ live scheduler and mirrors at scrape time. Each app has its own registry (no glo
 
 from __future__ import annotations
 
+import collections
 import time
 from collections.abc import Callable, Iterator
 
@@ -13,6 +14,9 @@ from prometheus_client.registry import Collector
 from app.domain.jobs import Job
 
 GENERATION_BUCKETS_S = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
+# The latest finals kept for the status page's charts: (finished_at, told avg_time or None,
+# actual seconds from queued to final).
+FINISHES_KEPT = 5000
 QUEUE_WAIT_BUCKETS_S = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 ETA_ERROR_BUCKETS_S = (-120, -60, -30, -10, -5, -2, 0, 2, 5, 10, 30, 60, 120)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -21,6 +25,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self.finishes: collections.deque[tuple[float, float | None, float]] = collections.deque(maxlen=FINISHES_KEPT)
         self.requests = Counter(
             "devoid_requests",
             "Finished requests by final status",
@@ -106,8 +111,11 @@ class Metrics:
         self.requests.labels(job.status.value, job.executor.value, job.service).inc()
         if generation_s is not None and job.backend and job.status.value == "ok":
             self.generation.labels(job.backend).observe(generation_s)
-        if job.eta_s is not None and job.finished_at is not None:
-            self.eta_error.observe(job.finished_at - job.created_at - job.eta_s)
+        if job.finished_at is not None:
+            actual_s = job.finished_at - job.created_at
+            self.finishes.append((job.finished_at, job.eta_s, actual_s))
+            if job.eta_s is not None:
+                self.eta_error.observe(actual_s - job.eta_s)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -18,7 +18,8 @@ DEFAULT_SIDE_PX = 512
 
 # A reference GPU (a consumer card of the RTX 3060 class) runs a 512x512, 50-step SD 1.5 job
 # in about 10 s: 512*512*50/10 = ~1.3M units/s. Used until a backend has finished a job.
-REFERENCE_UNITS_PER_S = 512 * 512 * 50 / 10.0
+REFERENCE_JOB_UNITS = 512 * 512 * 50
+REFERENCE_UNITS_PER_S = REFERENCE_JOB_UNITS / 10.0
 
 # Relative speed of common GPUs against that reference, matched as a substring of the
 # executors file's `gpu` field. Rough public figures; only a seed until real jobs are timed.

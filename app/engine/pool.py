@@ -66,10 +66,22 @@ class BackendSlot:
     jobs_done: int = 0
     removed: bool = False
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+    busy_s_done: float = 0.0  # backend time of the jobs it has finished (for the busy share)
 
     @classmethod
     def for_backend(cls, backend: Backend) -> BackendSlot:
         return cls(backend, initial_units_per_s(backend.spec.gpu, backend.spec.speed))
+
+    def free(self) -> None:
+        """The backend call returned (or was abandoned): the slot is ready for its next job."""
+        if self.job is not None:
+            self.busy_s_done += time.monotonic() - self.started_monotonic
+        self.job = None
+
+    def busy_seconds(self, now_monotonic: float) -> float:
+        """Backend time spent on jobs so far, the running one included."""
+        running = now_monotonic - self.started_monotonic if self.job is not None else 0.0
+        return self.busy_s_done + running
 
     @property
     def name(self) -> str:

@@ -25,7 +25,7 @@ import aiohttp
 
 from app.backends.base import Backend, BackendSpec, Progress
 from app.config import Config
-from app.domain.costs import job_cost_units, payload_cost_units
+from app.domain.costs import REFERENCE_JOB_UNITS, job_cost_units, payload_cost_units
 from app.domain.errors import BackendFailed, FailureKind
 from app.domain.jobs import LARGE_PAYLOAD_CHARS, ExecutorType, GenType, Job, JobStatus
 from app.domain.lifecycle import CancelOutcome, Phase, TrackedRequest
@@ -305,6 +305,7 @@ class Scheduler:
                 "executor": pool.executor.value,
                 "state": slot.state.value,
                 "units_per_s": round(slot.units_per_s),
+                "images_per_minute": round(slot.units_per_s * 60 / REFERENCE_JOB_UNITS, 2),
                 "jobs_done": slot.jobs_done,
                 "last_error": slot.last_error,
                 "job": slot.job.object_id if slot.job else None,
@@ -480,7 +481,7 @@ class Scheduler:
                 claim.cancel()
                 await self._progress.stop(job)
         except asyncio.CancelledError:
-            slot.job = None
+            slot.free()
             tracked.leave_slot()
             raise
         except Exception:
@@ -488,7 +489,7 @@ class Scheduler:
             failure = BackendFailed(
                 "internal error in the balancer; the request was not generated", kind=FailureKind.REJECTED
             )
-        slot.job = None
+        slot.free()
         tracked.leave_slot()
         self._retire_if_removed(slot)
         # The backend is idle from here: it gets its next job before this one's image is

@@ -553,6 +553,19 @@ class Store:
         recent img2img requests would otherwise read megabytes per poll)."""
         return await self._fetch_jobs("1", order="created_at DESC", limit=limit, with_payload=False)
 
+    async def prompts_of(self, object_ids: Sequence[str], max_chars: int) -> dict[str, str]:
+        """The first `max_chars` of each request's `prompt` (text2img's, or img2img's beside its
+        images), for the status page's detailed view."""
+        if not object_ids:
+            return {}
+        marks = ", ".join("?" * len(object_ids))
+        async with self._reader_db.execute(
+            f"SELECT object_id, substr(json_extract({PAYLOAD_SQL}, '$.prompt'), 1, ?) FROM requests"
+            f" WHERE object_id IN ({marks})",
+            (max_chars, *object_ids),
+        ) as cursor:
+            return {row[0]: row[1] async for row in cursor if isinstance(row[1], str)}
+
     async def check_writable(self, timeout_s: float) -> None:
         """Commit a heartbeat row within `timeout_s`. Raises if the database takes no writes."""
         async with asyncio.timeout(timeout_s):

@@ -59,6 +59,10 @@ class BackendStateSchema(Schema):
     executor = fields.String(required=True)
     state = fields.String(required=True, metadata={"enum": ["starting", "healthy", "busy", "unhealthy", "disabled"]})
     units_per_s = fields.Integer(required=True, metadata={"description": "Learned speed, cost units/s."})
+    images_per_minute = fields.Float(
+        required=True,
+        metadata={"description": "The learned speed in 512x512, 50-step images per minute (the reference job)."},
+    )
     jobs_done = fields.Integer(required=True)
     last_error = fields.String(required=True)
     job = fields.String(required=True, allow_none=True, metadata={"description": "object_id it runs."})
@@ -91,6 +95,48 @@ class RecentRequestSchema(Schema):
     status = fields.String(required=True)
     created_at = fields.Float(required=True)
     thumbnail = fields.String(required=True, allow_none=True, metadata={"description": "null in the public view."})
+    image = fields.String(
+        required=True, allow_none=True, metadata={"description": "The full image's URL; null in the public view."}
+    )
+    prompt = fields.String(
+        required=True, allow_none=True, metadata={"description": "First 120 characters; null in the public view."}
+    )
+    premium = fields.Boolean(required=True)
+    backend = fields.String(required=True, allow_none=True)
+    wait_s = fields.Float(required=True, allow_none=True, metadata={"description": "From queued to its last start."})
+    generation_s = fields.Float(required=True, allow_none=True)
+
+
+class QueueSampleSchema(Schema):
+    executor = fields.String(required=True)
+    class_ = fields.String(required=True, data_key="class", attribute="class")
+    waiting = fields.Integer(required=True)
+
+
+class HistorySampleSchema(Schema):
+    t = fields.Float(required=True, metadata={"description": "Unix time of the sample."})
+    queues = fields.List(fields.Nested(QueueSampleSchema), required=True)
+    finished_last_minute = fields.Integer(required=True)
+    busy = fields.Dict(
+        keys=fields.String(),
+        values=fields.Float(),
+        required=True,
+        metadata={"description": "Backend -> share of the time since the previous sample it ran a job."},
+    )
+
+
+class EtaOutcomeSchema(Schema):
+    t = fields.Float(required=True, metadata={"description": "When the request finished."})
+    told_s = fields.Float(required=True, metadata={"description": "avg_time of its queued answer."})
+    actual_s = fields.Float(required=True, metadata={"description": "Seconds from queued to its final."})
+
+
+class HistorySchema(Schema):
+    """The last hour, for the charts (in memory: a restart starts afresh)."""
+
+    sample_s = fields.Float(required=True)
+    samples = fields.List(fields.Nested(HistorySampleSchema), required=True)
+    eta = fields.List(fields.Nested(EtaOutcomeSchema), required=True)
 
 
 class StatusSchema(Schema):
@@ -102,3 +148,4 @@ class StatusSchema(Schema):
     backends = fields.List(fields.Nested(BackendStateSchema), required=True)
     mirrors = fields.List(fields.Nested(MirrorStateSchema), required=True)
     recent = fields.List(fields.Nested(RecentRequestSchema), required=True)
+    history = fields.Nested(HistorySchema, required=True)

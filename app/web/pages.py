@@ -5,16 +5,25 @@ from __future__ import annotations
 
 import hmac
 from pathlib import Path
+from typing import Any
 
 import swagger_ui_bundle
 from aiohttp import web
 
 from app import __version__, keys
+from app.domain.jobs import Job
+from app.storage.results import ResultWriter
 from app.web.api_schemas import IdentitySchema, StatusSchema
 
 SERVER_NAME = "Devoid Generator"
 VERSION = __version__
 RECENT_REQUESTS = 20
+PROMPT_CHARS = 120
+# A small mark for browser tabs (served as /favicon.ico too, which browsers ask for).
+FAVICON_SVG = (
+    b'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 32 32"><rect width="32" height="32" rx="7" '
+    b'fill="#1f3b57"/><circle cx="16" cy="16" r="8" fill="none" stroke="#f2b134" stroke-width="4"/></svg>'
+)
 STATUS_PAGE_HTML = Path(__file__).with_name("status_page.html")
 SWAGGER_STATIC = "/docs/static"
 
@@ -39,26 +48,11 @@ def _detailed_view(request: web.Request) -> bool:
 async def status(request: web.Request) -> web.Response:
     if not request.app[keys.CONFIG].status_page:
         raise web.HTTPNotFound(text="The status page is off (STATUS_PAGE=0).")
-    scheduler, results = request.app[keys.SCHEDULER], request.app[keys.RESULTS]
+    scheduler, store = request.app[keys.SCHEDULER], request.app[keys.STORE]
     detailed = _detailed_view(request)
-    recent = []
-    for job in await request.app[keys.STORE].recent_jobs(RECENT_REQUESTS):
-        thumbnail = None
-        if detailed and job.result and job.result.get("content_type") == "image_url":
-            # Locally saved images are shown from this server; others from their URL.
-            local = results.local_file(job.result.get("file_name", ""))
-            thumbnail = results.local_url_path(local.name) if local else job.result["content"]
-        recent.append(
-            {
-                "object_id": job.object_id if detailed else None,
-                "service": job.service if detailed else None,
-                "executor": job.executor.value,
-                "gen_type": job.gen_type.value,
-                "status": job.status.value,
-                "created_at": job.created_at,
-                "thumbnail": thumbnail,
-            }
-        )
+    jobs = await store.recent_jobs(RECENT_REQUESTS)
+    prompts = await store.prompts_of([job.object_id for job in jobs], PROMPT_CHARS) if detailed else {}
+    recent = [_recent_row(request.app[keys.RESULTS], job, prompts, detailed) for job in jobs]
     backends = scheduler.backends_status()
     mirrors = [mirror.health.as_dict() for mirror in request.app[keys.MIRRORS]]
     if not detailed:
@@ -73,9 +67,38 @@ async def status(request: web.Request) -> web.Response:
                 "backends": backends,
                 "mirrors": mirrors,
                 "recent": recent,
+                "history": request.app[keys.STATUS_HISTORY].as_dict(),
             }
         )
     )
+
+
+def _recent_row(results: ResultWriter, job: Job, prompts: dict[str, str], detailed: bool) -> dict[str, Any]:
+    """One row of the recent requests: ids, prompt and image only in the detailed view."""
+    thumbnail = None
+    if detailed and job.result and job.result.get("content_type") == "image_url":
+        # Locally saved images are shown from this server; others from their URL.
+        local = results.local_file(job.result.get("file_name", ""))
+        thumbnail = results.local_url_path(local.name) if local else job.result["content"]
+    return {
+        "object_id": job.object_id if detailed else None,
+        "service": job.service if detailed else None,
+        "executor": job.executor.value,
+        "gen_type": job.gen_type.value,
+        "status": job.status.value,
+        "created_at": job.created_at,
+        "thumbnail": thumbnail,
+        "image": thumbnail,
+        "prompt": prompts.get(job.object_id),
+        "premium": job.premium,
+        "backend": job.backend,
+        "wait_s": round(job.started_at - job.created_at, 2) if job.started_at else None,
+        "generation_s": round(job.generation_s, 2) if job.generation_s is not None else None,
+    }
+
+
+async def favicon(request: web.Request) -> web.Response:
+    return web.Response(body=FAVICON_SVG, content_type="image/svg+xml", headers={"Cache-Control": "max-age=86400"})
 
 
 async def image(request: web.Request) -> web.FileResponse:

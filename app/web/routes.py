@@ -59,8 +59,17 @@ ROUTES: tuple[Route, ...] = (
         "/status.json",
         pages.status,
         "status",
-        "What the status page shows: queues, backends, mirrors, recent requests",
+        "What the status page shows: queues, backends, mirrors, recent requests, the last hour's history",
         {200: ("Live status", StatusSchema), 404: ("STATUS_PAGE=0", "text/plain")},
+        tags=("operations",),
+    ),
+    Route(
+        "GET",
+        "/favicon.ico",
+        pages.favicon,
+        "favicon",
+        "The status page's icon (SVG)",
+        {200: ("The icon", "image/svg+xml")},
         tags=("operations",),
     ),
     Route(
