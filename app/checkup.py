@@ -8,6 +8,7 @@ Exit status 0 when nothing is wrong (warnings allowed), 1 otherwise.
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import sys
 from collections.abc import Mapping
@@ -19,7 +20,7 @@ import aiohttp
 from app.config import Config, ConfigError, unknown_settings
 from app.executors import build_backend, load_executors
 from app.moderation import Moderator
-from app.process import CannotStart, bind, check_writable_folder
+from app.process import CannotStart, bind
 from app.storage.migrations import migration_files
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
@@ -74,13 +75,22 @@ def _files(config: Config) -> list[Finding]:
     except ConfigError as exc:
         findings.append(Finding(FAIL, "moderation rules", str(exc)))
     folders = [("DATABASE_PATH", config.database_path.parent), ("IMAGES_PATH", config.images_path)]
-    for setting, folder in folders:
-        try:
-            check_writable_folder(setting, folder)
-            findings.append(Finding(OK, f"folder {setting}", f"{folder} is writable"))
-        except CannotStart as exc:
-            findings.append(Finding(FAIL, f"folder {setting}", str(exc)))
+    findings += [_folder(setting, folder) for setting, folder in folders]
     return findings
+
+
+def _folder(setting: str, folder: Path) -> Finding:
+    """Whether the server could write in `folder`, without creating it."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        return Finding(
+            FAIL, f"folder {setting}", f"{setting}={folder} is not usable: {existing} is not a writable folder"
+        )
+    if existing == folder:
+        return Finding(OK, f"folder {setting}", f"{folder} is writable")
+    return Finding(OK, f"folder {setting}", f"{folder} is created at start-up (in {existing}, writable)")
 
 
 def _database(path: Path) -> Finding:

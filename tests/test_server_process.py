@@ -166,7 +166,8 @@ async def test_devoid_check_passes_a_good_configuration_and_names_what_is_wrong_
     assert "ok    backend gpu-good" in output and "answers" in output
     assert "does not exist yet; it is created at start-up" in output
     assert output.rstrip().endswith("nothing wrong")
-    assert not (tmp_path / "data" / "devoid.sqlite3").exists()  # a check changes nothing
+    assert not (tmp_path / "images").exists()  # a check changes nothing
+    assert not (tmp_path / "data" / "devoid.sqlite3").exists()
 
     dead = {**gpu.entry(), "name": "gpu-gone", "endpoint": f"http://127.0.0.1:{unused_tcp_port_factory()}/sdapi/v1"}
     write_executors(tmp_path, [gpu, dead])
