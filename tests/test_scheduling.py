@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from app import keys
+from app.domain.costs import REFERENCE_UNITS_PER_S
 from bench.bots import request_message
 from bench.images import noisy_png_base64
 
@@ -127,3 +128,25 @@ async def test_a_large_waiting_payload_is_kept_in_sqlite_not_memory(start_backen
         done = await bot.final(queued["object_id"])
         assert done["gen_status"] == "ok" and done["payload"] == {**big, "prompt": prompt}
     assert [call.body for call in gpu.state.received] == [big, {**big, "prompt": "second"}]
+
+
+async def test_a_restart_starts_with_the_speeds_learned_before_it(start_backend, start_balancer):
+    gpu = await start_backend("automatic1111", units_per_s=50e6)  # ~38x the reference GPU
+    balancer = await start_balancer([gpu])
+    bot = await balancer.connect("telegram")
+    for n in range(3):
+        queued = await bot.submit(request_message("automatic1111", "text2img", {"prompt": f"p{n}", "steps": 10}))
+        await bot.final(queued["object_id"])
+    [learned] = balancer.app[keys.SCHEDULER].backends_status()
+    await bot.close()
+    await balancer.client.close()
+
+    restarted = await start_balancer([gpu])
+    [warm] = restarted.app[keys.SCHEDULER].backends_status()
+    seed = REFERENCE_UNITS_PER_S
+    assert learned["units_per_s"] > 10 * seed  # it did learn
+    assert abs(warm["units_per_s"] - learned["units_per_s"]) <= 0.05 * learned["units_per_s"]
+    # ... and the first estimate after the restart uses it: a 10-step job is quoted well under a second.
+    bot = await restarted.connect("telegram")
+    queued = await bot.submit(request_message("automatic1111", "text2img", {"prompt": "after", "steps": 10}))
+    assert queued["avg_time"] < 1.0

@@ -107,6 +107,7 @@ async def test_one_bad_write_fails_alone(tmp_path):
 async def test_the_job_life_cycle_is_recorded(tmp_path):
     store = await Store.open(tmp_path / "life.sqlite3")
     job = new_job(service="discord")
+    job.cost_units = 4.0e6
     await store.add(job)
     await store.claim(job, "gpu-1")
     assert (await store.get(job.object_id)).status is JobStatus.GENERATING
@@ -126,7 +127,8 @@ async def test_the_job_life_cycle_is_recorded(tmp_path):
     stored = await store.get(job.object_id)
     assert (stored.status, stored.attempts, stored.backend) == (JobStatus.OK, 1, "gpu-2")
     assert await store.owed_finals("discord") == []
-    assert await store.recent_successes("gpu-2", 5) == [(GenType.TEXT2IMG, {"prompt": "x"}, 1.5)]
+    # Its stored cost, not its payload, is what a restart learns the speed from.
+    assert await store.recent_successes("gpu-2", 5) == [(4.0e6, GenType.TEXT2IMG, None, 1.5)]
     assert await store.recent_successes("gpu-1", 5) == []
     await store.close()
 

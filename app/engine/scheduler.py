@@ -150,8 +150,8 @@ class Scheduler:
         for backend in self._initial_backends:
             slot = self._add_slot(backend)
             # Speeds learned before the restart are not thrown away.
-            for gen_type, payload, seconds in await self._store.recent_successes(backend.name, 10):
-                slot.record_success(payload_cost_units(backend.executor, gen_type, payload), seconds)
+            for cost_units, gen_type, payload, seconds in await self._store.recent_successes(backend.name, 10):
+                slot.record_success(cost_units or payload_cost_units(backend.executor, gen_type, payload), seconds)
         for pool in self.pools.values():
             pool.calibrate_unlearned()  # a backend new since the last run starts from its peers
         requeued = await self._store.requeue_interrupted()

@@ -590,19 +590,24 @@ class Store:
         jobs = await self._fetch_jobs("object_id = ?", (object_id,))
         return jobs[0] if jobs else None
 
-    async def recent_successes(self, backend_name: str, limit: int) -> list[tuple[GenType, dict[str, Any], float]]:
-        """(gen_type, payload, generation seconds) of the backend's latest `limit` successful
-        jobs, oldest first: what its learned speed is rebuilt from after a restart."""
+    async def recent_successes(self, backend_name: str, limit: int) -> list[tuple[float | None, GenType, Any, float]]:
+        """(cost units, gen_type, payload, generation seconds) of the backend's latest `limit`
+        successful jobs, oldest first: what its learned speed is rebuilt from after a restart.
+        The payload is read only for rows of releases that did not store the cost (None
+        otherwise), and rows pruned before their cost was stored are left out."""
         async with self._reader_db.execute(
-            f"SELECT gen_type, {PAYLOAD_SQL}, generation_s FROM requests WHERE status = 'ok'"
-            " AND backend = ? AND generation_s IS NOT NULL ORDER BY finished_at DESC LIMIT ?",
+            f"SELECT cost_units, gen_type, CASE WHEN cost_units IS NULL THEN {PAYLOAD_SQL} END, generation_s"
+            " FROM requests WHERE status = 'ok' AND backend = ? AND generation_s IS NOT NULL"
+            " AND (cost_units IS NOT NULL OR pruned_at IS NULL) ORDER BY finished_at DESC LIMIT ?",
             (backend_name, limit),
         ) as cursor:
             rows = await cursor.fetchall()
         successes = []
-        for gen_type, payload, seconds in list(rows)[::-1]:
+        for cost_units, gen_type, payload, seconds in list(rows)[::-1]:
             try:
-                successes.append((GenType(gen_type), json_text.loads(payload), seconds))
+                successes.append(
+                    (cost_units, GenType(gen_type), None if payload is None else json_text.loads(payload), seconds)
+                )
             except (ValueError, RecursionError):
                 continue  # unreadable rows are set aside where they are fetched whole
         return successes
