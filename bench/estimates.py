@@ -4,8 +4,9 @@ Poisson arrivals at 85 % load with mixed sizes and 25 % premium, then a burst of
 
 For every request: the relative error |told - actual| / actual, where `told` is the avg_time
 of its `queued` answer and `actual` the time from sending it to its final answer. Printed as
-median / p90 / p99 for all, premium and general requests after warm-up (the first 20), and for
-the warm-up alone; beside them, the original product's method computed on the same run (mean
+median / p90 / p99 for all, premium and general requests after warm-up (the first 20), for
+the warm-up alone, and for the first 10 requests after a restart on the same database (speeds
+learned before it); beside them, the original product's method computed on the same run (mean
 of the last 8 generation durations x requests waiting at arrival / live backends; its 4 s floor
 is scaled with the trace's time scale).
 
@@ -56,6 +57,7 @@ class Sent:
     final_at: float | None = None
     burst: bool = False
     warm_up: bool = False
+    after_restart: bool = False
 
 
 @dataclass
@@ -96,79 +98,100 @@ def percentiles(values: list[float]) -> str:
     return f"median {statistics.median(ordered):5.2f}  p90 {at(0.9):5.2f}  p99 {at(0.99):5.2f}  (n={len(ordered)})"
 
 
-async def run(trace: Trace, seed: int, warm_up: int) -> list[Sent]:
+async def run(trace: Trace, seed: int, warm_up: int, after_restart: int) -> list[Sent]:
+    """Play the trace, then restart the server on the same database and play its first
+    `after_restart` requests again: those show the estimate of a restart with learned speeds."""
     runners, entries = [], []
     for number, (name, factor) in enumerate(SPEEDS.items()):
         state = DemoBackendState(units_per_s=BASE_UNITS_PER_S * factor, noise=NOISE, noise_seed=seed + number)
         runner, endpoint = await serve_on_loopback(automatic1111_app(state))
         runners.append(runner)
         entries.append({"name": name, "exec_type": "automatic1111", "gpu": "unknown", "endpoint": endpoint})
-    sent: dict[str, Sent] = {}
+    records: list[Sent] = []
     durations: list[float] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        server = balancer(folder, entries, SAVE_IMAGES_LOCALLY="0", PROGRESS_INTERVAL_S="0")
-        await server.start()
-        try:
-            async with aiohttp.ClientSession() as session:
-                async with session.ws_connect(
-                    f"{server.base_url}/ws/bench", headers={"authorization": KEY, "service": "bench"}, max_msg_size=0
-                ) as ws:
-                    pending: dict[int, Sent] = {}  # request_id -> what was sent, until `queued`
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            for phase, requests in enumerate((trace.requests, trace.requests[:after_restart])):
+                # The same folder both times: the restarted server reads the first run's database.
+                server = balancer(Path(tmp), entries, SAVE_IMAGES_LOCALLY="0", PROGRESS_INTERVAL_S="0")
+                await server.start()
+                try:
+                    records += await play(
+                        server.base_url, requests, durations, warm_up, restarted=phase == 1, first_id=phase * 100_000
+                    )
+                finally:
+                    await server.stop()
+    finally:
+        for runner in runners:
+            await runner.cleanup()
+    return records
 
-                    async def send_all() -> None:
-                        started = time.monotonic()
-                        for number, (offset, payload, premium) in enumerate(trace.requests):
-                            delay = started + offset - time.monotonic()
-                            if delay > 0:
-                                await asyncio.sleep(delay)
-                            waiting = sum(1 for s in sent.values() if s.generating_at is None) + len(pending)
-                            record = Sent(
-                                premium,
-                                cost(payload),
-                                burst=number >= len(trace.requests) - 60,
-                                warm_up=number < warm_up,
-                            )
-                            recent = durations[-8:]
-                            if recent:
-                                record.original_s = max(
-                                    ORIGINAL_FLOOR_S, statistics.mean(recent) * waiting / len(SPEEDS)
-                                )
-                            pending[number] = record
-                            record.sent_at = time.monotonic()
-                            await ws.send_json(
-                                {
-                                    "message_type": "request",
-                                    "executor": "automatic1111",
-                                    "gen_type": "text2img",
-                                    "settings": {"premium": int(premium)},
-                                    "service_info": {"user_id": number, "request_id": number},
-                                    "payload": payload,
-                                }
-                            )
 
-                    sender = asyncio.create_task(send_all())
-                    finished = 0
-                    while finished < len(trace.requests):
-                        message = json.loads((await ws.receive()).data)
-                        status = message.get("gen_status")
-                        if status == "queued":
-                            record = pending.pop(message["service_info"]["request_id"])
-                            record.told_s = message["avg_time"]
-                            sent[message["object_id"]] = record
-                        elif status == "generating":
-                            sent[message["object_id"]].generating_at = time.monotonic()
-                        elif status in ("ok", "error"):
-                            record = sent[message["object_id"]]
-                            record.final_at = time.monotonic()
-                            if record.generating_at is not None:
-                                durations.append(record.final_at - record.generating_at)
-                            finished += 1
-                    await sender
-        finally:
-            await server.stop()
-            for runner in runners:
-                await runner.cleanup()
+async def play(
+    base_url: str,
+    requests: list[tuple[float, dict, bool]],
+    durations: list[float],
+    warm_up: int,
+    *,
+    restarted: bool,
+    first_id: int,
+) -> list[Sent]:
+    """Send `requests` at their offsets and follow each to its final answer."""
+    sent: dict[str, Sent] = {}
+    async with aiohttp.ClientSession() as session:
+        async with session.ws_connect(
+            f"{base_url}/ws/bench", headers={"authorization": KEY, "service": "bench"}, max_msg_size=0
+        ) as ws:
+            pending: dict[int, Sent] = {}  # request_id -> what was sent, until `queued`
+
+            async def send_all() -> None:
+                started = time.monotonic()
+                for number, (offset, payload, premium) in enumerate(requests):
+                    delay = started + offset - time.monotonic()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                    waiting = sum(1 for s in sent.values() if s.generating_at is None) + len(pending)
+                    record = Sent(
+                        premium,
+                        cost(payload),
+                        burst=not restarted and number >= len(requests) - 60,
+                        warm_up=not restarted and number < warm_up,
+                        after_restart=restarted,
+                    )
+                    recent = durations[-8:]
+                    if recent:
+                        record.original_s = max(ORIGINAL_FLOOR_S, statistics.mean(recent) * waiting / len(SPEEDS))
+                    pending[first_id + number] = record
+                    record.sent_at = time.monotonic()
+                    await ws.send_json(
+                        {
+                            "message_type": "request",
+                            "executor": "automatic1111",
+                            "gen_type": "text2img",
+                            "settings": {"premium": int(premium)},
+                            "service_info": {"user_id": number, "request_id": first_id + number},
+                            "payload": payload,
+                        }
+                    )
+
+            sender = asyncio.create_task(send_all())
+            finished = 0
+            while finished < len(requests):
+                message = json.loads((await ws.receive()).data)
+                status = message.get("gen_status")
+                if status == "queued":
+                    record = pending.pop(message["service_info"]["request_id"])
+                    record.told_s = message["avg_time"]
+                    sent[message["object_id"]] = record
+                elif status == "generating":
+                    sent[message["object_id"]].generating_at = time.monotonic()
+                elif status in ("ok", "error"):
+                    record = sent[message["object_id"]]
+                    record.final_at = time.monotonic()
+                    if record.generating_at is not None:
+                        durations.append(record.final_at - record.generating_at)
+                    finished += 1
+            await sender
     return list(sent.values())
 
 
@@ -182,13 +205,14 @@ def report(records: list[Sent]) -> None:
                 out.append(abs(value - actual) / actual)
         return out
 
-    after = [r for r in records if not r.warm_up]
+    after = [r for r in records if not r.warm_up and not r.after_restart]
     groups = {
         "all": after,
         "premium": [r for r in after if r.premium],
         "general": [r for r in after if not r.premium],
         "burst": [r for r in after if r.burst],
         "warm-up (first 20)": [r for r in records if r.warm_up],
+        "first after restart": [r for r in records if r.after_restart],
     }
     print("relative error of the `queued` avg_time vs send -> final")
     for name, rows in groups.items():
@@ -201,9 +225,12 @@ async def main() -> None:
     parser.add_argument("--arrivals", type=int, default=400)
     parser.add_argument("--burst", type=int, default=60)
     parser.add_argument("--seed", type=int, default=11)
+    parser.add_argument(
+        "--after-restart", type=int, default=10, help="requests replayed after a restart on the same database"
+    )
     args = parser.parse_args()
     trace = build_trace(args.arrivals, args.burst, args.seed)
-    records = await run(trace, args.seed, warm_up=20)
+    records = await run(trace, args.seed, warm_up=20, after_restart=args.after_restart)
     report(records)
 
 
