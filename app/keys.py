@@ -11,6 +11,7 @@ from app.metrics import Metrics
 from app.mirrors.outbox import OutboxWorker
 from app.storage.results import ResultWriter
 from app.storage.store import Store
+from app.web.byte_budget import ByteBudget
 from app.web.delivery import ConnectionHub
 from app.web.intake import Intake
 from app.web.status_history import StatusHistory
@@ -26,3 +27,4 @@ MIRRORS = web.AppKey("mirrors", list[OutboxWorker])
 METRICS = web.AppKey("metrics", Metrics)
 OPENAPI = web.AppKey("openapi", dict)
 STATUS_HISTORY = web.AppKey("status_history", StatusHistory)
+LARGE_MESSAGES = web.AppKey("large_messages", ByteBudget)

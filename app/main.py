@@ -38,7 +38,9 @@ from app.storage.retention import Retention
 from app.storage.store import Store
 from app.web.access_log import QuietPollingAccessLogger
 from app.web.api import api_errors
+from app.web.byte_budget import ByteBudget
 from app.web.delivery import ConnectionHub
+from app.web.gateway import LARGE_MESSAGES_BYTES
 from app.web.intake import Intake
 from app.web.openapi import build_spec
 from app.web.pages import SERVER_NAME, VERSION
@@ -61,6 +63,7 @@ def create_app(config: Config) -> web.Application:
     app[keys.CONFIG] = config
     app[keys.METRICS] = Metrics()
     app[keys.OPENAPI] = build_spec(SERVER_NAME, VERSION)
+    app[keys.LARGE_MESSAGES] = ByteBudget(LARGE_MESSAGES_BYTES)
     app[keys.RESULTS] = ResultWriter(
         save_locally=config.save_images_locally,
         images_path=config.images_path,

@@ -45,8 +45,11 @@ MAX_PENDING_ACCEPTS = 512
 # close. Frames up to twice MAX_MESSAGE_BYTES are read and refused with a readable answer.
 FRAME_LIMIT_FACTOR = 2
 HEARTBEAT_S = 30.0
-# Frames longer than this are parsed and checked in a worker thread (about 10 ms of work).
+# Frames longer than this are parsed and checked in a worker thread (about 10 ms of work), and
+# count against LARGE_MESSAGES_BYTES until they are committed.
 OFFLOAD_FRAME_CHARS = 256 * 1024
+# Large messages held between receipt and commit, all connections together (byte_budget.py).
+LARGE_MESSAGES_BYTES = 32 * 1024 * 1024
 # settings / service_info of an oversized message are echoed in its refusal up to this size.
 MAX_ECHOED_ENVELOPE_CHARS = 64 * 1024
 SHUTTING_DOWN = "The server is shutting down: this request was not queued. Send it again once the server is back."
@@ -134,6 +137,20 @@ class _Connection:
         self._accepts: set[asyncio.Task[None]] = set()
 
     async def on_text(self, text: str) -> None:
+        if len(text) <= OFFLOAD_FRAME_CHARS:
+            await self._on_text(text, 0)
+            return
+        budget = self._app[keys.LARGE_MESSAGES]
+        held = await budget.take(len(text))
+        try:
+            held = await self._on_text(text, held)
+        finally:
+            if held:
+                budget.give(held)
+
+    async def _on_text(self, text: str, held: int) -> int:
+        """Answer or accept one message; returns the budget still to give back (0 when an
+        accept task took it over)."""
         hub = self._app[keys.HUB]
         try:
             if utf8_length(text) > self._limit:
@@ -147,13 +164,13 @@ class _Connection:
                 message, request = _read_frame(text)
             if request is None:
                 await self._on_action(message)
-                return
+                return held
             job = self._app[keys.INTAKE].job_from_request(
                 self._service, request, origin=self._ws, channel=self._channel
             )
         except InvalidRequest as exc:
             await hub.send_to(self._ws, self._rejection(exc))
-            return
+            return held
         # Commits are grouped: accepting concurrently lets one transaction carry many requests.
         await self._slots.acquire()
         if hub.closing:  # shutdown has begun (perhaps while this waited for a free slot)
@@ -164,11 +181,12 @@ class _Connection:
                     InvalidRequest(SHUTTING_DOWN, envelope=readable_envelope(message), refusal=Refusal.SHUTTING_DOWN)
                 ),
             )
-            return
-        task = asyncio.create_task(self._accept(job))
+            return held
+        task = asyncio.create_task(self._accept(job, held))
         self._accepts.add(task)
         hub.accepts.add(task)
         task.add_done_callback(self._accept_done)
+        return 0
 
     async def _on_action(self, message: dict) -> None:
         """Additive client actions, each answered with an info message of its name:
@@ -198,7 +216,14 @@ class _Connection:
         self._app[keys.HUB].accepts.discard(task)
         self._slots.release()
 
-    async def _accept(self, job: Job) -> None:
+    async def _accept(self, job: Job, held: int) -> None:
+        try:
+            await self._accept_and_answer(job)
+        finally:
+            if held:  # committed (or refused): its memory is the store's now, or free
+                self._app[keys.LARGE_MESSAGES].give(held)
+
+    async def _accept_and_answer(self, job: Job) -> None:
         hub = self._app[keys.HUB]
 
         async def announce(message: dict) -> None:
