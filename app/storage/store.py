@@ -349,16 +349,26 @@ class Store:
 
     # -- retention ----------------------------------------------------------------------
 
-    async def prunable(self, finished_before: float, limit: int) -> list[tuple[str, str | None]]:
-        """(object_id, file_name of its image result or None) of up to `limit` finished
-        requests not yet pruned that finished before `finished_before`, oldest first."""
+    async def prunable(
+        self, finished_before: float, limit: int, max_payload_chars: int
+    ) -> list[tuple[str, str | None]]:
+        """(object_id, file_name of its image result or None) of finished requests not yet
+        pruned that finished before `finished_before`, oldest first: up to `limit` of them,
+        and no more payload than `max_payload_chars` in all (at least one)."""
         async with self._reader_db.execute(
-            "SELECT object_id, json_extract(result, '$.file_name') FROM requests"
-            " WHERE status IN ('ok', 'error') AND pruned_at IS NULL AND finished_at < ?"
+            "SELECT object_id, json_extract(result, '$.file_name'), coalesce(payload_chars, length(payload))"
+            " FROM requests WHERE status IN ('ok', 'error') AND pruned_at IS NULL AND finished_at < ?"
             " ORDER BY finished_at LIMIT ?",
             (finished_before, limit),
         ) as cursor:
-            return [(row[0], row[1]) async for row in cursor]
+            rows = await cursor.fetchall()
+        batch, chars = [], 0
+        for object_id, file_name, payload_chars in rows:
+            chars += payload_chars or 0
+            if batch and chars > max_payload_chars:
+                break
+            batch.append((object_id, file_name))
+        return batch
 
     async def prune(self, object_ids: Sequence[str], summary: str) -> None:
         """Keep only the summary of these finished requests: the payload goes, and an image
