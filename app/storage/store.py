@@ -362,7 +362,8 @@ class Store:
             (finished_before, limit),
         ) as cursor:
             rows = await cursor.fetchall()
-        batch, chars = [], 0
+        batch: list[tuple[str, str | None]] = []
+        chars = 0
         for object_id, file_name, payload_chars in rows:
             chars += payload_chars or 0
             if batch and chars > max_payload_chars:
