@@ -2,7 +2,9 @@
 jobs. Prints the makespan against the ideal (total work / total speed) and against a
 speed-blind "first free backend" schedule of the same jobs and against replays of them placed by
 earliest finish (in order, and largest first; all computed with exact speeds and no overhead),
-plus each backend's busy fraction.
+plus each backend's busy fraction, and the premium share of the dispatches made while both
+classes waited (GENERAL_PREMIUM_RATIO 1 3: 75 % expected) with the longest run of premium
+dispatches a waiting general request sat through.
 
 The backends learn nothing from the executors file (no `speed` hint): the balancer has to
 learn their speeds from their first jobs.
@@ -29,6 +31,7 @@ from app.domain.jobs import ExecutorType, GenType
 from bench.core import KEY, balancer
 
 SPEEDS = {"gpu-1x-a": 1.0, "gpu-1x-b": 1.0, "gpu-2x": 2.0, "gpu-4x": 4.0}
+PREMIUM_EVERY = 3  # every third job of the backlog is premium
 
 
 def mixed_jobs(count: int, seed: int = 7) -> list[dict]:
@@ -42,6 +45,23 @@ def mixed_jobs(count: int, seed: int = 7) -> list[dict]:
         }
         for i in range(count)
     ]
+
+
+def premium_share(calls: list, jobs: int) -> tuple[float, int, int]:
+    """(premium share, longest premium run, dispatches) over the dispatches made while both
+    classes still had requests waiting, in the order the backends received them."""
+    order = sorted(calls, key=lambda call: call.started_at)
+    premium = [int(call.body["prompt"].split()[1]) % PREMIUM_EVERY == 0 for call in order]
+    left = {True: sum(premium), False: len(premium) - sum(premium)}
+    counted = premium_count = streak = longest = 0
+    for is_premium in premium:
+        if left[True] and left[False]:
+            counted += 1
+            premium_count += is_premium
+            streak = streak + 1 if is_premium else 0
+            longest = max(longest, streak)
+        left[is_premium] -= 1
+    return premium_count / max(1, counted), longest, counted
 
 
 def cost(payload: dict) -> float:
@@ -98,14 +118,14 @@ async def main() -> None:
                 async with session.ws_connect(
                     f"{server.base_url}/ws/bench", headers={"authorization": KEY, "service": "bench"}, max_msg_size=0
                 ) as ws:
-                    for job in jobs:
+                    for number, job in enumerate(jobs):
                         await ws.send_json(
                             {
                                 "message_type": "request",
                                 "executor": "automatic1111",
                                 "gen_type": "text2img",
-                                "settings": {},
-                                "service_info": {"user_id": 1},
+                                "settings": {"premium": int(number % PREMIUM_EVERY == 0)},
+                                "service_info": {"user_id": number},
                                 "payload": job,
                             }
                         )
@@ -139,6 +159,9 @@ async def main() -> None:
     print(f"  speed-blind first-free (computed):       {blind:6.2f} s   ({blind / ideal:.3f} x ideal)")
     print(f"  earliest finish, FIFO (computed):        {fifo_earliest:6.2f} s   ({fifo_earliest / ideal:.3f} x ideal)")
     print(f"  earliest finish, largest first (comp.):  {largest_first:6.2f} s   ({largest_first / ideal:.3f} x ideal)")
+    share, streak, both = premium_share(calls, len(jobs))
+    print(f"  premium share while both classes waited: {share:.1%} of {both} dispatches (ratio 1 3: 75.0 %);")
+    print(f"  longest run of premium dispatches past a waiting general request: {streak} (the ratio allows 3)")
     print("  backend     speed  jobs  busy fraction")
     for name, state in states.items():
         busy = sum(call.finished_at - max(call.started_at, released) for call in state.received)
