@@ -121,20 +121,23 @@ class Admission:
                     retry_after_s=wait_s,
                 )
         service_cap = config.max_service_requests(service)
-        if service_cap and self._by_service[service] >= service_cap:
-            raise refuse(
-                Refusal.SERVICE_QUEUE_FULL,
-                f"Service {service!r} already has {self._by_service[service]} requests queued or running, "
-                f"this server's cap (MAX_SERVICE_REQUESTS); send again when some have finished.",
-            )
+        if service_cap:
+            held_by_service = self._by_service.get(service, 0)
+            if held_by_service >= service_cap:
+                raise refuse(
+                    Refusal.SERVICE_QUEUE_FULL,
+                    f"Service {service!r} already has {held_by_service} requests queued or running, "
+                    f"this server's cap (MAX_SERVICE_REQUESTS); send again when some have finished.",
+                )
         user_cap = _user_cap(config.max_user_requests(service), job.service_info.get("max_user_queue_size"))
-        held = self._by_user[(service, job.user_id)]
-        if user_cap and held >= user_cap:
-            raise refuse(
-                Refusal.USER_QUEUE_FULL,
-                f"User {job.user_id} already has {held} requests queued or running, the most one user may "
-                f"have (cap {user_cap:g}); send again when one has finished.",
-            )
+        if user_cap:
+            held = self._by_user.get((service, job.user_id), 0)
+            if held >= user_cap:
+                raise refuse(
+                    Refusal.USER_QUEUE_FULL,
+                    f"User {job.user_id} already has {held} requests queued or running, the most one user may "
+                    f"have (cap {user_cap:g}); send again when one has finished.",
+                )
         if job.flag("moderate"):
             rule = self._moderator.blocking_rule(job.gen_type, job.payload or {})
             self._metrics.moderated.labels("prompt", "blocked" if rule else "passed").inc()
