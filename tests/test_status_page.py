@@ -10,8 +10,9 @@ from pathlib import Path
 
 import aiohttp
 from playwright.async_api import async_playwright
+from yarl import URL
 
-from bench.bots import request_message
+from bench.bots import Bot, request_message
 from bench.processes import ServerProcess
 from tests.conftest import base_env
 
@@ -100,19 +101,30 @@ def _keep_screenshots(folder: Path) -> None:
             shutil.copy(shot, Path(target) / shot.name)
 
 
-async def test_the_page_s_polling_is_not_in_the_access_log(tmp_path, unused_tcp_port_factory):
+async def test_the_access_log_has_no_polling_lines_and_no_image_keys(tmp_path, unused_tcp_port_factory):
     server = ServerProcess(
-        base_env(tmp_path, unused_tcp_port_factory(), TEST_MODE=1, SERVICES=""), tmp_path / "server.log"
+        base_env(tmp_path, unused_tcp_port_factory(), TEST_MODE=1, SERVICES="", DEMO_DELAY_S=0),
+        tmp_path / "server.log",
     )
     await server.start()
     async with aiohttp.ClientSession() as session:
         for path in ("/status.json", "/status.json", "/favicon.ico", "/health"):
             async with session.get(server.base_url + path) as response:
                 assert response.status == 200
+        async with session.ws_connect(
+            f"{server.base_url}/ws/test", headers={"authorization": "demo-key", "service": "test"}
+        ) as ws:
+            bot = Bot(ws)
+            queued = await bot.submit(request_message("kandinsky", "text2img", {"prompt": "logged?"}))
+            image_url = URL((await bot.final(queued["object_id"]))["result"]["content"])
+        async with session.get(image_url) as response:
+            assert response.status == 200
     await server.stop()
     log = server.log()
     assert '"GET /health HTTP/1.1" 200' in log
     assert "GET /status.json" not in log and "GET /favicon.ico" not in log
+    assert f'"GET {image_url.path} HTTP/1.1" 200' in log
+    assert image_url.query["key"] not in log
 
 
 async def test_swagger_ui_renders_every_operation_offline(start_backend, start_balancer):
