@@ -12,7 +12,6 @@ committed; at start-up every request read back from SQLite is counted again.
 
 from __future__ import annotations
 
-import collections
 import logging
 import math
 import time
@@ -53,8 +52,10 @@ class Admission:
         self._moderator = moderator
         self._metrics = metrics
         self._held: dict[str, tuple[str, Any]] = {}  # object_id -> (service, user_id)
-        self._by_user: collections.Counter[tuple[str, Any]] = collections.Counter()
-        self._by_service: collections.Counter[str] = collections.Counter()
+        # Plain dicts, not Counters: hold() runs for every request at a queue rebuild (100,000s),
+        # and a Counter's missing-key path is a Python call.
+        self._by_user: dict[tuple[str, Any], int] = {}
+        self._by_service: dict[str, int] = {}
         self._buckets: dict[str, TokenBucket] = {}
 
     def admit(self, job: Job) -> None:
@@ -68,12 +69,14 @@ class Admission:
 
     def hold(self, job: Job) -> None:
         """Count a request as queued or running (once, however often it is called)."""
-        if job.object_id in self._held:
+        held = self._held
+        if job.object_id in held:
             return
-        who = (job.service, job.user_id)
-        self._held[job.object_id] = who
-        self._by_user[who] += 1
-        self._by_service[job.service] += 1
+        who = (job.service, job.service_info.get("user_id"))
+        held[job.object_id] = who
+        by_user, by_service = self._by_user, self._by_service
+        by_user[who] = by_user.get(who, 0) + 1
+        by_service[job.service] = by_service.get(job.service, 0) + 1
 
     def release(self, object_id: str) -> None:
         """The request is final (or was never committed): it no longer counts."""
@@ -84,7 +87,7 @@ class Admission:
         _count_down(self._by_service, who[0])
 
     def held_by_user(self, service: str, user_id: Any) -> int:
-        return self._by_user[(service, user_id)]
+        return self._by_user.get((service, user_id), 0)
 
     def _check(self, job: Job) -> None:
         config, service = self._config, job.service
@@ -148,10 +151,12 @@ class Admission:
                 )
 
 
-def _count_down(counter: collections.Counter[Any], key: Any) -> None:
-    counter[key] -= 1
-    if counter[key] <= 0:
-        del counter[key]  # users come and go: no key is kept at zero
+def _count_down(counts: dict[Any, int], key: Any) -> None:
+    left = counts.get(key, 0) - 1
+    if left > 0:
+        counts[key] = left
+    else:
+        counts.pop(key, None)  # users come and go: no key is kept at zero
 
 
 def _user_cap(server_cap: float, asked: Any) -> float:
