@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sqlite3
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,6 +106,24 @@ def write_executors(tmp_path: Path, backends: list[RunningBackend | dict[str, An
     path.parent.mkdir(parents=True, exist_ok=True)
     entries = [b.entry() if isinstance(b, RunningBackend) else b for b in backends]
     path.write_text(json.dumps(entries))
+
+
+def cancel_action(object_id: str) -> dict:
+    """The additive `cancel` action for one request."""
+    return {"message_type": "info", "action": "cancel", "object_id": object_id}
+
+
+@contextlib.contextmanager
+def database_refusing_writes(path: Path) -> Iterator[None]:
+    """Another process holds SQLite's write lock: every commit of the server waits out its
+    busy timeout and fails ("database is locked"), as on a full or read-only disk."""
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
 
 
 @dataclass

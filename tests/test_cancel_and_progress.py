@@ -8,10 +8,7 @@ import asyncio
 import pytest
 
 from bench.bots import request_message, wait_until
-
-
-def cancel_action(object_id: str) -> dict:
-    return {"message_type": "info", "action": "cancel", "object_id": object_id}
+from tests.conftest import cancel_action
 
 
 async def test_cancelling_a_queued_request_removes_it(start_backend, start_balancer):

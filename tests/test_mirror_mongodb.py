@@ -24,8 +24,7 @@ from app.mirrors.records import request_record
 from app.storage.store import Store
 from bench.bots import request_message, wait_until
 from bench.images import noisy_png_base64
-from tests.conftest import base_env
-from tests.test_races import database_refusing_writes
+from tests.conftest import base_env, database_refusing_writes
 
 
 def mongo_mirror(balancer) -> MongoMirror:

@@ -5,28 +5,10 @@ the request still gets its one final, and a database that stops taking writes de
 
 from __future__ import annotations
 
-import contextlib
-import sqlite3
-from collections.abc import Iterator
-from pathlib import Path
-
 from app import keys
 from app.domain.lifecycle import Phase
 from bench.bots import request_message, wait_until
-from tests.test_cancel_and_progress import cancel_action
-
-
-@contextlib.contextmanager
-def database_refusing_writes(path: Path) -> Iterator[None]:
-    """Another process holds SQLite's write lock: every commit of the server waits out its
-    busy timeout and fails ("database is locked"), as on a full or read-only disk."""
-    other = sqlite3.connect(path, isolation_level=None)
-    other.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    finally:
-        other.execute("ROLLBACK")
-        other.close()
+from tests.conftest import cancel_action, database_refusing_writes
 
 
 async def a_gpu_that_holds_its_jobs(start_backend, start_balancer):
