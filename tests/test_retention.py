@@ -3,7 +3,6 @@ image and result go, and under a steady load the database stops growing."""
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 
 from yarl import URL
@@ -62,13 +61,16 @@ async def test_summaries_past_their_own_retention_are_deleted(start_backend, sta
 
 
 async def test_a_request_still_waiting_is_never_pruned_however_old(start_backend, start_balancer):
-    gpu = await start_backend("automatic1111")
+    gpu, other_gpu = await start_backend("automatic1111"), await start_backend("kandinsky")
     gpu.state.gate.clear()
-    balancer = await start_balancer([gpu], RETENTION_S=0.2)
+    balancer = await start_balancer([gpu, other_gpu], RETENTION_S=0.2)
     bot = await balancer.connect("telegram")
     first = await bot.submit(request_message("automatic1111", "text2img", {"prompt": "first"}))
     waiting = await bot.submit(request_message("automatic1111", "text2img", {"prompt": "still waiting"}))
-    await asyncio.sleep(1.0)  # five retention periods: several prune passes ran
+    # A younger request that finishes is pruned: passes have run past the waiting ones' age.
+    younger = await bot.submit(request_message("kandinsky", "text2img", {"prompt": "younger"}))
+    await bot.final(younger["object_id"])
+    await wait_until(lambda: stored(balancer.config.database_path, younger["object_id"])[3] is not None, timeout_s=10)
     gpu.state.gate.set()
     for queued in (first, waiting):
         done = await bot.final(queued["object_id"])
