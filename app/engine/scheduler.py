@@ -31,6 +31,7 @@ from app.domain.jobs import LARGE_PAYLOAD_CHARS, ExecutorType, GenType, Job, Job
 from app.domain.lifecycle import CancelOutcome, Phase, TrackedRequest
 from app.engine.admission import Admission
 from app.engine.expiry import ExpiryLine
+from app.engine.outcome import Outcomes
 from app.engine.pool import PLACEMENT_WINDOW, BackendSlot, ExecutorPool, FasterLater, watch_health
 from app.engine.progress import ProgressReporter
 from app.image_check import ImageCheck
@@ -100,11 +101,10 @@ class Scheduler:
         self._config = config
         # Counts what this process holds per service and user, for the limits at intake.
         self.admission = admission
-        self._image_check = image_check  # IMAGE_CHECK_URL: finished images of moderated requests
         self._metrics = metrics or Metrics()
-        self._uploads = uploads
+        # What a finished attempt becomes before its commit (image check, image stored, upload).
+        self._outcomes = Outcomes(config, store, results, self._metrics, image_check, uploads)
         self._store = store
-        self._results = results
         self._listener = listener
         self._make_backend = make_backend
         self.pools = {executor: ExecutorPool(executor, config.general_premium_ratio) for executor in ExecutorType}
@@ -702,30 +702,8 @@ class Scheduler:
         self, tracked: TrackedRequest, jpeg: bytes | None, failure: str, generation_s: float | None
     ) -> None:
         job = tracked.job
-        upload = None
-        try:
-            if job.payload is None:  # cancelled or expired while it waited: echo it all the same
-                job.payload = await self._store.load_payload(job.object_id)
-            if jpeg is not None and self._image_check is not None and job.flag("moderate"):
-                verdict = await self._image_check.judge(job, jpeg)
-                self._metrics.moderated.labels("image", "passed" if verdict.allowed else "blocked").inc()
-                if not verdict.allowed:
-                    jpeg = None
-                    failure = f"Refused by image moderation: {verdict.reason or 'the image check did not allow it.'}"
-            if jpeg is not None:
-                stored = await self._results.store_image(job, jpeg)
-                job.result, upload = stored.result, stored.upload
-                job.status = JobStatus.OK
-            else:
-                job.result = {"content_type": "text", "content": failure}
-                job.status = JobStatus.ERROR
-        except Exception as exc:
-            log.exception("%s: storing the image failed", job.object_id)
-            job.result = {"content_type": "text", "content": f"the image could not be stored: {exc}"}
-            job.status = JobStatus.ERROR
-        uploads = self._uploads
-        wait_for_upload = upload is not None and uploads is not None and job.flag("sync_with_s3")
-        uploaded = uploads.expect(job.object_id) if uploads is not None and wait_for_upload else None
+        upload = await self._outcomes.settle(job, jpeg, failure)
+        uploaded = self._outcomes.expect_upload(job, upload)
         # Reserved for this task's delivery before it is committed: a connection opening in
         # between must not also be sent it from the backlog.
         self._listener.reserve_final(job)
@@ -742,8 +720,8 @@ class Scheduler:
         if not recorded:
             # The store closed first (shutdown): SQLite still has the request queued or
             # generating, and the next start runs it again.
-            if uploads is not None and uploaded is not None:
-                uploads.forget(job.object_id)
+            if uploaded is not None:
+                self._outcomes.forget_upload(job)
             return
         tracked.done()
         self.finished += 1
@@ -751,36 +729,14 @@ class Scheduler:
         if job.status is JobStatus.OK:
             log.info("%s ok on %s in %.2f s", job.object_id, job.backend, generation_s or 0.0)
         else:
-            log.info("%s error: %s", job.object_id, job.result["content"])
+            log.info("%s error: %s", job.object_id, (job.result or {}).get("content"))
         if uploaded is not None and upload is not None:
             try:
-                await self._await_upload(job, upload, uploaded)
+                await self._outcomes.await_upload(job, upload, uploaded)
             except BaseException:
                 self._listener.release_final(job)  # committed: delivered from the backlog later
                 raise
         await self._listener.job_finished(job)
-
-    async def _await_upload(self, job: Job, upload: dict, uploaded: asyncio.Future[None]) -> None:
-        """sync_with_s3: hold the ok until the image is in S3, at most S3_SYNC_TIMEOUT_S; then
-        answer with the local (or base64) image while the upload carries on."""
-        try:
-            async with asyncio.timeout(self._config.s3_sync_timeout_s):
-                await uploaded
-            return
-        except TimeoutError:
-            if self._uploads is not None:
-                self._uploads.forget(job.object_id)
-        try:
-            job.result = await self._results.fallback_result(job, upload)
-        except FileNotFoundError:
-            return  # the upload finished and removed its spooled file just now
-        log.warning(
-            "%s: S3 upload not done within %.0f s; answering with a %s result",
-            job.object_id,
-            self._config.s3_sync_timeout_s,
-            job.result["content_type"],
-        )
-        await self._store.replace_result(job)
 
 
 def _park_payload(job: Job) -> None:
