@@ -34,6 +34,9 @@ class VerdictSchema(Schema):
     reason = fields.String(load_default="")
 
 
+_verdict_schema = VerdictSchema()
+
+
 @dataclass(frozen=True)
 class Verdict:
     allowed: bool
@@ -69,6 +72,6 @@ class ImageCheck:
         async with self._session.post(self.url, data=jpeg, headers=headers, timeout=self._timeout) as response:
             if response.status != 200:
                 raise ValueError(f"HTTP {response.status}")
-            loaded = VerdictSchema().load(await response.json(content_type=None))
+            loaded = _verdict_schema.load(await response.json(content_type=None))
         reason = str(loaded["reason"])[:MAX_REASON_CHARS]
         return Verdict(loaded["allowed"], reason)

@@ -21,7 +21,7 @@ from app import checkup, keys
 from app.backends.base import Backend, BackendSpec
 from app.config import Config, ConfigError, configure_logging, unknown_settings
 from app.demo_backends import DemoBackendState, automatic1111_app, kandinsky_app, serve_on_loopback
-from app.domain.costs import REFERENCE_UNITS_PER_S
+from app.domain.costs import REFERENCE_JOB_UNITS, REFERENCE_UNITS_PER_S
 from app.domain.jobs import ExecutorType
 from app.engine.admission import Admission
 from app.engine.scheduler import Scheduler
@@ -50,7 +50,7 @@ from app.web.status_history import StatusHistory
 log = logging.getLogger(__name__)
 
 # How long the reference GPU takes for a default-sized job (app/domain/costs.py).
-DEMO_TYPICAL_JOB_S = 512 * 512 * 50 / REFERENCE_UNITS_PER_S
+DEMO_TYPICAL_JOB_S = REFERENCE_JOB_UNITS / REFERENCE_UNITS_PER_S
 # What TEST_MODE's demo backends remember of the calls they served (the latest ones).
 DEMO_CALLS_KEPT = 100
 # HTTP bodies larger than a websocket message are not expected anywhere.

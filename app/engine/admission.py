@@ -86,9 +86,6 @@ class Admission:
         _count_down(self._by_user, who)
         _count_down(self._by_service, who[0])
 
-    def held_by_user(self, service: str, user_id: Any) -> int:
-        return self._by_user.get((service, user_id), 0)
-
     def _check(self, job: Job) -> None:
         config, service = self._config, job.service
 
