@@ -17,6 +17,7 @@ from pathlib import Path
 
 import aiohttp
 
+from app.backends.base import BackendSpec
 from app.config import Config, ConfigError, unknown_settings
 from app.executors import build_backend, load_executors
 from app.moderation import Moderator
@@ -46,10 +47,12 @@ async def check(environ: Mapping[str, str]) -> list[Finding]:
     except ConfigError as exc:
         return [*findings, Finding(FAIL, "settings", str(exc))]
     findings.append(Finding(OK, "settings", f"services: {', '.join(sorted(config.services))}"))
+    specs, finding = _executors(config)
+    findings.append(finding)
     findings += _files(config)
     findings.append(await asyncio.to_thread(_database, config.database_path))
     findings.append(_port(config))
-    findings += await _backends(config)
+    findings += await _backends(config, specs)
     findings += await _mirrors(config)
     return findings
 
@@ -58,17 +61,19 @@ def _meant(guess: str | None) -> str:
     return f" (did you mean {guess}?)" if guess else ""
 
 
+def _executors(config: Config) -> tuple[list[BackendSpec], Finding]:
+    """The backends to probe (none in TEST_MODE or when the file is bad), and the file's line."""
+    if config.test_mode:
+        return [], Finding(WARN, "backends", "TEST_MODE=1: demo backends instead of EXECUTORS_FILE")
+    try:
+        specs = load_executors(config.executors_file)
+    except ConfigError as exc:
+        return [], Finding(FAIL, "executors file", str(exc))
+    return specs, Finding(OK if specs else WARN, "executors file", f"{config.executors_file}: {len(specs)} backends")
+
+
 def _files(config: Config) -> list[Finding]:
     findings = []
-    if config.test_mode:
-        findings.append(Finding(WARN, "backends", "TEST_MODE=1: demo backends instead of EXECUTORS_FILE"))
-    else:
-        try:
-            specs = load_executors(config.executors_file)
-            status = OK if specs else WARN
-            findings.append(Finding(status, "executors file", f"{config.executors_file}: {len(specs)} backends"))
-        except ConfigError as exc:
-            findings.append(Finding(FAIL, "executors file", str(exc)))
     try:
         rules = Moderator.load(config.moderation_rules_file)
         findings.append(Finding(OK, "moderation rules", f"{len(rules.rules)} rules"))
@@ -118,13 +123,7 @@ def _port(config: Config) -> Finding:
         return Finding(WARN, "listen address", f"{exc} (a running server holds it?)")
 
 
-async def _backends(config: Config) -> list[Finding]:
-    if config.test_mode:
-        return []
-    try:
-        specs = load_executors(config.executors_file)
-    except ConfigError:
-        return []  # reported with the file
+async def _backends(config: Config, specs: list[BackendSpec]) -> list[Finding]:
     async with aiohttp.ClientSession() as session:
         backends = [build_backend(spec, session, config.kandinsky_api_token) for spec in specs]
         answers = await asyncio.gather(*[backend.probe(config.probe_timeout_s) for backend in backends])
