@@ -72,8 +72,6 @@ async def api_errors(
     try:
         return await handler(request)
     except DevoidError as exc:
-        if isinstance(exc, InvalidRequest) and request.path == "/api/v1/requests":
-            request.app[keys.METRICS].request_refused(exc.code, request.headers.get("service", ""))
         return error_response(
             exc.status, exc.reason, bounded_errors(exc.field_errors), code=exc.code, retry_after_s=exc.retry_after_s
         )
@@ -98,6 +96,14 @@ def _authenticate(request: web.Request) -> str:
 async def submit_request(request: web.Request) -> web.Response:
     """POST /api/v1/requests: the websocket's request message as the body."""
     service = _authenticate(request)
+    try:
+        return await _submit(request, service)
+    except InvalidRequest as refused:  # answered by api_errors; counted here, as on the websocket
+        request.app[keys.METRICS].request_refused(refused.code, service)
+        raise
+
+
+async def _submit(request: web.Request, service: str) -> web.Response:
     body = await request.read()
     limit = request.app[keys.CONFIG].max_message_bytes
     if len(body) > limit:
