@@ -94,9 +94,10 @@ class RecentRequestSchema(Schema):
     gen_type = fields.String(required=True)
     status = fields.String(required=True)
     created_at = fields.Float(required=True)
-    thumbnail = fields.String(required=True, allow_none=True, metadata={"description": "null in the public view."})
-    image = fields.String(
-        required=True, allow_none=True, metadata={"description": "The full image's URL; null in the public view."}
+    thumbnail = fields.String(
+        required=True,
+        allow_none=True,
+        metadata={"description": "The image's URL (the page shows it small and links to it); null in the public view."},
     )
     prompt = fields.String(
         required=True, allow_none=True, metadata={"description": "First 120 characters; null in the public view."}

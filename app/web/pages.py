@@ -88,7 +88,6 @@ def _recent_row(results: ResultWriter, job: Job, prompts: dict[str, str], detail
         "status": job.status.value,
         "created_at": job.created_at,
         "thumbnail": thumbnail,
-        "image": thumbnail,
         "prompt": prompts.get(job.object_id),
         "premium": job.premium,
         "backend": job.backend,
