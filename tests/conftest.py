@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sqlite3
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from app.config import Config
 from app.demo_backends import DemoBackendState, automatic1111_app, kandinsky_app
+from app.domain.ids import new_object_id
+from app.domain.jobs import ExecutorType, GenType, Job
 from app.main import create_app
 from bench.bots import Bot
 from tests.mirror_servers import MongoServer, S3Server
@@ -106,6 +109,22 @@ def write_executors(tmp_path: Path, backends: list[RunningBackend | dict[str, An
     path.parent.mkdir(parents=True, exist_ok=True)
     entries = [b.entry() if isinstance(b, RunningBackend) else b for b in backends]
     path.write_text(json.dumps(entries))
+
+
+def new_job(**changes: Any) -> Job:
+    """A queued text2img request as intake builds it, for tests of the parts below intake."""
+    fields: dict[str, Any] = dict(
+        object_id=new_object_id(),
+        service="telegram",
+        executor=ExecutorType.KANDINSKY,
+        gen_type=GenType.TEXT2IMG,
+        premium=False,
+        settings={},
+        service_info={"user_id": 1},
+        payload={"prompt": "x"},
+        created_at=time.time(),
+    )
+    return Job(**(fields | changes))
 
 
 def cancel_action(object_id: str) -> dict:

@@ -8,25 +8,12 @@ import time
 
 import pytest
 
-from app.domain.ids import new_object_id
-from app.domain.jobs import ExecutorType, GenType, Job
 from app.domain.lifecycle import Phase, TrackedRequest, WrongPhase
+from tests.conftest import new_job
 
 
 def tracked_request() -> TrackedRequest:
-    return TrackedRequest(
-        Job(
-            object_id=new_object_id(),
-            service="telegram",
-            executor=ExecutorType.KANDINSKY,
-            gen_type=GenType.TEXT2IMG,
-            premium=False,
-            settings={},
-            service_info={"user_id": 1},
-            payload={"prompt": "x"},
-            created_at=time.time(),
-        )
-    )
+    return TrackedRequest(new_job())
 
 
 async def idle() -> None:

@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import datetime
 import logging
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -18,13 +17,13 @@ from bson import ObjectId
 from app import keys
 from app.config import Config
 from app.domain.ids import new_object_id
-from app.domain.jobs import ExecutorType, GenType, Job, JobStatus
+from app.domain.jobs import JobStatus
 from app.mirrors.mongodb import MongoMirror, open_client
 from app.mirrors.records import request_record
 from app.storage.store import Store
 from bench.bots import request_message, wait_until
 from bench.images import noisy_png_base64
-from tests.conftest import base_env, database_refusing_writes
+from tests.conftest import base_env, database_refusing_writes, new_job
 
 
 def mongo_mirror(balancer) -> MongoMirror:
@@ -99,20 +98,6 @@ async def test_a_mongodb_outage_loses_nothing_and_nothing_regresses(
     assert any(m.startswith("mirror mongodb is connected") for m in logged)
 
 
-def make_job() -> Job:
-    return Job(
-        object_id=new_object_id(),
-        service="telegram",
-        executor=ExecutorType.KANDINSKY,
-        gen_type=GenType.TEXT2IMG,
-        premium=False,
-        settings={},
-        service_info={"user_id": 1},
-        payload={"prompt": "x"},
-        created_at=time.time(),
-    )
-
-
 @contextlib.asynccontextmanager
 async def mirror_on_a_store(tmp_path, mongo_server) -> AsyncIterator[tuple[Store, MongoMirror, Any]]:
     """A store with record mirroring on, and its (not yet started) MongoDB mirror and client."""
@@ -130,7 +115,7 @@ async def mirror_on_a_store(tmp_path, mongo_server) -> AsyncIterator[tuple[Store
 
 async def test_an_older_version_written_late_does_not_overwrite_a_newer_one(tmp_path, mongo_server):
     async with mirror_on_a_store(tmp_path, mongo_server) as (store, mirror, _):
-        job = make_job()
+        job = new_job()
         await store.add(job)
         stale = await store.outbox_batch("mongodb", 10)  # revision 1: queued
         await store.claim(job, "gpu")
@@ -191,7 +176,7 @@ async def test_records_keep_the_original_products_document_shape(start_backend, 
 
 async def test_a_waiting_record_has_a_null_result(tmp_path, mongo_server):
     async with mirror_on_a_store(tmp_path, mongo_server) as (store, mirror, _):
-        job = make_job()
+        job = new_job()
         await store.add(job)
         mirror.start()
         await wait_until(lambda: mirror.health.state == "connected" and mirror.health.backlog == 0)

@@ -5,29 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-import time
 
 import pytest
 
-from app.domain.ids import new_object_id
-from app.domain.jobs import ExecutorType, GenType, Job, JobStatus
+from app.domain.jobs import GenType, JobStatus
 from app.storage.migrations import MIGRATIONS_DIR, apply_migrations, migration_files
 from app.storage.store import Store, connect
-
-
-def new_job(**changes) -> Job:
-    fields = dict(
-        object_id=new_object_id(),
-        service="telegram",
-        executor=ExecutorType.KANDINSKY,
-        gen_type=GenType.TEXT2IMG,
-        premium=False,
-        settings={"premium": 0},
-        service_info={"user_id": 1},
-        payload={"prompt": "x"},
-        created_at=time.time(),
-    )
-    return Job(**(fields | changes))
+from tests.conftest import new_job
 
 
 async def test_a_fresh_database_gets_every_migration_once(tmp_path):
