@@ -11,6 +11,7 @@ from app.backends.base import Backend, BackendSpec
 from app.domain.costs import REFERENCE_UNITS_PER_S, initial_units_per_s, payload_cost_units
 from app.domain.jobs import ExecutorType, GenType, Job
 from app.engine.pool import BackendSlot, BackendState, FasterLater
+from tests.conftest import new_job
 
 A1111, KANDINSKY = ExecutorType.AUTOMATIC1111, ExecutorType.KANDINSKY
 
@@ -96,18 +97,7 @@ def busy_slot(name: str, units_per_s: float, remaining_s: float) -> BackendSlot:
 
 
 def job_of(units: float) -> Job:
-    return Job(
-        object_id=f"{int(units):024x}"[-24:],
-        service="s",
-        executor=A1111,
-        gen_type=GenType.TEXT2IMG,
-        premium=False,
-        settings={},
-        service_info={},
-        payload={},
-        created_at=0.0,
-        cost_units=units,
-    )
+    return new_job(object_id=f"{int(units):024x}"[-24:], executor=A1111, payload={}, cost_units=units)
 
 
 def test_a_large_job_waits_a_moment_for_the_fast_gpu_and_a_small_one_does_not():

@@ -12,10 +12,11 @@ from hypothesis import strategies as st
 from marshmallow import ValidationError
 
 from app.domain import fast_checks, payloads
-from app.domain.jobs import SUPPORTED_GEN_TYPES, ExecutorType, GenType, Job
+from app.domain.jobs import SUPPORTED_GEN_TYPES, ExecutorType
 from app.domain.payloads import PAYLOAD_SCHEMAS, check_payload
 from app.web import schemas
 from bench.images import png_base64
+from tests.conftest import new_job
 
 PROPERTY_SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 IMAGE = png_base64()
@@ -130,17 +131,7 @@ def test_parse_request_answers_as_the_schemas_alone_would(message):
 
 
 def test_the_queued_answer_is_what_the_response_schema_dumps():
-    job = Job(
-        object_id="0" * 24,
-        service="telegram",
-        executor=ExecutorType.AUTOMATIC1111,
-        gen_type=GenType.TEXT2IMG,
-        premium=False,
-        settings={},
-        service_info={"user_id": 7},
-        payload={"prompt": "p"},
-        created_at=0.0,
-    )
+    job = new_job(object_id="0" * 24, executor=ExecutorType.AUTOMATIC1111, service_info={"user_id": 7})
     for avg_time in (None, 3, 2.5):
         built = schemas.short_response(job, "queued", avg_time)
         dumped = schemas.ResponseSchema().dump({**built})
