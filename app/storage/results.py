@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from app.domain.jobs import Job
+from app.domain.secrets_match import secret_matches
 
 # Only names this server writes are ever served: no path can be smuggled through /img/.
 IMAGE_FILE_NAME = re.compile(r"^[0-9a-f]{24}\.jpg$")
@@ -135,7 +136,7 @@ class ResultWriter:
 
     def served_file(self, file_name: str, key: str) -> Path | None:
         """The image `/img/<file_name>?key=<key>` opens: None without the right key."""
-        if not hmac.compare_digest(key.encode("utf-8", "surrogateescape"), self.image_key(file_name).encode()):
+        if not secret_matches(key, self.image_key(file_name)):
             return None
         return self.local_file(file_name)
 

@@ -13,7 +13,6 @@ service's waiting finals. The command-line client connects that way.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 from typing import Any
@@ -25,6 +24,7 @@ from app.domain.errors import InvalidRequest, Refusal
 from app.domain.ids import new_object_id
 from app.domain.jobs import Job
 from app.domain.lifecycle import CancelOutcome
+from app.domain.secrets_match import secret_matches
 from app.web.schemas import (
     bounded_errors,
     decode_message,
@@ -74,12 +74,8 @@ def authenticate(request: web.Request) -> str:
     service = header_service or path_service or ""
     expected = services.get(service)
     given = request.headers.get("authorization", "")
-    # compare_digest even for unknown services, so timing does not tell which names exist.
-    # surrogateescape: a header with bytes that are not UTF-8 is just a wrong key, not a crash.
-    if (
-        not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), (expected or "\0").encode())
-        or expected is None
-    ):
+    # Compared even for unknown services, so timing does not tell which names exist.
+    if not secret_matches(given, expected or "\0") or expected is None:
         log.info("refused a websocket connection for service %r from %s", service, request.remote)
         raise web.HTTPUnauthorized(text="Service or key is not valid.")
     return service

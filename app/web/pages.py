@@ -3,7 +3,6 @@ the OpenAPI document and Swagger UI (served from the swagger-ui-bundle package, 
 
 from __future__ import annotations
 
-import hmac
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +11,7 @@ from aiohttp import web
 
 from app import __version__, keys
 from app.domain.jobs import Job
+from app.domain.secrets_match import secret_matches
 from app.storage.results import ResultWriter
 from app.web.api_schemas import IdentitySchema, StatusSchema
 
@@ -42,7 +42,7 @@ def _detailed_view(request: web.Request) -> bool:
     """Whether the caller sent STATUS_PAGE_KEY (as the page does from its `#key=` fragment)."""
     key = request.app[keys.CONFIG].status_page_key
     given = request.headers.get("authorization", "")
-    return bool(key) and hmac.compare_digest(given.encode("utf-8", "surrogateescape"), key.encode())
+    return bool(key) and secret_matches(given, key)
 
 
 async def status(request: web.Request) -> web.Response:
