@@ -36,9 +36,10 @@ from app.engine.pool import PLACEMENT_WINDOW, BackendSlot, ExecutorPool, FasterL
 from app.engine.progress import ProgressReporter
 from app.image_check import ImageCheck
 from app.metrics import Metrics
+from app.storage.group_commit import StoreClosed
 from app.storage.request_rows import no_cycle_collection
 from app.storage.results import ResultWriter
-from app.storage.store import Store, StoreClosed
+from app.storage.store import Store
 
 if TYPE_CHECKING:
     from app.mirrors.s3 import S3Mirror

@@ -13,7 +13,8 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 
-from app.storage.store import OutboxItem, Store, StoreClosed
+from app.storage.group_commit import StoreClosed
+from app.storage.store import OutboxItem, Store
 
 log = logging.getLogger(__name__)
 

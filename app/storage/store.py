@@ -16,7 +16,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -24,23 +24,16 @@ import aiosqlite
 
 from app.domain import json_text
 from app.domain.jobs import LARGE_PAYLOAD_CHARS, GenType, Job, JobStatus
+from app.storage.group_commit import MAX_BATCH_ROWS, GroupWriter, Statement
 from app.storage.migrations import apply_migrations
 from app.storage.request_rows import HEADER_COLUMNS, OBJECT_ID_INDEX, PAYLOAD_SQL, job_from_row, no_cycle_collection
 
 log = logging.getLogger(__name__)
 
-# Rows per transaction (STORE_BATCH_ROWS). Past ~100 the commit no longer gets cheaper per
-# row, and a bigger batch only makes the first waiter in it wait longer.
-MAX_BATCH_ROWS = 128
 BUSY_TIMEOUT_MS = 5000
 
-Statement = tuple[str, Sequence[Any]]
 RecordBuilder = Callable[[Job], dict[str, Any]]
 _OUTBOX_INSERT = "INSERT INTO outbox (target, object_id, revision, document, created_at) VALUES (?, ?, ?, ?, ?)"
-
-
-class StoreClosed(RuntimeError):
-    """A write came after close(): it was not committed."""
 
 
 # What the store's writes change on a Job. A failed write puts them back, so the caller may
@@ -81,12 +74,6 @@ class OutboxItem:
     attempts: int
 
 
-@dataclass
-class _WriteUnit:
-    statements: list[Statement]
-    done: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
-
-
 async def connect(path: Path, *, read_only: bool = False) -> aiosqlite.Connection:
     """Open a connection with the pragmas every connection here needs."""
     db = await aiosqlite.connect(path, isolation_level=None)  # transactions are explicit
@@ -118,15 +105,9 @@ class Store:
         self._record_of = record_of
         # Called after mirror work for that target is committed (the mirror's worker wakes).
         self.outbox_listeners: dict[str, Callable[[], None]] = {}
-        self._writer_db = writer_db
+        self._writer = GroupWriter(writer_db, max_batch_rows)
         self._reader_db = reader_db
-        self._max_batch_rows = max_batch_rows
-        self._pending: asyncio.Queue[_WriteUnit | None] = asyncio.Queue()
-        self._writer_task = asyncio.create_task(self._write_loop(), name="store-writer")
-        self._closed = False
         self._set_aside_ids: set[str] = set()
-        self.commits = 0
-        self.rows_written = 0
 
     @classmethod
     async def open(
@@ -146,27 +127,23 @@ class Store:
 
     async def close(self) -> None:
         """Commit every write already submitted, then close both connections."""
-        self._closed = True
-        await self._pending.put(None)
-        await self._writer_task
+        await self._writer.close()
         await self._reader_db.close()
-        await self._writer_db.close()
+
+    @property
+    def commits(self) -> int:
+        return self._writer.commits
 
     def __repr__(self) -> str:
-        return f"<Store commits={self.commits} rows={self.rows_written} waiting={self._pending.qsize()}>"
+        writer = self._writer
+        return f"<Store commits={writer.commits} rows={writer.rows_written} waiting={writer.waiting}>"
 
     # -- writes -------------------------------------------------------------------------
 
     async def _write(self, *statements: Statement) -> None:
-        """Commit `statements` as one unit. Once submitted, the write happens even if the
-        caller is cancelled (the writer task owns it)."""
-        if self._closed:
-            raise StoreClosed("the database is closed (the server is shutting down)")
-        unit = _WriteUnit(list(statements))
-        self._pending.put_nowait(unit)
-        # A cancelled caller cancels only this future; the writer still commits the unit
-        # (and skips the result of a future already done).
-        await unit.done
+        """Commit `statements` as one unit (group commit: app/storage/group_commit.py).
+        Raises StoreClosed after close()."""
+        await self._writer.write(*statements)
 
     async def _commit_change(self, job: Job, *statements: Statement, upload: dict[str, Any] | None = None) -> None:
         """Commit a change of `job` (its revision already bumped) together with its mirror
@@ -422,61 +399,6 @@ class Store:
         await self._write(
             ("UPDATE outbox SET attempts = attempts + 1, last_error = ? WHERE id = ?", (reason[:500], row_id))
         )
-
-    async def _write_loop(self) -> None:
-        while True:
-            unit = await self._pending.get()
-            if unit is None:
-                return
-            batch, rows, stop = [unit], len(unit.statements), False
-            while rows < self._max_batch_rows and not self._pending.empty():
-                more = self._pending.get_nowait()
-                if more is None:
-                    stop = True
-                    break
-                batch.append(more)
-                rows += len(more.statements)
-            await self._commit_batch(batch)
-            if stop:
-                return
-
-    async def _commit_batch(self, batch: list[_WriteUnit]) -> None:
-        try:
-            await self._run_transaction([s for unit in batch for s in unit.statements])
-        except Exception as exc:
-            if len(batch) == 1:
-                if not batch[0].done.done():
-                    batch[0].done.set_exception(exc)
-                return
-            # One bad unit must not fail its neighbours: retry each on its own.
-            for unit in batch:
-                await self._commit_batch([unit])
-            return
-        for unit in batch:
-            if not unit.done.done():
-                unit.done.set_result(None)
-
-    async def _run_transaction(self, statements: list[Statement]) -> None:
-        db = self._writer_db
-        try:
-            await db.execute("BEGIN IMMEDIATE")
-            # Consecutive runs of one statement go in one executemany: one thread hop.
-            start = 0
-            while start < len(statements):
-                sql = statements[start][0]
-                end = start
-                while end < len(statements) and statements[end][0] == sql:
-                    end += 1
-                await db.executemany(sql, [params for _, params in statements[start:end]])
-                start = end
-            await db.execute("COMMIT")
-        except Exception as exc:
-            if db.in_transaction:
-                await db.execute("ROLLBACK")
-            log.warning("write transaction of %d statements failed: %s", len(statements), exc)
-            raise
-        self.commits += 1
-        self.rows_written += len(statements)
 
     # -- reads --------------------------------------------------------------------------
 
