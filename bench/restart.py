@@ -1,6 +1,7 @@
 """Restart time and memory with a large backlog: how long `python -m app` takes to be ready
 (answering HTTP, dispatching) and its peak RSS, with N queued 1 MB img2img requests and with
-M queued small requests in its database.
+M queued small requests in its database; and when it has read the whole queue back (it
+serves meanwhile: app/engine/backlog.py).
 
 Beside each: the baseline in the same run, the time and peak memory it takes just to read and
 parse every queued row whole (what a queue rebuild that loads payloads costs).
@@ -21,6 +22,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import aiohttp
 
 from app.domain.costs import payload_cost_units
 from app.domain.ids import new_object_id
@@ -86,16 +89,25 @@ def _insert(db: sqlite3.Connection, rows: list[tuple], payloads: list[tuple]) ->
     db.commit()
 
 
-async def restart(path: Path, workdir: Path) -> tuple[float, float]:
-    """Seconds from spawn until the server answers HTTP, and its peak RSS (MB) by then."""
+async def restart(path: Path, workdir: Path) -> tuple[float, float, float, float]:
+    """Seconds from spawn until the server answers HTTP and its peak RSS (MB) by then; then
+    the same once it has read the whole stored queue back (its /health says so)."""
     server = demo_server(workdir, path, DEMO_DELAY_S="5", MAX_QUEUE_WAIT_S="86400")
     started = time.monotonic()
     await server.start()
     ready_s = time.monotonic() - started
     peak_mb = memory_mb(server.process.pid, "VmHWM")
+    async with aiohttp.ClientSession() as session:
+        while True:
+            async with session.get(server.base_url + "/health") as response:
+                if "reading back" not in (await response.json())["reason"]:
+                    break
+            await asyncio.sleep(0.02)
+    read_back_s = time.monotonic() - started
+    read_back_mb = memory_mb(server.process.pid, "VmHWM")
     server.kill()
     await server.wait()
-    return ready_s, peak_mb
+    return ready_s, peak_mb, read_back_s, read_back_mb
 
 
 def read_everything(path: Path) -> tuple[float, float]:
@@ -130,11 +142,12 @@ def main() -> None:
             path = workdir / "backlog.sqlite3"
             asyncio.run(create_schema(path))
             fill(path, count, size)
-            ready_s, peak_mb = asyncio.run(restart(path, workdir))
+            ready_s, peak_mb, read_back_s, read_back_mb = asyncio.run(restart(path, workdir))
             base_s, base_mb = read_everything(path)
             print(
-                f"{label}: ready in {ready_s:.2f} s, peak RSS {peak_mb:.0f} MB | baseline, reading every "
-                f"queued row whole: {base_s:.2f} s, peak RSS {base_mb:.0f} MB"
+                f"{label}: ready in {ready_s:.2f} s, peak RSS {peak_mb:.0f} MB; queue all read back in "
+                f"{read_back_s:.2f} s, peak RSS {read_back_mb:.0f} MB | baseline, reading every queued row whole: "
+                f"{base_s:.2f} s, peak RSS {base_mb:.0f} MB"
             )
 
 

@@ -75,3 +75,19 @@ def test_picks_before_a_new_job_follow_the_ratio():
     assert queue.picks_before_new(True) == 9
     # A new general job waits for the 6 general ahead and all 6 premium (3 per general).
     assert queue.picks_before_new(False) == 12
+
+
+def test_an_arrival_during_the_backlog_read_waits_behind_the_unread_requests_of_its_class():
+    queue = WeightedQueue(1, 1)
+    queue.set_unread(False, 2)  # two stored general requests are not read back yet
+    queue.push(job("new-general", False))
+    queue.push(job("new-premium", True))  # premium has no backlog: it goes at once
+    assert queue.waiting(False) == 3 and queue.picks_before_new(False) == 4
+    assert queue.pop().object_id == "new-premium"
+    assert queue.pop() is None  # the general newcomer may not pass the unread two
+    queue.push_backlog(job("stored-1", False))
+    queue.set_unread(False, 1)
+    assert queue.pop().object_id == "stored-1"
+    queue.push_backlog(job("stored-2", False))
+    queue.set_unread(False, 0)
+    assert drain(queue) == ["stored-2", "new-general"]

@@ -7,7 +7,8 @@ bucket), the service's held requests, the user's held requests, then moderation.
 
 The counts are kept in memory: a request is counted from the moment it is admitted (before
 its commit, so concurrent requests cannot all slip under a cap) until its final answer is
-committed; at start-up every request read back from SQLite is counted again.
+committed. At start-up the stored backlog is counted from a summary before it is read back
+(expect_backlog), so the caps hold from the first request after a restart.
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ class Admission:
         # and a Counter's missing-key path is a Python call.
         self._by_user: dict[tuple[str, Any], int] = {}
         self._by_service: dict[str, int] = {}
+        # Stored requests counted by expect_backlog and not read back yet, per (service, user).
+        self._expected: dict[tuple[str, Any], int] = {}
         self._buckets: dict[str, TokenBucket] = {}
 
     def admit(self, job: Job) -> None:
@@ -67,13 +70,37 @@ class Admission:
             raise
         self.hold(job)
 
-    def hold(self, job: Job) -> None:
-        """Count a request as queued or running (once, however often it is called)."""
+    def expect_backlog(self, by_user: dict[tuple[str, Any], int]) -> None:
+        """Count the stored requests about to be read back, per (service, user_id), before
+        they are: each then joins as hold(job, read_back=True)."""
+        for who, count in by_user.items():
+            self._expected[who] = self._expected.get(who, 0) + count
+            self._by_user[who] = self._by_user.get(who, 0) + count
+            self._by_service[who[0]] = self._by_service.get(who[0], 0) + count
+
+    def backlog_read(self) -> None:
+        """The backlog is all read back: what expect_backlog counted and no request took up
+        (rows set aside as unreadable) stops counting."""
+        for who, count in self._expected.items():
+            _count_down(self._by_user, who, count)
+            _count_down(self._by_service, who[0], count)
+        self._expected.clear()
+
+    def hold(self, job: Job, *, read_back: bool = False) -> None:
+        """Count a request as queued or running (once, however often it is called).
+        `read_back`: a stored request that expect_backlog has counted already."""
         held = self._held
         if job.object_id in held:
             return
         who = (job.service, job.service_info.get("user_id"))
         held[job.object_id] = who
+        expected = self._expected
+        if read_back and expected.get(who):
+            if expected[who] == 1:
+                del expected[who]
+            else:
+                expected[who] -= 1
+            return
         by_user, by_service = self._by_user, self._by_service
         by_user[who] = by_user.get(who, 0) + 1
         by_service[job.service] = by_service.get(job.service, 0) + 1
@@ -148,8 +175,8 @@ class Admission:
                 )
 
 
-def _count_down(counts: dict[Any, int], key: Any) -> None:
-    left = counts.get(key, 0) - 1
+def _count_down(counts: dict[Any, int], key: Any, by: int = 1) -> None:
+    left = counts.get(key, 0) - by
     if left > 0:
         counts[key] = left
     else:

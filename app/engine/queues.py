@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -17,6 +18,11 @@ class WeightedQueue:
     round-robin: with 1:3 the order is P P G P, repeating). A class that is empty simply does
     not take part, and builds no credit meanwhile: the other class is served without gaps,
     and a class that comes back does not get a burst.
+
+    At start-up the stored backlog is read back a page at a time while new requests already
+    arrive (app/engine/backlog.py). Until a class's backlog is all read, its new arrivals
+    wait behind it: a page read later goes in before them (push_backlog), and they are not
+    taken while older requests of their class are still unread.
     """
 
     def __init__(self, general_weight: int, premium_weight: int) -> None:
@@ -26,6 +32,10 @@ class WeightedQueue:
         # Sum of the waiting jobs' cost per class, kept as they come and go (ETAs read it per
         # request).
         self._units = {False: 0.0, True: 0.0}
+        # Per class: stored requests not read back yet, and the arrivals queued meanwhile (by
+        # id(job), at the tail of the line) that must not pass them.
+        self._unread = {False: 0, True: 0}
+        self._arrived_early: dict[bool, set[int]] = {False: set(), True: set()}
 
     def __len__(self) -> int:
         return len(self._jobs[False]) + len(self._jobs[True])
@@ -34,10 +44,26 @@ class WeightedQueue:
         return f"<WeightedQueue general={self.waiting(False)} premium={self.waiting(True)}>"
 
     def waiting(self, premium: bool) -> int:
-        return len(self._jobs[premium])
+        """Requests of a class in line, those of the backlog not read back yet included."""
+        return len(self._jobs[premium]) + self._unread[premium]
 
     def push(self, job: Job) -> None:
         self._jobs[job.premium].append(job)
+        self._units[job.premium] += job.cost_units
+        if self._unread[job.premium]:
+            self._arrived_early[job.premium].add(id(job))
+
+    def set_unread(self, premium: bool, count: int) -> None:
+        """How many stored requests of a class are still to be read back (push_backlog)."""
+        self._unread[premium] = count
+        if not count:
+            self._arrived_early[premium].clear()  # nothing older is left to wait for
+
+    def push_backlog(self, job: Job) -> None:
+        """Queue a stored request read back at start-up: after those read before it, ahead
+        of every request that arrived since the start."""
+        line = self._jobs[job.premium]
+        line.insert(len(line) - len(self._arrived_early[job.premium]), job)
         self._units[job.premium] += job.cost_units
 
     def push_front(self, job: Job) -> None:
@@ -51,6 +77,7 @@ class WeightedQueue:
         except ValueError:
             return False
         self._units[job.premium] -= job.cost_units
+        self._arrived_early[job.premium].discard(id(job))
         return True
 
     def pop(self, accept: Callable[[Job], bool] | None = None) -> Job | None:
@@ -84,8 +111,13 @@ class WeightedQueue:
         self._units[job.premium] -= job.cost_units
         return job
 
+    def _takeable(self, premium: bool) -> int:
+        """How many of a class's jobs, from the head, may be taken now (not those that arrived
+        while older ones of their class are still unread)."""
+        return len(self._jobs[premium]) - len(self._arrived_early[premium])
+
     def _first(self, premium: bool, accept: Callable[[Job], bool] | None) -> Job | None:
-        for job in self._jobs[premium]:
+        for job in itertools.islice(self._jobs[premium], self._takeable(premium)):
             if accept is None or accept(job):
                 return job
         return None
@@ -99,9 +131,10 @@ class WeightedQueue:
         changes nothing)."""
         current = dict(self._current)
         taken = {False: 0, True: 0}
+        takeable = {premium: self._takeable(premium) for premium in (True, False)}
         order: list[Job] = []
         while len(order) < limit:
-            candidates = [premium for premium in (True, False) if taken[premium] < len(self._jobs[premium])]
+            candidates = [premium for premium in (True, False) if taken[premium] < takeable[premium]]
             if not candidates:
                 break
             chosen = candidates[0]
@@ -134,8 +167,8 @@ class WeightedQueue:
         """For a job of this class pushed now: (jobs of its class taken before it, jobs of the
         other class taken before it, further jobs of the other class that could still be
         taken before it if they arrived now: the room the ratio leaves them)."""
-        same = len(self._jobs[premium])
-        other = len(self._jobs[not premium])
+        same = self.waiting(premium)
+        other = self.waiting(not premium)
         own_weight, other_weight = self._weights[premium], self._weights[not premium]
         if own_weight == 0:
             return same, other, 0

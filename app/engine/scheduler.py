@@ -30,6 +30,7 @@ from app.domain.errors import BackendFailed, FailureKind
 from app.domain.jobs import LARGE_PAYLOAD_CHARS, ExecutorType, GenType, Job, JobStatus
 from app.domain.lifecycle import CancelOutcome, Phase, TrackedRequest
 from app.engine.admission import Admission
+from app.engine.backlog import BacklogReader
 from app.engine.expiry import ExpiryLine
 from app.engine.outcome import Outcomes
 from app.engine.pool import PLACEMENT_WINDOW, BackendSlot, ExecutorPool, FasterLater, watch_health
@@ -37,7 +38,6 @@ from app.engine.progress import ProgressReporter
 from app.image_check import ImageCheck
 from app.metrics import Metrics
 from app.storage.group_commit import StoreClosed
-from app.storage.request_rows import no_cycle_collection
 from app.storage.results import ResultWriter
 from app.storage.store import Store
 
@@ -120,6 +120,8 @@ class Scheduler:
         # reading its socket must not hold a GPU for everyone (see _tell).
         self._telling: set[asyncio.Task[None]] = set()
         self._eta_task: asyncio.Task[None] | None = None
+        # The queued requests stored by earlier runs, read back after start() returns.
+        self._backlog = BacklogReader(store, self.pools, admission, self._restore, self.dispatch)
         self._stopping = False
         self.dispatched = 0
         self.finished = 0
@@ -156,32 +158,20 @@ class Scheduler:
         for pool in self.pools.values():
             pool.calibrate_unlearned()  # a backend new since the last run starts from its peers
         requeued = await self._store.requeue_interrupted()
-        with no_cycle_collection(then_freeze=True):
-            queued = await self._store.queued_jobs()
-            for job in queued:
-                if job.interruptions >= MAX_INTERRUPTIONS:
-                    # A request that was running at every one of these restarts may be what brings
-                    # the process down: it is not run again.
-                    self._begin_finish(
-                        self._track(job),
-                        None,
-                        f"Interrupted by {job.interruptions} restarts "
-                        "of the balancer while it ran; it is not run again.",
-                        None,
-                    )
-                else:
-                    self._enqueue(job)
+        queued = await self._backlog.start()
         for pool in self.pools.values():
-            if len(pool.queue) and not pool.slots:
+            waiting = pool.queue.waiting(False) + pool.queue.waiting(True)
+            if waiting and not pool.slots:
                 log.warning(
                     "%d %s requests wait, but no %s backend is configured",
-                    len(pool.queue),
+                    waiting,
                     pool.executor.value,
                     pool.executor.value,
                 )
         log.info(
-            "scheduler started: %d queued (%d were interrupted by a restart); backends: %s",
-            len(queued),
+            "scheduler started: %d queued (%d were interrupted by a restart), read back in the background;"
+            " backends: %s",
+            queued,
             requeued,
             ", ".join(f"{e.value}={len(p.slots)}" for e, p in self.pools.items()),
         )
@@ -195,6 +185,7 @@ class Scheduler:
         job is abandoned is told to interrupt it, so the GPU does not finish it for nothing."""
         self._stopping = True
         deadline = time.monotonic() + grace_s
+        await self._backlog.stop()
         self._expiry.close()
         if self._eta_task is not None:
             self._eta_task.cancel()
@@ -317,21 +308,53 @@ class Scheduler:
 
     # -- queueing -----------------------------------------------------------------------
 
-    def _track(self, job: Job) -> TrackedRequest:
+    def _track(self, job: Job, *, read_back: bool = False) -> TrackedRequest:
         """Start holding `job` (not yet in any queue)."""
         tracked = TrackedRequest(job)
         self._tracked[job.object_id] = tracked
-        self.admission.hold(job)  # counted already when intake admitted it; at start-up, here
+        # Counted already when intake admitted it; at start-up, as the backlog was summed up.
+        self.admission.hold(job, read_back=read_back)
         return tracked
 
-    def _enqueue(self, job: Job) -> None:
+    def _enqueue(self, job: Job, *, read_back: bool = False) -> None:
         # Intake has costed a new job already; a job read back from SQLite is costed here.
         job.cost_units = job.cost_units or job_cost_units(job)
         _park_payload(job)
-        tracked = self._track(job)
-        self.pools[job.executor].queue.push(job)
+        tracked = self._track(job, read_back=read_back)
+        queue = self.pools[job.executor].queue
+        if read_back:
+            queue.push_backlog(job)
+        else:
+            queue.push(job)
         tracked.expires_at = job.created_at + self._config.max_queue_wait_s
         self._expiry.add(job.object_id, tracked.expires_at)
+
+    def _restore(self, job: Job) -> None:
+        """A queued request stored by an earlier run, read back (app/engine/backlog.py)."""
+        if job.interruptions >= MAX_INTERRUPTIONS:
+            # A request that was running at every one of these restarts may be what brings
+            # the process down: it is not run again.
+            self._begin_finish(
+                self._track(job, read_back=True),
+                None,
+                f"Interrupted by {job.interruptions} restarts of the balancer while it ran; it is not run again.",
+                None,
+            )
+        else:
+            self._enqueue(job, read_back=True)
+
+    @property
+    def reading_backlog(self) -> bool:
+        """True while requests queued before this start are still being read back."""
+        return not self._backlog.loaded.is_set()
+
+    def backlog_progress(self) -> tuple[int, int]:
+        """(requests read back so far, requests queued at the start)."""
+        return self._backlog.read, self._backlog.total
+
+    async def backlog_loaded(self) -> None:
+        """Wait until every request queued before this start is held again."""
+        await self._backlog.loaded.wait()
 
     def submit(self, job: Job) -> None:
         """Queue a job that is already committed to the store."""
@@ -607,6 +630,13 @@ class Scheduler:
         self.dispatch()
 
     # -- cancel -------------------------------------------------------------------------
+
+    async def cancel_request(self, service: str, object_id: str) -> CancelOutcome:
+        """cancel(), for a request that may not be read back yet at start-up (it then waits
+        for the backlog to be read, a few seconds at most)."""
+        if object_id not in self._tracked and self.reading_backlog:
+            await self.backlog_loaded()
+        return self.cancel(service, object_id)
 
     def cancel(self, service: str, object_id: str) -> CancelOutcome:
         """Cancel a queued, running or retry-waiting request of `service`. Its final `error`

@@ -47,6 +47,7 @@ HEADER_NAMES = (
 )
 HEADER_COLUMNS = ", ".join(HEADER_NAMES)
 OBJECT_ID_INDEX = HEADER_NAMES.index("object_id")
+SEQ_INDEX = HEADER_NAMES.index("seq")
 
 
 @contextlib.contextmanager

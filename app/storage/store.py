@@ -12,21 +12,29 @@ write transaction.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
 import aiosqlite
 
 from app.domain import json_text
-from app.domain.jobs import LARGE_PAYLOAD_CHARS, GenType, Job, JobStatus
+from app.domain.jobs import LARGE_PAYLOAD_CHARS, ExecutorType, GenType, Job, JobStatus
 from app.storage.group_commit import MAX_BATCH_ROWS, GroupWriter, Statement
 from app.storage.migrations import apply_migrations
-from app.storage.request_rows import HEADER_COLUMNS, OBJECT_ID_INDEX, PAYLOAD_SQL, job_from_row, no_cycle_collection
+from app.storage.request_rows import (
+    HEADER_COLUMNS,
+    OBJECT_ID_INDEX,
+    PAYLOAD_SQL,
+    SEQ_INDEX,
+    job_from_row,
+    no_cycle_collection,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +71,21 @@ def _unchanged_on_failure(job: Job) -> Iterator[None]:
         for name, value in saved.items():
             setattr(job, name, value)
         raise
+
+
+@dataclass
+class BacklogSummary:
+    """Queued requests in the database: how many per (executor type, premium) and per
+    (service, user_id)."""
+
+    by_line: dict[tuple[ExecutorType, bool], int] = field(default_factory=dict)
+    by_user: dict[tuple[str, Any], int] = field(default_factory=dict)
+    # The newest request stored when it was made: the backlog is what came up to here.
+    last_seq: int = 0
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_line.values())
 
 
 @dataclass(frozen=True)
@@ -409,6 +432,13 @@ class Store:
         database (None, read back with load_payload). A row that cannot be read back (say,
         JSON nested deeper than the parser's stack allows, stored by an earlier release) is
         left out and set aside."""
+        jobs, _ = await self._fetch_rows(where, params, order=order, limit=limit, with_payload=with_payload)
+        return jobs
+
+    async def _fetch_rows(
+        self, where: str, params: Sequence[Any], *, order: str, limit: int, with_payload: bool
+    ) -> tuple[list[Job], list[tuple[Any, ...]]]:
+        """_fetch_jobs, also returning the rows read (unreadable ones included)."""
         jobs, unreadable = [], []
         columns = f"{HEADER_COLUMNS}, {PAYLOAD_SQL} AS payload" if with_payload else HEADER_COLUMNS
         async with self._reader_db.execute(
@@ -426,7 +456,7 @@ class Store:
                         unreadable.append((row[OBJECT_ID_INDEX], f"{type(exc).__name__}: {exc}"[:200]))
         for object_id, reason in unreadable:
             await self._set_aside(object_id, reason)
-        return jobs
+        return jobs, rows
 
     async def _set_aside(self, object_id: str, reason: str) -> None:
         """End a request whose row cannot be read back, so it never stops start-up, a page or
@@ -456,16 +486,50 @@ class Store:
         except Exception as exc:
             log.warning("%s: setting it aside failed: %s", object_id, exc)
 
-    async def queued_jobs(self) -> list[Job]:
-        """Every queued request, oldest first, without its payload: a backlog of megabyte
-        images is not read into memory to rebuild the queue. Rows of earlier releases that
-        lack a stored cost get their payload read once, to be costed."""
-        jobs = await self._fetch_jobs("status = 'queued'", with_payload=False)
+    async def backlog_summary(self) -> BacklogSummary:
+        """What start-up needs before the queued requests are read back page by page: how many
+        wait per executor type and class, and per service and user (the limits count them from
+        the first moment)."""
+        summary = BacklogSummary()
+        async with self._reader_db.execute("SELECT coalesce(max(seq), 0) FROM requests") as cursor:
+            row = await cursor.fetchone()
+            summary.last_seq = row[0] if row else 0
+        # `status IN (...)` lets SQLite use the partial index of pending rows.
+        pending = "status IN ('queued', 'generating') AND status = 'queued' AND seq <= ?"
+        async with self._reader_db.execute(
+            f"SELECT executor, premium, count(*) FROM requests WHERE {pending} GROUP BY 1, 2", (summary.last_seq,)
+        ) as cursor:
+            for executor, premium, count in await cursor.fetchall():
+                summary.by_line[ExecutorType(executor), bool(premium)] = count
+        # Counted here rather than by GROUP BY: SQLite sorts 100,000 distinct users slower than
+        # a dict counts them.
+        async with self._reader_db.execute(
+            # A row whose service_info is not JSON is set aside when its page is read.
+            "SELECT service, CASE WHEN json_valid(service_info) THEN json_extract(service_info, '$.user_id') END"
+            f" FROM requests WHERE {pending}",
+            (summary.last_seq,),
+        ) as cursor:
+            cursor.row_factory = None  # (service, user_id) tuples are the keys
+            summary.by_user = collections.Counter(cast("list[tuple[str, Any]]", await cursor.fetchall()))
+        return summary
+
+    async def queued_page(self, after_seq: int, last_seq: int, limit: int) -> tuple[list[Job], int | None]:
+        """The next `limit` queued requests after `after_seq` up to `last_seq`, oldest first,
+        without their payloads (a backlog of megabyte images is not read into memory to rebuild
+        the queue), and the seq to read on from (None: this was the last page). Rows of earlier
+        releases that lack a stored cost get their payload read once, to be costed."""
+        jobs, rows = await self._fetch_rows(
+            "status IN ('queued', 'generating') AND status = 'queued' AND seq > ? AND seq <= ?",
+            (after_seq, last_seq),
+            order="seq",
+            limit=limit,
+            with_payload=False,
+        )
         for job in jobs:
             if job.cost_units == 0.0:
                 job.payload = await self.load_payload(job.object_id)
                 job.payload_chars = len(json_text.dumps(job.payload))
-        return jobs
+        return jobs, (rows[-1][SEQ_INDEX] if len(rows) == limit else None)
 
     async def owed_finals(self, service: str) -> list[Job]:
         """Finished requests of `service` whose final message is still owed to a connection:

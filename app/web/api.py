@@ -152,7 +152,7 @@ async def cancel_request(request: web.Request) -> web.Response:
     """POST /api/v1/requests/{object_id}/cancel: cancel a queued or running request. The
     request is not deleted: it ends with the error "cancelled" and can still be fetched."""
     job = await _own_job(request)
-    outcome = request.app[keys.SCHEDULER].cancel(job.service, job.object_id)
+    outcome = await request.app[keys.SCHEDULER].cancel_request(job.service, job.object_id)
     if outcome is not CancelOutcome.CANCELLED:
         status = job.status.value if job.status.is_final or outcome is CancelOutcome.NOT_FOUND else "finishing"
         raise web.HTTPConflict(text=f"The request is {status}: nothing to cancel.")
@@ -177,16 +177,19 @@ async def mirrors(request: web.Request) -> web.Response:
 async def health(request: web.Request) -> web.Response:
     """GET /health (no key): 200 when the database takes a write and the scheduler runs."""
     reason = ""
-    if not request.app[keys.SCHEDULER].running:
+    scheduler = request.app[keys.SCHEDULER]
+    if not scheduler.running:
         reason = "the scheduler is not running"
     else:
         try:
             await request.app[keys.STORE].check_writable(HEALTH_WRITE_TIMEOUT_S)
         except Exception as exc:
             reason = f"the database takes no writes: {type(exc).__name__} {exc}".strip()
-    body = HealthSchema().dump(
-        {"status": "unavailable" if reason else "ok", "reason": reason or "database writable, scheduler running"}
-    )
+    fine = "database writable, scheduler running"
+    if scheduler.reading_backlog:
+        # Serving already; worth telling an operator who watches a restart with a long queue.
+        fine += ", reading back the queue stored before the start ({} of {} read)".format(*scheduler.backlog_progress())
+    body = HealthSchema().dump({"status": "unavailable" if reason else "ok", "reason": reason or fine})
     return web.json_response(body, status=503 if reason else 200)
 
 

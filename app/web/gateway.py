@@ -202,7 +202,7 @@ class _Connection:
                 ),
             )
             return
-        outcome = self._app[keys.SCHEDULER].cancel(self._service, object_id)
+        outcome = await self._app[keys.SCHEDULER].cancel_request(self._service, object_id)
         await hub.send_to(
             self._ws, info_message("cancel", CANCEL_ANSWERS[outcome], object_id=object_id, outcome=outcome.value)
         )
