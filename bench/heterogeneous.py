@@ -9,7 +9,8 @@ dispatches a waiting general request sat through.
 The backends learn nothing from the executors file (no `speed` hint): the balancer has to
 learn their speeds from their first jobs.
 
-Usage: .venv/bin/python -m bench.heterogeneous [--jobs N] [--seconds S]
+Usage: .venv/bin/python -m bench.heterogeneous [--jobs N] [--seconds S] [--seed K]
+(the issue's burst: --jobs 60 --seconds 30, jobs of 1-8 s on the 1x backends)
 """
 
 from __future__ import annotations
@@ -95,8 +96,9 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=500)
     parser.add_argument("--seconds", type=float, default=15.0, help="target ideal makespan")
+    parser.add_argument("--seed", type=int, default=7, help="which mix of job sizes")
     args = parser.parse_args()
-    jobs = mixed_jobs(args.jobs)
+    jobs = mixed_jobs(args.jobs, args.seed)
     total_units = sum(cost(job) for job in jobs)
     base_units_per_s = total_units / sum(SPEEDS.values()) / args.seconds
 

@@ -91,3 +91,22 @@ def test_an_arrival_during_the_backlog_read_waits_behind_the_unread_requests_of_
     queue.push_backlog(job("stored-2", False))
     queue.set_unread(False, 0)
     assert drain(queue) == ["stored-2", "new-general"]
+
+
+def test_placement_takes_the_largest_of_the_first_few_but_passes_a_job_over_at_most_that_often():
+    queue = WeightedQueue(1, 3)
+    queue.push(job("small", False, 1))
+    for index in range(20):
+        queue.push(job(f"big{index}", False, 10 + index % 3))
+    taken = [queue.pop(largest_within=4).object_id for _ in range(5)]
+    # Each pick takes the largest of the first 4; "small" is passed 4 times, then goes next.
+    assert taken == ["big2", "big1", "big4", "big5", "small"]
+
+
+def test_placement_keeps_the_class_ratio():
+    queue = WeightedQueue(1, 3)
+    for index in range(4):
+        queue.push(job(f"g{index}", False, index))
+        queue.push(job(f"p{index}", True, index))
+    classes = [queue.pop(largest_within=8).object_id[0] for _ in range(4)]
+    assert classes == ["p", "p", "g", "p"]

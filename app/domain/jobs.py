@@ -93,6 +93,8 @@ class Job:
     eta_due: float | None = field(default=None, repr=False, compare=False)
     eta_told_at: float = field(default=0.0, repr=False, compare=False)
     payload_chars: int = field(default=0, repr=False, compare=False)  # size of its JSON
+    # Times a later job of its class was taken before it (placement's bounded reordering).
+    passed_over: int = field(default=0, repr=False, compare=False)
     # Payload keys its backend does not know (payloads.UnknownFields), told after `queued`.
     unknown_fields: Any = field(default=None, repr=False, compare=False)
 

@@ -80,14 +80,20 @@ class WeightedQueue:
         self._arrived_early[job.premium].discard(id(job))
         return True
 
-    def pop(self, accept: Callable[[Job], bool] | None = None) -> Job | None:
+    def pop(self, accept: Callable[[Job], bool] | None = None, *, largest_within: int = 0) -> Job | None:
         """Take the next job, or None when nothing (acceptable) waits.
 
         `accept` lets the caller pass over jobs that cannot run now (say, ones that should
         not go back to the backend that just failed them); the first acceptable job of the
         class whose turn it is is taken, so a passed-over job keeps its place.
+
+        `largest_within` (placement by the dispatcher): of the first that many jobs of a class,
+        the largest acceptable one is taken, and `accept` sees them largest first. Big jobs
+        then start early, on the fast backends, and small ones fill in at the end of a burst.
+        The reordering is bounded: a job that later jobs of its class have passed
+        `largest_within` times is offered first, whatever its size.
         """
-        heads = {premium: self._first(premium, accept) for premium in (True, False)}
+        heads = {premium: self._first(premium, accept, largest_within) for premium in (True, False)}
         candidates = [premium for premium in (True, False) if heads[premium] is not None]
         if not candidates:
             return None
@@ -107,6 +113,10 @@ class WeightedQueue:
         if line[0] is job:
             line.popleft()
         else:
+            for ahead in line:
+                if ahead is job:
+                    break
+                ahead.passed_over += 1
             line.remove(job)
         self._units[job.premium] -= job.cost_units
         return job
@@ -116,11 +126,32 @@ class WeightedQueue:
         while older ones of their class are still unread)."""
         return len(self._jobs[premium]) - len(self._arrived_early[premium])
 
-    def _first(self, premium: bool, accept: Callable[[Job], bool] | None) -> Job | None:
-        for job in itertools.islice(self._jobs[premium], self._takeable(premium)):
+    def _first(self, premium: bool, accept: Callable[[Job], bool] | None, largest_within: int) -> Job | None:
+        line, takeable = self._jobs[premium], self._takeable(premium)
+        skipped = 0
+        if largest_within:
+            window = list(itertools.islice(line, min(takeable, largest_within)))
+            skipped = len(window)
+            if window and window[0].passed_over >= largest_within:
+                head = window.pop(0)  # passed over often enough: offered first, and once
+                if accept is None or accept(head):
+                    return head
+            for job in sorted(window, key=lambda job: job.cost_units, reverse=True):
+                if accept is None or accept(job):
+                    return job
+        for job in itertools.islice(line, skipped, takeable):
             if accept is None or accept(job):
                 return job
         return None
+
+    def heads(self, depth: int) -> list[Job]:
+        """The first `depth` takeable jobs of each class: those `pop(largest_within=depth)`
+        chooses among."""
+        return [
+            job
+            for premium in (True, False)
+            for job in itertools.islice(self._jobs[premium], min(self._takeable(premium), depth))
+        ]
 
     def __iter__(self) -> Iterator[Job]:
         yield from self._jobs[True]
@@ -163,11 +194,17 @@ class WeightedQueue:
         same, other, _ = self.picks_ahead(premium)
         return same + other
 
-    def picks_ahead(self, premium: bool) -> tuple[int, int, int]:
+    def larger_waiting(self, premium: bool, cost_units: float) -> list[float]:
+        """The costs of the waiting jobs of a class at least `cost_units` large: those taken
+        before a job of that cost where the dispatcher takes the largest first."""
+        return [job.cost_units for job in self._jobs[premium] if job.cost_units >= cost_units]
+
+    def picks_ahead(self, premium: bool, same: int | None = None) -> tuple[int, int, int]:
         """For a job of this class pushed now: (jobs of its class taken before it, jobs of the
         other class taken before it, further jobs of the other class that could still be
-        taken before it if they arrived now: the room the ratio leaves them)."""
-        same = self.waiting(premium)
+        taken before it if they arrived now: the room the ratio leaves them). `same` says
+        how many of its class go first, when not all of them (largest first)."""
+        same = self.waiting(premium) if same is None else same
         other = self.waiting(not premium)
         own_weight, other_weight = self._weights[premium], self._weights[not premium]
         if own_weight == 0:

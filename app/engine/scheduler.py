@@ -33,7 +33,7 @@ from app.engine.admission import Admission
 from app.engine.backlog import BacklogReader
 from app.engine.expiry import ExpiryLine
 from app.engine.outcome import Outcomes
-from app.engine.pool import PLACEMENT_WINDOW, BackendSlot, ExecutorPool, FasterLater, watch_health
+from app.engine.pool import LARGEST_FIRST_TAIL, PLACEMENT_WINDOW, BackendSlot, ExecutorPool, FasterLater, watch_health
 from app.engine.progress import ProgressReporter
 from app.image_check import ImageCheck
 from app.metrics import Metrics
@@ -434,7 +434,7 @@ class Scheduler:
                 later = FasterLater(
                     free,
                     [slot for slot in in_service if slot.job is not None],
-                    pool.queue.in_dispatch_order(PLACEMENT_WINDOW),
+                    pool.queue.heads(PLACEMENT_WINDOW),
                 )
 
                 def can_start(
@@ -447,7 +447,11 @@ class Scheduler:
                         return False
                     return not later.leave_for_later(job)
 
-                job = pool.queue.pop(accept=can_start)
+                # Largest first only near the end of a backlog, where the order decides when
+                # the last backend finishes; further up the line it would only make the
+                # estimates told with `queued` (which assume arrival order) less true.
+                tail = len(pool.queue) <= LARGEST_FIRST_TAIL * len(in_service)
+                job = pool.queue.pop(accept=can_start, largest_within=PLACEMENT_WINDOW if tail else 0)
                 if job is None:
                     break
                 choices = [slot for slot in free if slot.name not in job.avoid_backends] or free
