@@ -61,6 +61,7 @@ async def test_a_stored_row_that_cannot_be_read_back_does_not_stop_a_restart(sta
     restarted = await start_balancer([gpu])
     assert (await restarted.client.get("/health")).status == 200
     assert (await restarted.client.get("/status.json")).status == 200
+    await restarted.app[keys.SCHEDULER].backlog_loaded()  # the stored queue is read back while serving
     with sqlite3.connect(restarted.config.database_path) as db:
         status, result = db.execute(
             "SELECT status, result FROM requests WHERE object_id = ?", ("6b0000000000000000000001",)
