@@ -10,7 +10,8 @@ import pytest
 from app.backends.base import Backend, BackendSpec
 from app.domain.costs import REFERENCE_UNITS_PER_S, initial_units_per_s, payload_cost_units
 from app.domain.jobs import ExecutorType, GenType, Job
-from app.engine.pool import BackendSlot, BackendState, FasterLater
+from app.engine.placement import FasterLater
+from app.engine.pool import BackendSlot, BackendState
 from tests.conftest import new_job
 
 A1111, KANDINSKY = ExecutorType.AUTOMATIC1111, ExecutorType.KANDINSKY

@@ -23,6 +23,7 @@ from app.backends.base import Backend
 from app.config import Config
 from app.domain.costs import has_speed_hint, initial_units_per_s
 from app.domain.jobs import ExecutorType, Job
+from app.engine.placement import LARGEST_FIRST_TAIL, PLACEMENT_WINDOW
 from app.engine.queues import WeightedQueue
 
 log = logging.getLogger(__name__)
@@ -35,16 +36,6 @@ FIRST_PROBE_BACKOFF_S = 1.0
 # started jobs from the line and their free times are interleaved); jobs further ahead count
 # as work spread over the pool. Every intake pays for this replay, so it is kept short.
 REPLAYED_ROUNDS = 4
-# Placement: of the first PLACEMENT_WINDOW jobs of a class the dispatcher takes the largest
-# (WeightedQueue.pop), and may leave one for a faster busy backend (FasterLater) if that
-# backend is expected to finish it sooner by more than HOLD_MARGIN. A job is passed over by
-# later jobs of its class at most PLACEMENT_WINDOW times. In a replay of 20 bursts of 60
-# mixed jobs on speeds 1, 1, 2, 4, a window of 4 / 8 / 12 gave makespans of 1.017 / 1.011 /
-# 1.003 x ideal (median) and 1.065 / 1.04 / 1.13 (worst); in-order earliest finish 1.029 / 1.51.
-PLACEMENT_WINDOW = 8
-HOLD_MARGIN = 0.1
-# Largest first applies once no more than this many jobs per backend in service wait.
-LARGEST_FIRST_TAIL = 2
 # Arrival rates (for the requests expected to pass a waiting one) are counted over this window.
 ARRIVAL_WINDOW_S = 60.0
 
@@ -200,48 +191,6 @@ async def watch_health(slot: BackendSlot, config: Config, on_up: Callable[[], No
         slot.last_error = reason
         await _sleep_or_wake(slot, down_wait_s)
         down_wait_s = min(down_wait_s * 2, config.probe_backoff_max_s)
-
-
-class FasterLater:
-    """Placement by earliest finish, for one pick of the dispatcher: a waiting job among the
-    first PLACEMENT_WINDOW of its class is left for a busy backend when that backend is
-    expected to finish it sooner (by more than HOLD_MARGIN) than any free one, counting the
-    jobs already left for it in this pick. So large jobs wait a moment for fast GPUs and small
-    ones go to the slow GPUs meanwhile; a job further back is never passed over for this, and a
-    free backend idles only while every job in the window is expected sooner elsewhere."""
-
-    def __init__(self, free: list[BackendSlot], busy: list[BackendSlot], window: list[Job]) -> None:
-        now = time.monotonic()
-        self._free = free
-        # Each busy backend and the seconds until it is free, advanced as jobs are left for it.
-        self._busy = [_FreeAt(slot, slot.seconds_until_free(now)) for slot in busy]
-        self._window = {id(job) for job in window}
-
-    def leave_for_later(self, job: Job) -> bool:
-        if not self._busy or id(job) not in self._window:
-            return False
-        best_free = min(
-            (job.cost_units / slot.units_per_s for slot in self._free if slot.name not in job.avoid_backends),
-            default=float("inf"),
-        )
-        waits = [entry for entry in self._busy if entry.slot.name not in job.avoid_backends]
-        if not waits:
-            return False
-        best = min(waits, key=lambda entry: entry.finish_s(job))
-        finish = best.finish_s(job)
-        if finish >= best_free * (1 - HOLD_MARGIN):
-            return False
-        best.seconds = finish  # that backend's next job, as far as this pick is concerned
-        return True
-
-
-@dataclass
-class _FreeAt:
-    slot: BackendSlot
-    seconds: float
-
-    def finish_s(self, job: Job) -> float:
-        return self.seconds + job.cost_units / self.slot.units_per_s
 
 
 def _when_free(serving: list[BackendSlot]) -> list[tuple[float, float, int]]:

@@ -33,7 +33,8 @@ from app.engine.admission import Admission
 from app.engine.backlog import BacklogReader
 from app.engine.expiry import ExpiryLine
 from app.engine.outcome import Outcomes
-from app.engine.pool import LARGEST_FIRST_TAIL, PLACEMENT_WINDOW, BackendSlot, ExecutorPool, FasterLater, watch_health
+from app.engine.placement import next_placement
+from app.engine.pool import BackendSlot, ExecutorPool, watch_health
 from app.engine.progress import ProgressReporter
 from app.image_check import ImageCheck
 from app.metrics import Metrics
@@ -425,38 +426,8 @@ class Scheduler:
         if self._stopping:
             return
         for pool in self.pools.values():
-            while len(pool.queue):
-                free = pool.available_slots()
-                if not free:
-                    break
-                in_service = pool.in_service()
-                serving = {slot.name for slot in in_service}
-                later = FasterLater(
-                    free,
-                    [slot for slot in in_service if slot.job is not None],
-                    pool.queue.heads(PLACEMENT_WINDOW),
-                )
-
-                def can_start(
-                    job: Job, free: list[BackendSlot] = free, serving: set[str] = serving, later: FasterLater = later
-                ) -> bool:
-                    # A retried job waits for a backend that has not failed it yet, unless
-                    # every backend in service already has; a job that a busy backend would
-                    # finish sooner is left for it (FasterLater).
-                    if not (any(slot.name not in job.avoid_backends for slot in free) or serving <= job.avoid_backends):
-                        return False
-                    return not later.leave_for_later(job)
-
-                # Largest first only near the end of a backlog, where the order decides when
-                # the last backend finishes; further up the line it would only make the
-                # estimates told with `queued` (which assume arrival order) less true.
-                tail = len(pool.queue) <= LARGEST_FIRST_TAIL * len(in_service)
-                job = pool.queue.pop(accept=can_start, largest_within=PLACEMENT_WINDOW if tail else 0)
-                if job is None:
-                    break
-                choices = [slot for slot in free if slot.name not in job.avoid_backends] or free
-                # Of the free backends, the one expected to finish this job first.
-                slot = min(choices, key=lambda s: s.expected_s(job.cost_units))
+            while (placed := next_placement(pool)) is not None:
+                job, slot = placed
                 self._start(pool, slot, self._tracked[job.object_id])
 
     def _start(self, pool: ExecutorPool, slot: BackendSlot, tracked: TrackedRequest) -> None:
