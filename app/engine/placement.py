@@ -6,8 +6,9 @@ that
 - a job among the first PLACEMENT_WINDOW of its class is left for a busy backend that is
   expected to finish it sooner (FasterLater): large jobs wait a moment for fast GPUs while
   the slow ones take the small jobs behind them;
-- near the end of a backlog (LARGEST_FIRST_TAIL), the largest of those first few goes first,
-  so the last backend to finish is not a slow one still busy with a big job.
+- near the end of a backlog that is running out (LARGEST_FIRST_TAIL, ExecutorPool.draining),
+  the largest of those first few goes first, so the last backend to finish is not a slow one
+  still busy with a big job.
 A job is passed over by later jobs of its class at most PLACEMENT_WINDOW times.
 """
 
@@ -51,10 +52,11 @@ def next_placement(pool: ExecutorPool) -> tuple[Job, BackendSlot] | None:
             return False
         return not later.leave_for_later(job)
 
-    # Largest first only near the end of a backlog, where the order decides when the last
-    # backend finishes; further up the line it would only make the estimates told with
-    # `queued` (which assume arrival order) less true.
-    tail = len(pool.queue) <= LARGEST_FIRST_TAIL * len(in_service)
+    # Largest first only near the end of a backlog that is running out, where the order
+    # decides when the last backend finishes; further up the line, or in a steady flow of
+    # requests, it would only pass small jobs over and make the estimates told with `queued`
+    # (which assume arrival order) less true.
+    tail = len(pool.queue) <= LARGEST_FIRST_TAIL * len(in_service) and pool.draining(in_service)
     job = pool.queue.pop(accept=can_start, largest_within=PLACEMENT_WINDOW if tail else 0)
     if job is None:
         return None

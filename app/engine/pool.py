@@ -265,6 +265,17 @@ class ExecutorPool:
         while arrivals and arrivals[0] < now - ARRIVAL_WINDOW_S:
             arrivals.popleft()
 
+    def draining(self, serving: list[BackendSlot]) -> bool:
+        """Whether the line is running out rather than being fed: nothing has arrived for as
+        long as the backends in service take to do the work waiting. Only then is the order
+        of the last jobs worth changing (largest first, app/engine/placement.py); in a steady
+        flow it would only pass small jobs over."""
+        latest = max((arrivals[-1] for arrivals in self._arrivals.values() if arrivals), default=None)
+        if latest is None:
+            return True
+        speed = sum(slot.units_per_s for slot in serving)
+        return speed > 0 and time.monotonic() - latest >= self.queue.waiting_units / speed
+
     def arrival_rate(self, premium: bool) -> float:
         """Requests of this class queued per second, over the last ARRIVAL_WINDOW_S."""
         arrivals = self._arrivals[premium]
@@ -288,7 +299,7 @@ class ExecutorPool:
         serving = self.in_service()
         if not serving:
             return None
-        if len(self.queue) + 1 <= LARGEST_FIRST_TAIL * len(serving):
+        if len(self.queue) + 1 <= LARGEST_FIRST_TAIL * len(serving) and self.draining(serving):
             # The tail of a backlog, where the dispatcher takes the largest first: only the
             # jobs of its class at least as large go before it.
             larger = self.queue.larger_waiting(premium, cost_units)
