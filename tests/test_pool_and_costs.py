@@ -11,7 +11,7 @@ from app.backends.base import Backend, BackendSpec
 from app.domain.costs import REFERENCE_UNITS_PER_S, initial_units_per_s, payload_cost_units
 from app.domain.jobs import ExecutorType, GenType, Job
 from app.engine.placement import FasterLater
-from app.engine.pool import BackendSlot, BackendState
+from app.engine.pool import BackendSlot, BackendState, ExecutorPool
 from tests.conftest import new_job
 
 A1111, KANDINSKY = ExecutorType.AUTOMATIC1111, ExecutorType.KANDINSKY
@@ -112,3 +112,15 @@ def test_a_large_job_waits_a_moment_for_the_fast_gpu_and_a_small_one_does_not():
     assert later.leave_for_later(second_large)  # 11 s + 10 s still beats 40 s
     beyond_window = job_of(39.0)
     assert not later.leave_for_later(beyond_window)  # never passed over outside the window
+
+
+def test_the_last_jobs_are_reordered_only_while_nothing_feeds_the_line():
+    gpu = busy_slot("gpu", 10.0, 0.0)
+    gpu.job = None
+    gpu.up = gpu.probed = True
+    pool = ExecutorPool(A1111, (1, 3))
+    pool.slots.append(gpu)
+    pool.queue.push(job_of(5.0))  # half a second of work for this GPU
+    assert pool.draining([gpu])  # nothing has arrived at all: a backlog read back, say
+    pool.note_arrival(premium=False)
+    assert not pool.draining([gpu])  # a request came in less than half a second ago
