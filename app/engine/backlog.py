@@ -30,10 +30,13 @@ log = logging.getLogger(__name__)
 # Rows turned into queued jobs per step. Each page holds the event loop for about 20 ms on a
 # 2-core machine (intake and dispatch run between pages); larger pages gain little.
 BACKLOG_PAGE_ROWS = 1000
+# A page the database refused to read is asked for again after this.
 RETRY_S = 1.0
 
 
 class BacklogReader:
+    """Reads one start's backlog back; `loaded` is set once it is all held (or reading stopped)."""
+
     def __init__(
         self,
         store: Store,
@@ -97,6 +100,11 @@ class BacklogReader:
                 self.read += len(page)
                 self._tell_queues()
                 self._dispatch()
+        except Exception:
+            # A bug, not the database (its refusals are retried above). The rows not read stay
+            # queued in SQLite and resume at the next start; this run serves what it holds.
+            log.exception("reading the queued backlog back stopped after %d of %d requests", self.read, self.total)
+            raise
         finally:
             if fetching is not None:
                 fetching.cancel()
