@@ -54,7 +54,6 @@ class BacklogReader:
         self._page_rows = page_rows
         self._unread: dict[tuple[ExecutorType, bool], int] = {}
         self._task: asyncio.Task[None] | None = None
-        self._after_seq = 0  # where the page being fetched starts
         self.loaded = asyncio.Event()
         self.read = 0
         self.total = 0
@@ -78,17 +77,20 @@ class BacklogReader:
         """Read the queued requests up to `last_seq` (what arrives later is queued by intake).
         The next page is fetched (on the database's thread) while this one is queued."""
         started = time.monotonic()
-        fetching: asyncio.Task[tuple[list[Job], int | None]] | None = self._fetch(0, last_seq)
+        fetching_from: int | None = 0  # where the page being fetched starts
+        fetching = self._fetch(0, last_seq)
         try:
-            while fetching is not None:
+            while fetching_from is not None:
                 try:
                     page, after_seq = await fetching
                 except Exception as exc:  # the database refused a read: try that page again
                     log.warning("reading the queued backlog back failed (%s); trying again in %g s", exc, RETRY_S)
                     await asyncio.sleep(RETRY_S)
-                    fetching = self._fetch(self._after_seq, last_seq)
+                    fetching = self._fetch(fetching_from, last_seq)
                     continue
-                fetching = None if after_seq is None else self._fetch(after_seq, last_seq)
+                fetching_from = after_seq
+                if after_seq is not None:
+                    fetching = self._fetch(after_seq, last_seq)
                 # What is read here lives until it is dispatched: kept out of the cycle
                 # collector's full passes, which would otherwise walk the growing queue again
                 # and again (see no_cycle_collection).
@@ -106,8 +108,7 @@ class BacklogReader:
             log.exception("reading the queued backlog back stopped after %d of %d requests", self.read, self.total)
             raise
         finally:
-            if fetching is not None:
-                fetching.cancel()
+            fetching.cancel()  # a page fetched ahead, if reading stopped before it
             # Done (or stopped): nothing unread holds arrivals back any longer.
             self._unread.clear()
             self._tell_queues()
@@ -123,7 +124,6 @@ class BacklogReader:
         self._dispatch()
 
     def _fetch(self, after_seq: int, last_seq: int) -> asyncio.Task[tuple[list[Job], int | None]]:
-        self._after_seq = after_seq
         return asyncio.create_task(self._store.queued_page(after_seq, last_seq, self._page_rows))
 
     def _tell_queues(self) -> None:

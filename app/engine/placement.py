@@ -56,8 +56,8 @@ def next_placement(pool: ExecutorPool) -> tuple[Job, BackendSlot] | None:
     # decides when the last backend finishes; further up the line, or in a steady flow of
     # requests, it would only pass small jobs over and make the estimates told with `queued`
     # (which assume arrival order) less true.
-    tail = len(pool.queue) <= LARGEST_FIRST_TAIL * len(in_service) and pool.draining(in_service)
-    job = pool.queue.pop(accept=can_start, largest_within=PLACEMENT_WINDOW if tail else 0)
+    largest_first = pool.largest_first(in_service)
+    job = pool.queue.pop(accept=can_start, largest_within=PLACEMENT_WINDOW if largest_first else 0)
     if job is None:
         return None
     choices = [slot for slot in free if slot.name not in job.avoid_backends] or free

@@ -265,6 +265,12 @@ class ExecutorPool:
         while arrivals and arrivals[0] < now - ARRIVAL_WINDOW_S:
             arrivals.popleft()
 
+    def largest_first(self, serving: list[BackendSlot], arriving: int = 0) -> bool:
+        """Whether the dispatcher takes the largest of the first jobs of a class (placement.py):
+        near the end of a line that is running out, at most LARGEST_FIRST_TAIL jobs per backend
+        in service waiting (`arriving` more counted in), and the line draining."""
+        return len(self.queue) + arriving <= LARGEST_FIRST_TAIL * len(serving) and self.draining(serving)
+
     def draining(self, serving: list[BackendSlot]) -> bool:
         """Whether the line is running out rather than being fed: nothing has arrived for as
         long as the backends in service take to do the work waiting. Only then is the order
@@ -299,7 +305,7 @@ class ExecutorPool:
         serving = self.in_service()
         if not serving:
             return None
-        if len(self.queue) + 1 <= LARGEST_FIRST_TAIL * len(serving) and self.draining(serving):
+        if self.largest_first(serving, arriving=1):
             # The tail of a backlog, where the dispatcher takes the largest first: only the
             # jobs of its class at least as large go before it.
             larger = self.queue.larger_waiting(premium, cost_units)

@@ -73,6 +73,11 @@ def _unchanged_on_failure(job: Job) -> Iterator[None]:
         raise
 
 
+# Queued rows; the `status IN (...)` term lets SQLite use the partial index of pending rows
+# (a bare `status = 'queued'` scans the whole table).
+QUEUED_ROWS_SQL = "status IN ('queued', 'generating') AND status = 'queued'"
+
+
 @dataclass
 class BacklogSummary:
     """Queued requests in the database: how many per (executor type, premium) and per
@@ -494,8 +499,7 @@ class Store:
         async with self._reader_db.execute("SELECT coalesce(max(seq), 0) FROM requests") as cursor:
             row = await cursor.fetchone()
             summary.last_seq = row[0] if row else 0
-        # `status IN (...)` lets SQLite use the partial index of pending rows.
-        pending = "status IN ('queued', 'generating') AND status = 'queued' AND seq <= ?"
+        pending = f"{QUEUED_ROWS_SQL} AND seq <= ?"
         async with self._reader_db.execute(
             f"SELECT executor, premium, count(*) FROM requests WHERE {pending} GROUP BY 1, 2", (summary.last_seq,)
         ) as cursor:
@@ -519,7 +523,7 @@ class Store:
         the queue), and the seq to read on from (None: this was the last page). Rows of earlier
         releases that lack a stored cost get their payload read once, to be costed."""
         jobs, rows = await self._fetch_rows(
-            "status IN ('queued', 'generating') AND status = 'queued' AND seq > ? AND seq <= ?",
+            f"{QUEUED_ROWS_SQL} AND seq > ? AND seq <= ?",
             (after_seq, last_seq),
             order="seq",
             limit=limit,
