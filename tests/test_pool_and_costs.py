@@ -10,7 +10,7 @@ import pytest
 from app.backends.base import Backend, BackendSpec
 from app.domain.costs import REFERENCE_UNITS_PER_S, initial_units_per_s, payload_cost_units
 from app.domain.jobs import ExecutorType, GenType, Job
-from app.engine.placement import FasterLater
+from app.engine.placement import PLACEMENT_WINDOW, next_placement, where_done_first
 from app.engine.pool import BackendSlot, BackendState, ExecutorPool
 from tests.conftest import new_job
 
@@ -101,26 +101,59 @@ def job_of(units: float) -> Job:
     return new_job(object_id=f"{int(units):024x}"[-24:], executor=A1111, payload={}, cost_units=units)
 
 
-def test_a_large_job_waits_a_moment_for_the_fast_gpu_and_a_small_one_does_not():
-    slow_free = busy_slot("slow", 1.0, 0.0)
-    slow_free.job = None
-    fast_busy = busy_slot("fast", 4.0, 1.0)  # frees in 1 s
+def test_a_job_goes_where_it_is_done_first_with_a_margin_for_starting_now():
+    free_s, speeds = [0.0, 1.0], [1.0, 4.0]  # a slow GPU free now, a 4x one free in 1 s
+    assert where_done_first(free_s, speeds, 40.0) == 1  # 11 s on the fast one, 40 s on the slow
+    assert where_done_first(free_s, speeds, 0.5) == 0  # 0.5 s now beats 1.125 s
+    assert where_done_first(free_s, speeds, 1.2) == 0  # 1.2 s now; 1.3 s is not sooner
+    assert where_done_first(free_s, speeds, 4.0) == 1  # 2 s beats 4 s by far more than the margin
+    assert where_done_first([0.0, 0.0], speeds, 1.0) == 1  # both free: the fast one
+
+
+def idle_pool(*slots: BackendSlot, ratio: tuple[int, int] = (1, 3)) -> ExecutorPool:
+    pool = ExecutorPool(A1111, ratio)
+    for gpu in slots:
+        gpu.up = gpu.probed = True
+        pool.slots.append(gpu)
+    return pool
+
+
+def queue_jobs(pool: ExecutorPool, *jobs: Job) -> None:
+    for job in jobs:
+        pool.queue.push(job)
+        pool.note_arrival(job.premium)  # just arrived: a line being fed, kept in its order
+
+
+def run_on(gpu: BackendSlot, job: Job) -> None:
+    gpu.job, gpu.started_monotonic = job, time.monotonic()
+
+
+def test_a_large_job_waits_a_moment_for_the_fast_gpu_while_a_small_one_takes_the_slow_one():
+    slow, fast = busy_slot("slow", 1.0, 0.0), busy_slot("fast", 4.0, 1.0)  # the fast one frees in 1 s
+    slow.job = None
+    pool = idle_pool(slow, fast)
     large, small, second_large = job_of(40.0), job_of(2.0), job_of(40.1)
-    later = FasterLater([slow_free], [fast_busy], [large, small, second_large])
-    assert later.leave_for_later(large)  # 1 s + 10 s on the fast one, 40 s on the slow one
-    assert not later.leave_for_later(small)  # 2 s on the slow one now beats 11 s + 0.5 s
-    assert later.leave_for_later(second_large)  # 11 s + 10 s still beats 40 s
-    beyond_window = job_of(39.0)
-    assert not later.leave_for_later(beyond_window)  # never passed over outside the window
+    queue_jobs(pool, large, small, second_large)
+
+    # The large job counts on the fast GPU (11 s against 40 s); the small one behind it
+    # would wait until 11.5 s there, so it takes the slow one now.
+    assert next_placement(pool) == (small, slow)
+    run_on(slow, small)
+    # The second large job is done sooner after the first on the fast GPU (21 s) than after
+    # the small one on the slow GPU (42 s): nothing starts.
+    assert next_placement(pool) is None
+
+    fast.free()
+    assert next_placement(pool) == (large, fast)
 
 
-def test_the_last_jobs_are_reordered_only_while_nothing_feeds_the_line():
-    gpu = busy_slot("gpu", 10.0, 0.0)
-    gpu.job = None
-    gpu.up = gpu.probed = True
-    pool = ExecutorPool(A1111, (1, 3))
-    pool.slots.append(gpu)
-    pool.queue.push(job_of(5.0))  # half a second of work for this GPU
-    assert pool.draining([gpu])  # nothing has arrived at all: a backlog read back, say
-    pool.note_arrival(premium=False)
-    assert not pool.draining([gpu])  # a request came in less than half a second ago
+def test_a_job_further_back_than_the_window_takes_a_free_backend_at_once():
+    slow, fast = busy_slot("slow", 1.0, 0.0), busy_slot("fast", 100.0, 0.1)  # the fast one frees in 0.1 s
+    slow.job = None
+    pool = idle_pool(slow, fast)
+    # Every job would be done sooner on the fast GPU after those ahead of it (0.1 s + 0.01 s
+    # each) than on the slow one (1 s), but only the first PLACEMENT_WINDOW may wait for it.
+    jobs = [job_of(1.0 + index / 100) for index in range(PLACEMENT_WINDOW + 2)]
+    queue_jobs(pool, *jobs)
+    placed, gpu = next_placement(pool)
+    assert gpu is slow and placed is jobs[PLACEMENT_WINDOW]

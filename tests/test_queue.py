@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import random
 import time
+
+import pytest
 
 from app.domain.jobs import ExecutorType, GenType, Job
 from app.engine.queues import WeightedQueue
@@ -71,10 +74,28 @@ def test_picks_before_a_new_job_follow_the_ratio():
         queue.push(job(f"g{index}", False))
     for index in range(6):
         queue.push(job(f"p{index}", True))
-    # A new premium job waits for the 6 premium ahead and ceil(7/3) = 3 general.
-    assert queue.picks_before_new(True) == 9
+    # From fresh credits the order is P P G P, repeating: a new premium job (the 7th) waits
+    # for the 6 premium ahead and the 2 general picked among them.
+    assert queue.picks_before_new(True) == 8
     # A new general job waits for the 6 general ahead and all 6 premium (3 per general).
     assert queue.picks_before_new(False) == 12
+
+
+@pytest.mark.parametrize("ratio", [(1, 3), (2, 3), (3, 1), (1, 1), (0, 1), (1, 0)])
+def test_the_count_ahead_of_a_new_job_is_what_the_dispatcher_then_takes_before_it(ratio):
+    """Whatever the round-robin's credits when a job arrives, the estimate counts exactly
+    the jobs popped before it."""
+    rng = random.Random(5)
+    for _ in range(200):
+        queue = WeightedQueue(*ratio)
+        for index in range(rng.randint(0, 12)):
+            queue.push(job(f"w{index}", rng.random() < 0.5))
+        for _ in range(rng.randint(0, 6)):  # move the credits somewhere along the cycle
+            queue.pop()
+        premium = rng.random() < 0.5
+        expected = queue.picks_before_new(premium)
+        queue.push(job("new", premium))
+        assert drain(queue).index("new") == expected
 
 
 def test_an_arrival_during_the_backlog_read_waits_behind_the_unread_requests_of_its_class():

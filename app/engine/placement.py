@@ -1,21 +1,36 @@
-"""Which waiting job goes to which free backend, now: the dispatcher's one decision.
+"""Which waiting job goes to which free backend, now: the dispatcher's one decision, and the
+rule its estimates replay.
 
-Of the free backends, a job goes to the one expected to finish it first. Which job: the
-class whose turn it is by the premium ratio (WeightedQueue), and within it the oldest, except
-that
-- a job among the first PLACEMENT_WINDOW of its class is left for a busy backend that is
-  expected to finish it sooner (FasterLater): large jobs wait a moment for fast GPUs while
-  the slow ones take the small jobs behind them;
+The dispatcher walks the line of the class whose turn it is by the premium ratio
+(WeightedQueue.turn_order), in arrival order, then the other class's, and gives each job the
+backend where it will be done first (`where_done_first`): of the backends that can start it soonest,
+the fastest, unless a busy one is expected to finish it sooner by more than HOLD_MARGIN. A job
+whose best backend is busy is counted on it (that backend's next job, as far as this walk is
+concerned) and the walk goes on, so large jobs wait a moment for fast GPUs while the small
+jobs behind them take the slow ones. The first job whose best backend is free gets it.
+
+The estimates (app/engine/pool.py, _Replay) place the waiting jobs in dispatch order by the
+same function, so what a client is told is what the dispatcher will do unless something
+changes.
+
+Bounds:
+- only the first PLACEMENT_WINDOW jobs of each class may wait for a busy backend; a job
+  further back takes a free one (a free backend idles only while every job in the window is
+  expected done sooner elsewhere);
+- a job taken while those of the class whose turn it is all wait for busy backends does not
+  use up its class's turn (WeightedQueue.take), so the ratio holds as dispatched;
+- a job is passed over by later jobs of its class at most PLACEMENT_WINDOW times, then takes
+  the first free backend;
 - near the end of a backlog that is running out (LARGEST_FIRST_TAIL, ExecutorPool.draining),
-  the largest of those first few goes first, so the last backend to finish is not a slow one
-  still busy with a big job.
-A job is passed over by later jobs of its class at most PLACEMENT_WINDOW times.
+  the first PLACEMENT_WINDOW jobs of a class are walked largest first, so the last backend to
+  finish is not a slow one still busy with a big job.
 """
 
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from app.domain.jobs import Job
@@ -24,7 +39,7 @@ if TYPE_CHECKING:
     from app.engine.pool import BackendSlot, ExecutorPool
 
 # Chosen by replaying 20 seeded bursts of 60 mixed jobs on speeds 1, 1, 2, 4 with exact speeds
-# (makespan / ideal, median and worst): in arrival order with FasterLater, 1.029 and 1.51;
+# (makespan / ideal, median and worst): in arrival order with earliest finish, 1.029 and 1.51;
 # largest first over the whole backlog with a window of 4 / 8 / 12, 1.017 / 1.011 / 1.003 and
 # 1.065 / 1.04 / 1.13; largest first (window 8) only once at most 1 / 2 / 3 jobs per backend
 # wait, 1.023 / 1.011 / 1.007 and 1.054 / 1.03 / 1.022. The tail rule keeps most of the gain
@@ -33,75 +48,56 @@ PLACEMENT_WINDOW = 8
 HOLD_MARGIN = 0.1
 # Largest first applies once no more than this many jobs per backend in service wait.
 LARGEST_FIRST_TAIL = 2
+# A busy backend whose job has run past its expected end is counted as freeing this soon.
+OVERDUE_S = 0.001
+
+
+def where_done_first(free_s: Sequence[float], speeds: Sequence[float], cost_units: float) -> int:
+    """The index of the backend a job of this cost goes to, given when each backend is free
+    (seconds from now) and its speed: of those free soonest, the fastest, unless another is
+    expected to finish it sooner by more than HOLD_MARGIN. (A plain loop: every estimate calls
+    this for each job it replays.)"""
+    soonest = min(free_s)
+    first = best = 0
+    first_speed = best_speed = 0.0
+    first_done = best_done = math.inf
+    for index, free in enumerate(free_s):
+        speed = speeds[index]
+        done = free + cost_units / speed
+        if done < best_done or (done == best_done and speed > best_speed):
+            best, best_done, best_speed = index, done, speed
+        if free <= soonest and speed > first_speed:
+            first, first_done, first_speed = index, done, speed
+    return best if best_done < first_done * (1 - HOLD_MARGIN) else first
 
 
 def next_placement(pool: ExecutorPool) -> tuple[Job, BackendSlot] | None:
     """The next job of `pool`'s line and the free backend to run it, taken off the line; None
     when no free backend should take anything now."""
-    free = pool.available_slots()
-    if not free or not len(pool.queue):
+    if not len(pool.queue) or not any(slot.available for slot in pool.slots):
         return None
     in_service = pool.in_service()
-    serving = {slot.name for slot in in_service}
-    later = FasterLater(free, [slot for slot in in_service if slot.job is not None], pool.queue.heads(PLACEMENT_WINDOW))
-
-    def can_start(job: Job) -> bool:
-        # A retried job waits for a backend that has not failed it yet, unless every backend
-        # in service already has; a job that a busy backend would finish sooner is left for it.
-        if not (any(slot.name not in job.avoid_backends for slot in free) or serving <= job.avoid_backends):
-            return False
-        return not later.leave_for_later(job)
-
-    # Largest first only near the end of a backlog that is running out, where the order
-    # decides when the last backend finishes; further up the line, or in a steady flow of
-    # requests, it would only pass small jobs over and make the estimates told with `queued`
-    # (which assume arrival order) less true.
-    largest_first = pool.largest_first(in_service)
-    job = pool.queue.pop(accept=can_start, largest_within=PLACEMENT_WINDOW if largest_first else 0)
-    if job is None:
-        return None
-    choices = [slot for slot in free if slot.name not in job.avoid_backends] or free
-    # Of the free backends, the one expected to finish this job first.
-    return job, min(choices, key=lambda slot: slot.expected_s(job.cost_units))
-
-
-class FasterLater:
-    """Placement by earliest finish, for one pick of the dispatcher: a waiting job among the
-    first PLACEMENT_WINDOW of its class is left for a busy backend when that backend is
-    expected to finish it sooner (by more than HOLD_MARGIN) than any free one, counting the
-    jobs already left for it in this pick. So large jobs wait a moment for fast GPUs and small
-    ones go to the slow GPUs meanwhile; a job further back is never passed over for this, and a
-    free backend idles only while every job in the window is expected sooner elsewhere."""
-
-    def __init__(self, free: list[BackendSlot], busy: list[BackendSlot], window: list[Job]) -> None:
-        now = time.monotonic()
-        self._free = free
-        # Each busy backend and the seconds until it is free, advanced as jobs are left for it.
-        self._busy = [_FreeAt(slot, slot.seconds_until_free(now)) for slot in busy]
-        self._window = {id(job) for job in window}
-
-    def leave_for_later(self, job: Job) -> bool:
-        if not self._busy or id(job) not in self._window:
-            return False
-        best_free = min(
-            (job.cost_units / slot.units_per_s for slot in self._free if slot.name not in job.avoid_backends),
-            default=float("inf"),
-        )
-        waits = [entry for entry in self._busy if entry.slot.name not in job.avoid_backends]
-        if not waits:
-            return False
-        best = min(waits, key=lambda entry: entry.finish_s(job))
-        finish = best.finish_s(job)
-        if finish >= best_free * (1 - HOLD_MARGIN):
-            return False
-        best.seconds = finish  # that backend's next job, as far as this pick is concerned
-        return True
-
-
-@dataclass
-class _FreeAt:
-    slot: BackendSlot
-    seconds: float
-
-    def finish_s(self, job: Job) -> float:
-        return self.seconds + job.cost_units / self.slot.units_per_s
+    now = time.monotonic()
+    # When each backend in service is free, as this walk counts jobs on the busy ones.
+    free_s = [max(OVERDUE_S, slot.seconds_until_free(now)) if slot.job is not None else 0.0 for slot in in_service]
+    speeds = [slot.units_per_s for slot in in_service]
+    largest_within = PLACEMENT_WINDOW if pool.largest_first(in_service) else 0
+    for turn, premium in enumerate(pool.queue.turn_order()):
+        for place, job in enumerate(pool.queue.class_order(premium, largest_within)):
+            # A retried job goes to a backend that has not failed it yet, unless every backend
+            # in service already has.
+            allowed = [index for index, slot in enumerate(in_service) if slot.name not in job.avoid_backends]
+            allowed = allowed or list(range(len(in_service)))
+            if not any(in_service[index].job is None for index in allowed):
+                continue
+            if place < PLACEMENT_WINDOW and job.passed_over < PLACEMENT_WINDOW:
+                at = where_done_first([free_s[i] for i in allowed], [speeds[i] for i in allowed], job.cost_units)
+                chosen = allowed[at]
+            else:
+                chosen = max((i for i in allowed if in_service[i].job is None), key=lambda index: speeds[index])
+            slot = in_service[chosen]
+            if slot.job is None:
+                pool.queue.take(job, in_turn=turn == 0)
+                return job, slot
+            free_s[chosen] += job.cost_units / speeds[chosen]  # it waits for this busy backend
+    return None

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import enum
-import heapq
 import logging
 import time
 from collections.abc import Callable
@@ -23,7 +22,7 @@ from app.backends.base import Backend
 from app.config import Config
 from app.domain.costs import has_speed_hint, initial_units_per_s
 from app.domain.jobs import ExecutorType, Job
-from app.engine.placement import LARGEST_FIRST_TAIL, PLACEMENT_WINDOW
+from app.engine.placement import LARGEST_FIRST_TAIL, where_done_first
 from app.engine.queues import WeightedQueue
 
 log = logging.getLogger(__name__)
@@ -195,13 +194,30 @@ async def watch_health(slot: BackendSlot, config: Config, on_up: Callable[[], No
         down_wait_s = min(down_wait_s * 2, config.probe_backoff_max_s)
 
 
-def _when_free(serving: list[BackendSlot]) -> list[tuple[float, float, int]]:
-    """A heap of (seconds until free, faster first on a tie, index in `serving`): an idle
-    backend is free now. The replays of the estimates start from it."""
-    now = time.monotonic()
-    free = [(slot.seconds_until_free(now), -slot.units_per_s, index) for index, slot in enumerate(serving)]
-    heapq.heapify(free)
-    return free
+class _Replay:
+    """The dispatcher's next moves, replayed for an estimate: when each backend in service is
+    free (from its running job's expected end), then each job placed in turn by the
+    dispatcher's own rule (app/engine/placement.py, where_done_first): a job waits for a busy,
+    faster backend when that finishes it sooner, and the jobs behind take the free ones."""
+
+    def __init__(self, serving: list[BackendSlot]) -> None:
+        now = time.monotonic()
+        self.free_s = [slot.seconds_until_free(now) for slot in serving]
+        self.speeds = [slot.units_per_s for slot in serving]
+        self.total_speed = sum(self.speeds)
+
+    def best(self, cost_units: float, later_s: float = 0.0) -> tuple[int, float]:
+        """(backend index, seconds until done) for a job of this cost, every backend `later_s`
+        busier than now."""
+        free_s = [free_s + later_s for free_s in self.free_s] if later_s else self.free_s
+        index = where_done_first(free_s, self.speeds, cost_units)
+        return index, free_s[index] + cost_units / self.speeds[index]
+
+    def place(self, cost_units: float) -> float:
+        """Place a job; seconds until it is done."""
+        index = where_done_first(self.free_s, self.speeds, cost_units)
+        self.free_s[index] += cost_units / self.speeds[index]
+        return self.free_s[index]
 
 
 class ExecutorPool:
@@ -241,21 +257,8 @@ class ExecutorPool:
         serving = self.in_service()
         if not serving:
             return []
-        free = _when_free(serving)
-        estimates = []
-        for position, job in enumerate(self.queue.in_dispatch_order(limit)):
-            if position < PLACEMENT_WINDOW:
-                # Near the head, where it will be done first (as the dispatcher places it).
-                entry = min(free, key=lambda e: e[0] + job.cost_units / serving[e[2]].units_per_s)
-                free.remove(entry)
-                heapq.heapify(free)
-            else:
-                entry = heapq.heappop(free)
-            seconds, faster, index = entry
-            done = seconds + job.cost_units / serving[index].units_per_s
-            heapq.heappush(free, (done, faster, index))
-            estimates.append((job, done))
-        return estimates
+        replay = _Replay(serving)
+        return [(job, replay.place(job.cost_units)) for job in self.queue.in_dispatch_order(limit)]
 
     def note_arrival(self, premium: bool) -> None:
         """A request of this class was queued (its arrival rate feeds the estimates)."""
@@ -294,73 +297,54 @@ class ExecutorPool:
         """Seconds until a request of this class and cost, queued now, is expected to be done;
         None when no backend of this type is in service.
 
-        It replays what the dispatcher will do: each backend frees when its running job is
-        expected to end (from the job's cost and that backend's learned speed); the jobs to be
-        taken before this one (by the class ratio: those waiting, plus the other class's
-        arrivals expected meanwhile, as far as the ratio lets them pass) go one by one to the
-        backend that frees first; then this one does, and takes its cost over that backend's
-        speed. The first REPLAYED_ROUNDS x backends jobs ahead are replayed; the rest are counted
-        as work spread over the pool's total speed. O(backends x log backends) per request.
+        It replays what the dispatcher will do (_Replay): each backend frees when its running
+        job is expected to end (from the job's cost and that backend's learned speed); the jobs
+        to be taken before this one by the class ratio (WeightedQueue.picks_ahead) are placed
+        one by one, with their own costs, each where it will be done first; the other class's
+        arrivals expected meanwhile, as far as the ratio lets them pass, add their mean cost.
+        Then this one is placed the same way. Only the first REPLAYED_ROUNDS x backends jobs
+        ahead are replayed (none when more than twice as many are ahead); the rest count as
+        work spread over the pool's total speed, so a request costs at most
+        O(REPLAYED_ROUNDS x backends^2) whatever the line's length.
         """
         serving = self.in_service()
         if not serving:
             return None
-        if self.largest_first(serving, arriving=1):
-            # The tail of a backlog, where the dispatcher takes the largest first: only the
-            # jobs of its class at least as large go before it.
-            larger = self.queue.larger_waiting(premium, cost_units)
-            same, other, room = self.queue.picks_ahead(premium, len(larger))
-            same_units = sum(larger) / len(larger) if larger else cost_units
-        else:
-            same, other, room = self.queue.picks_ahead(premium)
-            same_units = self.queue.mean_units(premium) or cost_units
+        # Near the tail of a backlog, where the dispatcher takes the largest first, only the
+        # jobs of its class at least as large go before it.
+        larger_only = self.largest_first(serving, arriving=1)
+        same_count = len(self.queue.larger_waiting(premium, cost_units)) if larger_only else None
+        same, other, room = self.queue.picks_ahead(premium, same_count)
+        replay = _Replay(serving)
+        limit = REPLAYED_ROUNDS * len(serving)
+        replayed = {premium: 0, not premium: 0}
+        # Far back in a long line, which job goes where first changes little: all of it is
+        # spread, and an intake burst does not pay for the replay with every request.
+        first_jobs = self.queue.in_dispatch_order(limit) if 0 < same + other <= 2 * limit else []
+        for job in first_jobs:
+            if job.premium == premium:
+                if replayed[premium] >= same or (larger_only and job.cost_units < cost_units):
+                    continue
+            elif replayed[not premium] >= other:
+                continue
+            replay.place(job.cost_units)
+            replayed[job.premium] += 1
+        same_units = self.queue.mean_units(premium) or cost_units
         other_units = self.queue.mean_units(not premium) or cost_units
-        starts_at, done_at = self._replay(serving, same, same_units, other, other_units, cost_units)
+        spread_units = (same - replayed[premium]) * same_units + (other - replayed[not premium]) * other_units
+        index, done_s = replay.best(cost_units, spread_units / replay.total_speed)
         # Requests of the other class expected to arrive while this one waits and to pass it,
-        # as an expected (fractional) count: rounding it dropped the many fractions below a
-        # half, and general estimates came out 25 % low at 85 % load. Each that passes makes the
-        # wait longer, in which more arrive: iterated a few rounds towards the fixed point.
+        # as an expected (fractional) count: each that passes makes the wait longer, in which
+        # more arrive, so it is iterated a few rounds towards the fixed point.
         rate, passing = self.arrival_rate(not premium), 0.0
         for _ in range(PASSING_ROUNDS):
-            more = min(float(room), rate * starts_at)
+            starts_s = done_s - cost_units / replay.speeds[index]
+            more = min(float(room), rate * starts_s)
             if abs(more - passing) < 0.05:
                 break
             passing = more
-            whole = int(passing)
-            starts_at, done_at = self._replay(
-                serving, same, same_units, other + whole, other_units, cost_units, (passing - whole) * other_units
-            )
-        return round(done_at, 2)
-
-    @staticmethod
-    def _replay(
-        serving: list[BackendSlot],
-        same: int,
-        same_units: float,
-        other: int,
-        other_units: float,
-        cost_units: float,
-        extra_units: float = 0.0,
-    ) -> tuple[float, float]:
-        """(seconds until the new job starts, seconds until it is done); `extra_units` is work
-        expected ahead of it besides whole jobs (spread over the pool)."""
-        free = _when_free(serving)
-        ahead = same + other
-        mean_units = (same * same_units + other * other_units) / ahead if ahead else 0.0
-        replayed = min(ahead, REPLAYED_ROUNDS * len(serving))
-        for _ in range(replayed):
-            seconds, faster, index = heapq.heappop(free)
-            heapq.heappush(free, (seconds + mean_units / serving[index].units_per_s, faster, index))
-        total_speed = sum(slot.units_per_s for slot in serving)
-        spread_s = ((ahead - replayed) * mean_units + extra_units) / total_speed
-        # It goes where it is expected to be done first: the dispatcher leaves a job for a
-        # busy backend that will finish it sooner (FasterLater).
-        seconds, index = min(
-            ((seconds, index) for seconds, _, index in free),
-            key=lambda entry: entry[0] + cost_units / serving[entry[1]].units_per_s,
-        )
-        starts_at = spread_s + seconds
-        return starts_at, starts_at + cost_units / serving[index].units_per_s
+            index, done_s = replay.best(cost_units, (spread_units + passing * other_units) / replay.total_speed)
+        return round(done_s, 2)
 
     def status_line(self) -> str:
         return (

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import math
 from collections import deque
 from collections.abc import Callable, Iterator
 
@@ -81,35 +80,34 @@ class WeightedQueue:
         return True
 
     def pop(self, accept: Callable[[Job], bool] | None = None, *, largest_within: int = 0) -> Job | None:
-        """Take the next job, or None when nothing (acceptable) waits.
+        """Take the first job in dispatch order that `accept` takes (all, by default), or None
+        when none does. A job passed over keeps its place."""
+        for turn, premium in enumerate(self.turn_order()):
+            for job in self.class_order(premium, largest_within):
+                if accept is None or accept(job):
+                    self.take(job, in_turn=turn == 0)
+                    return job
+        return None
 
-        `accept` lets the caller pass over jobs that cannot run now (say, ones that should
-        not go back to the backend that just failed them); the first acceptable job of the
-        class whose turn it is is taken, so a passed-over job keeps its place.
+    def turn_order(self) -> list[bool]:
+        """The classes with jobs to take (True: premium), the one whose turn it is first."""
+        candidates = [premium for premium in (True, False) if self._takeable(premium)]
+        # Ties go to premium (listed first).
+        return sorted(candidates, key=lambda premium: -(self._current[premium] + self._weights[premium]))
 
-        `largest_within` (placement by the dispatcher): of the first that many jobs of a class,
-        the largest acceptable one is taken, and `accept` sees them largest first. Big jobs
-        then start early, on the fast backends, and small ones fill in at the end of a burst.
-        The reordering is bounded: a job that later jobs of its class have passed
-        `largest_within` times is offered first, whatever its size.
-        """
-        heads = {premium: self._first(premium, accept, largest_within) for premium in (True, False)}
-        candidates = [premium for premium in (True, False) if heads[premium] is not None]
-        if not candidates:
-            return None
-        if len(candidates) == 1:
-            chosen = candidates[0]
-        else:
+    def take(self, job: Job, *, in_turn: bool = True) -> None:
+        """Take `job` off the line. Taken in its class's turn, it is a pick of its class for
+        the ratio whenever the other class has jobs too. Taken out of turn (every job of the
+        class whose turn it is waits for a busy backend), the turns stay as they were, as if
+        that class had nothing waiting: charging such picks would make a class owe turns and
+        then take several in a row, past what the ratio allows the other class."""
+        if in_turn and self._takeable(not job.premium) > 0:
             total = 0
-            for premium in candidates:
+            for premium in (True, False):
                 self._current[premium] += self._weights[premium]
                 total += self._weights[premium]
-            # Ties go to premium (candidates lists it first).
-            chosen = max(candidates, key=lambda premium: self._current[premium])
-            self._current[chosen] -= total
-        job = heads[chosen]
-        assert job is not None  # only classes with a head are candidates
-        line = self._jobs[chosen]
+            self._current[job.premium] -= total
+        line = self._jobs[job.premium]
         if line[0] is job:
             line.popleft()
         else:
@@ -119,66 +117,58 @@ class WeightedQueue:
                 ahead.passed_over += 1
             line.remove(job)
         self._units[job.premium] -= job.cost_units
-        return job
+        self._arrived_early[job.premium].discard(id(job))
 
     def _takeable(self, premium: bool) -> int:
         """How many of a class's jobs, from the head, may be taken now (not those that arrived
         while older ones of their class are still unread)."""
         return len(self._jobs[premium]) - len(self._arrived_early[premium])
 
-    def _first(self, premium: bool, accept: Callable[[Job], bool] | None, largest_within: int) -> Job | None:
+    def class_order(self, premium: bool, largest_within: int = 0) -> Iterator[Job]:
+        """A class's takeable jobs in the order they are offered: arrival order, except that
+        with `largest_within` the first that many go largest first (after the head, if later
+        jobs have passed it over that often already: the reordering is bounded)."""
         line, takeable = self._jobs[premium], self._takeable(premium)
         skipped = 0
         if largest_within:
             window = list(itertools.islice(line, min(takeable, largest_within)))
             skipped = len(window)
             if window and window[0].passed_over >= largest_within:
-                head = window.pop(0)  # passed over often enough: offered first, and once
-                if accept is None or accept(head):
-                    return head
-            for job in sorted(window, key=lambda job: job.cost_units, reverse=True):
-                if accept is None or accept(job):
-                    return job
-        for job in itertools.islice(line, skipped, takeable):
-            if accept is None or accept(job):
-                return job
-        return None
-
-    def heads(self, depth: int) -> list[Job]:
-        """The first `depth` takeable jobs of each class: those `pop(largest_within=depth)`
-        chooses among."""
-        return [
-            job
-            for premium in (True, False)
-            for job in itertools.islice(self._jobs[premium], min(self._takeable(premium), depth))
-        ]
+                yield window.pop(0)
+            yield from sorted(window, key=lambda job: job.cost_units, reverse=True)
+        yield from itertools.islice(line, skipped, takeable)
 
     def __iter__(self) -> Iterator[Job]:
         yield from self._jobs[True]
         yield from self._jobs[False]
 
-    def in_dispatch_order(self, limit: int) -> list[Job]:
-        """The first `limit` waiting jobs in the order `pop` would take them (for estimates;
-        changes nothing)."""
+    def dispatch_order(self, *, largest_within: int = 0) -> Iterator[Job]:
+        """The waiting jobs in the order the dispatcher offers them backends: the ratio decides
+        whose turn it is (from the credits as they stand, as if each job offered were taken),
+        each class in its own order (class_order). Changes nothing."""
         current = dict(self._current)
-        taken = {False: 0, True: 0}
-        takeable = {premium: self._takeable(premium) for premium in (True, False)}
-        order: list[Job] = []
-        while len(order) < limit:
-            candidates = [premium for premium in (True, False) if taken[premium] < takeable[premium]]
-            if not candidates:
-                break
-            chosen = candidates[0]
-            if len(candidates) == 2:
-                total = 0
-                for premium in candidates:
-                    current[premium] += self._weights[premium]
-                    total += self._weights[premium]
-                chosen = max(candidates, key=lambda premium: current[premium])
+        weights, total = self._weights, self._weights[False] + self._weights[True]
+        lines = {premium: self.class_order(premium, largest_within) for premium in (True, False)}
+        heads = {premium: next(lines[premium], None) for premium in (True, False)}
+        while True:
+            if heads[True] is None:
+                chosen = False
+            elif heads[False] is None:
+                chosen = True
+            else:  # both wait: the smooth weighted round-robin of `pop`, ties to premium
+                current[True] += weights[True]
+                current[False] += weights[False]
+                chosen = current[True] >= current[False]
                 current[chosen] -= total
-            order.append(self._jobs[chosen][taken[chosen]])
-            taken[chosen] += 1
-        return order
+            job = heads[chosen]
+            if job is None:
+                return
+            yield job
+            heads[chosen] = next(lines[chosen], None)
+
+    def in_dispatch_order(self, limit: int) -> list[Job]:
+        """The first `limit` waiting jobs in dispatch order (for estimates)."""
+        return list(itertools.islice(self.dispatch_order(), limit))
 
     @property
     def waiting_units(self) -> float:
@@ -203,11 +193,34 @@ class WeightedQueue:
         """For a job of this class pushed now: (jobs of its class taken before it, jobs of the
         other class taken before it, further jobs of the other class that could still be
         taken before it if they arrived now: the room the ratio leaves them). `same` says
-        how many of its class go first, when not all of them (largest first)."""
+        how many of its class go first, when not all of them (largest first).
+
+        Counted from the round-robin's current credits, exactly as `pop` will go on: whether
+        the next pick is premium or general is often the difference of a whole job."""
         same = self.waiting(premium) if same is None else same
         other = self.waiting(not premium)
-        own_weight, other_weight = self._weights[premium], self._weights[not premium]
-        if own_weight == 0:
-            return same, other, 0
-        other_allowed = math.ceil((same + 1) * other_weight / own_weight)
+        if self._weights[premium] == 0:
+            return same, other, 0  # its class is only served when the other is empty
+        other_allowed = self._other_picks_before(premium, same + 1)
         return same, min(other, other_allowed), max(0, other_allowed - other)
+
+    def _other_picks_before(self, premium: bool, nth: int) -> int:
+        """How many picks of the other class come before the `nth` pick of this class while
+        both classes have jobs. The credits return to where they started after every
+        general_weight + premium_weight picks (each class is picked its weight's number of
+        times), so one such period is replayed and the rest counted whole."""
+        own_weight, other_weight = self._weights[premium], self._weights[not premium]
+        periods, nth_in_period = divmod(nth - 1, own_weight)
+        current, total = dict(self._current), own_weight + other_weight
+        own_picks = other_picks = 0
+        while True:
+            current[False] += self._weights[False]
+            current[True] += self._weights[True]
+            chosen = max((True, False), key=lambda cls: current[cls])  # ties go to premium
+            current[chosen] -= total
+            if chosen == premium:
+                own_picks += 1
+                if own_picks > nth_in_period:
+                    return periods * other_weight + other_picks
+            else:
+                other_picks += 1
