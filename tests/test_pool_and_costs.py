@@ -121,7 +121,7 @@ def idle_pool(*slots: BackendSlot, ratio: tuple[int, int] = (1, 3)) -> ExecutorP
 def queue_jobs(pool: ExecutorPool, *jobs: Job) -> None:
     for job in jobs:
         pool.queue.push(job)
-        pool.note_arrival(job.premium)  # just arrived: a line being fed, kept in its order
+        pool.note_arrival(job.premium, job.cost_units)  # just arrived: a line being fed, kept in its order
 
 
 def run_on(gpu: BackendSlot, job: Job) -> None:

@@ -39,6 +39,8 @@ REPLAYED_ROUNDS = 4
 PASSING_ROUNDS = 4
 # Arrival rates (for the requests expected to pass a waiting one) are counted over this window.
 ARRIVAL_WINDOW_S = 60.0
+# Weight of each new request in the moving average of its class's arriving sizes.
+ARRIVING_UNITS_WEIGHT = 0.05
 
 
 class BackendState(str, enum.Enum):
@@ -229,6 +231,9 @@ class ExecutorPool:
         self.slots: list[BackendSlot] = []
         # When requests of each class were queued lately (premium -> times).
         self._arrivals: dict[bool, collections.deque[float]] = {False: collections.deque(), True: collections.deque()}
+        # The mean cost of the requests of each class queued lately (a moving average): the
+        # size expected of those that will arrive and pass a waiting one.
+        self._arriving_units: dict[bool, float | None] = {False: None, True: None}
 
     def available_slots(self) -> list[BackendSlot]:
         return [slot for slot in self.slots if slot.available]
@@ -260,8 +265,13 @@ class ExecutorPool:
         replay = _Replay(serving)
         return [(job, replay.place(job.cost_units)) for job in self.queue.in_dispatch_order(limit)]
 
-    def note_arrival(self, premium: bool) -> None:
-        """A request of this class was queued (its arrival rate feeds the estimates)."""
+    def note_arrival(self, premium: bool, cost_units: float) -> None:
+        """A request of this class and cost was queued (its arrival rate and size feed the
+        estimates)."""
+        mean = self._arriving_units[premium]
+        self._arriving_units[premium] = (
+            cost_units if mean is None else mean + ARRIVING_UNITS_WEIGHT * (cost_units - mean)
+        )
         arrivals = self._arrivals[premium]
         now = time.monotonic()
         arrivals.append(now)
@@ -301,7 +311,8 @@ class ExecutorPool:
         job is expected to end (from the job's cost and that backend's learned speed); the jobs
         to be taken before this one by the class ratio (WeightedQueue.picks_ahead) are placed
         one by one, with their own costs, each where it will be done first; the other class's
-        arrivals expected meanwhile, as far as the ratio lets them pass, add their mean cost.
+        arrivals expected meanwhile, as far as the ratio lets them pass, add the mean cost of
+        that class's recent arrivals.
         Then this one is placed the same way. Only the first REPLAYED_ROUNDS x backends jobs
         ahead are replayed (none when more than twice as many are ahead); the rest count as
         work spread over the pool's total speed, so a request costs at most
@@ -337,13 +348,14 @@ class ExecutorPool:
         # as an expected (fractional) count: each that passes makes the wait longer, in which
         # more arrive, so it is iterated a few rounds towards the fixed point.
         rate, passing = self.arrival_rate(not premium), 0.0
+        arriving_units = self._arriving_units[not premium] or other_units
         for _ in range(PASSING_ROUNDS):
             starts_s = done_s - cost_units / replay.speeds[index]
             more = min(float(room), rate * starts_s)
             if abs(more - passing) < 0.05:
                 break
             passing = more
-            index, done_s = replay.best(cost_units, (spread_units + passing * other_units) / replay.total_speed)
+            index, done_s = replay.best(cost_units, (spread_units + passing * arriving_units) / replay.total_speed)
         return round(done_s, 2)
 
     def status_line(self) -> str:

@@ -360,7 +360,7 @@ class Scheduler:
     def submit(self, job: Job) -> None:
         """Queue a job that is already committed to the store."""
         self._metrics.request_accepted(job)
-        self.pools[job.executor].note_arrival(job.premium)
+        self.pools[job.executor].note_arrival(job.premium, job.cost_units)
         self._enqueue(job)
         self.dispatch()
 
