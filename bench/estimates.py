@@ -13,7 +13,7 @@ is scaled with the trace's time scale).
 Times are scaled down (a 512x512, 30-step job takes about 0.3 s on the 1x backend) so a run
 takes about a minute.
 
-Usage: .venv/bin/python -m bench.estimates [--arrivals 400] [--burst 60] [--seed 11]
+Usage: .venv/bin/python -m bench.estimates [--arrivals 400] [--burst 60] [--seed 11] [--premium-share 0.25]
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ class Trace:
     requests: list[tuple[float, dict, bool]] = field(default_factory=list)  # (offset s, payload, premium)
 
 
-def build_trace(arrivals: int, burst: int, seed: int) -> Trace:
+def build_trace(arrivals: int, burst: int, seed: int, premium_share: float = PREMIUM_SHARE) -> Trace:
     rng = random.Random(seed)
     payloads = []
     for number in range(arrivals + burst):
@@ -77,9 +77,9 @@ def build_trace(arrivals: int, burst: int, seed: int) -> Trace:
     trace, clock = Trace(), 0.0
     for payload in payloads[:arrivals]:
         clock += rng.expovariate(rate)
-        trace.requests.append((clock, payload, rng.random() < PREMIUM_SHARE))
+        trace.requests.append((clock, payload, rng.random() < premium_share))
     for payload in payloads[arrivals:]:  # a burst, all at once, after the trace
-        trace.requests.append((clock + 1.0, payload, rng.random() < PREMIUM_SHARE))
+        trace.requests.append((clock + 1.0, payload, rng.random() < premium_share))
     return trace
 
 
@@ -226,10 +226,16 @@ async def main() -> None:
     parser.add_argument("--burst", type=int, default=60)
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument(
+        "--premium-share",
+        type=float,
+        default=PREMIUM_SHARE,
+        help="share of premium requests; 0 shows the error left when no request can arrive later and pass another",
+    )
+    parser.add_argument(
         "--after-restart", type=int, default=10, help="requests replayed after a restart on the same database"
     )
     args = parser.parse_args()
-    trace = build_trace(args.arrivals, args.burst, args.seed)
+    trace = build_trace(args.arrivals, args.burst, args.seed, args.premium_share)
     records = await run(trace, args.seed, warm_up=20, after_restart=args.after_restart)
     report(records)
 

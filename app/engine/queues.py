@@ -27,6 +27,7 @@ class WeightedQueue:
     def __init__(self, general_weight: int, premium_weight: int) -> None:
         self._weights = {False: general_weight, True: premium_weight}
         self._current = {False: 0, True: 0}
+        self._period_picks: dict[tuple[bool, int], int] = {}  # _other_picks_in_period's answers
         self._jobs: dict[bool, deque[Job]] = {False: deque(), True: deque()}
         # Sum of the waiting jobs' cost per class, kept as they come and go (ETAs read it per
         # request).
@@ -107,6 +108,7 @@ class WeightedQueue:
                 self._current[premium] += self._weights[premium]
                 total += self._weights[premium]
             self._current[job.premium] -= total
+            self._period_picks.clear()
         line = self._jobs[job.premium]
         if line[0] is job:
             line.popleft()
@@ -211,16 +213,26 @@ class WeightedQueue:
         times), so one such period is replayed and the rest counted whole."""
         own_weight, other_weight = self._weights[premium], self._weights[not premium]
         periods, nth_in_period = divmod(nth - 1, own_weight)
-        current, total = dict(self._current), own_weight + other_weight
+        return periods * other_weight + self._other_picks_in_period(premium, nth_in_period)
+
+    def _other_picks_in_period(self, premium: bool, own_picks_before: int) -> int:
+        """Picks of the other class before this class's (`own_picks_before` + 1)th, from the
+        credits as they stand. Every estimate asks; the answer only changes with the credits,
+        so it is kept until they do (take)."""
+        key = (premium, own_picks_before)
+        known = self._period_picks.get(key)
+        if known is not None:
+            return known
+        current, total = dict(self._current), self._weights[False] + self._weights[True]
         own_picks = other_picks = 0
-        while True:
+        while own_picks <= own_picks_before:
             current[False] += self._weights[False]
             current[True] += self._weights[True]
-            chosen = max((True, False), key=lambda cls: current[cls])  # ties go to premium
+            chosen = current[True] >= current[False]  # ties go to premium
             current[chosen] -= total
             if chosen == premium:
                 own_picks += 1
-                if own_picks > nth_in_period:
-                    return periods * other_weight + other_picks
             else:
                 other_picks += 1
+        self._period_picks[key] = other_picks
+        return other_picks
