@@ -456,6 +456,7 @@ class Scheduler:
         failure: BackendFailed | None = None
         seconds: float | None = None
         timeout_s = self.job_timeout_s(slot, job)
+        claim: asyncio.Task[bool] | None = None
         try:
             if job.payload is None:
                 job.payload = await self._store.load_payload(job.object_id)
@@ -467,18 +468,16 @@ class Scheduler:
             claim = asyncio.create_task(self._claim(tracked, slot, timeout_s))
             started = time.monotonic()
             try:
-                try:
-                    image = await backend.generate(job.gen_type, job.payload, timeout_s)
-                except BackendFailed as exc:
-                    failure = exc
-                seconds = time.monotonic() - started
-                if not await claim:
-                    # Cancelled while the claim was committed (it is being answered), or the
-                    # store closed (shutdown: it runs again at the next start).
-                    image = failure = None
-            finally:
+                image = await backend.generate(job.gen_type, job.payload, timeout_s)
+            except BackendFailed as exc:
+                failure = exc
+            except BaseException:
                 claim.cancel()
+                claim = None
                 await self._progress.stop(job)
+                raise
+            seconds = time.monotonic() - started
+            await self._progress.stop(job)  # before the backend takes another job
         except asyncio.CancelledError:
             slot.free()
             tracked.leave_slot()
@@ -488,12 +487,24 @@ class Scheduler:
             failure = BackendFailed(
                 "internal error in the balancer; the request was not generated", kind=FailureKind.REJECTED
             )
-        slot.free()
-        tracked.leave_slot()
-        self._retire_if_removed(slot)
-        # The backend is idle from here: it gets its next job before this one's image is
-        # converted and stored.
-        self.dispatch()
+        if image is not None:
+            # The backend is idle from here: it gets its next job before this one's claim is
+            # committed (with instant backends that commit was most of the gap between jobs)
+            # and before its image is converted and stored. After a failure it waits until the
+            # failure is counted, so a backend failing at once cannot drain the line before
+            # its circuit breaker opens.
+            self._release(slot, tracked)
+        if claim is not None:
+            try:
+                if not await claim:
+                    # Cancelled while the claim was committed (it is being answered), or the
+                    # store closed (shutdown: it runs again at the next start).
+                    image = failure = None
+            finally:
+                claim.cancel()
+                await self._progress.stop(job)  # one the claim started while the slot was left
+        if tracked.slot is slot:
+            self._release(slot, tracked)
         if image is not None:
             try:
                 jpeg = await backend.to_jpeg(image)
@@ -517,6 +528,13 @@ class Scheduler:
         finally:
             self.dispatch()
 
+    def _release(self, slot: BackendSlot, tracked: TrackedRequest) -> None:
+        """The backend call is over: the backend takes its next job."""
+        slot.free()
+        tracked.leave_slot()
+        self._retire_if_removed(slot)
+        self.dispatch()
+
     async def _claim(self, tracked: TrackedRequest, slot: BackendSlot, timeout_s: float) -> bool:
         """Commit that `slot`'s backend runs the request, then tell its client. False when
         it was cancelled meanwhile or the store closed."""
@@ -533,7 +551,8 @@ class Scheduler:
             timeout_s,
         )
         self._tell(self._listener.job_generating(job, round(slot.expected_s(job.cost_units), 1)))
-        self._progress.start(slot.backend, job)
+        if tracked.slot is slot:  # else the backend has returned already, maybe running another job
+            self._progress.start(slot.backend, job)
         return True
 
     async def _after_failure(self, slot: BackendSlot, tracked: TrackedRequest, failure: BackendFailed) -> None:
