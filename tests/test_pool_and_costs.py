@@ -157,3 +157,17 @@ def test_a_job_further_back_than_the_window_takes_a_free_backend_at_once():
     queue_jobs(pool, *jobs)
     placed, gpu = next_placement(pool)
     assert gpu is slow and placed is jobs[PLACEMENT_WINDOW]
+
+
+def test_a_later_arrival_does_not_take_the_fast_gpu_a_waiting_premium_job_counts_on():
+    slow, fast = busy_slot("slow", 1.0, 0.0), busy_slot("fast", 4.0, 0.1)  # the fast one frees in 0.1 s
+    slow.job = None
+    pool = idle_pool(slow, fast, ratio=(3, 1))  # the general line's turn comes first
+    first_general, premium, later_general = job_of(4.0), job_of(2.0), job_of(4.1)
+    premium.premium = True
+    queue_jobs(pool, first_general, premium, later_general)
+    # In dispatch order: the first general job counts on the fast GPU (done at 1.1 s), the
+    # premium one after it (1.6 s, against 2 s on the slow GPU now), and the later general job
+    # then finds the fast GPU taken until 1.6 s. Nothing is better off on the slow GPU now:
+    # the premium job is not pushed there by the general job that came after it.
+    assert next_placement(pool) is None

@@ -1,24 +1,26 @@
 """Which waiting job goes to which free backend, now: the dispatcher's one decision, and the
 rule its estimates replay.
 
-The dispatcher walks the line of the class whose turn it is by the premium ratio
-(WeightedQueue.turn_order), in arrival order, then the other class's, and gives each job the
-backend where it will be done first (`where_done_first`): of the backends that can start it soonest,
-the fastest, unless a busy one is expected to finish it sooner by more than HOLD_MARGIN. A job
-whose best backend is busy is counted on it (that backend's next job, as far as this walk is
-concerned) and the walk goes on, so large jobs wait a moment for fast GPUs while the small
-jobs behind them take the slow ones. The first job whose best backend is free gets it.
+Each job goes to the backend where it will be done first (`where_done_first`): of the
+backends that can start it soonest, the fastest, unless a busy one is expected to finish it
+sooner by more than HOLD_MARGIN. The dispatcher decides in two steps:
+1. It walks the line in dispatch order (WeightedQueue.dispatch_order: the premium ratio's
+   turns, each class in arrival order). A job whose best backend is busy is counted as that
+   backend's next job, so the jobs after it see it taken; a job whose best backend is free
+   could start now. Large jobs so wait a moment for fast GPUs while the small jobs behind
+   them take the slow ones.
+2. Of the jobs that could start, the first of the class whose turn it is starts (a pick of
+   its class for the ratio); if that class has none, the first of the other class does,
+   without using up a turn (WeightedQueue.take), so the ratio holds as dispatched.
 
 The estimates (app/engine/pool.py, _Replay) place the waiting jobs in dispatch order by the
 same function, so what a client is told is what the dispatcher will do unless something
 changes.
 
 Bounds:
-- only the first PLACEMENT_WINDOW jobs of each class may wait for a busy backend; a job
-  further back takes a free one (a free backend idles only while every job in the window is
-  expected done sooner elsewhere);
-- a job taken while those of the class whose turn it is all wait for busy backends does not
-  use up its class's turn (WeightedQueue.take), so the ratio holds as dispatched;
+- only the first PLACEMENT_WINDOW jobs of each class may wait for a busy backend; the next
+  one takes a free one (a free backend idles only while every job in the window is expected
+  done sooner elsewhere);
 - a job is passed over by later jobs of its class at most PLACEMENT_WINDOW times, then takes
   the first free backend;
 - near the end of a backlog that is running out (LARGEST_FIRST_TAIL, ExecutorPool.draining),
@@ -82,22 +84,35 @@ def next_placement(pool: ExecutorPool) -> tuple[Job, BackendSlot] | None:
     free_s = [max(OVERDUE_S, slot.seconds_until_free(now)) if slot.job is not None else 0.0 for slot in in_service]
     speeds = [slot.units_per_s for slot in in_service]
     largest_within = PLACEMENT_WINDOW if pool.largest_first(in_service) else 0
+    # First, in dispatch order, each job's best backend: a busy one is counted as that
+    # backend's next job (the jobs after it see it taken), a free one is where it could start.
+    could_start: list[tuple[Job, BackendSlot]] = []
+    walked = {False: 0, True: 0}
+    # Past the window, a class's first job that can start is the last one of it that matters.
+    enough = {premium: min(PLACEMENT_WINDOW + 1, pool.queue.takeable(premium)) for premium in (True, False)}
+    for job in pool.queue.dispatch_order(largest_within=largest_within):
+        if walked[False] >= enough[False] and walked[True] >= enough[True]:
+            break
+        walked[job.premium] += 1
+        # A retried job goes to a backend that has not failed it yet, unless every backend in
+        # service already has.
+        allowed = [index for index, slot in enumerate(in_service) if slot.name not in job.avoid_backends]
+        allowed = allowed or list(range(len(in_service)))
+        if not any(in_service[index].job is None for index in allowed):
+            continue
+        if walked[job.premium] <= PLACEMENT_WINDOW and job.passed_over < PLACEMENT_WINDOW:
+            at = where_done_first([free_s[i] for i in allowed], [speeds[i] for i in allowed], job.cost_units)
+            chosen = allowed[at]
+        else:
+            chosen = max((i for i in allowed if in_service[i].job is None), key=lambda index: speeds[index])
+        if in_service[chosen].job is None:
+            could_start.append((job, in_service[chosen]))
+        else:
+            free_s[chosen] += job.cost_units / speeds[chosen]  # it waits for this busy backend
+    # Then the class whose turn it is starts its first job that can, else the other class.
     for turn, premium in enumerate(pool.queue.turn_order()):
-        for place, job in enumerate(pool.queue.class_order(premium, largest_within)):
-            # A retried job goes to a backend that has not failed it yet, unless every backend
-            # in service already has.
-            allowed = [index for index, slot in enumerate(in_service) if slot.name not in job.avoid_backends]
-            allowed = allowed or list(range(len(in_service)))
-            if not any(in_service[index].job is None for index in allowed):
-                continue
-            if place < PLACEMENT_WINDOW and job.passed_over < PLACEMENT_WINDOW:
-                at = where_done_first([free_s[i] for i in allowed], [speeds[i] for i in allowed], job.cost_units)
-                chosen = allowed[at]
-            else:
-                chosen = max((i for i in allowed if in_service[i].job is None), key=lambda index: speeds[index])
-            slot = in_service[chosen]
-            if slot.job is None:
+        for job, slot in could_start:
+            if job.premium == premium:
                 pool.queue.take(job, in_turn=turn == 0)
                 return job, slot
-            free_s[chosen] += job.cost_units / speeds[chosen]  # it waits for this busy backend
     return None

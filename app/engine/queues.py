@@ -121,6 +121,10 @@ class WeightedQueue:
         self._units[job.premium] -= job.cost_units
         self._arrived_early[job.premium].discard(id(job))
 
+    def takeable(self, premium: bool) -> int:
+        """How many of a class's jobs may be taken now (read back, or arrived since)."""
+        return self._takeable(premium)
+
     def _takeable(self, premium: bool) -> int:
         """How many of a class's jobs, from the head, may be taken now (not those that arrived
         while older ones of their class are still unread)."""
