@@ -233,3 +233,32 @@ def mongo_has(mongo_server, object_id: str):
         return object_id in await mongo_server.records()
 
     return check
+
+
+async def test_retention_prunes_the_mongodb_record_too_and_then_deletes_it(start_backend, start_balancer, mongo_server):
+    # An operator who sets RETENTION_S expects prompts and image links gone everywhere, not
+    # only in SQLite.
+    balancer = await start_balancer(
+        [await start_backend("automatic1111")], RETENTION_S=0.5, SUMMARY_RETENTION_S=2, **mongo_server.env()
+    )
+    bot = await balancer.connect("discord")
+    queued = await bot.submit(request_message("automatic1111", "text2img", {"prompt": "a private wish"}))
+    await bot.final(queued["object_id"])
+
+    async def record() -> dict | None:
+        return (await mongo_server.records()).get(queued["object_id"])
+
+    async def pruned() -> bool:
+        found = await record()
+        return found is not None and found["payload"] == {}
+
+    await wait_until(pruned, timeout_s=10)
+    found = await record()
+    assert found["gen_status"] == "ok" and found["service"] == "discord"
+    assert found["result"]["content_type"] == "text" and "RETENTION_S" in found["result"]["content"]
+    assert "private wish" not in str(found) and isinstance(found["pruned_at"], datetime.datetime)
+
+    async def deleted() -> bool:
+        return await record() is None
+
+    await wait_until(deleted, timeout_s=10)

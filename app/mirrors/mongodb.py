@@ -3,7 +3,9 @@
 Each outbox row carries one version of a record and its `revision`. A write only applies
 if MongoDB holds an older revision (or none): `update_one({_id, revision < r}, $set, upsert)`.
 When a newer revision is already there, the filter misses, the upsert collides on `_id`
-(duplicate key), and that is the answer "already newer": the row is done.
+(duplicate key), and that is the answer "already newer": the row is done. Retention writes a
+pruned version the same way; a record past SUMMARY_RETENTION_S comes as DELETED_RECORD and is
+deleted.
 
 Records written by release 0.3.0 named the status `status`; the original product, and so every
 dashboard, names it `gen_status`. Once per process, before its first write, the mirror gives
@@ -17,18 +19,18 @@ import logging
 from typing import Any
 
 from bson import ObjectId
-from pymongo import AsyncMongoClient, UpdateOne
+from pymongo import AsyncMongoClient, DeleteOne, UpdateOne
 from pymongo.errors import BulkWriteError
 
 from app.config import Config
 from app.mirrors.outbox import OutboxWorker
-from app.storage.store import OutboxItem, Store
+from app.storage.store import DELETED_RECORD, OutboxItem, Store
 
 log = logging.getLogger(__name__)
 
 COLLECTION = "requests"
 DUPLICATE_KEY = 11000
-_TIME_FIELDS = ("queued_at", "generating_at", "finished_at", "delivered_at")
+_TIME_FIELDS = ("queued_at", "generating_at", "finished_at", "delivered_at", "pruned_at")
 
 
 def open_client(config: Config) -> AsyncMongoClient:
@@ -87,8 +89,12 @@ class MongoMirror(OutboxWorker):
         for item in items:
             if item.object_id not in newest or item.revision > newest[item.object_id].revision:
                 newest[item.object_id] = item
-        operations = [
-            UpdateOne(
+        # A record past SUMMARY_RETENTION_S is deleted; one past RETENTION_S gets a version
+        # without its payload and result, like the row in SQLite.
+        operations: list[UpdateOne | DeleteOne] = [
+            DeleteOne({"_id": ObjectId(item.object_id)})
+            if item.document == DELETED_RECORD
+            else UpdateOne(
                 {
                     "_id": ObjectId(item.object_id),
                     "$or": [{"revision": {"$lt": item.revision}}, {"revision": {"$exists": False}}],

@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 BUSY_TIMEOUT_MS = 5000
 
 RecordBuilder = Callable[[Job], dict[str, Any]]
+# The outbox document that deletes a request's record from the MongoDB mirror.
+DELETED_RECORD = {"deleted": True}
 _OUTBOX_INSERT = "INSERT INTO outbox (target, object_id, revision, document, created_at) VALUES (?, ?, ?, ?, ?)"
 
 
@@ -378,32 +380,59 @@ class Store:
 
     async def prune(self, object_ids: Sequence[str], summary: str) -> None:
         """Keep only the summary of these finished requests: the payload goes, and an image
-        result becomes the text `summary` (an error's text is kept). One transaction."""
+        result becomes the text `summary` (an error's text is kept). One transaction; with the
+        MongoDB mirror on, their records there are pruned the same way (a new revision)."""
         if not object_ids:
             return
         marks = ", ".join("?" * len(object_ids))
-        await self._write(
+        now = time.time()
+        statements: list[Statement] = [
             (
-                "UPDATE requests SET payload = '{}', payload_chars = 2, pruned_at = ?,"
+                "UPDATE requests SET payload = '{}', payload_chars = 2, pruned_at = ?, revision = revision + 1,"
                 " result = CASE WHEN json_extract(result, '$.content_type') = 'text' THEN result ELSE ? END"
                 f" WHERE object_id IN ({marks}) AND status IN ('ok', 'error')",
-                (time.time(), json_text.dumps({"content_type": "text", "content": summary}), *object_ids),
+                (now, json_text.dumps({"content_type": "text", "content": summary}), *object_ids),
             ),
             (f"DELETE FROM payloads WHERE object_id IN ({marks})", tuple(object_ids)),
-        )
+        ]
+        if self._record_of is not None:
+            statements.append(
+                (
+                    "INSERT INTO outbox (target, object_id, revision, document, created_at)"
+                    " SELECT 'mongodb', object_id, revision, json_object('object_id', object_id, 'revision',"
+                    " revision, 'payload', json('{}'), 'result', json(result), 'pruned_at', pruned_at), ?"
+                    f" FROM requests WHERE object_id IN ({marks}) AND pruned_at = ?",
+                    (now, *object_ids, now),
+                )
+            )
+        await self._write(*statements)
+        if self._record_of is not None:
+            self._wake_mirror("mongodb")
 
     async def forget_summaries(self, finished_before: float, limit: int) -> int:
         """Delete up to `limit` pruned requests that finished before `finished_before`, oldest
-        first. Returns how many."""
+        first (and, with the MongoDB mirror on, their records there). Returns how many."""
         async with self._reader_db.execute(
-            "SELECT object_id FROM requests WHERE pruned_at IS NOT NULL AND finished_at < ? ORDER BY finished_at LIMIT ?",
+            "SELECT object_id, revision FROM requests WHERE pruned_at IS NOT NULL AND finished_at < ?"
+            " ORDER BY finished_at LIMIT ?",
             (finished_before, limit),
         ) as cursor:
-            object_ids = [row[0] async for row in cursor]
-        if object_ids:
-            marks = ", ".join("?" * len(object_ids))
-            await self._write((f"DELETE FROM requests WHERE object_id IN ({marks})", tuple(object_ids)))
-        return len(object_ids)
+            rows = [(row[0], row[1]) async for row in cursor]
+        if rows:
+            marks = ", ".join("?" * len(rows))
+            statements: list[Statement] = [
+                (f"DELETE FROM requests WHERE object_id IN ({marks})", tuple(object_id for object_id, _ in rows))
+            ]
+            if self._record_of is not None:
+                now = time.time()
+                statements += [
+                    (_OUTBOX_INSERT, ("mongodb", object_id, revision + 1, json_text.dumps(DELETED_RECORD), now))
+                    for object_id, revision in rows
+                ]
+            await self._write(*statements)
+            if self._record_of is not None:
+                self._wake_mirror("mongodb")
+        return len(rows)
 
     # -- outbox -------------------------------------------------------------------------
 
