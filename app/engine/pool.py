@@ -207,6 +207,7 @@ class _Replay:
         self.free_s = [slot.seconds_until_free(now) for slot in serving]
         self.speeds = [slot.units_per_s for slot in serving]
         self.total_speed = sum(self.speeds)
+        self.last_run_s = 0.0
 
     def best(self, cost_units: float, later_s: float = 0.0) -> tuple[int, float]:
         """(backend index, seconds until done) for a job of this cost, every backend `later_s`
@@ -216,9 +217,10 @@ class _Replay:
         return index, free_s[index] + cost_units / self.speeds[index]
 
     def place(self, cost_units: float) -> float:
-        """Place a job; seconds until it is done."""
+        """Place a job; seconds until it is done (and its run time in `last_run_s`)."""
         index = where_done_first(self.free_s, self.speeds, cost_units)
-        self.free_s[index] += cost_units / self.speeds[index]
+        self.last_run_s = cost_units / self.speeds[index]
+        self.free_s[index] += self.last_run_s
         return self.free_s[index]
 
 
@@ -257,13 +259,26 @@ class ExecutorPool:
 
     def waiting_estimates(self, limit: int) -> list[tuple[Job, float]]:
         """(job, seconds until it is expected to be done) for the first `limit` waiting jobs in
-        dispatch order, by the same replay as eta_for_new with each job's own cost. Empty
-        when no backend is in service."""
+        dispatch order, by the same replay as eta_for_new with each job's own cost (and, as
+        there, the other class's arrivals expected to pass it). Empty when no backend is in
+        service."""
         serving = self.in_service()
         if not serving:
             return []
         replay = _Replay(serving)
-        return [(job, replay.place(job.cost_units)) for job in self.queue.in_dispatch_order(limit)]
+        ahead = {False: 0, True: 0}  # jobs of each class before the one placed
+        estimates = []
+        for job in self.queue.in_dispatch_order(limit):
+            premium = job.premium
+            done_s = replay.place(job.cost_units)
+            _, _, room = self.queue.picks_ahead(premium, ahead[premium])
+            if room:
+                starts_s = done_s - replay.last_run_s
+                passing = min(float(room), self.arrival_rate(not premium) * starts_s)
+                done_s += passing * (self._arriving_units[not premium] or job.cost_units) / replay.total_speed
+            ahead[premium] += 1
+            estimates.append((job, done_s))
+        return estimates
 
     def note_arrival(self, premium: bool, cost_units: float) -> None:
         """A request of this class and cost was queued (its arrival rate and size feed the
