@@ -6,7 +6,8 @@ from this process. Each number is printed beside a baseline measured in the same
 
 - accept rate with group commit vs. with STORE_BATCH_ROWS=1 (one commit per request), and
   pipelined vs. one-request-at-a-time sending;
-- dispatch gap through the balancer vs. a client calling the same backend directly.
+- dispatch gap through the balancer, with 1 and with 8 backends, vs. a client loop calling each
+  backend directly.
 
 Usage: .venv/bin/python -m bench.core [--requests N] [--jobs N]
 """
@@ -172,12 +173,18 @@ def summary(values: list[float]) -> str:
     return f"median {statistics.median(ordered):6.2f} ms   p99 {p99:6.2f} ms   (n={len(ordered)})"
 
 
-async def dispatch_gaps(folder: Path, jobs: int) -> list[float]:
-    """A backlog of `jobs` on one instant backend: time from each response to the next call."""
-    state = DemoBackendState()
-    state.gate.clear()
-    runner, url = await start_backend(state)
-    server = await start_server(folder, url, SAVE_IMAGES_LOCALLY="1")
+async def dispatch_gaps(folder: Path, jobs: int, backends: int = 1) -> list[float]:
+    """A backlog of `jobs` on `backends` instant backends: on each backend, the time from each
+    response to its next call."""
+    states = [DemoBackendState() for _ in range(backends)]
+    runners, entries = [], []
+    for number, state in enumerate(states):
+        state.gate.clear()
+        runner, url = await start_backend(state)
+        runners.append(runner)
+        entries.append({"name": f"gpu{number}", "exec_type": "automatic1111", "endpoint": url, "timeout": 60})
+    server = balancer(folder, entries, SAVE_IMAGES_LOCALLY="1")
+    await server.start()
     try:
         async with aiohttp.ClientSession() as session:
             async with session.ws_connect(
@@ -185,31 +192,38 @@ async def dispatch_gaps(folder: Path, jobs: int) -> list[float]:
             ) as ws:
                 await _send_all(ws, jobs)
                 await _await_queued(ws, jobs)
-                state.gate.set()
+                for state in states:
+                    state.gate.set()
                 done = 0
                 while done < jobs:
                     message = json.loads((await ws.receive()).data)
                     done += message.get("gen_status") in ("ok", "error")
     finally:
         await server.stop()
-        await runner.cleanup()
-    return gaps_ms(state)[1:]  # the first call waited at the gate
+        for runner in runners:
+            await runner.cleanup()
+    return [gap for state in states for gap in gaps_ms(state)[1:]]  # each first call waited at the gate
 
 
-async def direct_gaps(jobs: int) -> list[float]:
-    """Baseline: one client calling the backend back to back, no balancer in between."""
-    state = DemoBackendState()
-    runner, url = await start_backend(state)
-    try:
+async def direct_gaps(jobs: int, backends: int = 1) -> list[float]:
+    """Baseline: one client loop per backend calling it back to back, no balancer in between."""
+    states = [DemoBackendState() for _ in range(backends)]
+    started = [await start_backend(state) for state in states]
+
+    async def loop(url: str, count: int) -> None:
         async with aiohttp.ClientSession() as session:
-            for index in range(jobs):
+            for index in range(count):
                 async with session.post(
                     f"{url}/sdapi/v1/txt2img", data=json.dumps({"prompt": f"r{index}", "steps": 20})
                 ) as response:
                     await response.read()
+
+    try:
+        await asyncio.gather(*(loop(url, jobs // backends) for _, url in started))
     finally:
-        await runner.cleanup()
-    return gaps_ms(state)
+        for runner, _ in started:
+            await runner.cleanup()
+    return [gap for state in states for gap in gaps_ms(state)]
 
 
 async def main() -> None:
@@ -233,14 +247,15 @@ async def main() -> None:
         sequential = await accept_rate(root / "sequential", min(args.requests, 1000), pipelined=False)
         print(f"  one at a time (send, wait for queued):          {sequential:8.0f} req/s")
 
-        print(
-            f"\ngap between a backend's response and its next request, backlog of {args.jobs} "
-            "jobs on one instant backend"
-        )
-        balancer = await dispatch_gaps(root / "gaps", args.jobs)
-        print(f"  through the balancer:          {summary(balancer)}")
-        baseline = await direct_gaps(args.jobs)
-        print(f"  baseline, direct client loop:  {summary(baseline)}")
+        for backends in (1, 8):
+            print(
+                f"\ngap between a backend's response and its next request, backlog of {args.jobs} "
+                f"jobs on {backends} instant backend{'s' if backends > 1 else ''}"
+            )
+            through = await dispatch_gaps(root / f"gaps-{backends}", args.jobs, backends)
+            print(f"  through the balancer:          {summary(through)}")
+            baseline = await direct_gaps(args.jobs, backends)
+            print(f"  baseline, direct client loops: {summary(baseline)}")
 
 
 if __name__ == "__main__":
