@@ -81,8 +81,9 @@ class WeightedQueue:
         return True
 
     def pop(self, accept: Callable[[Job], bool] | None = None, *, largest_within: int = 0) -> Job | None:
-        """Take the first job in dispatch order that `accept` takes (all, by default), or None
-        when none does. A job passed over keeps its place."""
+        """Take the first job that `accept` takes (all, by default): of the class whose turn it
+        is, else of the other class (out of turn); None when none does. A job passed over
+        keeps its place. (The dispatcher places jobs itself: app/engine/placement.py.)"""
         for turn, premium in enumerate(self.turn_order()):
             for job in self.class_order(premium, largest_within):
                 if accept is None or accept(job):
@@ -92,7 +93,7 @@ class WeightedQueue:
 
     def turn_order(self) -> list[bool]:
         """The classes with jobs to take (True: premium), the one whose turn it is first."""
-        candidates = [premium for premium in (True, False) if self._takeable(premium)]
+        candidates = [premium for premium in (True, False) if self.takeable(premium)]
         # Ties go to premium (listed first).
         return sorted(candidates, key=lambda premium: -(self._current[premium] + self._weights[premium]))
 
@@ -102,7 +103,7 @@ class WeightedQueue:
         class whose turn it is waits for a busy backend), the turns stay as they were, as if
         that class had nothing waiting: charging such picks would make a class owe turns and
         then take several in a row, past what the ratio allows the other class."""
-        if in_turn and self._takeable(not job.premium) > 0:
+        if in_turn and self.takeable(not job.premium) > 0:
             total = 0
             for premium in (True, False):
                 self._current[premium] += self._weights[premium]
@@ -122,10 +123,6 @@ class WeightedQueue:
         self._arrived_early[job.premium].discard(id(job))
 
     def takeable(self, premium: bool) -> int:
-        """How many of a class's jobs may be taken now (read back, or arrived since)."""
-        return self._takeable(premium)
-
-    def _takeable(self, premium: bool) -> int:
         """How many of a class's jobs, from the head, may be taken now (not those that arrived
         while older ones of their class are still unread)."""
         return len(self._jobs[premium]) - len(self._arrived_early[premium])
@@ -134,7 +131,7 @@ class WeightedQueue:
         """A class's takeable jobs in the order they are offered: arrival order, except that
         with `largest_within` the first that many go largest first (after the head, if later
         jobs have passed it over that often already: the reordering is bounded)."""
-        line, takeable = self._jobs[premium], self._takeable(premium)
+        line, takeable = self._jobs[premium], self.takeable(premium)
         skipped = 0
         if largest_within:
             window = list(itertools.islice(line, min(takeable, largest_within)))

@@ -479,6 +479,8 @@ class Scheduler:
             seconds = time.monotonic() - started
             await self._progress.stop(job)  # before the backend takes another job
         except asyncio.CancelledError:
+            if claim is not None:
+                claim.cancel()
             slot.free()
             tracked.leave_slot()
             raise
