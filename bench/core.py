@@ -6,8 +6,8 @@ from this process. Each number is printed beside a baseline measured in the same
 
 - accept rate with group commit vs. with STORE_BATCH_ROWS=1 (one commit per request), and
   pipelined vs. one-request-at-a-time sending;
-- dispatch gap through the balancer, with 1 and with 8 backends, vs. a client loop calling each
-  backend directly.
+- dispatch gap through the balancer, with 1 and with 8 backends (each in a process of its own,
+  bench/gap_backend.py), vs. a client loop per backend, in one process, calling it directly.
 
 Usage: .venv/bin/python -m bench.core [--requests N] [--jobs N]
 """
@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
 import json
+import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,7 +28,7 @@ import aiohttp
 from aiohttp import web
 
 from app.demo_backends import DemoBackendState, automatic1111_app, serve_on_loopback
-from bench.processes import ServerProcess
+from bench.processes import REPO_ROOT, ServerProcess
 
 KEY = "bench-key"
 
@@ -162,68 +163,92 @@ async def _await_queued(ws: aiohttp.ClientWebSocketResponse, count: int) -> None
             raise RuntimeError(message)
 
 
-def gaps_ms(state: DemoBackendState) -> list[float]:
-    calls = state.received
-    return [(later.started_at - earlier.finished_at) * 1000 for earlier, later in itertools.pairwise(calls)]
-
-
 def summary(values: list[float]) -> str:
     ordered = sorted(values)
     p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
     return f"median {statistics.median(ordered):6.2f} ms   p99 {p99:6.2f} ms   (n={len(ordered)})"
 
 
+class GapBackends:
+    """`count` instant demo backends, each in a process of its own (bench/gap_backend.py), that
+    hold every request until opened and then report their gaps."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.processes: list[asyncio.subprocess.Process] = []
+        self.urls: list[str] = []
+
+    async def __aenter__(self) -> GapBackends:
+        env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(REPO_ROOT)}
+        for _ in range(self.count):
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "bench.gap_backend", cwd=REPO_ROOT, env=env, stdout=asyncio.subprocess.PIPE
+            )
+            self.processes.append(process)
+            assert process.stdout is not None
+            self.urls.append((await process.stdout.readline()).decode().strip())
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        for process in self.processes:
+            process.terminate()
+            await process.wait()
+
+    async def open(self, session: aiohttp.ClientSession) -> None:
+        for url in self.urls:
+            async with session.post(f"{url}/bench/open") as response:
+                response.raise_for_status()
+
+    async def gaps(self, session: aiohttp.ClientSession, skip_first: bool) -> list[float]:
+        gaps: list[float] = []
+        for url in self.urls:
+            async with session.get(f"{url}/bench/gaps") as response:
+                measured = await response.json()
+            gaps += measured[1:] if skip_first else measured  # the first call waited at the gate
+        return gaps
+
+
 async def dispatch_gaps(folder: Path, jobs: int, backends: int = 1) -> list[float]:
     """A backlog of `jobs` on `backends` instant backends: on each backend, the time from each
     response to its next call."""
-    states = [DemoBackendState() for _ in range(backends)]
-    runners, entries = [], []
-    for number, state in enumerate(states):
-        state.gate.clear()
-        runner, url = await start_backend(state)
-        runners.append(runner)
-        entries.append({"name": f"gpu{number}", "exec_type": "automatic1111", "endpoint": url, "timeout": 60})
-    server = balancer(folder, entries, SAVE_IMAGES_LOCALLY="1")
-    await server.start()
-    try:
-        async with aiohttp.ClientSession() as session:
+    async with GapBackends(backends) as gpus, aiohttp.ClientSession() as session:
+        entries = [
+            {"name": f"gpu{number}", "exec_type": "automatic1111", "endpoint": url, "timeout": 60}
+            for number, url in enumerate(gpus.urls)
+        ]
+        server = balancer(folder, entries, SAVE_IMAGES_LOCALLY="1")
+        await server.start()
+        try:
             async with session.ws_connect(
                 f"{server.base_url}/ws/bench", headers={"authorization": KEY, "service": "bench"}
             ) as ws:
                 await _send_all(ws, jobs)
                 await _await_queued(ws, jobs)
-                for state in states:
-                    state.gate.set()
+                await gpus.open(session)
                 done = 0
                 while done < jobs:
                     message = json.loads((await ws.receive()).data)
                     done += message.get("gen_status") in ("ok", "error")
-    finally:
-        await server.stop()
-        for runner in runners:
-            await runner.cleanup()
-    return [gap for state in states for gap in gaps_ms(state)[1:]]  # each first call waited at the gate
+        finally:
+            await server.stop()
+        return await gpus.gaps(session, skip_first=True)
 
 
 async def direct_gaps(jobs: int, backends: int = 1) -> list[float]:
-    """Baseline: one client loop per backend calling it back to back, no balancer in between."""
-    states = [DemoBackendState() for _ in range(backends)]
-    started = [await start_backend(state) for state in states]
+    """Baseline: one client loop per backend, all in this process, calling it back to back
+    with no balancer in between."""
+    async with GapBackends(backends) as gpus, aiohttp.ClientSession() as session:
+        await gpus.open(session)
 
-    async def loop(url: str, count: int) -> None:
-        async with aiohttp.ClientSession() as session:
+        async def loop(url: str, count: int) -> None:
             for index in range(count):
                 async with session.post(
                     f"{url}/sdapi/v1/txt2img", data=json.dumps({"prompt": f"r{index}", "steps": 20})
                 ) as response:
                     await response.read()
 
-    try:
-        await asyncio.gather(*(loop(url, jobs // backends) for _, url in started))
-    finally:
-        for runner, _ in started:
-            await runner.cleanup()
-    return [gap for state in states for gap in gaps_ms(state)]
+        await asyncio.gather(*(loop(url, jobs // backends) for url in gpus.urls))
+        return await gpus.gaps(session, skip_first=False)
 
 
 async def main() -> None:
