@@ -293,11 +293,11 @@ class ExecutorPool:
         while arrivals and arrivals[0] < now - ARRIVAL_WINDOW_S:
             arrivals.popleft()
 
-    def largest_first(self, serving: list[BackendSlot], arriving: int = 0) -> bool:
+    def largest_first(self, serving: list[BackendSlot]) -> bool:
         """Whether the dispatcher takes the largest of the first jobs of a class (placement.py):
         near the end of a line that is running out, at most LARGEST_FIRST_TAIL jobs per backend
-        in service waiting (`arriving` more counted in), and the line draining."""
-        return len(self.queue) + arriving <= LARGEST_FIRST_TAIL * len(serving) and self.draining(serving)
+        in service waiting, and the line draining."""
+        return len(self.queue) <= LARGEST_FIRST_TAIL * len(serving) and self.draining(serving)
 
     def draining(self, serving: list[BackendSlot]) -> bool:
         """Whether the line is running out rather than being fed: nothing has arrived for as
@@ -336,11 +336,10 @@ class ExecutorPool:
         serving = self.in_service()
         if not serving:
             return None
-        # Near the tail of a backlog, where the dispatcher takes the largest first, only the
-        # jobs of its class at least as large go before it.
-        larger_only = self.largest_first(serving, arriving=1)
-        same_count = len(self.queue.larger_waiting(premium, cost_units)) if larger_only else None
-        same, other, room = self.queue.picks_ahead(premium, same_count)
+        # The order is arrival order within each class even near the tail of a backlog, where
+        # the dispatcher takes the largest first: that needs a line nothing has fed for a while
+        # (draining), and this request feeds it now.
+        same, other, room = self.queue.picks_ahead(premium)
         replay = _Replay(serving)
         limit = REPLAYED_ROUNDS * len(serving)
         replayed = {premium: 0, not premium: 0}
@@ -348,10 +347,7 @@ class ExecutorPool:
         # spread, and an intake burst does not pay for the replay with every request.
         first_jobs = self.queue.in_dispatch_order(limit) if 0 < same + other <= 2 * limit else []
         for job in first_jobs:
-            if job.premium == premium:
-                if replayed[premium] >= same or (larger_only and job.cost_units < cost_units):
-                    continue
-            elif replayed[not premium] >= other:
+            if replayed[job.premium] >= (same if job.premium == premium else other):
                 continue
             replay.place(job.cost_units)
             replayed[job.premium] += 1

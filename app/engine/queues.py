@@ -187,16 +187,12 @@ class WeightedQueue:
         same, other, _ = self.picks_ahead(premium)
         return same + other
 
-    def larger_waiting(self, premium: bool, cost_units: float) -> list[float]:
-        """The costs of the waiting jobs of a class at least `cost_units` large: those taken
-        before a job of that cost where the dispatcher takes the largest first."""
-        return [job.cost_units for job in self._jobs[premium] if job.cost_units >= cost_units]
-
     def picks_ahead(self, premium: bool, same: int | None = None) -> tuple[int, int, int]:
         """For a job of this class pushed now: (jobs of its class taken before it, jobs of the
         other class taken before it, further jobs of the other class that could still be
         taken before it if they arrived now: the room the ratio leaves them). `same` says
-        how many of its class go first, when not all of them (largest first).
+        how many of its class go first, when not all of them (for a job already in line: those
+        ahead of it).
 
         Counted from the round-robin's current credits, exactly as `pop` will go on: whether
         the next pick is premium or general is often the difference of a whole job."""
