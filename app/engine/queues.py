@@ -94,8 +94,21 @@ class WeightedQueue:
     def turn_order(self) -> list[bool]:
         """The classes with jobs to take (True: premium), the one whose turn it is first."""
         candidates = [premium for premium in (True, False) if self.takeable(premium)]
-        # Ties go to premium (listed first).
-        return sorted(candidates, key=lambda premium: -(self._current[premium] + self._weights[premium]))
+        if len(candidates) == 2 and not self._pick(dict(self._current)):
+            candidates.reverse()
+        return candidates
+
+    def _pick(self, current: dict[bool, int], chosen: bool | None = None) -> bool:
+        """One pick of the smooth weighted round-robin while both classes wait, on `current`
+        (the queue's credits, or a copy to look ahead): each class gains its weight, the
+        chosen one (by default the one with the most credit, ties to premium) pays the total.
+        Returns the class picked (True: premium)."""
+        current[True] += self._weights[True]
+        current[False] += self._weights[False]
+        if chosen is None:
+            chosen = current[True] >= current[False]
+        current[chosen] -= self._weights[True] + self._weights[False]
+        return chosen
 
     def take(self, job: Job, *, in_turn: bool = True) -> None:
         """Take `job` off the line. Taken in its class's turn, it is a pick of its class for
@@ -104,11 +117,7 @@ class WeightedQueue:
         that class had nothing waiting: charging such picks would make a class owe turns and
         then take several in a row, past what the ratio allows the other class."""
         if in_turn and self.takeable(not job.premium) > 0:
-            total = 0
-            for premium in (True, False):
-                self._current[premium] += self._weights[premium]
-                total += self._weights[premium]
-            self._current[job.premium] -= total
+            self._pick(self._current, job.premium)
             self._period_picks.clear()
         line = self._jobs[job.premium]
         if line[0] is job:
@@ -150,7 +159,6 @@ class WeightedQueue:
         whose turn it is (from the credits as they stand, as if each job offered were taken),
         each class in its own order (class_order). Changes nothing."""
         current = dict(self._current)
-        weights, total = self._weights, self._weights[False] + self._weights[True]
         lines = {premium: self.class_order(premium, largest_within) for premium in (True, False)}
         heads = {premium: next(lines[premium], None) for premium in (True, False)}
         while True:
@@ -158,11 +166,8 @@ class WeightedQueue:
                 chosen = False
             elif heads[False] is None:
                 chosen = True
-            else:  # both wait: the smooth weighted round-robin of `pop`, ties to premium
-                current[True] += weights[True]
-                current[False] += weights[False]
-                chosen = current[True] >= current[False]
-                current[chosen] -= total
+            else:
+                chosen = self._pick(current)
             job = heads[chosen]
             if job is None:
                 return
@@ -220,14 +225,10 @@ class WeightedQueue:
         known = self._period_picks.get(key)
         if known is not None:
             return known
-        current, total = dict(self._current), self._weights[False] + self._weights[True]
+        current = dict(self._current)
         own_picks = other_picks = 0
         while own_picks <= own_picks_before:
-            current[False] += self._weights[False]
-            current[True] += self._weights[True]
-            chosen = current[True] >= current[False]  # ties go to premium
-            current[chosen] -= total
-            if chosen == premium:
+            if self._pick(current) == premium:
                 own_picks += 1
             else:
                 other_picks += 1
