@@ -43,7 +43,8 @@ BUSY_TIMEOUT_MS = 5000
 RecordBuilder = Callable[[Job], dict[str, Any]]
 # The outbox document that deletes a request's record from the MongoDB mirror.
 DELETED_RECORD = {"deleted": True}
-_OUTBOX_INSERT = "INSERT INTO outbox (target, object_id, revision, document, created_at) VALUES (?, ?, ?, ?, ?)"
+_INSERT_INTO_OUTBOX = "INSERT INTO outbox (target, object_id, revision, document, created_at)"
+_OUTBOX_INSERT = f"{_INSERT_INTO_OUTBOX} VALUES (?, ?, ?, ?, ?)"
 
 
 # What the store's writes change on a Job. A failed write puts them back, so the caller may
@@ -398,8 +399,7 @@ class Store:
         if self._record_of is not None:
             statements.append(
                 (
-                    "INSERT INTO outbox (target, object_id, revision, document, created_at)"
-                    " SELECT 'mongodb', object_id, revision, json_object('object_id', object_id, 'revision',"
+                    f"{_INSERT_INTO_OUTBOX} SELECT 'mongodb', object_id, revision, json_object('object_id', object_id, 'revision',"
                     " revision, 'payload', json('{}'), 'result', json(result), 'pruned_at', pruned_at), ?"
                     f" FROM requests WHERE object_id IN ({marks}) AND pruned_at = ?",
                     (now, *object_ids, now),
