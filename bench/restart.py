@@ -28,6 +28,7 @@ import aiohttp
 from app.domain.costs import payload_cost_units
 from app.domain.ids import new_object_id
 from app.domain.jobs import LARGE_PAYLOAD_CHARS, ExecutorType, GenType
+from app.storage.payload_files import PayloadFiles, outline
 from app.storage.store import Store
 from bench.core import demo_server, memory_mb
 
@@ -44,9 +45,10 @@ def fill(path: Path, count: int, image_bytes: int) -> None:
     small text2img payload when 0)."""
     image = base64.b64encode(PNG_HEAD + os.urandom(max(0, image_bytes - len(PNG_HEAD)))).decode()
     now = time.time()
+    files = PayloadFiles.beside(path)
     with sqlite3.connect(path) as db:
         db.execute("PRAGMA journal_mode = WAL")
-        rows, payloads = [], []
+        rows = []
         for n in range(count):
             if image_bytes:
                 gen_type, payload = GenType.IMG2IMG, {"prompt": f"p{n}", "init_images": [image]}
@@ -54,7 +56,9 @@ def fill(path: Path, count: int, image_bytes: int) -> None:
                 gen_type, payload = GenType.TEXT2IMG, {"prompt": f"p{n}", "steps": 20}
             text = json.dumps(payload)
             object_id = new_object_id()
-            separate = len(text) >= LARGE_PAYLOAD_CHARS  # where Store.add keeps it
+            in_file = len(text) >= LARGE_PAYLOAD_CHARS  # where Store.add keeps it
+            if in_file:
+                files.path(object_id).write_text(text)
             rows.append(
                 (
                     object_id,
@@ -63,29 +67,27 @@ def fill(path: Path, count: int, image_bytes: int) -> None:
                     gen_type.value,
                     json.dumps({}),
                     json.dumps({"user_id": n}),
-                    "" if separate else text,
+                    json.dumps(outline(payload)) if in_file else text,
                     now,
                     1,
                     payload_cost_units(ExecutorType.AUTOMATIC1111, gen_type, payload),
                     len(text),
+                    int(in_file),
                 )
             )
-            if separate:
-                payloads.append((object_id, text))
             if len(rows) == 500:
-                _insert(db, rows, payloads)
-                rows, payloads = [], []
-        _insert(db, rows, payloads)
+                _insert(db, rows)
+                rows = []
+        _insert(db, rows)
 
 
-def _insert(db: sqlite3.Connection, rows: list[tuple], payloads: list[tuple]) -> None:
+def _insert(db: sqlite3.Connection, rows: list[tuple]) -> None:
     db.executemany(
         "INSERT INTO requests (object_id, service, executor, gen_type, settings, service_info,"
-        " payload, status, created_at, revision, cost_units, payload_chars)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
+        " payload, status, created_at, revision, cost_units, payload_chars, payload_file)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?)",
         rows,
     )
-    db.executemany("INSERT INTO payloads (object_id, payload) VALUES (?, ?)", payloads)
     db.commit()
 
 
@@ -111,14 +113,15 @@ async def restart(path: Path, workdir: Path) -> tuple[float, float, float, float
 
 
 def read_everything(path: Path) -> tuple[float, float]:
-    """Baseline: read and parse every queued row whole, in a child process (its own peak RSS)."""
+    """Baseline: read and parse every queued row whole (its payload file too), in a child
+    process (its own peak RSS)."""
     code = (
         "import json, sqlite3, sys, time\n"
-        "t = time.monotonic(); db = sqlite3.connect(sys.argv[1])\n"
-        'sql = "SELECT r.*, coalesce(p.payload, r.payload) AS whole FROM requests r LEFT JOIN payloads p'
-        " USING (object_id) WHERE status = 'queued'\"\n"
-        "rows = [{k: (json.loads(v) if k == 'whole' else v) for k, v in zip([c[0] for c in cur.description], r)}"
-        " for cur in [db.execute(sql)] for r in cur]\n"
+        "t = time.monotonic(); db = sqlite3.connect(sys.argv[1]); files = sys.argv[1] + '.payloads/'\n"
+        "sql = \"SELECT * FROM requests WHERE status = 'queued'\"\n"
+        "rows = [{k: v for k, v in zip([c[0] for c in cur.description], r)} for cur in [db.execute(sql)] for r in cur]\n"
+        "for row in rows: row['payload'] = json.loads(open(files + row['object_id'] + '.json').read()"
+        " if row['payload_file'] else row['payload'])\n"
         "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')][0].split()[1]\n"
         "print(time.monotonic() - t, int(hwm) / 1024)\n"
     )

@@ -10,6 +10,7 @@ import aiohttp
 import pytest
 
 from bench.bots import Bot, request_message, wait_until
+from bench.images import noisy_png_base64
 from bench.processes import ServerProcess
 from tests.conftest import SERVICE_KEYS, base_env, write_executors
 
@@ -252,3 +253,46 @@ async def test_a_request_interrupted_by_ten_restarts_in_a_row_is_not_run_again(s
     assert final["result"]["content"].startswith("Interrupted by 10 restarts of the balancer")
     assert final["payload"] == {"prompt": "fatal?"}
     assert len(gpu.state.received) == 1  # the first run only
+
+
+async def test_sigkill_with_image_requests_waiting_sends_each_image_after_restart(
+    tmp_path, start_backend, server_factory
+):
+    """Images are kept in files beside the database: a kill loses none, a file a crash left
+    without its request is deleted at the next start, and a request whose file an operator
+    deleted ends with an error naming it instead of stopping the line."""
+    gpu = await start_backend("automatic1111")
+    gpu.state.gate.clear()  # the first image request is generating at the kill, the rest wait
+    write_executors(tmp_path, [gpu])
+    payload_folder = tmp_path / "data" / "devoid.sqlite3.payloads"
+    server = server_factory()
+    await server.start()
+    images = [noisy_png_base64(side=160) for _ in range(4)]  # ~100 KB of base64 each
+    async with aiohttp.ClientSession() as session:
+        bot = await connect(session, server, "telegram")
+        ids = []
+        for index, image in enumerate(images):
+            message = request_message("automatic1111", "img2img", {"init_images": [image], "prompt": f"i{index}"})
+            ids.append((await bot.submit(message))["object_id"])
+        await wait_until(lambda: gpu.state.running == 1)
+        server.kill()
+        await server.wait()
+
+        assert sorted(path.stem for path in payload_folder.iterdir()) == sorted(ids)
+        (payload_folder / "0123456789abcdef01234567.json").write_text('{"torn": ')  # no request has it
+        (payload_folder / f"{ids[2]}.json").unlink()  # an operator's mistake
+        gpu.state.gate.set()
+        restarted = server_factory()
+        await restarted.start()
+        bot = await connect(session, restarted, "telegram")
+        finals = {object_id: await bot.final(object_id) for object_id in ids}
+
+    assert [finals[object_id]["gen_status"] for object_id in ids] == ["ok", "ok", "error", "ok"]
+    assert "stored payload of this request is missing" in finals[ids[2]]["result"]["content"]
+    # The backend got each surviving image exactly as sent (the first one twice: it was
+    # generating at the kill).
+    sent = [call.body["init_images"][0] for call in gpu.state.received]
+    assert sent == [images[0], images[0], images[1], images[3]]
+    assert finals[ids[1]]["payload"] == {"init_images": [images[1]], "prompt": "i1"}
+    assert not (payload_folder / "0123456789abcdef01234567.json").exists()
+    assert "deleted 1 payload files that no stored request needs" in restarted.log()

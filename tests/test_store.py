@@ -152,3 +152,20 @@ async def test_a_database_from_the_first_release_upgrades_and_its_queue_resumes(
         assert job.revision == 1  # the requeue was the record's first change since the upgrade
     finally:
         await store.close()
+
+
+async def test_a_large_payload_is_kept_in_a_file_and_read_back_as_sent(tmp_path):
+    path = tmp_path / "big.sqlite3"
+    store = await Store.open(path)
+    image = "iVBORw0KGgo" + "A" * 300_001  # not a multiple of the 4 KB block it is written in
+    job = new_job(gen_type=GenType.IMG2IMG, payload={"prompt": "a fox", "init_images": [image], "n": 1.5})
+    small = new_job(payload={"prompt": "small"})
+    await store.add(job)
+    await store.add(small)
+    assert [file.name for file in (tmp_path / "big.sqlite3.payloads").iterdir()] == [f"{job.object_id}.json"]
+    assert await store.load_payload(job.object_id) == job.payload
+    fetched = await store.get(job.object_id)
+    assert fetched is not None and fetched.payload == job.payload
+    # The row keeps the rest of the payload: the status page shows the prompt.
+    assert await store.prompts_of([job.object_id], 100) == {job.object_id: "a fox"}
+    await store.close()

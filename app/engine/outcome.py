@@ -18,6 +18,7 @@ from app.domain.jobs import Job, JobStatus
 from app.image_check import ImageCheck
 from app.metrics import Metrics
 from app.mirrors.s3 import S3Mirror
+from app.storage.payload_files import PayloadUnreadable
 from app.storage.results import ResultWriter
 from app.storage.store import Store
 
@@ -47,7 +48,11 @@ class Outcomes:
         upload = None
         try:
             if job.payload is None:  # cancelled or expired while it waited: echo it all the same
-                job.payload = await self._store.load_payload(job.object_id)
+                try:
+                    job.payload = await self._store.load_payload(job.object_id)
+                except PayloadUnreadable as exc:
+                    log.warning("%s: its final echoes an empty payload: %s", job.object_id, exc)
+                    job.payload = {}
             if jpeg is not None and self._image_check is not None and job.flag("moderate"):
                 verdict = await self._image_check.judge(job, jpeg)
                 self._metrics.moderated.labels("image", "passed" if verdict.allowed else "blocked").inc()

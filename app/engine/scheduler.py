@@ -39,6 +39,7 @@ from app.engine.progress import ProgressReporter
 from app.image_check import ImageCheck
 from app.metrics import Metrics
 from app.storage.group_commit import StoreClosed
+from app.storage.payload_files import PayloadUnreadable
 from app.storage.results import ResultWriter
 from app.storage.store import Store
 
@@ -484,6 +485,9 @@ class Scheduler:
             slot.free()
             tracked.leave_slot()
             raise
+        except PayloadUnreadable as exc:
+            log.error("%s cannot be sent to a backend: %s", job.object_id, exc)
+            failure = BackendFailed(str(exc), kind=FailureKind.REJECTED)
         except Exception:
             log.exception("%s failed inside the balancer", job.object_id)
             failure = BackendFailed(

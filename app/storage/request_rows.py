@@ -11,10 +11,13 @@ from typing import Any
 from app.domain import json_text
 from app.domain.jobs import ExecutorType, GenType, Job, JobStatus
 
-# A request's payload, wherever it is kept (migration 0007).
-PAYLOAD_SQL = (
+# What the database holds of a request's payload: all of it, in `requests` or (rows of earlier
+# releases, migration 0007) in `payloads`; only its outline when it is in a file (0009).
+PAYLOAD_IN_DATABASE_SQL = (
     "coalesce((SELECT payloads.payload FROM payloads WHERE payloads.object_id = requests.object_id), requests.payload)"
 )
+# A request's payload as stored in the database; NULL when it is in a file (payload_files.py).
+PAYLOAD_SQL = f"CASE WHEN requests.payload_file THEN NULL ELSE {PAYLOAD_IN_DATABASE_SQL} END"
 # Every column but the payload, in the order job_from_row reads them (by position: reading
 # 100,000 rows by column name took as long as fetching them).
 HEADER_NAMES = (
@@ -44,10 +47,12 @@ HEADER_NAMES = (
     "request_key",
     "cost_units",
     "payload_chars",
+    "payload_file",
 )
 HEADER_COLUMNS = ", ".join(HEADER_NAMES)
 OBJECT_ID_INDEX = HEADER_NAMES.index("object_id")
 SEQ_INDEX = HEADER_NAMES.index("seq")
+PAYLOAD_FILE_INDEX = HEADER_NAMES.index("payload_file")
 
 
 @contextlib.contextmanager
@@ -83,7 +88,8 @@ def _json_object(text: str) -> Any:
 
 
 def job_from_row(row: tuple[Any, ...], with_payload: bool = True) -> Job:
-    """A Job from a plain row of HEADER_COLUMNS (then the payload, `with_payload`)."""
+    """A Job from a plain row of HEADER_COLUMNS (then the payload, `with_payload`). A payload
+    kept in a file is left None here (the store reads it)."""
     (
         seq,
         object_id,
@@ -111,9 +117,10 @@ def job_from_row(row: tuple[Any, ...], with_payload: bool = True) -> Job:
         request_key,
         cost_units,
         payload_chars,
-    ) = row[:26]
-    if with_payload:
-        payload, payload_chars = json_text.loads(row[26]), len(row[26])
+        _payload_file,
+    ) = row[:27]
+    if with_payload and row[27] is not None:
+        payload, payload_chars = json_text.loads(row[27]), len(row[27])
     else:
         payload, payload_chars = None, payload_chars or 0
     return Job(

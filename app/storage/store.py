@@ -27,9 +27,12 @@ from app.domain import json_text
 from app.domain.jobs import LARGE_PAYLOAD_CHARS, ExecutorType, GenType, Job, JobStatus
 from app.storage.group_commit import MAX_BATCH_ROWS, GroupWriter, Statement
 from app.storage.migrations import apply_migrations
+from app.storage.payload_files import PayloadFiles, PayloadUnreadable, outline
 from app.storage.request_rows import (
     HEADER_COLUMNS,
     OBJECT_ID_INDEX,
+    PAYLOAD_FILE_INDEX,
+    PAYLOAD_IN_DATABASE_SQL,
     PAYLOAD_SQL,
     SEQ_INDEX,
     job_from_row,
@@ -128,6 +131,7 @@ class Store:
         self,
         writer_db: aiosqlite.Connection,
         reader_db: aiosqlite.Connection,
+        payload_files: PayloadFiles,
         max_batch_rows: int,
         record_of: RecordBuilder | None,
     ) -> None:
@@ -138,23 +142,33 @@ class Store:
         self.outbox_listeners: dict[str, Callable[[], None]] = {}
         self._writer = GroupWriter(writer_db, max_batch_rows)
         self._reader_db = reader_db
+        self._payload_files = payload_files
         self._set_aside_ids: set[str] = set()
 
     @classmethod
     async def open(
         cls, path: Path, *, max_batch_rows: int = MAX_BATCH_ROWS, record_of: RecordBuilder | None = None
     ) -> Store:
-        """Open (creating if needed) and migrate the database at `path`. With `record_of`,
-        every status change also queues the request's record (`record_of(job)`) for MongoDB."""
+        """Open (creating if needed) and migrate the database at `path`, and delete the payload
+        files a crash left without a request. With `record_of`, every status change also
+        queues the request's record (`record_of(job)`) for MongoDB."""
         path.parent.mkdir(parents=True, exist_ok=True)
+        payload_files = PayloadFiles.beside(path)
         writer_db = await connect(path)
         try:
             await apply_migrations(writer_db)
+            payload_files.create_folder()
         except Exception:
             await writer_db.close()
             raise
         reader_db = await connect(path, read_only=True)
-        return cls(writer_db, reader_db, max_batch_rows, record_of)
+        store = cls(writer_db, reader_db, payload_files, max_batch_rows, record_of)
+        try:
+            await payload_files.sweep(await store._ids_with_payload_files())
+        except Exception:
+            await store.close()
+            raise
+        return store
 
     async def close(self) -> None:
         """Commit every write already submitted, then close both connections."""
@@ -205,21 +219,31 @@ class Store:
         """Commit a new queued request. Raises sqlite3.IntegrityError on a duplicate id or a
         duplicate request_key of the same service."""
         job.revision = 1
-        payload_json = json_text.dumps(job.payload)
+        payload_json = json_text.dumps_bytes(job.payload)
         job.payload_chars = len(payload_json)
-        separate = job.payload_chars >= LARGE_PAYLOAD_CHARS  # in its own table (migration 0007)
-        extra = (
-            [("INSERT INTO payloads (object_id, payload) VALUES (?, ?)", (job.object_id, payload_json))]
-            if separate
-            else []
-        )
+        in_file = job.payload_chars >= LARGE_PAYLOAD_CHARS
+        if in_file:
+            # On disk before the row that says it is there (payload_files.py).
+            await self._payload_files.write(job.object_id, payload_json)
+            stored_payload = json_text.dumps(outline(job.payload))
+        else:
+            stored_payload = payload_json.decode()
+        try:
+            await self._insert_request(job, stored_payload, in_file)
+        except Exception:
+            # Not committed (a cancelled caller's unit is still committed: that is no Exception).
+            if in_file:
+                await self._payload_files.delete([job.object_id])
+            raise
+
+    async def _insert_request(self, job: Job, stored_payload: str, in_file: bool) -> None:
         await self._commit_change(
             job,
             (
                 "INSERT INTO requests (object_id, service, executor, gen_type, premium, settings,"
                 " service_info, payload, status, created_at, revision, channel, ack_required, request_key,"
-                " cost_units, payload_chars)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
+                " cost_units, payload_chars, payload_file)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     job.object_id,
                     job.service,
@@ -228,7 +252,7 @@ class Store:
                     int(job.premium),
                     json_text.dumps(job.settings),
                     json_text.dumps(job.service_info),
-                    "" if separate else payload_json,
+                    stored_payload,
                     job.created_at,
                     job.revision,
                     job.channel,
@@ -236,9 +260,9 @@ class Store:
                     job.request_key,
                     job.cost_units or None,
                     job.payload_chars,
+                    int(in_file),
                 ),
             ),
-            *extra,
         )
 
     async def claim(self, job: Job, backend_name: str) -> None:
@@ -389,7 +413,8 @@ class Store:
         now = time.time()
         statements: list[Statement] = [
             (
-                "UPDATE requests SET payload = '{}', payload_chars = 2, pruned_at = ?, revision = revision + 1,"
+                "UPDATE requests SET payload = '{}', payload_chars = 2, payload_file = 0, pruned_at = ?,"
+                " revision = revision + 1,"
                 " result = CASE WHEN json_extract(result, '$.content_type') = 'text' THEN result ELSE ? END"
                 f" WHERE object_id IN ({marks}) AND status IN ('ok', 'error')",
                 (now, json_text.dumps({"content_type": "text", "content": summary}), *object_ids),
@@ -406,6 +431,8 @@ class Store:
                 )
             )
         await self._write(*statements)
+        # After the commit: a crash before this line leaves files the next start deletes.
+        await self._payload_files.delete(object_ids)
         if self._record_of is not None:
             self._wake_mirror("mongodb")
 
@@ -490,7 +517,24 @@ class Store:
                         unreadable.append((row[OBJECT_ID_INDEX], f"{type(exc).__name__}: {exc}"[:200]))
         for object_id, reason in unreadable:
             await self._set_aside(object_id, reason)
+        if with_payload:
+            await self._read_payload_files(jobs, rows)
         return jobs, rows
+
+    async def _read_payload_files(self, jobs: list[Job], rows: list[tuple[Any, ...]]) -> None:
+        """Fill in the payloads kept in files. One that cannot be read is left None: the job is
+        still listed (a final can be answered without it), and dispatch reports it."""
+        in_file = {row[OBJECT_ID_INDEX] for row in rows if row[PAYLOAD_FILE_INDEX]}
+        for job in jobs:
+            if job.object_id in in_file:
+                try:
+                    job.payload = await self._payload_files.read(job.object_id)
+                except PayloadUnreadable as exc:
+                    log.warning("%s: %s", job.object_id, exc)
+
+    async def _ids_with_payload_files(self) -> list[str]:
+        async with self._reader_db.execute("SELECT object_id FROM requests WHERE payload_file = 1") as cursor:
+            return [row[0] async for row in cursor]
 
     async def _set_aside(self, object_id: str, reason: str) -> None:
         """End a request whose row cannot be read back, so it never stops start-up, a page or
@@ -590,7 +634,7 @@ class Store:
             return {}
         marks = ", ".join("?" * len(object_ids))
         async with self._reader_db.execute(
-            f"SELECT object_id, substr(json_extract({PAYLOAD_SQL}, '$.prompt'), 1, ?) FROM requests"
+            f"SELECT object_id, substr(json_extract({PAYLOAD_IN_DATABASE_SQL}, '$.prompt'), 1, ?) FROM requests"
             f" WHERE object_id IN ({marks})",
             (max_chars, *object_ids),
         ) as cursor:
@@ -607,14 +651,17 @@ class Store:
             )
 
     async def load_payload(self, object_id: str) -> dict[str, Any]:
-        """The payload of a committed request, as sent."""
+        """The payload of a committed request, as sent. Raises KeyError for an unknown request,
+        PayloadUnreadable when its file is missing or damaged."""
         async with self._reader_db.execute(
-            f"SELECT {PAYLOAD_SQL} FROM requests WHERE object_id = ?", (object_id,)
+            f"SELECT payload_file, {PAYLOAD_SQL} FROM requests WHERE object_id = ?", (object_id,)
         ) as cursor:
             row = await cursor.fetchone()
         if row is None:
             raise KeyError(f"no request {object_id} in the database")
-        return json_text.loads(row[0])
+        if row[0]:
+            return await self._payload_files.read(object_id)
+        return json_text.loads(row[1])
 
     async def get(self, object_id: str) -> Job | None:
         jobs = await self._fetch_jobs("object_id = ?", (object_id,))
