@@ -15,7 +15,11 @@ Printed, per kind of bot:
   crashes allows these when the kill falls between sending a final and recording it)
 - generated twice: request_ids that ended up as two different requests (idempotency broken)
 
-Usage: .venv/bin/python -m bench.chaos [--cycles 100] [--bots 4]
+With --image-share, that share of the requests are img2img requests carrying a ~100 KB image
+(kept in payload files beside the database, written before the row that names them); the
+report then also counts image requests whose file is missing and files no request names.
+
+Usage: .venv/bin/python -m bench.chaos [--cycles 100] [--bots 4] [--image-share 0.3]
 """
 
 from __future__ import annotations
@@ -34,7 +38,9 @@ from pathlib import Path
 
 import aiohttp
 
+from app.storage.payload_files import PayloadFiles
 from bench.core import demo_server
+from bench.images import noisy_png_base64
 from bench.processes import ServerProcess
 
 IN_FLIGHT_PER_BOT = 10
@@ -45,6 +51,8 @@ DRAIN_TIMEOUT_S = 60.0
 class ChaosBot:
     name: str
     acks: bool
+    image: str | None = None  # sent with a share of the requests (img2img)
+    image_share: float = 0.0
     counter: int = 0
     unacknowledged: dict[str, dict] = field(default_factory=dict)  # request_id -> message, no `queued` yet
     object_ids: dict[str, set[str]] = field(default_factory=lambda: collections.defaultdict(set))
@@ -62,6 +70,9 @@ class ChaosBot:
             "service_info": {"user_id": random.randint(1, 50), "request_id": request_id},
             "payload": {"prompt": f"chaos {request_id}", "steps": 20},
         }
+        if self.image is not None and random.random() < self.image_share:
+            message |= {"executor": "automatic1111", "gen_type": "img2img"}
+            message["payload"] = {"prompt": f"chaos {request_id}", "steps": 20, "init_images": [self.image]}
         self.unacknowledged[request_id] = message
         return message
 
@@ -123,13 +134,16 @@ class ChaosBot:
                 await ws.send_str(json.dumps({"message_type": "info", "action": "ack", "object_id": object_id}))
 
 
-async def run_cycles(cycles: int, bot_count: int, workdir: Path) -> dict[str, ChaosBot]:
+async def run_cycles(cycles: int, bot_count: int, workdir: Path, image_share: float = 0.0) -> dict[str, ChaosBot]:
     # Each bot is a service of its own, so each final has exactly one bot to reach.
     services = " ".join(f"bot{n}:key-bot{n}" for n in range(bot_count))
     env = demo_server(
         workdir, workdir / "chaos.sqlite3", SERVICES=services, DEMO_DELAY_S="0.02", SHUTDOWN_GRACE_S="1"
     ).env
-    bots = {f"bot{n}": ChaosBot(f"bot{n}", acks=n % 2 == 1) for n in range(bot_count)}
+    image = noisy_png_base64(side=190) if image_share else None  # ~140 KB of base64
+    bots = {
+        f"bot{n}": ChaosBot(f"bot{n}", acks=n % 2 == 1, image=image, image_share=image_share) for n in range(bot_count)
+    }
     async with aiohttp.ClientSession() as session:
         for cycle in range(cycles + 1):
             last = cycle == cycles
@@ -193,17 +207,29 @@ def report(bots: dict[str, ChaosBot], database: Path, cycles: int) -> None:
         )
     statuses = collections.Counter(stored.values())
     print(f"database: {dict(statuses)}")
+    files = PayloadFiles.beside(database)
+    with sqlite3.connect(database) as db:
+        in_files = {row[0] for row in db.execute("SELECT object_id FROM requests WHERE payload_file = 1")}
+        unreadable = db.execute(
+            "SELECT count(*) FROM requests WHERE status = 'error' AND result LIKE '%stored payload%'"
+        ).fetchone()[0]
+    on_disk = files.stored_ids()
+    print(
+        f"payload files: {len(in_files)} requests keep theirs in one; missing {len(in_files - on_disk)}, "
+        f"named by no request {len(on_disk - in_files)}; requests ended for an unreadable payload: {unreadable}"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cycles", type=int, default=100)
     parser.add_argument("--bots", type=int, default=4)
+    parser.add_argument("--image-share", type=float, default=0.0, help="share of img2img requests with an image")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         workdir = Path(folder)
         started = time.monotonic()
-        bots = asyncio.run(run_cycles(args.cycles, args.bots, workdir))
+        bots = asyncio.run(run_cycles(args.cycles, args.bots, workdir, args.image_share))
         report(bots, workdir / "chaos.sqlite3", args.cycles)
         print(f"took {time.monotonic() - started:.0f} s")
 
