@@ -12,6 +12,7 @@ from yarl import URL
 
 from app import keys
 from bench.bots import request_message, wait_until
+from bench.images import noisy_png_base64
 from bench.processes import REPO_ROOT
 from tests.conftest import SERVICE_KEYS
 
@@ -82,6 +83,28 @@ async def test_submit_then_fetch_the_result_over_http(balancer):
     assert (await balancer.app[keys.STORE].get(queued["object_id"])).delivered_at is not None
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(bot.ws.receive(), 0.2)
+
+
+async def test_an_image_request_of_hundreds_of_kilobytes_is_checked_and_served_over_http(start_backend, start_balancer):
+    gpu = await start_backend("automatic1111")
+    balancer = await start_balancer([gpu])
+    image = noisy_png_base64(side=320)  # ~400 KB of base64: checked in a worker thread
+
+    async def submit(prompt: str, init_image: str) -> tuple[int, dict]:
+        message = request_message("automatic1111", "img2img", {"prompt": prompt, "init_images": [init_image]})
+        response = await balancer.client.post("/api/v1/requests", headers=TELEGRAM, json=message)
+        return response.status, await response.json()
+
+    status, body = await submit("bad", image[:1000] + "!" + image[1001:])
+    assert status == 400
+    assert body["error"]["fields"]["payload"]["init_images"] == [
+        "0: Not a base64 image (raw or data:image/...;base64, URI, of a PNG, JPEG, GIF, WebP, BMP or TIFF)."
+    ]
+    status, queued = await submit("good", image)
+    assert status == 202
+    done = await fetch_until_final(balancer.client, queued["object_id"], TELEGRAM)
+    assert done["gen_status"] == "ok" and done["payload"] == {"prompt": "good", "init_images": [image]}
+    assert [call.body["init_images"] for call in gpu.state.received] == [[image]]
 
 
 async def test_only_the_submitting_service_may_fetch_or_cancel(balancer):

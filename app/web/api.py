@@ -7,10 +7,12 @@ Every route under /api/ takes the service key in the same headers as the websock
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import re
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -28,8 +30,8 @@ from app.web.api_schemas import (
     QueueStateSchema,
     SubmittedSchema,
 )
-from app.web.gateway import authenticate
-from app.web.schemas import bounded_errors, decode_message, final_response, short_response
+from app.web.gateway import OFFLOAD_FRAME_CHARS, authenticate
+from app.web.schemas import bounded_errors, decode_message, final_response, parse_request, short_response
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +105,11 @@ async def submit_request(request: web.Request) -> web.Response:
         raise
 
 
+def _checked_body(text: str) -> dict[str, Any]:
+    """The request in a body, checked (schemas.parse_request). Raises InvalidRequest."""
+    return parse_request(decode_message(text, what="Body"))
+
+
 async def _submit(request: web.Request, service: str) -> web.Response:
     body = await request.read()
     limit = request.app[keys.CONFIG].max_message_bytes
@@ -116,8 +123,12 @@ async def _submit(request: web.Request, service: str) -> web.Response:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InvalidRequest(f"Body is not UTF-8 text: {exc.reason} at byte {exc.start}.") from None
-    message = decode_message(text, what="Body")
-    job = request.app[keys.INTAKE].build_job(service, message, channel="http")
+    if len(text) > OFFLOAD_FRAME_CHARS:
+        # As on the websocket: checking megabytes of images would stall every connection.
+        checked = await asyncio.to_thread(_checked_body, text)
+    else:
+        checked = _checked_body(text)
+    job = request.app[keys.INTAKE].job_from_request(service, checked, channel="http")
     notices: list[dict] = []
 
     async def announce(answer: dict) -> None:
