@@ -33,6 +33,7 @@ from app.mirrors.records import request_record
 from app.mirrors.s3 import S3Mirror
 from app.moderation import Moderator
 from app.process import EXIT_CANNOT_START, CannotStart, DatabaseLock, bind, check_writable_folder, on_stop_signals
+from app.storage.payload_files import PayloadFiles
 from app.storage.results import ImageSecretUnusable, ResultWriter, image_url_secret
 from app.storage.retention import Retention
 from app.storage.store import Store
@@ -327,7 +328,11 @@ def warn_about_settings(config: Config, environ: Mapping[str, str]) -> None:
 
 
 def _data_folders(config: Config) -> list[tuple[str, Path]]:
-    folders = [("DATABASE_PATH", config.database_path.parent)]
+    # The database's folder, and the one beside it that holds large payloads.
+    folders = [
+        ("DATABASE_PATH", config.database_path.parent),
+        ("DATABASE_PATH", PayloadFiles.beside(config.database_path).folder),
+    ]
     if config.save_images_locally:
         folders.append(("IMAGES_PATH", config.images_path))
     if config.s3_enabled:

@@ -101,6 +101,16 @@ async def test_a_port_in_use_or_an_unusable_folder_is_one_line_and_exit_2(tmp_pa
     assert code == 2 and output.startswith(f"devoid: cannot start: IMAGES_PATH={blocker / 'images'} is not usable")
     assert len(output.strip().splitlines()) == 1
 
+    # The folder of large payloads beside the database is checked the same way.
+    payload_folder = tmp_path / "data" / "devoid.sqlite3.payloads"
+    payload_folder.rmdir()  # made, empty, by the start above (folders are checked in order)
+    payload_folder.write_text("")
+    code, output = await run_to_exit(base_env(tmp_path, unused_tcp_port_factory(), TEST_MODE=1, SERVICES=""), tmp_path)
+    assert (code, output.strip()) == (
+        2,
+        f"devoid: cannot start: DATABASE_PATH={payload_folder} is not usable: File exists",
+    )
+
 
 class socket_listening:
     def __init__(self, port: int) -> None:
