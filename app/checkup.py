@@ -23,6 +23,7 @@ from app.executors import build_backend, load_executors
 from app.moderation import Moderator
 from app.process import CannotStart, bind
 from app.storage.migrations import migration_files
+from app.storage.payload_files import PayloadFiles
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 
@@ -79,7 +80,11 @@ def _files(config: Config) -> list[Finding]:
         findings.append(Finding(OK, "moderation rules", f"{len(rules.rules)} rules"))
     except ConfigError as exc:
         findings.append(Finding(FAIL, "moderation rules", str(exc)))
-    folders = [("DATABASE_PATH", config.database_path.parent), ("IMAGES_PATH", config.images_path)]
+    folders = [
+        ("DATABASE_PATH", config.database_path.parent),
+        ("DATABASE_PATH.payloads", PayloadFiles.beside(config.database_path).folder),
+        ("IMAGES_PATH", config.images_path),
+    ]
     findings += [_folder(setting, folder) for setting, folder in folders]
     return findings
 

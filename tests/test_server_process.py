@@ -190,6 +190,13 @@ async def test_devoid_check_passes_a_good_configuration_and_names_what_is_wrong_
     status, output = await run_to_exit({**env, "API_PORT": "eighty"}, tmp_path, 30.0, "check")
     assert status == 1 and "FAIL  settings                 API_PORT: expected a port number" in output
 
+    write_executors(tmp_path, [gpu])
+    (tmp_path / "data").mkdir(exist_ok=True)
+    (tmp_path / "data" / "devoid.sqlite3.payloads").write_text("")  # a file where its folder goes
+    status, output = await run_to_exit(env, tmp_path, 30.0, "check")
+    assert status == 1 and "FAIL  folder DATABASE_PATH.payloads" in output and "is not a writable folder" in output
+    assert output.rstrip().endswith("1 wrong")
+
 
 async def test_devoid_help_and_version_start_nothing(tmp_path):
     status, output = await run_to_exit({"TEST_MODE": "1"}, tmp_path, 20.0, "--help")
