@@ -773,5 +773,5 @@ class Scheduler:
 def _park_payload(job: Job) -> None:
     """Let go of a large payload while the job waits; it is committed, and read back at
     dispatch or when the job is answered."""
-    if job.payload_chars > LARGE_PAYLOAD_CHARS:
+    if job.payload_chars >= LARGE_PAYLOAD_CHARS:  # the payloads kept in files (Store.add)
         job.payload = None
