@@ -25,9 +25,9 @@ SUPPORTED_GEN_TYPES: dict[ExecutorType, frozenset[GenType]] = {
 }
 
 
-# Payloads this large, in JSON characters (img2img and mix2img images), wait in SQLite rather
-# than in memory, in a table of their own: a backlog of them would otherwise hold every image
-# in RAM, and make the queue's own rows slow to read. Read back at dispatch.
+# Payloads this large as JSON (img2img and mix2img images) wait in a file beside the database
+# (app/storage/payload_files.py) rather than in memory or in the request's row: a backlog of
+# them would otherwise hold every image in RAM. Read back at dispatch.
 LARGE_PAYLOAD_CHARS = 64 * 1024
 
 
@@ -112,6 +112,11 @@ class Job:
             "service_info": self.service_info,
             "payload": self.payload,
         }
+
+    @property
+    def has_large_payload(self) -> bool:
+        """Whether its payload is one kept in a file while it waits (payload_chars set)."""
+        return self.payload_chars >= LARGE_PAYLOAD_CHARS
 
     @property
     def user_id(self) -> Any:

@@ -27,7 +27,7 @@ from app.backends.base import Backend, BackendSpec, Progress
 from app.config import Config
 from app.domain.costs import REFERENCE_JOB_UNITS, job_cost_units, payload_cost_units
 from app.domain.errors import BackendFailed, FailureKind
-from app.domain.jobs import LARGE_PAYLOAD_CHARS, ExecutorType, GenType, Job, JobStatus
+from app.domain.jobs import ExecutorType, GenType, Job, JobStatus
 from app.domain.lifecycle import CancelOutcome, Phase, TrackedRequest
 from app.engine.admission import Admission
 from app.engine.backlog import BacklogReader
@@ -773,5 +773,5 @@ class Scheduler:
 def _park_payload(job: Job) -> None:
     """Let go of a large payload while the job waits; it is committed, and read back at
     dispatch or when the job is answered."""
-    if job.payload_chars >= LARGE_PAYLOAD_CHARS:  # the payloads kept in files (Store.add)
+    if job.has_large_payload:
         job.payload = None

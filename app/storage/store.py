@@ -24,7 +24,7 @@ from typing import Any, cast
 import aiosqlite
 
 from app.domain import json_text
-from app.domain.jobs import LARGE_PAYLOAD_CHARS, ExecutorType, GenType, Job, JobStatus
+from app.domain.jobs import ExecutorType, GenType, Job, JobStatus
 from app.storage.group_commit import MAX_BATCH_ROWS, GroupWriter, Statement
 from app.storage.migrations import apply_migrations
 from app.storage.payload_files import PayloadFiles, PayloadUnreadable, outline
@@ -221,7 +221,7 @@ class Store:
         job.revision = 1
         payload_json = json_text.dumps_bytes(job.payload)
         job.payload_chars = len(payload_json)
-        in_file = job.payload_chars >= LARGE_PAYLOAD_CHARS
+        in_file = job.has_large_payload
         if in_file:
             # On disk before the row that says it is there (payload_files.py).
             await self._payload_files.write(job.object_id, payload_json)
