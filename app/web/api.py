@@ -7,7 +7,6 @@ Every route under /api/ takes the service key in the same headers as the websock
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import re
@@ -30,7 +29,7 @@ from app.web.api_schemas import (
     QueueStateSchema,
     SubmittedSchema,
 )
-from app.web.gateway import OFFLOAD_FRAME_CHARS, authenticate
+from app.web.gateway import authenticate, read_off_the_loop_if_long
 from app.web.schemas import bounded_errors, decode_message, final_response, parse_request, short_response
 
 log = logging.getLogger(__name__)
@@ -123,11 +122,7 @@ async def _submit(request: web.Request, service: str) -> web.Response:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InvalidRequest(f"Body is not UTF-8 text: {exc.reason} at byte {exc.start}.") from None
-    if len(text) > OFFLOAD_FRAME_CHARS:
-        # As on the websocket: checking megabytes of images would stall every connection.
-        checked = await asyncio.to_thread(_checked_body, text)
-    else:
-        checked = _checked_body(text)
+    checked = await read_off_the_loop_if_long(_checked_body, text)
     job = request.app[keys.INTAKE].job_from_request(service, checked, channel="http")
     notices: list[dict] = []
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from aiohttp import WSMsgType, web
 
@@ -37,6 +38,8 @@ from app.web.schemas import (
 )
 
 log = logging.getLogger(__name__)
+
+Read = TypeVar("Read")  # what a reader given to read_off_the_loop_if_long returns
 
 # Requests one connection may have between receipt and their `queued` answer. Past this the
 # gateway stops reading that socket until commits catch up (backpressure, bounded memory).
@@ -152,12 +155,7 @@ class _Connection:
             if utf8_length(text) > self._limit:
                 # Still parsed, so the refusal can name the request it belongs to.
                 _refuse_oversized(text, self._limit)
-            if len(text) > OFFLOAD_FRAME_CHARS:
-                # Parsing and checking megabytes takes long enough to stall every other
-                # connection and /health: done in a worker thread, the loop keeps serving.
-                message, request = await asyncio.to_thread(_read_frame, text)
-            else:
-                message, request = _read_frame(text)
+            message, request = await read_off_the_loop_if_long(_read_frame, text)
             if request is None:
                 await self._on_action(message)
                 return held
@@ -252,6 +250,15 @@ class _Connection:
         """Let accepts already started finish: their requests are committed and will run."""
         if self._accepts:
             await asyncio.wait(set(self._accepts))
+
+
+async def read_off_the_loop_if_long(read: Callable[[str], Read], text: str) -> Read:
+    """`read(text)`, in a worker thread when the text is over OFFLOAD_FRAME_CHARS: parsing and
+    checking megabytes takes long enough to stall every other connection and /health, so the
+    loop keeps serving meanwhile. `read` must touch no shared state."""
+    if len(text) > OFFLOAD_FRAME_CHARS:
+        return await asyncio.to_thread(read, text)
+    return read(text)
 
 
 def _read_frame(text: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
