@@ -14,142 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from app import setting_values as value
+
 
 class ConfigError(Exception):
     """A setting is missing or malformed; the message names it."""
-
-
-def _parse_flag(raw: str) -> bool:
-    value = raw.strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off", ""):
-        return False
-    raise ValueError(f"expected 0 or 1, got {raw!r}")
-
-
-def _parse_level(raw: str) -> str:
-    level = raw.strip().upper()
-    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-        raise ValueError(f"expected DEBUG, INFO, WARNING, ERROR or CRITICAL, got {raw!r}")
-    return level
-
-
-def _parse_port(raw: str) -> int:
-    port = int(raw) if raw.strip().isdigit() else -1
-    if not 0 <= port <= 65535:
-        raise ValueError(f"expected a port number 0-65535, got {raw!r}")
-    return port
-
-
-def _parse_positive_int(raw: str) -> int:
-    value = int(raw) if raw.strip().isdigit() else 0
-    if value <= 0:
-        raise ValueError(f"expected a whole number above 0, got {raw!r}")
-    return value
-
-
-def _parse_non_negative_float(raw: str) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not value >= 0:  # also refuses NaN
-        raise ValueError(f"expected a number of seconds >= 0, got {raw!r}")
-    return value
-
-
-def _parse_positive_float(raw: str) -> float:
-    value = _parse_non_negative_float(raw)
-    if value == 0:
-        raise ValueError(f"expected a number of seconds above 0, got {raw!r}")
-    return value
-
-
-def _parse_services(raw: str) -> dict[str, str]:
-    """`telegram:k1 discord:k2` -> {"telegram": "k1", "discord": "k2"}."""
-    services: dict[str, str] = {}
-    for pair in raw.split():
-        name, sep, key = pair.partition(":")
-        if not sep or not name or not key:
-            # Never echo the pair itself: it holds a key.
-            raise ValueError("expected space-separated name:key pairs")
-        if name in services:
-            raise ValueError(f"service {name!r} is listed twice")
-        services[name] = key
-    return services
-
-
-def _parse_ratio(raw: str) -> tuple[int, int]:
-    parts = raw.split()
-    if len(parts) != 2 or not all(p.isdigit() for p in parts):
-        raise ValueError(f"expected two whole numbers 'general premium', got {raw!r}")
-    general, premium = int(parts[0]), int(parts[1])
-    if general == 0 and premium == 0:
-        raise ValueError("at least one of the two weights must be above 0")
-    return general, premium
-
-
-def _parse_url(raw: str) -> str:
-    url = raw.strip().rstrip("/")
-    if url and not url.startswith(("http://", "https://")):
-        raise ValueError(f"expected an http:// or https:// URL, got {raw!r}")
-    return url
-
-
-def _text(raw: str) -> str:
-    return raw.strip()
-
-
-@dataclass(frozen=True)
-class PerService:
-    """A limit that may differ per service: `named` ones, and `default` for the rest. 0 = no limit."""
-
-    default: float
-    named: Mapping[str, float] = dataclasses.field(default_factory=dict)
-
-    def __call__(self, service: str) -> float:
-        return self.named.get(service, self.default)
-
-
-def _per_service(built_in: str) -> Callable[[str], PerService]:
-    """`20` (every service), `telegram:50 discord:10` (the rest keep `built_in`), or both
-    (`telegram:50 20`: 50 for telegram, 20 for the rest). 0 turns the limit off."""
-
-    def number(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            value = -1.0
-        if not value >= 0 or value == float("inf"):
-            raise ValueError(f"expected a number >= 0, got {text!r}")
-        return value
-
-    def parse(raw: str) -> PerService:
-        default, named = None, {}
-        for part in raw.split():
-            name, sep, value = part.rpartition(":")
-            if not sep:
-                if default is not None:
-                    raise ValueError(f"two values for every service: {raw!r}")
-                default = number(value)
-            elif not name or name in named:
-                raise ValueError(f"expected name:number pairs and at most one bare number, got {raw!r}")
-            else:
-                named[name] = number(value)
-        return PerService(number(built_in) if default is None else default, named)
-
-    return parse
-
-
-def _parse_service_names(raw: str) -> frozenset[str] | None:
-    """`*` = every service (None); else space-separated service names (empty = none)."""
-    names = raw.split()
-    if names == ["*"]:
-        return None
-    if "*" in names:
-        raise ValueError("'*' stands alone: it already means every service")
-    return frozenset(names)
 
 
 @dataclass(frozen=True)
@@ -165,112 +34,114 @@ class Setting:
 # (tests/test_config.py fails when one is missing there).
 SETTINGS: tuple[Setting, ...] = (
     Setting(
-        "TEST_MODE", "0", _parse_flag, "1: run built-in demo backends for both executor types instead of EXECUTORS_FILE"
+        "TEST_MODE", "0", value.flag, "1: run built-in demo backends for both executor types instead of EXECUTORS_FILE"
     ),
-    Setting("LOGGING_LEVEL", "INFO", _parse_level, "DEBUG, INFO, WARNING, ERROR or CRITICAL"),
-    Setting("API_HOST", "127.0.0.1", _text, "address to listen on; the default accepts local connections only"),
-    Setting("API_PORT", "8080", _parse_port, "port to listen on"),
+    Setting("LOGGING_LEVEL", "INFO", value.logging_level, "DEBUG, INFO, WARNING, ERROR or CRITICAL"),
+    Setting("API_HOST", "127.0.0.1", value.text, "address to listen on; the default accepts local connections only"),
+    Setting("API_PORT", "8080", value.port, "port to listen on"),
     Setting(
         "PUBLIC_URL",
         "",
-        _parse_url,
+        value.url,
         "URL clients reach this server at, used in image_url results; empty = http://API_HOST:API_PORT",
     ),
     Setting(
         "SERVICES",
         "",
-        _parse_services,
+        value.services,
         "space-separated name:key pairs; empty with TEST_MODE=1 means test:demo-key",
         secret=True,
     ),
     Setting(
-        "DATABASE_PATH", "data/devoid.sqlite3", _text, "SQLite file that holds every request (the source of truth)"
+        "DATABASE_PATH", "data/devoid.sqlite3", value.text, "SQLite file that holds every request (the source of truth)"
     ),
     Setting(
         "STORE_BATCH_ROWS",
         "128",
-        _parse_positive_int,
+        value.positive_int,
         "most writes committed in one SQLite transaction (group commit); 1 turns grouping off",
     ),
     Setting(
         "EXECUTORS_FILE",
         "data/executors.json",
-        _text,
+        value.text,
         "JSON list of backends: name, gpu, timeout (s), model, exec_type, endpoint",
     ),
     Setting(
         "GENERAL_PREMIUM_RATIO",
         "1 3",
-        _parse_ratio,
+        value.ratio,
         "'a b': of every a+b dispatches while both wait, a general and b premium",
     ),
     Setting(
         "MAX_ATTEMPTS",
         "3",
-        _parse_positive_int,
+        value.positive_int,
         "backend attempts a request gets (each on another healthy backend when one exists)",
     ),
     Setting(
         "RETRY_BACKOFF_S",
         "2.0",
-        _parse_non_negative_float,
+        value.non_negative_float,
         "seconds before the first retry of a failed job; doubles each attempt, with jitter",
     ),
     Setting(
         "BREAKER_FAILURES",
         "3",
-        _parse_positive_int,
+        value.positive_int,
         "failed jobs in a row that take a backend out of service until its probe answers",
     ),
     Setting(
-        "HEALTH_INTERVAL_S", "10", _parse_positive_float, "seconds between health probes of an idle healthy backend"
+        "HEALTH_INTERVAL_S", "10", value.positive_float, "seconds between health probes of an idle healthy backend"
     ),
-    Setting("PROBE_TIMEOUT_S", "3", _parse_positive_float, "seconds a health probe may take"),
+    Setting("PROBE_TIMEOUT_S", "3", value.positive_float, "seconds a health probe may take"),
     Setting(
         "PROBE_BACKOFF_MAX_S",
         "60",
-        _parse_positive_float,
+        value.positive_float,
         "longest wait between probes of a backend that is down (the wait doubles from 1 s)",
     ),
     Setting(
         "JOB_TIMEOUT_FLOOR_S",
         "30",
-        _parse_positive_float,
+        value.positive_float,
         "least time a job gets before its backend call is abandoned (an executor's "
         "`timeout` raises it for that backend)",
     ),
     Setting(
         "JOB_TIMEOUT_FACTOR",
         "4",
-        _parse_positive_float,
+        value.positive_float,
         "a job's timeout is this many times its expected duration, between floor and cap",
     ),
-    Setting("JOB_TIMEOUT_CAP_S", "1800", _parse_positive_float, "most time any job gets"),
+    Setting("JOB_TIMEOUT_CAP_S", "1800", value.positive_float, "most time any job gets"),
     Setting(
         "MAX_QUEUE_WAIT_S",
         "3600",
-        _parse_positive_float,
+        value.positive_float,
         "a request still waiting for a backend after this long is ended with an error",
     ),
     Setting(
         "PROGRESS_INTERVAL_S",
         "1.0",
-        _parse_non_negative_float,
+        value.non_negative_float,
         "seconds between AUTOMATIC1111 progress polls sent as info messages; 0 = off",
     ),
-    Setting("KANDINSKY_API_TOKEN", "", _text, "sent as the authorization header to Kandinsky backends", secret=True),
+    Setting(
+        "KANDINSKY_API_TOKEN", "", value.text, "sent as the authorization header to Kandinsky backends", secret=True
+    ),
     Setting(
         "SAVE_IMAGES_LOCALLY",
         "1",
-        _parse_flag,
+        value.flag,
         "1: write each image under IMAGES_PATH and answer with an image_url served at "
         "/img/{file_name}; 0: answer with base64",
     ),
-    Setting("IMAGES_PATH", "data/images", _text, "folder for local images"),
+    Setting("IMAGES_PATH", "data/images", value.text, "folder for local images"),
     Setting(
         "IMAGE_URL_SECRET",
         "",
-        _text,
+        value.text,
         "signs image URLs (/img/{file_name}?key=...): an image is served only with its key; empty = a "
         "random secret made once and kept beside the database (DATABASE_PATH.image-url-secret)",
         secret=True,
@@ -278,28 +149,28 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "RETENTION_S",
         "604800",
-        _parse_non_negative_float,
+        value.non_negative_float,
         "seconds a finished request keeps its payload, result and local image (default 7 days); "
         "then only a summary row stays; 0 = keep everything forever",
     ),
     Setting(
         "SUMMARY_RETENTION_S",
         "7776000",
-        _parse_non_negative_float,
+        value.non_negative_float,
         "seconds after it finished that a request's summary row is deleted too (default 90 days, at "
         "least RETENTION_S); 0 = keep summaries forever",
     ),
     Setting(
         "STATUS_PAGE",
         "1",
-        _parse_flag,
+        value.flag,
         "1: a browser opening / gets a live status page (queues, backends, recent requests), "
         "also as /status.json; without STATUS_PAGE_KEY it shows counts and states only; 0: off",
     ),
     Setting(
         "STATUS_PAGE_KEY",
         "",
-        _text,
+        value.text,
         "opens the status page's detailed view (request ids, services, thumbnails, error texts): "
         "open /#key=<key>, or send it as the authorization header of /status.json; empty = only "
         "the public view (counts and states)",
@@ -308,54 +179,54 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "MAX_MESSAGE_BYTES",
         "16777216",
-        _parse_positive_int,
+        value.positive_int,
         "largest websocket message accepted, in bytes (img2img images are large)",
     ),
     Setting(
         "SEND_TIMEOUT_S",
         "30",
-        _parse_positive_float,
+        value.positive_float,
         "seconds one message to a client may wait for the client to read; a connection that "
         "stops reading longer is closed, and its answers wait in SQLite for a reconnect",
     ),
     Setting(
         "MAX_USER_REQUESTS",
         "20",
-        _per_service("20"),
+        value.per_service("20"),
         "requests one user (service_info.user_id) may have queued or running; a number for every "
         "service and/or name:number pairs; 0 = no cap (code user_queue_full)",
     ),
     Setting(
         "MAX_SERVICE_REQUESTS",
         "5000",
-        _per_service("5000"),
+        value.per_service("5000"),
         "requests one service may have queued or running; number and/or name:number; 0 = no cap "
         "(code service_queue_full)",
     ),
     Setting(
         "SERVICE_RATE_PER_S",
         "50",
-        _per_service("50"),
+        value.per_service("50"),
         "requests per second a service may send, on average (token bucket); number and/or "
         "name:number; 0 = no limit (code rate_limited)",
     ),
     Setting(
         "SERVICE_BURST",
         "500",
-        _per_service("500"),
+        value.per_service("500"),
         "requests a service may send at once before SERVICE_RATE_PER_S applies (the bucket's size)",
     ),
     Setting(
         "PREMIUM_SERVICES",
         "*",
-        _parse_service_names,
+        value.service_names,
         "services whose premium flag is honoured: * = all, or space-separated names; a premium "
         "request from another service is refused (code premium_not_allowed)",
     ),
     Setting(
         "MAX_JOB_UNITS",
         "800000000",
-        _per_service("800000000"),
+        value.per_service("800000000"),
         "largest job in cost units (steps x width x height x images; the default is about 10 minutes "
         "of a reference GPU, e.g. 1024x1024, 50 steps, 15 images); number and/or name:number; 0 = "
         "no ceiling (code job_too_large)",
@@ -363,58 +234,61 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "MODERATION_RULES_FILE",
         "",
-        _text,
+        value.text,
         "JSON rules that requests with settings.moderate=1 are checked against (docs/operations.md); "
         "empty = the built-in rules (code moderated)",
     ),
     Setting(
         "IMAGE_CHECK_URL",
         "",
-        _parse_url,
+        value.url,
         "classifier the finished image of a request with settings.moderate=1 is POSTed to before "
         "delivery (docs/operations.md, Image check); empty = off",
     ),
-    Setting("IMAGE_CHECK_TIMEOUT_S", "10", _parse_positive_float, "seconds one call to IMAGE_CHECK_URL may take"),
-    Setting("DEMO_DELAY_S", "2.0", _parse_non_negative_float, "seconds a TEST_MODE demo backend takes per image"),
+    Setting("IMAGE_CHECK_TIMEOUT_S", "10", value.positive_float, "seconds one call to IMAGE_CHECK_URL may take"),
+    Setting("DEMO_DELAY_S", "2.0", value.non_negative_float, "seconds a TEST_MODE demo backend takes per image"),
     Setting(
         "SHUTDOWN_GRACE_S",
         "10",
-        _parse_non_negative_float,
+        value.non_negative_float,
         "seconds running jobs get to finish on shutdown before they are re-queued",
     ),
-    Setting("MONGODB_URI", "", _text, "MongoDB mirror of request records; empty = off", secret=True),
-    Setting("MONGODB_DB", "", _text, "MongoDB database name for the mirror"),
+    Setting("MONGODB_URI", "", value.text, "MongoDB mirror of request records; empty = off", secret=True),
+    Setting("MONGODB_DB", "", value.text, "MongoDB database name for the mirror"),
     Setting(
         "MONGODB_TIMEOUT_S",
         "5",
-        _parse_positive_float,
+        value.positive_float,
         "seconds a MongoDB write may wait for the server before it is retried later",
     ),
-    Setting("S3_ENDPOINT", "", _parse_url, "S3 server for images; empty = off"),
-    Setting("S3_ACCESS_KEY", "", _text, "S3 access key", secret=True),
-    Setting("S3_SECRET_KEY", "", _text, "S3 secret key", secret=True),
-    Setting("S3_BUCKET_NAME", "", _text, "S3 bucket for images"),
-    Setting("S3_REGION", "us-east-1", _text, "S3 region name"),
+    Setting("S3_ENDPOINT", "", value.url, "S3 server for images; empty = off"),
+    Setting("S3_ACCESS_KEY", "", value.text, "S3 access key", secret=True),
+    Setting("S3_SECRET_KEY", "", value.text, "S3 secret key", secret=True),
+    Setting("S3_BUCKET_NAME", "", value.text, "S3 bucket for images"),
+    Setting("S3_REGION", "us-east-1", value.text, "S3 region name"),
     Setting(
         "S3_IMAGE_ENDPOINT",
         "",
-        _text,
+        value.text,
         "public URL prefix of uploaded images: image_url = S3_IMAGE_ENDPOINT + file_name",
     ),
     Setting(
         "S3_SYNC_TIMEOUT_S",
         "30",
-        _parse_positive_float,
+        value.positive_float,
         "with sync_with_s3=1, how long the ok waits for the upload before it is sent with a "
         "local (or base64) result instead; the upload carries on",
     ),
     Setting(
-        "SPOOL_PATH", "data/spool", _text, "folder for images waiting for their S3 upload when SAVE_IMAGES_LOCALLY=0"
+        "SPOOL_PATH",
+        "data/spool",
+        value.text,
+        "folder for images waiting for their S3 upload when SAVE_IMAGES_LOCALLY=0",
     ),
     Setting(
         "MIRROR_RETRY_MAX_S",
         "30",
-        _parse_positive_float,
+        value.positive_float,
         "longest wait between retries of a mirror that is down (the wait doubles from 0.5 s)",
     ),
 )
@@ -455,12 +329,12 @@ class Config:
     status_page_key: str = dataclasses.field(repr=False)
     max_message_bytes: int
     send_timeout_s: float
-    max_user_requests: PerService
-    max_service_requests: PerService
-    service_rate_per_s: PerService
-    service_burst: PerService
+    max_user_requests: value.PerService
+    max_service_requests: value.PerService
+    service_rate_per_s: value.PerService
+    service_burst: value.PerService
     premium_services: frozenset[str] | None
-    max_job_units: PerService
+    max_job_units: value.PerService
     moderation_rules_file: str
     image_check_url: str
     image_check_timeout_s: float
