@@ -117,7 +117,7 @@ async def test_an_older_version_written_late_does_not_overwrite_a_newer_one(tmp_
     async with mirror_on_a_store(tmp_path, mongo_server) as (store, mirror, _):
         job = new_job()
         await store.add(job)
-        stale = await store.outbox_batch("mongodb", 10)  # revision 1: queued
+        stale = await store.outbox.batch("mongodb", 10)  # revision 1: queued
         await store.claim(job, "gpu")
         job.status, job.result = JobStatus.OK, {"content_type": "text", "content": "x"}
         await store.finish(job, 1.0)  # revision 3: ok

@@ -24,7 +24,8 @@ from pymongo.errors import BulkWriteError
 
 from app.config import Config
 from app.mirrors.outbox import OutboxWorker
-from app.storage.store import DELETED_RECORD, OutboxItem, Store
+from app.storage.outbox_rows import DELETED_RECORD, OutboxItem
+from app.storage.store import Store
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,8 @@ import time
 from dataclasses import asdict, dataclass
 
 from app.storage.group_commit import StoreClosed
-from app.storage.store import OutboxItem, Store
+from app.storage.outbox_rows import OutboxItem
+from app.storage.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +82,10 @@ class OutboxWorker:
             raise
         except Exception as exc:
             self._set_state(
-                "down", backlog=await self._store.outbox_count(self.target), error=f"{type(exc).__name__}: {exc}"[:300]
+                "down", backlog=await self._store.outbox.count(self.target), error=f"{type(exc).__name__}: {exc}"[:300]
             )
             return
-        self._set_state("connected", backlog=await self._store.outbox_count(self.target))
+        self._set_state("connected", backlog=await self._store.outbox.count(self.target))
 
     async def _run(self) -> None:
         store_retry_s = FIRST_RETRY_S
@@ -117,7 +118,7 @@ class OutboxWorker:
         """Deliver one batch, or wait for work. A failing mirror is retried with backoff here;
         a failing store raises to _run."""
         self._wake.clear()
-        items = await self._store.outbox_batch(self.target, BATCH_ROWS)
+        items = await self._store.outbox.batch(self.target, BATCH_ROWS)
         if not items:
             # Nothing to send says nothing of the server: the state stays as it was.
             self.health.backlog = 0
@@ -130,18 +131,18 @@ class OutboxWorker:
             raise
         except Exception as exc:
             if done:
-                await self._store.outbox_done(done)
+                await self._store.outbox.done(done)
             failed = items[len(done)] if len(done) < len(items) else items[-1]
             reason = f"{type(exc).__name__}: {exc}"[:300]
-            await self._store.outbox_failed(failed.id, reason)
-            self._set_state("down", backlog=await self._store.outbox_count(self.target), error=reason)
+            await self._store.outbox.failed(failed.id, reason)
+            self._set_state("down", backlog=await self._store.outbox.count(self.target), error=reason)
             await asyncio.sleep(self._mirror_retry_s)
             self._mirror_retry_s = min(self._mirror_retry_s * 2, self._retry_max_s)
             return
-        await self._store.outbox_done(done)
+        await self._store.outbox.done(done)
         self._mirror_retry_s = FIRST_RETRY_S
         self.health.last_success_at = time.time()
-        self._set_state("connected", backlog=await self._store.outbox_count(self.target))
+        self._set_state("connected", backlog=await self._store.outbox.count(self.target))
 
     def _set_state(self, state: str, *, backlog: int, error: str = "") -> None:
         previous = self.health.state

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from app.config import Config
 from app.mirrors.outbox import OutboxWorker
-from app.storage.store import OutboxItem, Store
+from app.storage.outbox_rows import OutboxItem
+from app.storage.store import Store
 
 if TYPE_CHECKING:
     from botocore.config import Config as BotoConfig

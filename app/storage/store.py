@@ -27,6 +27,7 @@ from app.domain import json_text
 from app.domain.jobs import ExecutorType, GenType, Job, JobStatus
 from app.storage.group_commit import MAX_BATCH_ROWS, GroupWriter, Statement
 from app.storage.migrations import apply_migrations
+from app.storage.outbox_rows import DELETED_RECORD, INSERT_INTO_OUTBOX, OUTBOX_INSERT, OutboxRows
 from app.storage.payload_files import PayloadFiles, PayloadUnreadable, outline
 from app.storage.request_rows import (
     HEADER_COLUMNS,
@@ -44,10 +45,6 @@ log = logging.getLogger(__name__)
 BUSY_TIMEOUT_MS = 5000
 
 RecordBuilder = Callable[[Job], dict[str, Any]]
-# The outbox document that deletes a request's record from the MongoDB mirror.
-DELETED_RECORD = {"deleted": True}
-_INSERT_INTO_OUTBOX = "INSERT INTO outbox (target, object_id, revision, document, created_at)"
-_OUTBOX_INSERT = f"{_INSERT_INTO_OUTBOX} VALUES (?, ?, ?, ?, ?)"
 
 
 # What the store's writes change on a Job. A failed write puts them back, so the caller may
@@ -99,15 +96,6 @@ class BacklogSummary:
         return sum(self.by_line.values())
 
 
-@dataclass(frozen=True)
-class OutboxItem:
-    id: int
-    object_id: str
-    revision: int
-    document: dict[str, Any]
-    attempts: int
-
-
 async def connect(path: Path, *, read_only: bool = False) -> aiosqlite.Connection:
     """Open a connection with the pragmas every connection here needs."""
     db = await aiosqlite.connect(path, isolation_level=None)  # transactions are explicit
@@ -142,6 +130,8 @@ class Store:
         self.outbox_listeners: dict[str, Callable[[], None]] = {}
         self._writer = GroupWriter(writer_db, max_batch_rows)
         self._reader_db = reader_db
+        # What the mirrors read and clear (their work is written with each change, below).
+        self.outbox = OutboxRows(reader_db, self._write)
         self._payload_files = payload_files
         self._set_aside_ids: set[str] = set()
 
@@ -197,10 +187,10 @@ class Store:
         now = time.time()
         if self._record_of is not None:
             statements_.append(
-                (_OUTBOX_INSERT, ("mongodb", job.object_id, job.revision, json_text.dumps(self._record_of(job)), now))
+                (OUTBOX_INSERT, ("mongodb", job.object_id, job.revision, json_text.dumps(self._record_of(job)), now))
             )
         if upload is not None:
-            statements_.append((_OUTBOX_INSERT, ("s3", job.object_id, job.revision, json_text.dumps(upload), now)))
+            statements_.append((OUTBOX_INSERT, ("s3", job.object_id, job.revision, json_text.dumps(upload), now)))
         await self._write(*statements_)
         if self._record_of is not None:
             self._wake_mirror("mongodb")
@@ -424,7 +414,7 @@ class Store:
         if self._record_of is not None:
             statements.append(
                 (
-                    f"{_INSERT_INTO_OUTBOX} SELECT 'mongodb', object_id, revision, json_object('object_id', object_id, 'revision',"
+                    f"{INSERT_INTO_OUTBOX} SELECT 'mongodb', object_id, revision, json_object('object_id', object_id, 'revision',"
                     " revision, 'payload', json('{}'), 'result', json(result), 'pruned_at', pruned_at), ?"
                     f" FROM requests WHERE object_id IN ({marks}) AND pruned_at = ?",
                     (now, *object_ids, now),
@@ -453,36 +443,13 @@ class Store:
             if self._record_of is not None:
                 now = time.time()
                 statements += [
-                    (_OUTBOX_INSERT, ("mongodb", object_id, revision + 1, json_text.dumps(DELETED_RECORD), now))
+                    (OUTBOX_INSERT, ("mongodb", object_id, revision + 1, json_text.dumps(DELETED_RECORD), now))
                     for object_id, revision in rows
                 ]
             await self._write(*statements)
             if self._record_of is not None:
                 self._wake_mirror("mongodb")
         return len(rows)
-
-    # -- outbox -------------------------------------------------------------------------
-
-    async def outbox_batch(self, target: str, limit: int) -> list[OutboxItem]:
-        """The oldest `limit` pieces of work for one mirror, in order."""
-        async with self._reader_db.execute(
-            "SELECT id, object_id, revision, document, attempts FROM outbox WHERE target = ? ORDER BY id LIMIT ?",
-            (target, limit),
-        ) as cursor:
-            return [OutboxItem(row[0], row[1], row[2], json_text.loads(row[3]), row[4]) async for row in cursor]
-
-    async def outbox_count(self, target: str) -> int:
-        async with self._reader_db.execute("SELECT count(*) FROM outbox WHERE target = ?", (target,)) as cursor:
-            row = await cursor.fetchone()
-        return row[0] if row is not None else 0
-
-    async def outbox_done(self, ids: Sequence[int]) -> None:
-        await self._write(*[("DELETE FROM outbox WHERE id = ?", (row_id,)) for row_id in ids])
-
-    async def outbox_failed(self, row_id: int, reason: str) -> None:
-        await self._write(
-            ("UPDATE outbox SET attempts = attempts + 1, last_error = ? WHERE id = ?", (reason[:500], row_id))
-        )
 
     # -- reads --------------------------------------------------------------------------
 
