@@ -121,7 +121,7 @@ def idle_pool(*slots: BackendSlot, ratio: tuple[int, int] = (1, 3)) -> ExecutorP
 def queue_jobs(pool: ExecutorPool, *jobs: Job) -> None:
     for job in jobs:
         pool.queue.push(job)
-        pool.note_arrival(job.premium, job.cost_units)  # just arrived: a line being fed, kept in its order
+        pool.note_arrival(job)  # just arrived: a line being fed, kept in its order
 
 
 def run_on(gpu: BackendSlot, job: Job) -> None:
@@ -171,3 +171,15 @@ def test_a_later_arrival_does_not_take_the_fast_gpu_a_waiting_premium_job_counts
     # then finds the fast GPU taken until 1.6 s. Nothing is better off on the slow GPU now:
     # the premium job is not pushed there by the general job that came after it.
     assert next_placement(pool) is None
+
+
+def test_an_estimate_ends_with_the_time_results_lately_took_to_reach_their_clients():
+    gpu = busy_slot("gpu", 1.0, 0.0)
+    gpu.job = None  # free now, 1 unit per second
+    pool = idle_pool(gpu)
+    assert pool.eta_for_new(False, 2.0) == pytest.approx(2.0, abs=0.02)
+    for _ in range(50):  # each image took 0.5 s from its backend's answer to its final answer
+        pool.note_finishing(0.5)
+    assert pool.eta_for_new(False, 2.0) == pytest.approx(2.5, abs=0.02)
+    queue_jobs(pool, job_of(3.0))
+    assert [round(eta_s, 1) for _, eta_s in pool.waiting_estimates(5)] == [3.5]

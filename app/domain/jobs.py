@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from app.engine.arrivals import ArrivalMark
 
 
 class ExecutorType(str, enum.Enum):
@@ -95,6 +98,8 @@ class Job:
     payload_chars: int = field(default=0, repr=False, compare=False)  # size of its JSON
     # Times a later job of its class was taken before it (placement's bounded reordering).
     passed_over: int = field(default=0, repr=False, compare=False)
+    # Its place among the arrivals until it starts (app/engine/arrivals.py: who passed it).
+    arrival_mark: ArrivalMark | None = field(default=None, repr=False, compare=False)
     # Payload keys its backend does not know (payloads.UnknownFields), told after `queued`.
     unknown_fields: Any = field(default=None, repr=False, compare=False)
 

@@ -59,6 +59,9 @@ class TrackedRequest:
     # be the request's fault (an image the backend cannot decode). Charged if the request
     # then succeeds elsewhere; forgiven if a second backend fails it too.
     suspects: list[BackendSlot] = field(default_factory=list, repr=False)
+    # When its backend answered (time.monotonic): how long its image then took to reach its
+    # client is learned for the estimates (ExecutorPool.note_finishing).
+    answered_at: float | None = field(default=None, repr=False)
 
     @property
     def object_id(self) -> str:

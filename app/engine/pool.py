@@ -11,7 +11,6 @@ the backend sits out twice as long before its next probe.
 from __future__ import annotations
 
 import asyncio
-import collections
 import enum
 import logging
 import time
@@ -22,6 +21,7 @@ from app.backends.base import Backend
 from app.config import Config
 from app.domain.costs import has_speed_hint, initial_units_per_s
 from app.domain.jobs import ExecutorType, Job
+from app.engine.arrivals import Arrivals
 from app.engine.placement import LARGEST_FIRST_TAIL, where_done_first
 from app.engine.queues import WeightedQueue
 
@@ -37,10 +37,8 @@ FIRST_PROBE_BACKOFF_S = 1.0
 REPLAYED_ROUNDS = 4
 # How many times the estimate re-counts the requests expected to pass a waiting one.
 PASSING_ROUNDS = 4
-# Arrival rates (for the requests expected to pass a waiting one) are counted over this window.
-ARRIVAL_WINDOW_S = 60.0
-# Weight of each new request in the moving average of its class's arriving sizes.
-ARRIVING_UNITS_WEIGHT = 0.05
+# Weight of each request's finishing time (backend answer -> final sent) in its moving average.
+FINISHING_WEIGHT = 0.1
 
 
 class BackendState(str, enum.Enum):
@@ -231,11 +229,11 @@ class ExecutorPool:
         self.executor = executor
         self.queue = WeightedQueue(*ratio)
         self.slots: list[BackendSlot] = []
-        # When requests of each class were queued lately (premium -> times).
-        self._arrivals: dict[bool, collections.deque[float]] = {False: collections.deque(), True: collections.deque()}
-        # The mean cost of the requests of each class queued lately (a moving average): the
-        # size expected of those that will arrive and pass a waiting one.
-        self._arriving_units: dict[bool, float | None] = {False: None, True: None}
+        self.arrivals = Arrivals()
+        # Seconds from a backend's answer to its final answer sent (a moving average): the
+        # image converted and stored (an S3 upload, when configured), the result committed.
+        # Every estimate ends with it.
+        self.finishing_s = 0.0
 
     def available_slots(self) -> list[BackendSlot]:
         return [slot for slot in self.slots if slot.available]
@@ -274,24 +272,20 @@ class ExecutorPool:
             _, _, room = self.queue.picks_ahead(premium, ahead[premium])
             if room:
                 starts_s = done_s - replay.last_run_s
-                passing = min(float(room), self.arrival_rate(not premium) * starts_s)
-                done_s += passing * (self._arriving_units[not premium] or job.cost_units) / replay.total_speed
+                passing = min(float(room), self._passing_rate(premium) * starts_s)
+                done_s += passing * (self.arrivals.mean_units(not premium) or job.cost_units) / replay.total_speed
             ahead[premium] += 1
-            estimates.append((job, done_s))
+            estimates.append((job, done_s + self.finishing_s))
         return estimates
 
-    def note_arrival(self, premium: bool, cost_units: float) -> None:
-        """A request of this class and cost was queued (its arrival rate and size feed the
-        estimates)."""
-        mean = self._arriving_units[premium]
-        self._arriving_units[premium] = (
-            cost_units if mean is None else mean + ARRIVING_UNITS_WEIGHT * (cost_units - mean)
-        )
-        arrivals = self._arrivals[premium]
-        now = time.monotonic()
-        arrivals.append(now)
-        while arrivals and arrivals[0] < now - ARRIVAL_WINDOW_S:
-            arrivals.popleft()
+    def note_finishing(self, seconds: float) -> None:
+        """A final answer was sent `seconds` after its backend answered."""
+        self.finishing_s += FINISHING_WEIGHT * (seconds - self.finishing_s)
+
+    def note_arrival(self, job: Job) -> None:
+        """`job` is about to be queued (its class's rate, size and passes feed the estimates)."""
+        _, _, room = self.queue.picks_ahead(job.premium)
+        self.arrivals.arrived(job, room)
 
     def largest_first(self, serving: list[BackendSlot]) -> bool:
         """Whether the dispatcher takes the largest of the first jobs of a class (placement.py):
@@ -304,19 +298,17 @@ class ExecutorPool:
         long as the backends in service take to do the work waiting. Only then is the order
         of the last jobs worth changing (largest first, app/engine/placement.py); in a steady
         flow it would only pass small jobs over."""
-        latest = max((arrivals[-1] for arrivals in self._arrivals.values() if arrivals), default=None)
+        latest = self.arrivals.latest()
         if latest is None:
             return True
         speed = sum(slot.units_per_s for slot in serving)
         return speed > 0 and time.monotonic() - latest >= self.queue.waiting_units / speed
 
-    def arrival_rate(self, premium: bool) -> float:
-        """Requests of this class queued per second, over the last ARRIVAL_WINDOW_S."""
-        arrivals = self._arrivals[premium]
-        if len(arrivals) < 2:
-            return 0.0
-        span = max(time.monotonic() - arrivals[0], 1.0)
-        return len(arrivals) / span
+    def _passing_rate(self, premium: bool) -> float:
+        """Requests of the other class expected to pass a waiting request of this class, per
+        second of its wait (before the ratio's room caps them): the other class's arrival
+        rate times the share of such arrivals measured to pass (app/engine/arrivals.py)."""
+        return self.arrivals.rate(not premium) * self.arrivals.passing_share(premium)
 
     def eta_for_new(self, premium: bool, cost_units: float) -> float | None:
         """Seconds until a request of this class and cost, queued now, is expected to be done;
@@ -358,8 +350,8 @@ class ExecutorPool:
         # Requests of the other class expected to arrive while this one waits and to pass it,
         # as an expected (fractional) count: each that passes makes the wait longer, in which
         # more arrive, so it is iterated a few rounds towards the fixed point.
-        rate, passing = self.arrival_rate(not premium), 0.0
-        arriving_units = self._arriving_units[not premium] or other_units
+        rate, passing = self._passing_rate(premium), 0.0
+        arriving_units = self.arrivals.mean_units(not premium) or other_units
         for _ in range(PASSING_ROUNDS):
             starts_s = done_s - cost_units / replay.speeds[index]
             more = min(float(room), rate * starts_s)
@@ -367,7 +359,7 @@ class ExecutorPool:
                 break
             passing = more
             index, done_s = replay.best(cost_units, (spread_units + passing * arriving_units) / replay.total_speed)
-        return round(done_s, 2)
+        return round(done_s + self.finishing_s, 2)
 
     def status_line(self) -> str:
         return (

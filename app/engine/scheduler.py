@@ -361,7 +361,7 @@ class Scheduler:
     def submit(self, job: Job) -> None:
         """Queue a job that is already committed to the store."""
         self._metrics.request_accepted(job)
-        self.pools[job.executor].note_arrival(job.premium, job.cost_units)
+        self.pools[job.executor].note_arrival(job)
         self._enqueue(job)
         self.dispatch()
 
@@ -437,6 +437,7 @@ class Scheduler:
         # in `tracked`.
         slot.job = tracked.job
         slot.started_monotonic = time.monotonic()
+        pool.arrivals.started(tracked.job)
         self.dispatched += 1
         self._metrics.request_dispatched(tracked.job, slot.name)
         tracked.start(slot, asyncio.create_task(self._run(pool, slot, tracked), name=f"run-{tracked.object_id}"))
@@ -477,7 +478,8 @@ class Scheduler:
                 claim = None
                 await self._progress.stop(job)
                 raise
-            seconds = time.monotonic() - started
+            tracked.answered_at = time.monotonic()
+            seconds = tracked.answered_at - started
             await self._progress.stop(job)  # before the backend takes another job
         except asyncio.CancelledError:
             if claim is not None:
@@ -768,6 +770,8 @@ class Scheduler:
                 self._listener.release_final(job)  # committed: delivered from the backlog later
                 raise
         await self._listener.job_finished(job)
+        if job.status is JobStatus.OK and tracked.answered_at is not None:
+            self.pools[job.executor].note_finishing(time.monotonic() - tracked.answered_at)
 
 
 def _park_payload(job: Job) -> None:
