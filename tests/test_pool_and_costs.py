@@ -3,6 +3,7 @@ and circuit breaker, without sockets (pure bookkeeping)."""
 
 from __future__ import annotations
 
+import random
 import time
 
 import pytest
@@ -183,3 +184,72 @@ def test_an_estimate_ends_with_the_time_results_lately_took_to_reach_their_clien
     assert pool.eta_for_new(False, 2.0) == pytest.approx(2.5, abs=0.02)
     queue_jobs(pool, job_of(3.0))
     assert [round(eta_s, 1) for _, eta_s in pool.waiting_estimates(5)] == [3.5]
+
+
+def test_with_exact_speeds_and_no_arrivals_every_estimate_is_what_the_dispatcher_then_does():
+    """The estimates run the dispatcher forward (app/engine/forecast.py). Here the dispatcher
+    itself is then run on a clock of its own, each job taking exactly its cost over its GPU's
+    speed: every job must end when its estimate said."""
+    rng = random.Random(7)
+    gpus = [busy_slot(f"gpu-{speed}x-{n}", speed, rng.uniform(0.0, 2.0)) for n, speed in enumerate((1, 1, 2, 4))]
+    pool = idle_pool(*gpus)
+    # 16 general and 8 premium jobs, mixed: within the forecast's reach (4 jobs per backend of
+    # each class; a longer line's far end is estimated by a shortcut).
+    waiting = [
+        new_job(executor=A1111, payload={}, cost_units=rng.choice((2.0, 4.5, 8.0, 16.0)), premium=n % 3 == 0)
+        for n in range(24)
+    ]
+    for job in waiting:
+        pool.queue.push(job)
+    # One arrival noted: the line is being fed (so its tail is not reordered largest first),
+    # and no rate is known from a single arrival (so none is expected to pass).
+    pool.note_arrival(waiting[-1])
+    before = time.monotonic()
+    estimates = {job.object_id: eta_s for job, eta_s in pool.waiting_estimates(len(waiting))}
+    took_s = time.monotonic() - before  # the estimates' "now" is within this of `before`
+
+    done_at = simulate_dispatch(pool, clock_zero=before)
+    for job in waiting:
+        assert estimates[job.object_id] == pytest.approx(done_at[job.object_id], abs=took_s + 1e-9), job
+
+
+@pytest.mark.parametrize("premium", [False, True])
+def test_a_new_request_is_told_when_the_dispatcher_will_have_done_it(premium: bool):
+    rng = random.Random(3)
+    gpus = [busy_slot(f"gpu-{speed}x-{n}", speed, rng.uniform(0.0, 2.0)) for n, speed in enumerate((1, 1, 2, 4))]
+    pool = idle_pool(*gpus, ratio=(3, 1))  # the general line's turn comes first
+    for n in range(6):
+        pool.queue.push(
+            new_job(executor=A1111, payload={}, cost_units=rng.choice((2.0, 8.0, 16.0)), premium=n % 2 == 0)
+        )
+    newcomer = new_job(executor=A1111, payload={}, cost_units=8.0, premium=premium)
+    before = time.monotonic()
+    told_s = pool.eta_for_new(premium, newcomer.cost_units)
+    took_s = time.monotonic() - before
+    pool.queue.push(newcomer)
+    pool.note_arrival(newcomer)  # a line being fed: no largest-first tail
+    assert told_s == pytest.approx(simulate_dispatch(pool, clock_zero=before)[newcomer.object_id], abs=0.005 + took_s)
+
+
+def simulate_dispatch(pool: ExecutorPool, clock_zero: float) -> dict[str, float]:
+    """Run the dispatcher (next_placement) until the line is empty, on a virtual clock that
+    starts at `clock_zero` (time.monotonic): each job ends at its start + cost / speed.
+    Returns each job's end, in seconds from `clock_zero`. The slots' start times are kept as
+    the real clock would show them at that virtual moment."""
+    started_at = {id(gpu): gpu.started_monotonic - clock_zero for gpu in pool.slots}  # virtual
+    done_at: dict[str, float] = {}
+    now = 0.0
+    while True:
+        for gpu in pool.slots:  # the real clock as it would read at `now`
+            gpu.started_monotonic = time.monotonic() - (now - started_at[id(gpu)])
+        while (placed := next_placement(pool)) is not None:
+            job, gpu = placed
+            gpu.job, started_at[id(gpu)] = job, now
+            gpu.started_monotonic = time.monotonic()
+        busy = [gpu for gpu in pool.slots if gpu.job is not None]
+        if not busy:
+            return done_at
+        first = min(busy, key=lambda gpu: started_at[id(gpu)] + gpu.job.cost_units / gpu.units_per_s)
+        now = started_at[id(first)] + first.job.cost_units / first.units_per_s
+        done_at[first.job.object_id] = now
+        first.job = None

@@ -1,5 +1,5 @@
 """Which waiting job goes to which free backend, now: the dispatcher's one decision, and the
-rule its estimates replay.
+rule its estimates run forward.
 
 Each job goes to the backend where it will be done first (`where_done_first`): of the
 backends that can start it soonest, the fastest, unless a busy one is expected to finish it
@@ -13,9 +13,9 @@ sooner by more than HOLD_MARGIN. The dispatcher decides in two steps:
    its class for the ratio); if that class has none, the first of the other class does,
    without using up a turn (WeightedQueue.take), so the ratio holds as dispatched.
 
-The estimates (app/engine/pool.py, _Replay) place the waiting jobs in dispatch order by the
-same function, so what a client is told is what the dispatcher will do unless something
-changes.
+The estimates run this same decision (`place_next`) forward on a copy of the line
+(app/engine/forecast.py), so what a client is told is what the dispatcher will do unless
+something changes.
 
 Bounds:
 - only the first PLACEMENT_WINDOW jobs of each class may wait for a busy backend; the next
@@ -33,9 +33,11 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from app.domain.jobs import Job
+from app.engine.queues import Waiting, WeightedQueue
 
 if TYPE_CHECKING:
     from app.engine.pool import BackendSlot, ExecutorPool
@@ -73,6 +75,25 @@ def where_done_first(free_s: Sequence[float], speeds: Sequence[float], cost_unit
     return best if best_done < first_done * (1 - HOLD_MARGIN) else first
 
 
+class Placeable(Waiting, Protocol):
+    """What placement needs of a waiting job (a Job, or a forecast's stand-in for one)."""
+
+    avoid_backends: set[str]  # backends that failed it: tried last
+
+
+P = TypeVar("P", bound=Placeable)
+
+
+@dataclass(slots=True)
+class BackendsNow:
+    """The backends in service as one placement decision sees them."""
+
+    names: list[str]
+    speeds: list[float]
+    free_s: list[float]  # seconds until each is free: 0 when idle, at least OVERDUE_S when busy
+    idle: list[bool]
+
+
 def next_placement(pool: ExecutorPool) -> tuple[Job, BackendSlot] | None:
     """The next job of `pool`'s line and the free backend to run it, taken off the line; None
     when no free backend should take anything now."""
@@ -80,39 +101,67 @@ def next_placement(pool: ExecutorPool) -> tuple[Job, BackendSlot] | None:
         return None
     in_service = pool.in_service()
     now = time.monotonic()
-    # When each backend in service is free, as this walk counts jobs on the busy ones.
-    free_s = [max(OVERDUE_S, slot.seconds_until_free(now)) if slot.job is not None else 0.0 for slot in in_service]
-    speeds = [slot.units_per_s for slot in in_service]
+    backends = BackendsNow(
+        names=[slot.name for slot in in_service],
+        speeds=[slot.units_per_s for slot in in_service],
+        free_s=[max(OVERDUE_S, slot.seconds_until_free(now)) if slot.job is not None else 0.0 for slot in in_service],
+        idle=[slot.job is None for slot in in_service],
+    )
     largest_within = PLACEMENT_WINDOW if pool.largest_first(in_service) else 0
-    # First, in dispatch order, each job's best backend: a busy one is counted as that
-    # backend's next job (the jobs after it see it taken), a free one is where it could start.
-    could_start: list[tuple[Job, BackendSlot]] = []
+    placed = place_next(pool.queue, backends, largest_within)
+    if placed is None:
+        return None
+    job, index = placed
+    return job, in_service[index]
+
+
+def place_next(line: WeightedQueue[P], backends: BackendsNow, largest_within: int = 0) -> tuple[P, int] | None:
+    """The dispatcher's decision on `line` (taken off it) and the index of the idle backend
+    it goes to; None when no idle backend should take anything now. `backends.free_s` is
+    used up (the walk counts waiting jobs on busy backends there). The estimates run this
+    same function forward on a copy of the line (app/engine/forecast.py)."""
+    turns = line.turn_order()
+    if not turns:
+        return None
+    free_s, speeds, idle = backends.free_s, backends.speeds, backends.idle
+    everywhere = list(range(len(speeds)))
+    # In dispatch order, each job's best backend: a busy one is counted as that backend's next
+    # job (the jobs after it see it taken), an idle one is where it could start. The first
+    # job of the class whose turn it is that could start, starts (the walk ends there: the
+    # jobs after it change nothing before it); if that class has none, the first of the other
+    # class that could start does, out of turn.
+    other_class_could_start: tuple[P, int] | None = None
     walked = {False: 0, True: 0}
     # Past the window, a class's first job that can start is the last one of it that matters.
-    enough = {premium: min(PLACEMENT_WINDOW + 1, pool.queue.takeable(premium)) for premium in (True, False)}
-    for job in pool.queue.dispatch_order(largest_within=largest_within):
+    enough = {premium: min(PLACEMENT_WINDOW + 1, line.takeable(premium)) for premium in (True, False)}
+    for job in line.dispatch_order(largest_within=largest_within):
         if walked[False] >= enough[False] and walked[True] >= enough[True]:
             break
         walked[job.premium] += 1
         # A retried job goes to a backend that has not failed it yet, unless every backend in
         # service already has.
-        allowed = [index for index, slot in enumerate(in_service) if slot.name not in job.avoid_backends]
-        allowed = allowed or list(range(len(in_service)))
-        if not any(in_service[index].job is None for index in allowed):
+        allowed = everywhere
+        if job.avoid_backends:
+            allowed = [index for index in everywhere if backends.names[index] not in job.avoid_backends] or everywhere
+        if not any(idle[index] for index in allowed):
             continue
         if walked[job.premium] <= PLACEMENT_WINDOW and job.passed_over < PLACEMENT_WINDOW:
-            at = where_done_first([free_s[i] for i in allowed], [speeds[i] for i in allowed], job.cost_units)
-            chosen = allowed[at]
+            if allowed is everywhere:
+                chosen = where_done_first(free_s, speeds, job.cost_units)
+            else:
+                at = where_done_first([free_s[i] for i in allowed], [speeds[i] for i in allowed], job.cost_units)
+                chosen = allowed[at]
         else:
-            chosen = max((i for i in allowed if in_service[i].job is None), key=lambda index: speeds[index])
-        if in_service[chosen].job is None:
-            could_start.append((job, in_service[chosen]))
-        else:
+            chosen = max((i for i in allowed if idle[i]), key=lambda index: speeds[index])
+        if not idle[chosen]:
             free_s[chosen] += job.cost_units / speeds[chosen]  # it waits for this busy backend
-    # Then the class whose turn it is starts its first job that can, else the other class.
-    for turn, premium in enumerate(pool.queue.turn_order()):
-        for job, slot in could_start:
-            if job.premium == premium:
-                pool.queue.take(job, in_turn=turn == 0)
-                return job, slot
-    return None
+        elif job.premium == turns[0]:
+            line.take(job, in_turn=True)
+            return job, chosen
+        elif other_class_could_start is None:
+            other_class_could_start = job, chosen
+    if other_class_could_start is None:
+        return None
+    job, chosen = other_class_could_start
+    line.take(job, in_turn=False)
+    return job, chosen

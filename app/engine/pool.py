@@ -22,7 +22,8 @@ from app.config import Config
 from app.domain.costs import has_speed_hint, initial_units_per_s
 from app.domain.jobs import ExecutorType, Job
 from app.engine.arrivals import Arrivals
-from app.engine.placement import LARGEST_FIRST_TAIL, where_done_first
+from app.engine.forecast import Forecast, StandIn
+from app.engine.placement import LARGEST_FIRST_TAIL, PLACEMENT_WINDOW, where_done_first
 from app.engine.queues import WeightedQueue
 
 log = logging.getLogger(__name__)
@@ -31,9 +32,17 @@ log = logging.getLogger(__name__)
 # its first jobs count more, so a wrong seed is forgotten quickly.
 SPEED_EWMA_WEIGHT = 0.3
 FIRST_PROBE_BACKOFF_S = 1.0
-# Estimates replay this many dispatches per backend one by one (by then every backend has
-# started jobs from the line and their free times are interleaved); jobs further ahead count
-# as work spread over the pool. Every intake pays for this replay, so it is kept short.
+# An intake's estimate runs the dispatcher forward (app/engine/forecast.py) when at most this
+# many jobs per backend go first. A forecast costs a decision per job (~20-50 us each here),
+# every intake into a short line pays for it, and few jobs ahead are where the order the
+# dispatcher picks matters most.
+FORECAST_AT_INTAKE = 2
+# The periodic revision of waiting requests' estimates (waiting_estimates) forecasts this many
+# jobs per backend of each class.
+FORECAST_ROUNDS = 4
+# Behind more than FORECAST_AT_INTAKE, an intake's estimate places this many jobs per backend
+# one by one (the replay's shortcut, no dispatcher walk); jobs further ahead count as work
+# spread over the pool.
 REPLAYED_ROUNDS = 4
 # How many times the estimate re-counts the requests expected to pass a waiting one.
 PASSING_ROUNDS = 4
@@ -195,17 +204,21 @@ async def watch_health(slot: BackendSlot, config: Config, on_up: Callable[[], No
 
 
 class _Replay:
-    """The dispatcher's next moves, replayed for an estimate: when each backend in service is
-    free (from its running job's expected end), then each job placed in turn by the
-    dispatcher's own rule (app/engine/placement.py, where_done_first): a job waits for a busy,
-    faster backend when that finishes it sooner, and the jobs behind take the free ones."""
+    """Far back in a long line, the estimates' shortcut past the forecast
+    (app/engine/forecast.py): each job placed in dispatch order where it is done first
+    (placement.py, where_done_first), from when each backend is free, without the
+    dispatcher's walk. Which job goes where first changes little that far back."""
 
-    def __init__(self, serving: list[BackendSlot]) -> None:
-        now = time.monotonic()
-        self.free_s = [slot.seconds_until_free(now) for slot in serving]
-        self.speeds = [slot.units_per_s for slot in serving]
-        self.total_speed = sum(self.speeds)
+    def __init__(self, free_s: list[float], speeds: list[float]) -> None:
+        self.free_s = list(free_s)
+        self.speeds = speeds
+        self.total_speed = sum(speeds)
         self.last_run_s = 0.0
+
+    @classmethod
+    def now(cls, serving: list[BackendSlot]) -> _Replay:
+        now = time.monotonic()
+        return cls([slot.seconds_until_free(now) for slot in serving], [slot.units_per_s for slot in serving])
 
     def best(self, cost_units: float, later_s: float = 0.0) -> tuple[int, float]:
         """(backend index, seconds until done) for a job of this cost, every backend `later_s`
@@ -227,7 +240,7 @@ class ExecutorPool:
 
     def __init__(self, executor: ExecutorType, ratio: tuple[int, int]) -> None:
         self.executor = executor
-        self.queue = WeightedQueue(*ratio)
+        self.queue: WeightedQueue[Job] = WeightedQueue(*ratio)
         self.slots: list[BackendSlot] = []
         self.arrivals = Arrivals()
         # Seconds from a backend's answer to its final answer sent (a moving average): the
@@ -257,21 +270,29 @@ class ExecutorPool:
 
     def waiting_estimates(self, limit: int) -> list[tuple[Job, float]]:
         """(job, seconds until it is expected to be done) for the first `limit` waiting jobs in
-        dispatch order, by the same replay as eta_for_new with each job's own cost (and, as
-        there, the other class's arrivals expected to pass it). Empty when no backend is in
-        service."""
+        dispatch order: the first FORECAST_ROUNDS x backends of each class by the forecast
+        (the dispatcher run forward), those behind by the replay's shortcut from where the
+        forecast ends; each, as in eta_for_new, later by the other class's arrivals expected
+        to pass it. Empty when no backend is in service."""
         serving = self.in_service()
         if not serving:
             return []
-        replay = _Replay(serving)
+        forecast = Forecast(self.queue, serving, FORECAST_ROUNDS * len(serving))
+        foreseen = {id(start.stand_in.job): start for start in forecast.run()}
+        # Those behind the forecast's jobs start after them (each class in its order).
+        replay = _Replay([max(at, forecast.clock) for at in forecast.free_at], forecast.speeds)
         ahead = {False: 0, True: 0}  # jobs of each class before the one placed
         estimates = []
         for job in self.queue.in_dispatch_order(limit):
             premium = job.premium
-            done_s = replay.place(job.cost_units)
+            start = foreseen.get(id(job))
+            if start is not None:
+                starts_s, done_s = start.start_s, start.done_s
+            else:
+                done_s = replay.place(job.cost_units)
+                starts_s = done_s - replay.last_run_s
             _, _, room = self.queue.picks_ahead(premium, ahead[premium])
             if room:
-                starts_s = done_s - replay.last_run_s
                 passing = min(float(room), self._passing_rate(premium) * starts_s)
                 done_s += passing * (self.arrivals.mean_units(not premium) or job.cost_units) / replay.total_speed
             ahead[premium] += 1
@@ -314,29 +335,61 @@ class ExecutorPool:
         """Seconds until a request of this class and cost, queued now, is expected to be done;
         None when no backend of this type is in service.
 
-        It replays what the dispatcher will do (_Replay): each backend frees when its running
-        job is expected to end (from the job's cost and that backend's learned speed); the jobs
-        to be taken before this one by the class ratio (WeightedQueue.picks_ahead) are placed
-        one by one, with their own costs, each where it will be done first; the other class's
-        arrivals expected meanwhile, as far as the ratio lets them pass, add the mean cost of
-        that class's recent arrivals.
-        Then this one is placed the same way. Only the first REPLAYED_ROUNDS x backends jobs
-        ahead are replayed (none when more than twice as many are ahead); the rest count as
-        work spread over the pool's total speed, so a request costs at most
-        O(REPLAYED_ROUNDS x backends^2) whatever the line's length.
+        With at most FORECAST_AT_INTAKE jobs per backend to go first, the dispatcher is run
+        forward on a copy of the line with this request at its tail (app/engine/forecast.py):
+        each backend frees when its running job is expected to end (the job's cost over that
+        backend's learned speed), and at each such moment the dispatcher's own decision
+        (placement.py) starts the next job, until this one starts. Behind more, the replay's
+        shortcut places the jobs to go first (WeightedQueue.picks_ahead: the class ratio's
+        picks, from its current turn) one by one in dispatch order, each where it is done
+        first, up to REPLAYED_ROUNDS per backend; beyond those (or when more than twice as
+        many go first) they count as work spread over the pool's total speed. An intake so
+        costs at most a forecast of a few jobs per backend, whatever the line's length.
+        Then the other class's requests expected to arrive while it waits and to pass it (as
+        far as the ratio leaves them room) add the mean cost of that class's recent arrivals,
+        spread over the pool; and the time results lately took from backend answer to final.
         """
         serving = self.in_service()
         if not serving:
             return None
+        same, other, room = self.queue.picks_ahead(premium)
         # The order is arrival order within each class even near the tail of a backlog, where
         # the dispatcher takes the largest first: that needs a line nothing has fed for a while
         # (draining), and this request feeds it now.
-        same, other, room = self.queue.picks_ahead(premium)
-        replay = _Replay(serving)
+        start = None
+        if same + other <= FORECAST_AT_INTAKE * len(serving) and self.queue.takeable(premium) == same:
+            # The copy holds those to go first and those a placement window behind them (which
+            # may start first when the ones ahead wait for a busy backend).
+            forecast = Forecast(self.queue, serving, same + other + PLACEMENT_WINDOW)
+            this = StandIn(None, premium, cost_units)
+            forecast.add(this)
+            start = next((start for start in forecast.run() if start.stand_in is this), None)
+        if start is not None:
+            starts_s, done_s = start.start_s, start.done_s
+        else:
+            starts_s, done_s = self._replayed(premium, cost_units, same, other, serving)
+        # Requests of the other class expected to arrive while this one waits and to pass it,
+        # as an expected (fractional) count: each that passes makes the wait longer, in which
+        # more arrive, so it is iterated a few rounds towards the fixed point.
+        rate, passing = self._passing_rate(premium), 0.0
+        arriving_units = self.arrivals.mean_units(not premium) or self.queue.mean_units(not premium) or cost_units
+        each_s = arriving_units / sum(slot.units_per_s for slot in serving)
+        for _ in range(PASSING_ROUNDS):
+            more = min(float(room), rate * (starts_s + passing * each_s))
+            if abs(more - passing) < 0.05:
+                break
+            passing = more
+        return round(done_s + passing * each_s + self.finishing_s, 2)
+
+    def _replayed(
+        self, premium: bool, cost_units: float, same: int, other: int, serving: list[BackendSlot]
+    ) -> tuple[float, float]:
+        """(seconds until it starts, until it is done) for a request of this class and cost
+        queued now behind `same` of its class and `other` of the other, by the replay's
+        shortcut (eta_for_new)."""
+        replay = _Replay.now(serving)
         limit = REPLAYED_ROUNDS * len(serving)
         replayed = {premium: 0, not premium: 0}
-        # Far back in a long line, which job goes where first changes little: all of it is
-        # spread, and an intake burst does not pay for the replay with every request.
         first_jobs = self.queue.in_dispatch_order(limit) if 0 < same + other <= 2 * limit else []
         for job in first_jobs:
             if replayed[job.premium] >= (same if job.premium == premium else other):
@@ -347,19 +400,7 @@ class ExecutorPool:
         other_units = self.queue.mean_units(not premium) or cost_units
         spread_units = (same - replayed[premium]) * same_units + (other - replayed[not premium]) * other_units
         index, done_s = replay.best(cost_units, spread_units / replay.total_speed)
-        # Requests of the other class expected to arrive while this one waits and to pass it,
-        # as an expected (fractional) count: each that passes makes the wait longer, in which
-        # more arrive, so it is iterated a few rounds towards the fixed point.
-        rate, passing = self._passing_rate(premium), 0.0
-        arriving_units = self.arrivals.mean_units(not premium) or other_units
-        for _ in range(PASSING_ROUNDS):
-            starts_s = done_s - cost_units / replay.speeds[index]
-            more = min(float(room), rate * starts_s)
-            if abs(more - passing) < 0.05:
-                break
-            passing = more
-            index, done_s = replay.best(cost_units, (spread_units + passing * arriving_units) / replay.total_speed)
-        return round(done_s + self.finishing_s, 2)
+        return done_s - cost_units / replay.speeds[index], done_s
 
     def status_line(self) -> str:
         return (

@@ -5,11 +5,23 @@ from __future__ import annotations
 import itertools
 from collections import deque
 from collections.abc import Callable, Iterator
+from typing import Generic, Protocol, TypeVar
 
-from app.domain.jobs import Job
+
+class Waiting(Protocol):
+    """What the line needs of what waits in it: a Job, or the stand-in for one in a forecast
+    (app/engine/forecast.py)."""
+
+    premium: bool
+    cost_units: float
+    passed_over: int  # times a later one of its class was taken before it
 
 
-class WeightedQueue:
+T = TypeVar("T", bound=Waiting)
+U = TypeVar("U", bound=Waiting)
+
+
+class WeightedQueue(Generic[T]):
     """Two FIFO classes served in the ratio `general_weight : premium_weight`.
 
     While both classes wait, of every general+premium picks, `general_weight` take the oldest
@@ -28,7 +40,7 @@ class WeightedQueue:
         self._weights = {False: general_weight, True: premium_weight}
         self._current = {False: 0, True: 0}
         self._period_picks: dict[tuple[bool, int], int] = {}  # _other_picks_in_period's answers
-        self._jobs: dict[bool, deque[Job]] = {False: deque(), True: deque()}
+        self._jobs: dict[bool, deque[T]] = {False: deque(), True: deque()}
         # Sum of the waiting jobs' cost per class, kept as they come and go (ETAs read it per
         # request).
         self._units = {False: 0.0, True: 0.0}
@@ -43,11 +55,22 @@ class WeightedQueue:
     def __repr__(self) -> str:
         return f"<WeightedQueue general={self.waiting(False)} premium={self.waiting(True)}>"
 
+    def fork(self, per_class: int, stand_in: Callable[[T], U]) -> WeightedQueue[U]:
+        """A line to try things on (a forecast): the same ratio and turn, with `stand_in`
+        of each of the first `per_class` takeable jobs of each class, in their order. What is
+        done to it leaves this line and its jobs alone."""
+        fork: WeightedQueue[U] = WeightedQueue(self._weights[False], self._weights[True])
+        fork._current = dict(self._current)
+        for premium, line in self._jobs.items():
+            for job in itertools.islice(line, min(per_class, self.takeable(premium))):
+                fork.push(stand_in(job))
+        return fork
+
     def waiting(self, premium: bool) -> int:
         """Requests of a class in line, those of the backlog not read back yet included."""
         return len(self._jobs[premium]) + self._unread[premium]
 
-    def push(self, job: Job) -> None:
+    def push(self, job: T) -> None:
         self._jobs[job.premium].append(job)
         self._units[job.premium] += job.cost_units
         if self._unread[job.premium]:
@@ -59,19 +82,19 @@ class WeightedQueue:
         if not count:
             self._arrived_early[premium].clear()  # nothing older is left to wait for
 
-    def push_backlog(self, job: Job) -> None:
+    def push_backlog(self, job: T) -> None:
         """Queue a stored request read back at start-up: after those read before it, ahead
         of every request that arrived since the start."""
         line = self._jobs[job.premium]
         line.insert(len(line) - len(self._arrived_early[job.premium]), job)
         self._units[job.premium] += job.cost_units
 
-    def push_front(self, job: Job) -> None:
+    def push_front(self, job: T) -> None:
         """Put a job back at the head of its class (it keeps its place in line)."""
         self._jobs[job.premium].appendleft(job)
         self._units[job.premium] += job.cost_units
 
-    def remove(self, job: Job) -> bool:
+    def remove(self, job: T) -> bool:
         try:
             self._jobs[job.premium].remove(job)
         except ValueError:
@@ -80,7 +103,7 @@ class WeightedQueue:
         self._arrived_early[job.premium].discard(id(job))
         return True
 
-    def pop(self, accept: Callable[[Job], bool] | None = None, *, largest_within: int = 0) -> Job | None:
+    def pop(self, accept: Callable[[T], bool] | None = None, *, largest_within: int = 0) -> T | None:
         """Take the first job that `accept` takes (all, by default): of the class whose turn it
         is, else of the other class (out of turn); None when none does. A job passed over
         keeps its place. (The dispatcher places jobs itself: app/engine/placement.py.)"""
@@ -110,7 +133,7 @@ class WeightedQueue:
         current[chosen] -= self._weights[True] + self._weights[False]
         return chosen
 
-    def take(self, job: Job, *, in_turn: bool = True) -> None:
+    def take(self, job: T, *, in_turn: bool = True) -> None:
         """Take `job` off the line. Taken in its class's turn, it is a pick of its class for
         the ratio whenever the other class has jobs too. Taken out of turn (every job of the
         class whose turn it is waits for a busy backend), the turns stay as they were, as if
@@ -136,7 +159,7 @@ class WeightedQueue:
         while older ones of their class are still unread)."""
         return len(self._jobs[premium]) - len(self._arrived_early[premium])
 
-    def class_order(self, premium: bool, largest_within: int = 0) -> Iterator[Job]:
+    def class_order(self, premium: bool, largest_within: int = 0) -> Iterator[T]:
         """A class's takeable jobs in the order they are offered: arrival order, except that
         with `largest_within` the first that many go largest first (after the head, if later
         jobs have passed it over that often already: the reordering is bounded)."""
@@ -150,11 +173,11 @@ class WeightedQueue:
             yield from sorted(window, key=lambda job: job.cost_units, reverse=True)
         yield from itertools.islice(line, skipped, takeable)
 
-    def __iter__(self) -> Iterator[Job]:
+    def __iter__(self) -> Iterator[T]:
         yield from self._jobs[True]
         yield from self._jobs[False]
 
-    def dispatch_order(self, *, largest_within: int = 0) -> Iterator[Job]:
+    def dispatch_order(self, *, largest_within: int = 0) -> Iterator[T]:
         """The waiting jobs in the order the dispatcher offers them backends: the ratio decides
         whose turn it is (from the credits as they stand, as if each job offered were taken),
         each class in its own order (class_order). Changes nothing."""
@@ -174,7 +197,7 @@ class WeightedQueue:
             yield job
             heads[chosen] = next(lines[chosen], None)
 
-    def in_dispatch_order(self, limit: int) -> list[Job]:
+    def in_dispatch_order(self, limit: int) -> list[T]:
         """The first `limit` waiting jobs in dispatch order (for estimates)."""
         return list(itertools.islice(self.dispatch_order(), limit))
 
