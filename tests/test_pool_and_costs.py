@@ -253,3 +253,26 @@ def simulate_dispatch(pool: ExecutorPool, clock_zero: float) -> dict[str, float]
         now = started_at[id(first)] + first.job.cost_units / first.units_per_s
         done_at[first.job.object_id] = now
         first.job = None
+
+
+def test_only_the_end_of_a_backlog_is_taken_largest_first():
+    pool = idle_pool(busy_slot("a", 1.0, 5.0), busy_slot("b", 1.0, 5.0))
+    serving = pool.in_service()
+    jobs = [new_job(executor=A1111, payload={}, cost_units=float(n + 1)) for n in range(8)]
+    # A short line in a steady flow (2 per backend, never more) keeps its order, though
+    # nothing has arrived for a while: its estimates assumed that order.
+    for job in jobs[:4]:
+        pool.queue.push(job)
+    assert pool.draining(serving) and not pool.largest_first(serving)
+    # A backlog of 4 per backend that runs down to 2 per backend: its tail goes largest first.
+    for job in jobs[4:]:
+        pool.queue.push(job)
+    assert not pool.largest_first(serving)  # still 4 per backend waiting
+    for job in jobs[:4]:
+        pool.queue.take(job)
+    assert pool.largest_first(serving)
+    # Once the line has been empty, the next short line is a short line again.
+    for job in jobs[4:]:
+        pool.queue.take(job)
+    pool.queue.push(jobs[0])
+    assert not pool.largest_first(serving)

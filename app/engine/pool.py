@@ -23,7 +23,7 @@ from app.domain.costs import has_speed_hint, initial_units_per_s
 from app.domain.jobs import ExecutorType, Job
 from app.engine.arrivals import Arrivals
 from app.engine.forecast import Forecast, StandIn
-from app.engine.placement import LARGEST_FIRST_TAIL, PLACEMENT_WINDOW, where_done_first
+from app.engine.placement import LARGEST_FIRST_BACKLOG, LARGEST_FIRST_TAIL, PLACEMENT_WINDOW, where_done_first
 from app.engine.queues import WeightedQueue
 
 log = logging.getLogger(__name__)
@@ -310,9 +310,15 @@ class ExecutorPool:
 
     def largest_first(self, serving: list[BackendSlot]) -> bool:
         """Whether the dispatcher takes the largest of the first jobs of a class (placement.py):
-        near the end of a line that is running out, at most LARGEST_FIRST_TAIL jobs per backend
-        in service waiting, and the line draining."""
-        return len(self.queue) <= LARGEST_FIRST_TAIL * len(serving) and self.draining(serving)
+        near the end of a backlog that is running out: at most LARGEST_FIRST_TAIL jobs per
+        backend in service waiting, after at least LARGEST_FIRST_BACKLOG per backend waited at
+        once since the line was last empty, and the line draining."""
+        backends = len(serving)
+        return (
+            len(self.queue) <= LARGEST_FIRST_TAIL * backends
+            and self.queue.backlog_peak >= LARGEST_FIRST_BACKLOG * backends
+            and self.draining(serving)
+        )
 
     def draining(self, serving: list[BackendSlot]) -> bool:
         """Whether the line is running out rather than being fed: nothing has arrived for as

@@ -48,6 +48,9 @@ class WeightedQueue(Generic[T]):
         # id(job), at the tail of the line) that must not pass them.
         self._unread = {False: 0, True: 0}
         self._arrived_early: dict[bool, set[int]] = {False: set(), True: set()}
+        # The most jobs waiting at once since the line was last empty (placement's
+        # largest-first tail is for the end of a backlog, not a short line now and then).
+        self.backlog_peak = 0
 
     def __len__(self) -> int:
         return len(self._jobs[False]) + len(self._jobs[True])
@@ -72,7 +75,7 @@ class WeightedQueue(Generic[T]):
 
     def push(self, job: T) -> None:
         self._jobs[job.premium].append(job)
-        self._units[job.premium] += job.cost_units
+        self._added(job)
         if self._unread[job.premium]:
             self._arrived_early[job.premium].add(id(job))
 
@@ -87,21 +90,30 @@ class WeightedQueue(Generic[T]):
         of every request that arrived since the start."""
         line = self._jobs[job.premium]
         line.insert(len(line) - len(self._arrived_early[job.premium]), job)
-        self._units[job.premium] += job.cost_units
+        self._added(job)
 
     def push_front(self, job: T) -> None:
         """Put a job back at the head of its class (it keeps its place in line)."""
         self._jobs[job.premium].appendleft(job)
-        self._units[job.premium] += job.cost_units
+        self._added(job)
 
     def remove(self, job: T) -> bool:
         try:
             self._jobs[job.premium].remove(job)
         except ValueError:
             return False
+        self._gone(job)
+        return True
+
+    def _added(self, job: T) -> None:
+        self._units[job.premium] += job.cost_units
+        self.backlog_peak = max(self.backlog_peak, len(self))
+
+    def _gone(self, job: T) -> None:
         self._units[job.premium] -= job.cost_units
         self._arrived_early[job.premium].discard(id(job))
-        return True
+        if not (self._jobs[False] or self._jobs[True]):
+            self.backlog_peak = 0
 
     def pop(self, accept: Callable[[T], bool] | None = None, *, largest_within: int = 0) -> T | None:
         """Take the first job that `accept` takes (all, by default): of the class whose turn it
@@ -151,8 +163,7 @@ class WeightedQueue(Generic[T]):
                     break
                 ahead.passed_over += 1
             line.remove(job)
-        self._units[job.premium] -= job.cost_units
-        self._arrived_early[job.premium].discard(id(job))
+        self._gone(job)
 
     def takeable(self, premium: bool) -> int:
         """How many of a class's jobs, from the head, may be taken now (not those that arrived
