@@ -1,7 +1,8 @@
-"""The `queued` estimate's error on bench/estimates.py's trace, replayed through the pool's own
-code (estimate, placement, speed learning, arrival counting: app/engine/) on a virtual clock:
-about a second per seed instead of a minute, and none of a live run's timing noise (event
-loop lag, a busy machine), so two versions of the estimate can be compared on many seeds.
+"""Scheduling figures offline: the `queued` estimate's error on bench/estimates.py's trace, and
+the makespan of bench/heterogeneous.py's burst of 60, replayed through the pool's own code
+(estimate, placement, speed learning, arrival counting: app/engine/) on a virtual clock: about
+a second per seed instead of a minute, and none of a live run's timing noise (event loop lag,
+a busy machine), so two versions can be compared on many seeds.
 
 It also takes the error apart. Besides the trace as it is, it replays the same arrivals
 - with no premium requests (nothing can arrive later and pass a waiting one): the error left
@@ -16,7 +17,7 @@ measures it: ~6-10 ms here) and the time before `queued` is sent.
 
 How: `time.monotonic` is replaced in this process by the replay's clock; nothing else is.
 
-Usage: .venv/bin/python -m bench.estimates_replay [--seeds 11-18]
+Usage: .venv/bin/python -m bench.scheduling_replay [--seeds 11-18]
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from app.domain.jobs import ExecutorType, GenType, Job
 from app.engine.placement import next_placement
 from app.engine.pool import BackendSlot, ExecutorPool
 from bench.estimates import BASE_UNITS_PER_S, NOISE, PREMIUM_SHARE, SPEEDS, build_trace, cost
+from bench.heterogeneous import PREMIUM_EVERY, mixed_jobs
 
 A1111 = ExecutorType.AUTOMATIC1111
 WARM_UP = 20  # the first requests, while speeds are still being learned, are left out
@@ -52,6 +54,12 @@ class Told:
 def replay(seed: int, noise: float, premium_share: float) -> list[Told]:
     """The trace through a pool of SPEEDS backends; each request's estimate and outcome."""
     trace = build_trace(400, 60, seed, premium_share)
+    return play(trace.requests, BASE_UNITS_PER_S, noise, seed)[WARM_UP:]
+
+
+def play(requests: list[tuple[float, dict, bool]], units_per_s_1x: float, noise: float, seed: int) -> list[Told]:
+    """`requests` ((offset s, payload, premium), in order) through a pool of SPEEDS backends
+    whose speeds it learns from scratch; each request's estimate and outcome."""
     pool = ExecutorPool(A1111, (1, 3))
     true_speed: dict[int, float] = {}
     noise_of: dict[int, random.Random] = {}
@@ -60,12 +68,12 @@ def replay(seed: int, noise: float, premium_share: float) -> list[Told]:
         slot = BackendSlot.for_backend(Backend(spec, session=None))  # type: ignore[arg-type]
         slot.up = slot.probed = True
         pool.slots.append(slot)
-        true_speed[id(slot)] = BASE_UNITS_PER_S * factor
+        true_speed[id(slot)] = units_per_s_1x * factor
         noise_of[id(slot)] = random.Random(seed + number)
     order = itertools.count()
     events: list[tuple[float, int, object]] = []  # (when, tie-break, a request or a finished job)
     start = _clock[0]
-    for offset, payload, premium in trace.requests:
+    for offset, payload, premium in requests:
         heapq.heappush(events, (start + offset, next(order), (payload, premium)))
     told: dict[str, Told] = {}
 
@@ -85,7 +93,7 @@ def replay(seed: int, noise: float, premium_share: float) -> list[Told]:
             job = new_request(payload, premium)
             eta_s = pool.eta_for_new(premium, job.cost_units)
             assert eta_s is not None
-            told[job.object_id] = Told(premium, eta_s, _clock[0])
+            told[job.object_id] = Told(premium, eta_s, _clock[0] - start)
             pool.note_arrival(job)
             pool.queue.push(job)
         else:  # a backend finished
@@ -93,9 +101,18 @@ def replay(seed: int, noise: float, premium_share: float) -> list[Told]:
             slot.free()
             slot.record_success(job.cost_units, seconds)
             pool.calibrate_unlearned()
-            told[job.object_id].done_at = _clock[0]
+            told[job.object_id].done_at = _clock[0] - start
         dispatch()
-    return list(told.values())[WARM_UP:]
+    return list(told.values())
+
+
+def burst_makespan(seed: int, jobs: int = 60, ideal_s: float = 30.0) -> float:
+    """bench.heterogeneous's burst (its mix of sizes for `seed`, every third premium, all
+    queued at once, speeds learned from scratch, exact times): makespan / ideal."""
+    payloads = mixed_jobs(jobs, seed)
+    units_per_s_1x = sum(cost(payload) for payload in payloads) / sum(SPEEDS.values()) / ideal_s
+    requests = [(0.0, payload, number % PREMIUM_EVERY == 0) for number, payload in enumerate(payloads)]
+    return max(row.done_at for row in play(requests, units_per_s_1x, 0.0, seed)) / ideal_s
 
 
 def new_request(payload: dict, premium: bool) -> Job:
@@ -151,6 +168,11 @@ def main() -> None:
             }.items()
         }
         print(f"{name:40} {summary(errors['all'])} {summary(errors['premium'])} {summary(errors['general'])}")
+    makespans = [burst_makespan(seed) for seed in range(1, 21)]
+    print(
+        f"\nburst of 60 (bench.heterogeneous's jobs, seeds 1-20), makespan / ideal: median "
+        f"{statistics.median(makespans):.3f}, worst {max(makespans):.3f}"
+    )
 
 
 if __name__ == "__main__":
