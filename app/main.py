@@ -140,8 +140,8 @@ def create_app(config: Config) -> web.Application:
             app[keys.INTAKE] = Intake(app[keys.STORE], scheduler, app[keys.HUB], scheduler.admission)
             app[keys.METRICS].watch(
                 lambda: live_families(
-                    scheduler.queues_status(),
-                    scheduler.backends_status(),
+                    scheduler.fleet.queues_status(),
+                    scheduler.fleet.backends_status(),
                     [mirror.health.as_dict() for mirror in app[keys.MIRRORS]],
                 )
             )
@@ -256,7 +256,7 @@ def reload_on_hangup(config: Config, scheduler: Scheduler) -> None:
             log.error("SIGHUP: kept the current backends: %s", exc)
             return
         log.info("SIGHUP: reloading %s (%d backends)", config.executors_file, len(specs))
-        scheduler.reload(specs)
+        scheduler.fleet.reload(specs)
 
     with contextlib.suppress(NotImplementedError, RuntimeError):  # no signals off the main thread
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload)

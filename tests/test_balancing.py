@@ -48,7 +48,7 @@ async def test_the_faster_backend_is_learned_from_its_own_jobs(start_backend, st
     for index in range(3):
         await run_one(bot, f"learned {index}")
     assert [c.body["prompt"] for c in fast.state.received[1:]] == [f"learned {i}" for i in range(3)]
-    speeds = {b["name"]: b["units_per_s"] for b in balancer.app[keys.SCHEDULER].backends_status()}
+    speeds = {b["name"]: b["units_per_s"] for b in balancer.app[keys.SCHEDULER].fleet.backends_status()}
     assert 1.5 < speeds["fast"] / speeds["slow"] < 2.5
 
 

@@ -9,7 +9,7 @@ from bench.bots import request_message, wait_until
 
 
 def backend_state(balancer, name: str) -> dict:
-    return next(b for b in balancer.app[keys.SCHEDULER].backends_status() if b["name"] == name)
+    return next(b for b in balancer.app[keys.SCHEDULER].fleet.backends_status() if b["name"] == name)
 
 
 async def submit_all(bot, count: int, prefix: str = "job") -> list[str]:

@@ -222,7 +222,7 @@ async def test_a_stream_of_poison_requests_takes_no_backend_out(start_backend, s
         assert "Invalid encoded image" in final["result"]["content"]
 
     assert not any("taken out of service" in record.getMessage() for record in caplog.records)
-    assert {backend["state"] for backend in balancer.app[keys.SCHEDULER].backends_status()} <= {"healthy", "busy"}
+    assert {backend["state"] for backend in balancer.app[keys.SCHEDULER].fleet.backends_status()} <= {"healthy", "busy"}
     print(
         f"12 normal requests alone: median {alone[6]:.2f} s, worst {alone[-1]:.2f} s; beside 12 "
         f"poison requests: median {latencies[6]:.2f} s, worst {latencies[-1]:.2f} s"

@@ -285,7 +285,7 @@ async def test_the_keyless_status_view_shows_no_ids_thumbnails_or_error_texts(st
     queued = await bot.submit(request_message("kandinsky", "text2img", {"prompt": "private"}))
     await bot.final(queued["object_id"])
     await gpu.stop()  # the backend's failure text names its address
-    await wait_until(lambda: balancer.app[keys.SCHEDULER].backends_status()[0]["last_error"])
+    await wait_until(lambda: balancer.app[keys.SCHEDULER].fleet.backends_status()[0]["last_error"])
 
     public = await (await balancer.client.get("/status.json")).text()
     for secret in (queued["object_id"], "telegram", "?key=", "127.0.0.1"):

@@ -137,12 +137,12 @@ async def test_a_restart_starts_with_the_speeds_learned_before_it(start_backend,
     for n in range(3):
         queued = await bot.submit(request_message("automatic1111", "text2img", {"prompt": f"p{n}", "steps": 10}))
         await bot.final(queued["object_id"])
-    [learned] = balancer.app[keys.SCHEDULER].backends_status()
+    [learned] = balancer.app[keys.SCHEDULER].fleet.backends_status()
     await bot.close()
     await balancer.client.close()
 
     restarted = await start_balancer([gpu])
-    [warm] = restarted.app[keys.SCHEDULER].backends_status()
+    [warm] = restarted.app[keys.SCHEDULER].fleet.backends_status()
     seed = REFERENCE_UNITS_PER_S
     assert learned["units_per_s"] > 10 * seed  # it did learn
     assert abs(warm["units_per_s"] - learned["units_per_s"]) <= 0.05 * learned["units_per_s"]

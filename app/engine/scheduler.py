@@ -25,16 +25,17 @@ import aiohttp
 
 from app.backends.base import Backend, BackendSpec, Progress
 from app.config import Config
-from app.domain.costs import REFERENCE_JOB_UNITS, job_cost_units, payload_cost_units
+from app.domain.costs import job_cost_units, payload_cost_units
 from app.domain.errors import BackendFailed, FailureKind
-from app.domain.jobs import ExecutorType, GenType, Job, JobStatus
+from app.domain.jobs import ExecutorType, Job, JobStatus
 from app.domain.lifecycle import CancelOutcome, Phase, TrackedRequest
 from app.engine.admission import Admission
 from app.engine.backlog import BacklogReader
 from app.engine.expiry import ExpiryLine
+from app.engine.fleet import Fleet
 from app.engine.outcome import Outcomes
 from app.engine.placement import next_placement
-from app.engine.pool import BackendSlot, ExecutorPool, watch_health
+from app.engine.pool import BackendSlot, ExecutorPool
 from app.engine.progress import ProgressReporter
 from app.image_check import ImageCheck
 from app.metrics import Metrics
@@ -109,10 +110,10 @@ class Scheduler:
         self._outcomes = Outcomes(config, store, results, self._metrics, image_check, uploads)
         self._store = store
         self._listener = listener
-        self._make_backend = make_backend
-        self.pools = {executor: ExecutorPool(executor, config.general_premium_ratio) for executor in ExecutorType}
+        # The pools (a line and its backends per executor type) and the backends' watchers.
+        self.fleet = Fleet(config, make_backend, self.dispatch)
+        self.pools = self.fleet.pools
         self._initial_backends = backends
-        self._watchers: dict[BackendSlot, asyncio.Task[None]] = {}
         # The one record of every request this process holds, by object_id (app/domain/lifecycle.py).
         self._tracked: dict[str, TrackedRequest] = {}
         self._expiry = ExpiryLine(self._expire, self._expiry_stands, lambda: len(self._tracked))
@@ -135,9 +136,6 @@ class Scheduler:
             f"<Scheduler {dict(phases)} dispatched={self.dispatched} retried={self.retried} finished={self.finished}>"
         )
 
-    def has_backends(self, executor: ExecutorType) -> bool:
-        return bool(self.pools[executor].slots)
-
     @property
     def running(self) -> bool:
         return not self._stopping
@@ -153,7 +151,7 @@ class Scheduler:
         """Start watching the backends and rebuild the queues from SQLite: interrupted jobs
         go back in line, in arrival order."""
         for backend in self._initial_backends:
-            slot = self._add_slot(backend)
+            slot = self.fleet.add(backend)
             # Speeds learned before the restart are not thrown away.
             for cost_units, gen_type, payload, seconds in await self._store.recent_successes(backend.name, 10):
                 slot.record_success(cost_units or payload_cost_units(backend.executor, gen_type, payload), seconds)
@@ -214,10 +212,7 @@ class Scheduler:
                 await asyncio.wait(pending)
         for task in list(self._telling):
             task.cancel()
-        for slot in list(self._watchers):
-            self._stop_watching(slot)
-        if self._watchers:
-            await asyncio.wait(list(self._watchers.values()))
+        await self.fleet.stop_watching()
 
     async def _interrupt_abandoned(self, slots: list[BackendSlot]) -> None:
         async def interrupt(slot: BackendSlot) -> None:
@@ -229,84 +224,6 @@ class Scheduler:
                 log.warning("shutdown: could not interrupt %s: %s", slot.name, exc)
 
         await asyncio.gather(*[interrupt(slot) for slot in slots if slot.backend.supports_progress])
-
-    # -- backends -----------------------------------------------------------------------
-
-    def _add_slot(self, backend: Backend) -> BackendSlot:
-        slot = BackendSlot.for_backend(backend)
-        self.pools[backend.executor].slots.append(slot)
-        task = asyncio.create_task(watch_health(slot, self._config, self.dispatch), name=f"health-{backend.name}")
-        self._watchers[slot] = task
-        task.add_done_callback(lambda _: self._watchers.pop(slot, None))
-        return slot
-
-    def _stop_watching(self, slot: BackendSlot) -> None:
-        slot.removed = True
-        slot.wake.set()
-
-    def _retire_if_removed(self, slot: BackendSlot) -> None:
-        if slot.removed and slot.job is None and slot in self.pools[slot.backend.executor].slots:
-            self.pools[slot.backend.executor].slots.remove(slot)
-            log.info("backend %s removed", slot.name)
-
-    def reload(self, specs: list[BackendSpec]) -> None:
-        """Apply a new EXECUTORS_FILE: add, change, disable or remove backends. A removed
-        backend's running job finishes there (or is retried elsewhere if it fails)."""
-        current = {slot.name: slot for pool in self.pools.values() for slot in pool.slots if not slot.removed}
-        wanted = {spec.name: spec for spec in specs}
-        for name, slot in current.items():
-            spec = wanted.get(name)
-            if spec is None or spec.exec_type is not slot.backend.executor:
-                self._stop_watching(slot)
-                self._retire_if_removed(slot)
-                log.info("backend %s leaves the pool%s", name, " after its job" if slot.job else "")
-        for name, spec in wanted.items():
-            existing = current.get(name)
-            if existing is not None and not existing.removed:
-                if existing.backend.spec != spec:
-                    # The running job keeps its client; the next one uses the new settings.
-                    existing.backend = self._make_backend(spec)
-                    existing.wake.set()
-                    log.info("backend %s updated%s", name, " (disabled)" if spec.disabled else "")
-                continue
-            self._add_slot(self._make_backend(spec))
-            log.info("backend %s added (%s at %s)", name, spec.exec_type.value, spec.endpoint)
-        self.dispatch()
-
-    def queues_status(self) -> list[dict[str, Any]]:
-        """Per executor type: who waits, what runs, and the ETA of a typical new request."""
-        states = []
-        for executor, pool in self.pools.items():
-            typical = payload_cost_units(executor, GenType.TEXT2IMG, {})
-            states.append(
-                {
-                    "executor": executor.value,
-                    "general_waiting": pool.queue.waiting(False),
-                    "premium_waiting": pool.queue.waiting(True),
-                    "generating": sum(1 for slot in pool.slots if slot.job is not None),
-                    "backends": len(pool.slots),
-                    "backends_in_service": len(pool.in_service()),
-                    "eta_new_general_s": pool.eta_for_new(False, typical),
-                    "eta_new_premium_s": pool.eta_for_new(True, typical),
-                }
-            )
-        return states
-
-    def backends_status(self) -> list[dict[str, Any]]:
-        return [
-            {
-                "name": slot.name,
-                "executor": pool.executor.value,
-                "state": slot.state.value,
-                "units_per_s": round(slot.units_per_s),
-                "images_per_minute": round(slot.units_per_s * 60 / REFERENCE_JOB_UNITS, 2),
-                "jobs_done": slot.jobs_done,
-                "last_error": slot.last_error,
-                "job": slot.job.object_id if slot.job else None,
-            }
-            for pool in self.pools.values()
-            for slot in pool.slots
-        ]
 
     # -- queueing -----------------------------------------------------------------------
 
@@ -540,7 +457,7 @@ class Scheduler:
         """The backend call is over: the backend takes its next job."""
         slot.free()
         tracked.leave_slot()
-        self._retire_if_removed(slot)
+        self.fleet.retire_if_removed(slot)
         self.dispatch()
 
     async def _claim(self, tracked: TrackedRequest, slot: BackendSlot, timeout_s: float) -> bool:

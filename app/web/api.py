@@ -167,12 +167,12 @@ async def cancel_request(request: web.Request) -> web.Response:
 
 async def queues(request: web.Request) -> web.Response:
     _authenticate(request)
-    return web.json_response(_queues_schema.dump(request.app[keys.SCHEDULER].queues_status()))
+    return web.json_response(_queues_schema.dump(request.app[keys.SCHEDULER].fleet.queues_status()))
 
 
 async def backends(request: web.Request) -> web.Response:
     _authenticate(request)
-    return web.json_response(_backends_schema.dump(request.app[keys.SCHEDULER].backends_status()))
+    return web.json_response(_backends_schema.dump(request.app[keys.SCHEDULER].fleet.backends_status()))
 
 
 async def mirrors(request: web.Request) -> web.Response:

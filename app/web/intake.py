@@ -44,7 +44,7 @@ class Intake:
     ) -> Job:
         """A Job from a request already checked by schemas.parse_request."""
         executor = request["executor"]
-        if not self._scheduler.has_backends(executor):
+        if not self._scheduler.fleet.has_backends(executor):
             raise InvalidRequest(
                 f"No {executor.value} backend is configured on this server.",
                 envelope=request,

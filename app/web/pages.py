@@ -53,7 +53,7 @@ async def status(request: web.Request) -> web.Response:
     jobs = await store.recent_jobs(RECENT_REQUESTS)
     prompts = await store.prompts_of([job.object_id for job in jobs], PROMPT_CHARS) if detailed else {}
     recent = [_recent_row(request.app[keys.RESULTS], job, prompts, detailed) for job in jobs]
-    backends = scheduler.backends_status()
+    backends = scheduler.fleet.backends_status()
     mirrors = [mirror.health.as_dict() for mirror in request.app[keys.MIRRORS]]
     if not detailed:
         # Error texts may quote a backend's address or echo a request (a prompt).
@@ -63,7 +63,7 @@ async def status(request: web.Request) -> web.Response:
         StatusSchema().dump(
             {
                 "detailed": detailed,
-                "queues": scheduler.queues_status(),
+                "queues": scheduler.fleet.queues_status(),
                 "backends": backends,
                 "mirrors": mirrors,
                 "recent": recent,
