@@ -283,7 +283,15 @@ class Scheduler:
         self.dispatch()
 
     def eta_for_new(self, executor: ExecutorType, premium: bool, cost_units: float) -> float | None:
-        return self.pools[executor].eta_for_new(premium, cost_units)
+        """The estimate told with `queued` (ExecutorPool.eta_for_new); None when there is none.
+        Intake asks after the request is committed and before it is queued here: an estimate
+        that fails (a bug in it) is logged and the request goes on without one, rather than
+        being left committed but not in line until the next start."""
+        try:
+            return self.pools[executor].eta_for_new(premium, cost_units)
+        except Exception:
+            log.exception("the estimate for a new %s request failed; it is queued without one", executor.value)
+            return None
 
     async def _revise_estimates(self) -> None:
         """Every ETA_REFRESH_S, re-estimate the first ETA_REFRESH_LIMIT waiting requests of each
