@@ -302,7 +302,12 @@ class Scheduler:
             await asyncio.sleep(ETA_REFRESH_S)
             now = time.monotonic()
             for pool in self.pools.values():
-                for job, eta_s in pool.waiting_estimates(ETA_REFRESH_LIMIT):
+                try:
+                    estimates = pool.waiting_estimates(ETA_REFRESH_LIMIT)
+                except Exception:  # a bug in the estimate: logged, and the revisions go on
+                    log.exception("revising the %s estimates failed", pool.executor.value)
+                    continue
+                for job, eta_s in estimates:
                     if now - job.eta_told_at < ETA_MIN_INTERVAL_S:
                         continue
                     moved = abs(now + eta_s - job.eta_due) if job.eta_due is not None else float("inf")
