@@ -25,6 +25,12 @@ def stored(database, object_id: str) -> tuple | None:
     return None if row is None else (*row, payload_file.exists())
 
 
+def pruned_and_file_gone(database, object_id: str) -> bool:
+    """Pruned: the row first, then (just after its commit) the payload file."""
+    row = stored(database, object_id)
+    return row is not None and row[3] is not None and not row[4]
+
+
 async def test_a_finished_request_past_retention_keeps_only_its_summary(start_backend, start_balancer):
     gpu = await start_backend("automatic1111")
     balancer = await start_balancer([gpu], RETENTION_S=1)
@@ -41,11 +47,7 @@ async def test_a_finished_request_past_retention_keeps_only_its_summary(start_ba
     # The row holds the payload without its image (the status page reads the prompt there).
     assert payload_file and json.loads(outline) == {"init_images": [None], "prompt": "a fox"}
 
-    def pruned() -> bool:  # the row first, then (just after its commit) the payload file
-        _, _, _, pruned_at, payload_file = stored(balancer.config.database_path, queued["object_id"])
-        return pruned_at is not None and not payload_file
-
-    await wait_until(pruned, timeout_s=10)
+    await wait_until(lambda: pruned_and_file_gone(balancer.config.database_path, queued["object_id"]), timeout_s=10)
     status, payload, result, _, payload_file = stored(balancer.config.database_path, queued["object_id"])
     assert (status, payload, payload_file) == ("ok", "{}", False)
     assert "deleted 1 s after it finished (RETENTION_S)" in result
@@ -111,7 +113,10 @@ async def test_under_a_steady_load_the_database_stops_growing(start_backend, sta
         for object_id in ids:
             await bot.final(object_id)
         # Past the retention time this round is pruned: its space is free for the next one.
-        await wait_until(lambda ids=ids: all(stored(database, object_id)[3] for object_id in ids), timeout_s=10)
+        # (Its payload files go just after the prune's commit.)
+        await wait_until(
+            lambda ids=ids: all(pruned_and_file_gone(database, object_id) for object_id in ids), timeout_s=10
+        )
         sizes.append(on_disk())
     written = 8 * 10 * len(image)
     # Without pruning the files would hold every round (16 MB); with it, what is left is the
