@@ -15,7 +15,6 @@ will arrive and pass, and how far a job's time differs from its cost over the le
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -59,14 +58,11 @@ class Forecast:
     clock over the backends `serving` (in service now)."""
 
     def __init__(self, line: WeightedQueue[Job], serving: list[BackendSlot], per_class: int) -> None:
-        now = time.monotonic()
         self.line = line.fork(per_class, StandIn.of)
-        self.names = [slot.name for slot in serving]
-        self.speeds = [slot.units_per_s for slot in serving]
-        # When each backend is free, in seconds from now (a busy one at least OVERDUE_S on).
-        self.free_at = [
-            max(OVERDUE_S, slot.seconds_until_free(now)) if slot.job is not None else 0.0 for slot in serving
-        ]
+        now = BackendsNow.of(serving)
+        self.names, self.speeds = now.names, now.speeds
+        # When each backend is free, in seconds from now on the forecast's clock.
+        self.free_at = now.free_s
         self.clock = 0.0
 
     def add(self, stand_in: StandIn) -> None:

@@ -104,6 +104,19 @@ class BackendsNow:
     free_s: list[float]  # seconds until each is free: 0 when idle, at least OVERDUE_S when busy
     idle: list[bool]
 
+    @classmethod
+    def of(cls, in_service: list[BackendSlot]) -> BackendsNow:
+        """The backends as they stand now, each busy one free when its job is expected to end."""
+        now = time.monotonic()
+        return cls(
+            names=[slot.name for slot in in_service],
+            speeds=[slot.units_per_s for slot in in_service],
+            free_s=[
+                max(OVERDUE_S, slot.seconds_until_free(now)) if slot.job is not None else 0.0 for slot in in_service
+            ],
+            idle=[slot.job is None for slot in in_service],
+        )
+
 
 def next_placement(pool: ExecutorPool) -> tuple[Job, BackendSlot] | None:
     """The next job of `pool`'s line and the free backend to run it, taken off the line; None
@@ -111,13 +124,7 @@ def next_placement(pool: ExecutorPool) -> tuple[Job, BackendSlot] | None:
     if not len(pool.queue) or not any(slot.available for slot in pool.slots):
         return None
     in_service = pool.in_service()
-    now = time.monotonic()
-    backends = BackendsNow(
-        names=[slot.name for slot in in_service],
-        speeds=[slot.units_per_s for slot in in_service],
-        free_s=[max(OVERDUE_S, slot.seconds_until_free(now)) if slot.job is not None else 0.0 for slot in in_service],
-        idle=[slot.job is None for slot in in_service],
-    )
+    backends = BackendsNow.of(in_service)
     largest_within = PLACEMENT_WINDOW if pool.largest_first(in_service) else 0
     placed = place_next(pool.queue, backends, largest_within)
     if placed is None:
