@@ -5,7 +5,7 @@ under a steady load.
 A pass takes the oldest finished requests past the retention time, at most PRUNE_BATCH_ROWS
 (and PRUNE_BATCH_PAYLOAD_CHARS of payload) at a time:
 their local image files are deleted, then one transaction drops their payloads and image
-results (app/storage/store.py `prune`). Batches are small and go through the store's writer
+results (app/storage/retention_rows.py `prune`). Batches are small and go through the store's writer
 queue like any other write, so intake's commits interleave with them instead of waiting
 behind one long delete. Files go first: a crash between the two leaves the rows unpruned,
 and the next pass finishes them (a missing file is fine), never an orphaned image.
@@ -71,19 +71,23 @@ class Retention:
         pruned = await self._prune_batch()
         forgotten = 0
         if self.summary_retention_s:
-            forgotten = await self._store.forget_summaries(time.time() - self.summary_retention_s, PRUNE_BATCH_ROWS)
+            forgotten = await self._store.retention.forget_summaries(
+                time.time() - self.summary_retention_s, PRUNE_BATCH_ROWS
+            )
             if forgotten:
                 self._metrics.forgotten.inc(forgotten)
                 log.info("retention: deleted %d request summaries (SUMMARY_RETENTION_S)", forgotten)
         return max(pruned, forgotten)
 
     async def _prune_batch(self) -> int:
-        rows = await self._store.prunable(time.time() - self.retention_s, PRUNE_BATCH_ROWS, PRUNE_BATCH_PAYLOAD_CHARS)
+        rows = await self._store.retention.prunable(
+            time.time() - self.retention_s, PRUNE_BATCH_ROWS, PRUNE_BATCH_PAYLOAD_CHARS
+        )
         if not rows:
             return 0
         files = [self._images_path / name for _, name in rows if name and IMAGE_FILE_NAME.match(name)]
         await asyncio.to_thread(_delete, files)
-        await self._store.prune([object_id for object_id, _ in rows], self._summary)
+        await self._store.retention.prune([object_id for object_id, _ in rows], self._summary)
         self._metrics.pruned.inc(len(rows))
         log.info("retention: pruned %d finished requests (payloads, results, %d local images)", len(rows), len(files))
         return len(rows)
