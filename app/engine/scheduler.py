@@ -31,6 +31,7 @@ from app.domain.jobs import ExecutorType, Job, JobStatus
 from app.domain.lifecycle import CancelOutcome, Phase, TrackedRequest
 from app.engine.admission import Admission
 from app.engine.backlog import BacklogReader
+from app.engine.estimates import Estimates
 from app.engine.expiry import ExpiryLine
 from app.engine.fleet import Fleet
 from app.engine.outcome import Outcomes
@@ -58,14 +59,6 @@ STORE_RETRY_MAX_S = 5.0
 # the process); restarts for other reasons rarely hit one request this often.
 MAX_INTERRUPTIONS = 10
 INTERRUPT_TIMEOUT_S = 2.0
-
-
-# Revised estimates for waiting requests (see _revise_estimates).
-ETA_REFRESH_S = 2.0
-ETA_REFRESH_LIMIT = 1000
-ETA_CHANGE_SHARE = 0.2
-ETA_CHANGE_S = 5.0
-ETA_MIN_INTERVAL_S = 5.0
 
 
 class JobListener(Protocol):
@@ -122,7 +115,8 @@ class Scheduler:
         # Messages to clients, sent off the paths that hold a backend: a client that stops
         # reading its socket must not hold a GPU for everyone (see _tell).
         self._telling: set[asyncio.Task[None]] = set()
-        self._eta_task: asyncio.Task[None] | None = None
+        # The estimate told with `queued`, and new ones while a request waits.
+        self.estimates = Estimates(self.pools, lambda job, eta_s: self._tell(self._listener.job_eta(job, eta_s)))
         # The queued requests stored by earlier runs, read back after start() returns.
         self._backlog = BacklogReader(store, self.pools, admission, self._restore, self.dispatch)
         self._stopping = False
@@ -176,7 +170,7 @@ class Scheduler:
             ", ".join(f"{e.value}={len(p.slots)}" for e, p in self.pools.items()),
         )
         self.dispatch()  # backends whose first probe already answered
-        self._eta_task = asyncio.create_task(self._revise_estimates(), name="eta-revisions")
+        self.estimates.start()
 
     async def stop(self, grace_s: float) -> None:
         """Stop claiming; give running jobs and answers being stored `grace_s` in all, then
@@ -187,8 +181,7 @@ class Scheduler:
         deadline = time.monotonic() + grace_s
         await self._backlog.stop()
         self._expiry.close()
-        if self._eta_task is not None:
-            self._eta_task.cancel()
+        self.estimates.stop()
         for tracked in self._tracked.values():
             tracked.cancel_timers()
         running = {t.task: t for t in self._tracked.values() if t.task is not None}
@@ -281,39 +274,6 @@ class Scheduler:
         self.pools[job.executor].note_arrival(job)
         self._enqueue(job)
         self.dispatch()
-
-    def eta_for_new(self, executor: ExecutorType, premium: bool, cost_units: float) -> float | None:
-        """The estimate told with `queued` (ExecutorPool.eta_for_new); None when there is none.
-        Intake asks after the request is committed and before it is queued here: an estimate
-        that fails (a bug in it) is logged and the request goes on without one, rather than
-        being left committed but not in line until the next start."""
-        try:
-            return self.pools[executor].eta_for_new(premium, cost_units)
-        except Exception:
-            log.exception("the estimate for a new %s request failed; it is queued without one", executor.value)
-            return None
-
-    async def _revise_estimates(self) -> None:
-        """Every ETA_REFRESH_S, re-estimate the first ETA_REFRESH_LIMIT waiting requests of each
-        executor type; a client whose request's estimate moved by more than the larger of
-        ETA_CHANGE_SHARE of it and ETA_CHANGE_S hears the new one (`info` `eta`), at most once
-        every ETA_MIN_INTERVAL_S per request."""
-        while True:
-            await asyncio.sleep(ETA_REFRESH_S)
-            now = time.monotonic()
-            for pool in self.pools.values():
-                try:
-                    estimates = pool.waiting_estimates(ETA_REFRESH_LIMIT)
-                except Exception:  # a bug in the estimate: logged, and the revisions go on
-                    log.exception("revising the %s estimates failed", pool.executor.value)
-                    continue
-                for job, eta_s in estimates:
-                    if now - job.eta_told_at < ETA_MIN_INTERVAL_S:
-                        continue
-                    moved = abs(now + eta_s - job.eta_due) if job.eta_due is not None else float("inf")
-                    if moved > max(ETA_CHANGE_SHARE * eta_s, ETA_CHANGE_S):
-                        job.eta_due, job.eta_told_at = now + eta_s, now
-                        self._tell(self._listener.job_eta(job, round(eta_s, 1)))
 
     def no_backend_notice(self, executor: ExecutorType) -> str | None:
         """A sentence for the client when no backend of `executor` is in service."""

@@ -107,7 +107,7 @@ class Intake:
             " (premium)" if job.premium else "",
             "private ws" if job.channel == "http" and job.origin is not None else job.channel,
         )
-        job.eta_s = scheduler.eta_for_new(job.executor, job.premium, job.cost_units)
+        job.eta_s = scheduler.estimates.for_new(job.executor, job.premium, job.cost_units)
         job.eta_told_at = time.monotonic()
         job.eta_due = job.eta_told_at + job.eta_s if job.eta_s is not None else None
         queued = short_response(job, "queued", job.eta_s)

@@ -1,0 +1,68 @@
+"""What clients are told to expect: the estimate sent with `queued`, and while a request waits,
+a new one (`info` `eta`) whenever it has moved by more than the larger of ETA_CHANGE_SHARE of
+it and ETA_CHANGE_S, checked every ETA_REFRESH_S, at most once every ETA_MIN_INTERVAL_S per
+request. The estimates themselves are the pools' (ExecutorPool.eta_for_new and
+waiting_estimates); a failing one is logged and never stops a request or the revisions."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from app.domain.jobs import ExecutorType, Job
+from app.engine.pool import ExecutorPool
+
+log = logging.getLogger(__name__)
+
+ETA_REFRESH_S = 2.0
+ETA_REFRESH_LIMIT = 1000  # waiting requests per executor type re-estimated each time
+ETA_CHANGE_SHARE = 0.2
+ETA_CHANGE_S = 5.0
+ETA_MIN_INTERVAL_S = 5.0
+
+
+class Estimates:
+    """`tell(job, eta_s)` sends a waiting request's new estimate to its client."""
+
+    def __init__(self, pools: dict[ExecutorType, ExecutorPool], tell: Callable[[Job, float], None]) -> None:
+        self._pools = pools
+        self._tell = tell
+        self._revisions: asyncio.Task[None] | None = None
+
+    def for_new(self, executor: ExecutorType, premium: bool, cost_units: float) -> float | None:
+        """The estimate told with `queued`; None when there is none. Intake asks after the
+        request is committed and before it is queued: an estimate that fails (a bug in it) is
+        logged and the request goes on without one, rather than being left committed but not
+        in line until the next start."""
+        try:
+            return self._pools[executor].eta_for_new(premium, cost_units)
+        except Exception:
+            log.exception("the estimate for a new %s request failed; it is queued without one", executor.value)
+            return None
+
+    def start(self) -> None:
+        self._revisions = asyncio.create_task(self._revise(), name="eta-revisions")
+
+    def stop(self) -> None:
+        if self._revisions is not None:
+            self._revisions.cancel()
+
+    async def _revise(self) -> None:
+        while True:
+            await asyncio.sleep(ETA_REFRESH_S)
+            now = time.monotonic()
+            for pool in self._pools.values():
+                try:
+                    estimates = pool.waiting_estimates(ETA_REFRESH_LIMIT)
+                except Exception:  # a bug in the estimate: logged, and the revisions go on
+                    log.exception("revising the %s estimates failed", pool.executor.value)
+                    continue
+                for job, eta_s in estimates:
+                    if now - job.eta_told_at < ETA_MIN_INTERVAL_S:
+                        continue
+                    moved = abs(now + eta_s - job.eta_due) if job.eta_due is not None else float("inf")
+                    if moved > max(ETA_CHANGE_SHARE * eta_s, ETA_CHANGE_S):
+                        job.eta_due, job.eta_told_at = now + eta_s, now
+                        self._tell(job, round(eta_s, 1))
