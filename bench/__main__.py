@@ -1,6 +1,6 @@
 """The performance figures in one command: durable intake (small requests over 1 and 50
 connections, 1 MB img2img) with a profile summary, restarts with a large backlog, the dispatch
-gap with 1 and 8 backends, and end-to-end no-op jobs per second; each beside its peer in the
+gap with 1 and 8 backends, and end-to-end no-op jobs per second with its CPU per job and a profile summary; each beside its peer in the
 same run (the benches themselves say which). Runs them one after another, each in a process of
 its own, so none measures another's leftovers.
 
@@ -20,7 +20,7 @@ FULL = [
     ["bench.intake", "--repeats", "3", "--profile"],
     ["bench.restart", "--images", "10000", "--small", "100000"],
     ["bench.core"],
-    ["bench.e2e", "--repeats", "3"],
+    ["bench.e2e", "--repeats", "3", "--profile"],
 ]
 QUICK = [
     ["bench.intake", "--repeats", "1", "--requests", "3000", "--images", "300"],

@@ -3,14 +3,18 @@ commit -> dispatch -> instant backend -> image stored -> `ok` delivered), with 8
 AUTOMATIC1111 test backends, beside huey running no-op tasks (bench/huey_peer.py) in the
 same run. Repeats interleaved; min / median / max.
 
-Usage: .venv/bin/python -m bench.e2e [--jobs N] [--repeats N]
+Usage: .venv/bin/python -m bench.e2e [--jobs N] [--repeats N] [--profile]
+  --profile: one extra run sampled by py-spy; self time, and the event loop's inclusive time,
+             per function.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -22,11 +26,19 @@ import aiohttp
 
 from app.demo_backends import DemoBackendState, automatic1111_app, serve_on_loopback
 from bench.core import KEY, balancer
+from bench.sampling import PY_SPY_MISSING, Sampler, cpu_seconds, print_loop_profile
 
 BACKENDS = 8
 
 
-async def balancer_rate(folder: Path, jobs: int) -> float:
+@dataclasses.dataclass
+class Run:
+    jobs_per_s: float
+    cpu_ms_per_job: float  # all of the server's threads
+    loop_ms_per_job: float  # the event loop's thread alone
+
+
+async def balancer_run(folder: Path, jobs: int, profile_to: Path | None = None) -> Run:
     runners, specs = [], []
     for number in range(BACKENDS):
         runner, url = await serve_on_loopback(automatic1111_app(DemoBackendState()))
@@ -34,6 +46,7 @@ async def balancer_rate(folder: Path, jobs: int) -> float:
         specs.append({"name": f"gpu{number}", "exec_type": "automatic1111", "endpoint": url, "timeout": 60})
     server = balancer(folder, specs)
     await server.start()
+    sampler = Sampler(server.process.pid, profile_to) if profile_to is not None else None
     texts = [
         json.dumps(
             {
@@ -52,6 +65,8 @@ async def balancer_rate(folder: Path, jobs: int) -> float:
             async with session.ws_connect(
                 f"{server.base_url}/ws/bench", max_msg_size=0, headers={"authorization": KEY, "service": "bench"}
             ) as ws:
+                pid = server.process.pid
+                cpu_before, loop_before = cpu_seconds(pid), cpu_seconds(pid, thread=pid)
                 started = time.perf_counter()
 
                 async def send() -> None:
@@ -65,8 +80,15 @@ async def balancer_rate(folder: Path, jobs: int) -> float:
                     if '"gen_status":"ok"' in data or '"gen_status":"error"' in data:
                         finals += 1
                 await sender
-                return jobs / (time.perf_counter() - started)
+                elapsed = time.perf_counter() - started
+                return Run(
+                    jobs / elapsed,
+                    (cpu_seconds(pid) - cpu_before) * 1000 / jobs,
+                    (cpu_seconds(pid, thread=pid) - loop_before) * 1000 / jobs,
+                )
     finally:
+        if sampler is not None:
+            sampler.stop()
         await server.stop()
         for runner in runners:
             await runner.cleanup()
@@ -86,28 +108,41 @@ def huey_rate(folder: Path, jobs: int) -> float | None:
     return float(out.stdout.split()[1])
 
 
+def spread(values: list[float], form: str) -> str:
+    return " / ".join(f"{value:6{form}}" for value in (min(values), statistics.median(values), max(values)))
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=3000)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--profile", action="store_true", help="sample one extra run of this server (py-spy)")
     args = parser.parse_args()
-    ours, peer = [], []
+    ours: list[Run] = []
+    peer = []
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeats):
-            ours.append(await balancer_rate(Path(tmp) / f"ours{repeat}", args.jobs))
+            ours.append(await balancer_run(Path(tmp) / f"ours{repeat}", args.jobs))
             rate = huey_rate(Path(tmp), args.jobs)
             if rate is not None:
                 peer.append(rate)
     print(f"no-op jobs per second, {args.jobs} jobs, {args.repeats} repeats (min / median / max)")
-    print(
-        f"  this server, {BACKENDS} instant backends: {min(ours):6.0f} / {statistics.median(ours):6.0f} / {max(ours):6.0f}"
-    )
+    print(f"  this server, {BACKENDS} instant backends: {spread([run.jobs_per_s for run in ours], '.0f')}")
     if peer:
-        print(
-            f"  huey, 1 worker, no-op task:       {min(peer):6.0f} / {statistics.median(peer):6.0f} / {max(peer):6.0f}"
-        )
+        print(f"  huey, 1 worker, no-op task:       {spread(peer, '.0f')}")
     else:
         print("  huey: not installed (pip install -r bench/requirements.txt)")
+    print("this server's CPU per job, ms (min / median / max)")
+    print(f"  all threads:     {spread([run.cpu_ms_per_job for run in ours], '.2f')}")
+    print(f"  event loop only: {spread([run.loop_ms_per_job for run in ours], '.2f')}")
+    if args.profile:
+        if shutil.which("py-spy") is None:
+            print(f"--profile: {PY_SPY_MISSING}")
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            profile = Path(tmp) / "profile.txt"
+            await balancer_run(Path(tmp) / "profiled", args.jobs, profile_to=profile)
+            print_loop_profile(profile, "this server")
 
 
 if __name__ == "__main__":

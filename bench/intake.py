@@ -32,9 +32,9 @@ import aiohttp
 from app.demo_backends import DemoBackendState
 from bench.core import KEY, free_port, start_backend, start_server
 from bench.processes import wait_until_answering
+from bench.sampling import PY_SPY_MISSING, Sampler, cpu_seconds, print_loop_profile
 
 PEER_SCRIPT = Path(__file__).with_name("peer_server.py")
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def request_text(index: int, image: str | None = None) -> str:
@@ -59,11 +59,6 @@ def request_text(index: int, image: str | None = None) -> str:
             "payload": {"prompt": f"a lighthouse at dusk, number {index}", "steps": 20, "width": 512, "height": 512},
         }
     )
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
 
 
 def megabyte_image() -> str:
@@ -136,29 +131,13 @@ async def run_ours(
     server = await start_server(folder, url)
     spy = None
     if profile_to is not None:
-        spy = subprocess.Popen(
-            [
-                "py-spy",
-                "record",
-                "--format",
-                "raw",
-                "--rate",
-                "250",
-                "-o",
-                str(profile_to),
-                "--pid",
-                str(server.process.pid),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        spy = Sampler(server.process.pid, profile_to)
         await asyncio.sleep(1.0)
     try:
         return await drive(server.base_url, server.process.pid, connections, total, image)
     finally:
         if spy is not None:
-            spy.send_signal(2)
-            spy.wait()
+            spy.stop()
         await server.stop()
         state.gate.set()
         await runner.cleanup()
@@ -178,18 +157,6 @@ async def run_peer(
 
 def spread(values: list[float], unit: str) -> str:
     return f"{min(values):7.0f} / {statistics.median(values):7.0f} / {max(values):7.0f} {unit}"
-
-
-def hottest(profile: Path, top: int = 12) -> list[str]:
-    """Self time per function from py-spy's collapsed stacks (leaf frame of each sample)."""
-    samples: collections.Counter[str] = collections.Counter()
-    total = 0
-    for line in profile.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
-        leaf = stack.rsplit(";", 1)[-1]
-        samples[leaf] += int(count)
-        total += int(count)
-    return [f"{count / total:6.1%}  {leaf}" for leaf, count in samples.most_common(top)]
 
 
 async def main() -> None:
@@ -228,13 +195,11 @@ async def main() -> None:
                 print(f"  {name:18} {spread(rates[name], 'req/s')}   server CPU {spread(cpus[name], 'µs/req')}")
         if args.profile:
             if shutil.which("py-spy") is None:
-                print("\n--profile: py-spy is not installed (pip install py-spy)")
+                print(f"\n--profile: {PY_SPY_MISSING}")
                 return
             profile = root / "profile.txt"
             await run_ours(root / "profiled", 50, args.requests, profile_to=profile)
-            print("\nthis server, 50 connections, self time by function (py-spy):")
-            for line in hottest(profile):
-                print("  " + line)
+            print_loop_profile(profile, "this server, 50 connections")
 
 
 if __name__ == "__main__":
