@@ -1,7 +1,10 @@
 """End-to-end job throughput: no-op jobs per second through the whole balancer (accept ->
 commit -> dispatch -> instant backend -> image stored -> `ok` delivered), with 8 instant
 AUTOMATIC1111 test backends, beside huey running no-op tasks (bench/huey_peer.py) in the
-same run. Repeats interleaved; min / median / max.
+same run. Repeats interleaved; min / median / max. Then the CPU each job costs: the server's
+(all threads, and the event loop alone), the load's (this process: the backends and the
+client share the machine), and one image file stored the way results are, alone, which no
+server code can lower; from these, the most jobs/s the machine's cores allow.
 
 Usage: .venv/bin/python -m bench.e2e [--jobs N] [--repeats N] [--profile]
   --profile: one extra run sampled by py-spy; self time, and the event loop's inclusive time,
@@ -14,6 +17,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -25,6 +29,7 @@ from pathlib import Path
 import aiohttp
 
 from app.demo_backends import DemoBackendState, automatic1111_app, serve_on_loopback
+from app.storage.results import image_file_name, write_atomically
 from bench.core import KEY, balancer
 from bench.sampling import PY_SPY_MISSING, Sampler, cpu_seconds, print_loop_profile
 
@@ -36,6 +41,7 @@ class Run:
     jobs_per_s: float
     cpu_ms_per_job: float  # all of the server's threads
     loop_ms_per_job: float  # the event loop's thread alone
+    load_ms_per_job: float  # this bench process: the 8 backends and the client
 
 
 async def balancer_run(folder: Path, jobs: int, profile_to: Path | None = None) -> Run:
@@ -67,6 +73,7 @@ async def balancer_run(folder: Path, jobs: int, profile_to: Path | None = None) 
             ) as ws:
                 pid = server.process.pid
                 cpu_before, loop_before = cpu_seconds(pid), cpu_seconds(pid, thread=pid)
+                load_before = time.process_time()
                 started = time.perf_counter()
 
                 async def send() -> None:
@@ -85,6 +92,7 @@ async def balancer_run(folder: Path, jobs: int, profile_to: Path | None = None) 
                     jobs / elapsed,
                     (cpu_seconds(pid) - cpu_before) * 1000 / jobs,
                     (cpu_seconds(pid, thread=pid) - loop_before) * 1000 / jobs,
+                    (time.process_time() - load_before) * 1000 / jobs,
                 )
     finally:
         if sampler is not None:
@@ -106,6 +114,18 @@ def huey_rate(folder: Path, jobs: int) -> float | None:
     except (subprocess.CalledProcessError, FileNotFoundError):
         return None  # huey is not installed (pip install -r bench/requirements.txt)
     return float(out.stdout.split()[1])
+
+
+def image_file_ms(folder: Path, count: int = 500) -> float:
+    """CPU per image file written the way every result is stored (app/storage/results.py:
+    create, write, fsync, rename), in this process with nothing else running: a floor under
+    each job's cost that no server code can lower."""
+    folder.mkdir(parents=True, exist_ok=True)
+    jpeg = bytes(3000)
+    started = time.process_time()
+    for number in range(count):
+        write_atomically(folder / image_file_name(f"{number:024x}"), jpeg)
+    return (time.process_time() - started) * 1000 / count
 
 
 def spread(values: list[float], form: str) -> str:
@@ -132,9 +152,16 @@ async def main() -> None:
         print(f"  huey, 1 worker, no-op task:       {spread(peer, '.0f')}")
     else:
         print("  huey: not installed (pip install -r bench/requirements.txt)")
-    print("this server's CPU per job, ms (min / median / max)")
-    print(f"  all threads:     {spread([run.cpu_ms_per_job for run in ours], '.2f')}")
-    print(f"  event loop only: {spread([run.loop_ms_per_job for run in ours], '.2f')}")
+    print("CPU per job, ms (min / median / max)")
+    print(f"  this server, all threads:        {spread([run.cpu_ms_per_job for run in ours], '.2f')}")
+    print(f"  this server, event loop alone:   {spread([run.loop_ms_per_job for run in ours], '.2f')}")
+    print(f"  the load (8 backends, client):   {spread([run.load_ms_per_job for run in ours], '.2f')}")
+    with tempfile.TemporaryDirectory() as tmp:
+        floor = image_file_ms(Path(tmp))
+    print(f"  one image file stored, alone:    {floor:6.2f}  (create, write, fsync, rename: no server code)")
+    per_job = statistics.median([run.cpu_ms_per_job + run.load_ms_per_job for run in ours])
+    cores = os.cpu_count() or 1
+    print(f"  server and load on {cores} cores at this CPU per job: at most {cores * 1000 / per_job:.0f} jobs/s")
     if args.profile:
         if shutil.which("py-spy") is None:
             print(f"--profile: {PY_SPY_MISSING}")

@@ -97,13 +97,13 @@ class ResultWriter:
             folder = self.images_path if self.save_locally else self._spool_path
             assert folder is not None  # checked in __init__
             path = folder / file_name
-            await asyncio.to_thread(_write_atomically, path, jpeg)
+            await asyncio.to_thread(write_atomically, path, jpeg)
             return StoredImage(
                 {"content_type": "image_url", "content": self._s3_url_prefix + file_name, "file_name": file_name},
                 upload_document(path, file_name, delete_after=not self.save_locally),
             )
         if self.save_locally:
-            await asyncio.to_thread(_write_atomically, self.images_path / file_name, jpeg)
+            await asyncio.to_thread(write_atomically, self.images_path / file_name, jpeg)
             return StoredImage(self._local_result(file_name))
         return StoredImage(_base64_result(file_name, jpeg))
 
@@ -150,7 +150,7 @@ def _base64_result(file_name: str, jpeg: bytes) -> dict[str, Any]:
     return {"content_type": "base64", "content": base64.b64encode(jpeg).decode("ascii"), "file_name": file_name}
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
+def write_atomically(path: Path, data: bytes) -> None:
     # A crash mid-write must not leave a truncated image behind the URL already sent.
     temporary = path.with_suffix(".tmp")
     with open(temporary, "wb") as file:
