@@ -3,8 +3,8 @@ jobs. Prints the makespan against the ideal (total work / total speed) and again
 speed-blind "first free backend" schedule of the same jobs and against replays of them placed by
 earliest finish (in order, and largest first; all computed with exact speeds and no overhead),
 plus each backend's busy fraction, and the premium share of the dispatches made while both
-classes waited (GENERAL_PREMIUM_RATIO 1 3: 75 % expected) with the longest run of premium
-dispatches a waiting general request sat through.
+classes waited (GENERAL_PREMIUM_RATIO 1 3: 75 % expected; counted from when the whole backlog
+is in line) with the longest run of premium dispatches a waiting general request sat through.
 
 The backends learn nothing from the executors file (no `speed` hint): the balancer has to
 learn their speeds from their first jobs.
@@ -48,11 +48,9 @@ def mixed_jobs(count: int, seed: int = 7) -> list[dict]:
     ]
 
 
-def premium_share(calls: list, jobs: int) -> tuple[float, int, int]:
+def premium_share(premium: list[bool]) -> tuple[float, int, int]:
     """(premium share, longest premium run, dispatches) over the dispatches made while both
-    classes still had requests waiting, in the order the backends received them."""
-    order = sorted(calls, key=lambda call: call.started_at)
-    premium = [int(call.body["prompt"].split()[1]) % PREMIUM_EVERY == 0 for call in order]
+    classes still had requests waiting; `premium` says, in dispatch order, which were."""
     left = {True: sum(premium), False: len(premium) - sum(premium)}
     counted = premium_count = streak = longest = 0
     for is_premium in premium:
@@ -63,6 +61,10 @@ def premium_share(calls: list, jobs: int) -> tuple[float, int, int]:
             longest = max(longest, streak)
         left[is_premium] -= 1
     return premium_count / max(1, counted), longest, counted
+
+
+def is_premium(job_number: int) -> bool:
+    return job_number % PREMIUM_EVERY == 0
 
 
 def cost(payload: dict) -> float:
@@ -126,7 +128,7 @@ async def main() -> None:
                                 "message_type": "request",
                                 "executor": "automatic1111",
                                 "gen_type": "text2img",
-                                "settings": {"premium": int(number % PREMIUM_EVERY == 0)},
+                                "settings": {"premium": int(is_premium(number))},
                                 "service_info": {"user_id": number},
                                 "payload": job,
                             }
@@ -161,7 +163,10 @@ async def main() -> None:
     print(f"  speed-blind first-free (computed):       {blind:6.2f} s   ({blind / ideal:.3f} x ideal)")
     print(f"  earliest finish, FIFO (computed):        {fifo_earliest:6.2f} s   ({fifo_earliest / ideal:.3f} x ideal)")
     print(f"  earliest finish, largest first (comp.):  {largest_first:6.2f} s   ({largest_first / ideal:.3f} x ideal)")
-    share, streak, both = premium_share(calls, len(jobs))
+    # Counted from the backlog's release: the first jobs went to the idle backends as they
+    # arrived, before the rest of the backlog (and the other class) was in line.
+    in_order = sorted((call for call in calls if call.started_at >= released), key=lambda call: call.started_at)
+    share, streak, both = premium_share([is_premium(int(call.body["prompt"].split()[1])) for call in in_order])
     print(f"  premium share while both classes waited: {share:.1%} of {both} dispatches (ratio 1 3: 75.0 %);")
     print(f"  longest run of premium dispatches past a waiting general request: {streak} (the ratio allows 3)")
     print("  backend     speed  jobs  busy fraction")

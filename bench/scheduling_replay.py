@@ -36,7 +36,7 @@ from app.domain.jobs import ExecutorType, GenType, Job
 from app.engine.placement import next_placement
 from app.engine.pool import BackendSlot, ExecutorPool
 from bench.estimates import BASE_UNITS_PER_S, NOISE, PREMIUM_SHARE, SPEEDS, build_trace, cost
-from bench.heterogeneous import PREMIUM_EVERY, mixed_jobs
+from bench.heterogeneous import is_premium, mixed_jobs, premium_share
 
 A1111 = ExecutorType.AUTOMATIC1111
 WARM_UP = 20  # the first requests, while speeds are still being learned, are left out
@@ -57,9 +57,17 @@ def replay(seed: int, noise: float, premium_share: float) -> list[Told]:
     return play(trace.requests, BASE_UNITS_PER_S, noise, seed)[WARM_UP:]
 
 
-def play(requests: list[tuple[float, dict, bool]], units_per_s_1x: float, noise: float, seed: int) -> list[Told]:
+def play(
+    requests: list[tuple[float, dict, bool]],
+    units_per_s_1x: float,
+    noise: float,
+    seed: int,
+    dispatched: list[bool] | None = None,
+) -> list[Told]:
     """`requests` ((offset s, payload, premium), in order) through a pool of SPEEDS backends
-    whose speeds it learns from scratch; each request's estimate and outcome."""
+    whose speeds it learns from scratch; each request's estimate and outcome. `dispatched`,
+    if given, gets whether each job dispatched while both classes waited was premium, in
+    dispatch order."""
     pool = ExecutorPool(A1111, (1, 3))
     true_speed: dict[int, float] = {}
     noise_of: dict[int, random.Random] = {}
@@ -78,10 +86,16 @@ def play(requests: list[tuple[float, dict, bool]], units_per_s_1x: float, noise:
     told: dict[str, Told] = {}
 
     def dispatch() -> None:
-        while (placed := next_placement(pool)) is not None:
+        while True:
+            both_waited = pool.queue.waiting(True) > 0 and pool.queue.waiting(False) > 0
+            placed = next_placement(pool)
+            if placed is None:
+                return
             job, slot = placed
             slot.job, slot.started_monotonic = job, _clock[0]
             pool.arrivals.started(job)
+            if dispatched is not None and both_waited:
+                dispatched.append(job.premium)
             factor = noise_of[id(slot)].uniform(1 - noise, 1 + noise) if noise else 1.0
             seconds = job.cost_units / true_speed[id(slot)] * factor
             heapq.heappush(events, (_clock[0] + seconds, next(order), (job, slot, seconds)))
@@ -109,10 +123,25 @@ def play(requests: list[tuple[float, dict, bool]], units_per_s_1x: float, noise:
 def burst_makespan(seed: int, jobs: int = 60, ideal_s: float = 30.0) -> float:
     """bench.heterogeneous's burst (its mix of sizes for `seed`, every third premium, all
     queued at once, speeds learned from scratch, exact times): makespan / ideal."""
+    return max(row.done_at for row in play_burst(seed, jobs, ideal_s)) / ideal_s
+
+
+def burst_premium_share(seed: int, jobs: int = 500) -> tuple[float, int, int]:
+    """bench.heterogeneous's default backlog (500 mixed jobs, every third premium): the premium
+    share of the dispatches made while both classes waited, the longest run of premium
+    dispatches past a waiting general request, and how many dispatches were counted."""
+    dispatched: list[bool] = []
+    play_burst(seed, jobs, 15.0, dispatched)
+    return premium_share(dispatched)
+
+
+def play_burst(seed: int, jobs: int, ideal_s: float, dispatched: list[bool] | None = None) -> list[Told]:
+    """bench.heterogeneous's mix of `jobs` sizes for `seed`, all queued at once, sized so the
+    ideal makespan is `ideal_s`, through play() with exact times."""
     payloads = mixed_jobs(jobs, seed)
     units_per_s_1x = sum(cost(payload) for payload in payloads) / sum(SPEEDS.values()) / ideal_s
-    requests = [(0.0, payload, number % PREMIUM_EVERY == 0) for number, payload in enumerate(payloads)]
-    return max(row.done_at for row in play(requests, units_per_s_1x, 0.0, seed)) / ideal_s
+    requests = [(0.0, payload, is_premium(number)) for number, payload in enumerate(payloads)]
+    return play(requests, units_per_s_1x, 0.0, seed, dispatched)
 
 
 def new_request(payload: dict, premium: bool) -> Job:
@@ -157,8 +186,8 @@ def main() -> None:
         "exact times: later arrivals alone": (0.0, PREMIUM_SHARE),
         "neither": (0.0, 0.0),
     }
-    for name, (noise, premium_share) in cases.items():
-        rows = [row for seed in seeds for row in replay(seed, noise, premium_share)]
+    for name, (noise, share_of_premium) in cases.items():
+        rows = [row for seed in seeds for row in replay(seed, noise, share_of_premium)]
         errors = {
             group: [abs(r.told_s - (r.done_at - r.arrived_at)) / (r.done_at - r.arrived_at) for r in picked]
             for group, picked in {
@@ -172,6 +201,13 @@ def main() -> None:
     print(
         f"\nburst of 60 (bench.heterogeneous's jobs, seeds 1-20), makespan / ideal: median "
         f"{statistics.median(makespans):.3f}, worst {max(makespans):.3f}"
+    )
+    shares = [burst_premium_share(seed) for seed in range(1, 21)]
+    ratios = sorted(share for share, _, _ in shares)
+    print(
+        f"backlog of 500 (seeds 1-20), premium share while both classes waited (ratio 1 3: 75.0 %): "
+        f"{ratios[0]:.1%} / {statistics.median(ratios):.1%} / {ratios[-1]:.1%} (min / median / max); "
+        f"longest premium run past a waiting general request: {max(run for _, run, _ in shares)}"
     )
 
 
