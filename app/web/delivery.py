@@ -30,6 +30,7 @@ from app.backends.base import Progress
 from app.domain import json_text
 from app.domain.jobs import Job
 from app.storage.store import Store
+from app.web.corked_transport import CorkedTransport
 from app.web.schemas import final_response, info_message, short_response
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ class ConnectionHub:
         self._store = store
         self._send_timeout_s = send_timeout_s
         # Each connection's transport, to cut off a client that stopped reading.
-        self._transports: dict[web.WebSocketResponse, asyncio.Transport] = {}
+        self._transports: dict[web.WebSocketResponse, CorkedTransport] = {}
         # Shared connections: any answer of their service may go to them (bot shards).
         self._connections: dict[str, set[web.WebSocketResponse]] = defaultdict(set)
         # Private connections: only answers of requests sent on them.
@@ -70,7 +71,7 @@ class ConnectionHub:
         self,
         service: str,
         ws: web.WebSocketResponse,
-        transport: asyncio.Transport | None = None,
+        transport: CorkedTransport | None = None,
         *,
         private: bool = False,
     ) -> None:

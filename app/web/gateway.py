@@ -26,6 +26,7 @@ from app.domain.ids import new_object_id
 from app.domain.jobs import Job
 from app.domain.lifecycle import CancelOutcome
 from app.domain.secrets_match import secret_matches
+from app.web.corked_transport import CorkedTransport
 from app.web.schemas import (
     bounded_errors,
     decode_message,
@@ -95,7 +96,9 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
     )
     private = request.query.get("receive") == "own"
     await ws.prepare(request)
-    hub.add(service, ws, request.transport, private=private)
+    assert request.transport is not None  # a request being served has its connection
+    # Frames sent in one pass of the loop leave in one socket write (app/web/corked_transport.py).
+    hub.add(service, ws, CorkedTransport.install(ws, request.transport), private=private)
     if private:
         log.info("%s connected from %s (private: its own requests only)", service, request.remote)
     else:
