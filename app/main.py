@@ -32,7 +32,15 @@ from app.mirrors.outbox import OutboxWorker
 from app.mirrors.records import request_record
 from app.mirrors.s3 import S3Mirror
 from app.moderation import Moderator
-from app.process import EXIT_CANNOT_START, CannotStart, DatabaseLock, bind, check_writable_folder, on_stop_signals
+from app.process import (
+    EXIT_CANNOT_START,
+    CannotStart,
+    DatabaseLock,
+    bind,
+    check_writable_folder,
+    on_stop_signals,
+    pace_cycle_collector,
+)
 from app.storage.payload_files import PayloadFiles
 from app.storage.results import ImageSecretUnusable, ResultWriter, image_url_secret
 from app.storage.retention import Retention
@@ -309,6 +317,7 @@ def main(argv: list[str] | None = None) -> None:
     except (ConfigError, CannotStart, ImageSecretUnusable) as exc:
         print(f"devoid: cannot start: {exc}", file=sys.stderr)
         sys.exit(EXIT_CANNOT_START)
+    pace_cycle_collector()
     try:
         asyncio.run(serve(app, sock, config))
     finally:

@@ -1,6 +1,6 @@
 """What belongs to the server process rather than to the app: one server per database (a
-lock file), the listening socket bound before any job is touched, usable data folders, and
-the signals that stop it.
+lock file), the listening socket bound before any job is touched, usable data folders, the
+signals that stop it, and the cycle collector's pace.
 
 Order at start (main.py): lock the database, check the folders, bind the port, then start the
 app (store, mirrors, scheduler), then serve. Each of the first three fails with one line
@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import fcntl
+import gc
 import logging
 import os
 import signal
@@ -26,6 +27,13 @@ from typing import IO
 log = logging.getLogger(__name__)
 
 EXIT_CANNOT_START = 2
+# Python's cycle collector looks at its youngest objects after every 700 new containers, by
+# default: at thousands of requests per second (each a few dozen dicts and lists), hundreds of
+# times a second, and each older generation's pass walks the queued jobs too. Almost nothing
+# the server makes is cyclic garbage. With these thresholds intake spent 8-12 % less CPU per
+# small request (bench.intake, A/B interleaved twice, 1 and 50 connections: 237-257 ->
+# 209-226 us), for a few MB of garbage that waits a little longer.
+CYCLE_COLLECTOR_THRESHOLDS = (20_000, 20, 20)
 # A second SIGINT/SIGTERM during shutdown: exit at once, as a shell does for Ctrl-C.
 EXIT_SECOND_SIGNAL = 130
 
@@ -118,3 +126,8 @@ def on_stop_signals(stop: Callable[[str], None]) -> None:
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, handle, signal.Signals(signum).name)
+
+
+def pace_cycle_collector() -> None:
+    """Run the cycle collector less often than Python's default (CYCLE_COLLECTOR_THRESHOLDS)."""
+    gc.set_threshold(*CYCLE_COLLECTOR_THRESHOLDS)
