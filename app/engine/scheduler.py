@@ -6,7 +6,9 @@ has work waiting, then returns. Nothing polls the queue.
 
 A job's path: queued (WeightedQueue) -> claimed (attempt counted in SQLite) -> `generating`
 -> backend call (with progress polling on AUTOMATIC1111) -> backend released, next job
-dispatched -> image stored -> final status committed -> final message delivered.
+dispatched -> image stored -> final status committed -> final message delivered (those last
+three: app/engine/finishing.py; commits retried while the database refuses writes, and
+messages sent without waiting for a client's socket: app/engine/recording.py).
 A backend failure sends the job back to the head of its line after a backoff, to be tried
 on another healthy backend, until MAX_ATTEMPTS; a 4xx ends it at once.
 """
@@ -18,29 +20,31 @@ import collections
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import aiohttp
 
-from app.backends.base import Backend, BackendSpec, Progress
+from app.backends.base import Backend, BackendSpec
 from app.config import Config
 from app.domain.costs import job_cost_units, payload_cost_units
 from app.domain.errors import BackendFailed, FailureKind
-from app.domain.jobs import ExecutorType, Job, JobStatus
+from app.domain.jobs import ExecutorType, Job
 from app.domain.lifecycle import CancelOutcome, Phase, TrackedRequest
 from app.engine.admission import Admission
 from app.engine.backlog import BacklogReader
 from app.engine.estimates import Estimates
 from app.engine.expiry import ExpiryLine
+from app.engine.finishing import Finishing
 from app.engine.fleet import Fleet
+from app.engine.listener import JobListener
 from app.engine.outcome import Outcomes
 from app.engine.placement import next_placement
 from app.engine.pool import BackendSlot, ExecutorPool
 from app.engine.progress import ProgressReporter
+from app.engine.recording import Recording
 from app.image_check import ImageCheck
 from app.metrics import Metrics
-from app.storage.group_commit import StoreClosed
 from app.storage.payload_files import PayloadUnreadable
 from app.storage.results import ResultWriter
 from app.storage.store import Store
@@ -51,34 +55,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CANCELLED_REASON = "cancelled"
-# A commit the database refused is tried again after this, doubling up to the max: a full
-# disk or a locked database usually clears in seconds to minutes, and a retry costs little.
-STORE_RETRY_FIRST_S = 0.2
-STORE_RETRY_MAX_S = 5.0
 # A request running at this many restarts in a row is not run again (it may be what crashes
 # the process); restarts for other reasons rarely hit one request this often.
 MAX_INTERRUPTIONS = 10
 INTERRUPT_TIMEOUT_S = 2.0
-
-
-class JobListener(Protocol):
-    """Who hears about a job's progress (the gateway's delivery)."""
-
-    async def job_generating(self, job: Job, avg_time_s: float) -> None: ...
-
-    async def job_progress(self, job: Job, progress: Progress) -> None: ...
-
-    async def job_retrying(self, job: Job, reason: str, delay_s: float) -> None: ...
-
-    async def job_eta(self, job: Job, eta_s: float) -> None: ...
-
-    async def job_storage_retry(self, job: Job, reason: str) -> None: ...
-
-    def reserve_final(self, job: Job) -> None: ...
-
-    def release_final(self, job: Job) -> None: ...
-
-    async def job_finished(self, job: Job) -> None: ...
 
 
 class Scheduler:
@@ -99,8 +79,6 @@ class Scheduler:
         # Counts what this process holds per service and user, for the limits at intake.
         self.admission = admission
         self._metrics = metrics or Metrics()
-        # What a finished attempt becomes before its commit (image check, image stored, upload).
-        self._outcomes = Outcomes(config, store, results, self._metrics, image_check, uploads)
         self._store = store
         self._listener = listener
         # The pools (a line and its backends per executor type) and the backends' watchers.
@@ -111,17 +89,29 @@ class Scheduler:
         self._tracked: dict[str, TrackedRequest] = {}
         self._expiry = ExpiryLine(self._expire, self._expiry_stands, lambda: len(self._tracked))
         self._progress = ProgressReporter(config.progress_interval_s, config.probe_timeout_s, listener.job_progress)
-        self._finishing: set[asyncio.Task[None]] = set()
-        # Messages to clients, sent off the paths that hold a backend: a client that stops
-        # reading its socket must not hold a GPU for everyone (see _tell).
-        self._telling: set[asyncio.Task[None]] = set()
+        # Commits that retry while the database refuses writes; messages sent off the paths
+        # that hold a backend.
+        self._recording = Recording(listener.job_storage_retry)
+        # Each request's last steps, off its backend's path: what a finished attempt becomes
+        # (image check, image stored, upload), its final commit, its delivery.
+        self._finishing = Finishing(
+            store,
+            Outcomes(config, store, results, self._metrics, image_check, uploads),
+            listener,
+            self._recording,
+            self._metrics,
+            admission,
+            self.pools,
+            self._tracked,
+        )
         # The estimate told with `queued`, and new ones while a request waits.
-        self.estimates = Estimates(self.pools, lambda job, eta_s: self._tell(self._listener.job_eta(job, eta_s)))
+        self.estimates = Estimates(
+            self.pools, lambda job, eta_s: self._recording.tell(self._listener.job_eta(job, eta_s))
+        )
         # The queued requests stored by earlier runs, read back after start() returns.
         self._backlog = BacklogReader(store, self.pools, admission, self._restore, self.dispatch)
         self._stopping = False
         self.dispatched = 0
-        self.finished = 0
         self.retried = 0
 
     def __repr__(self) -> str:
@@ -129,6 +119,10 @@ class Scheduler:
         return (
             f"<Scheduler {dict(phases)} dispatched={self.dispatched} retried={self.retried} finished={self.finished}>"
         )
+
+    @property
+    def finished(self) -> int:
+        return self._finishing.finished
 
     @property
     def running(self) -> bool:
@@ -195,16 +189,8 @@ class Scheduler:
                 log.warning("shutdown: %d running jobs cancelled; they resume at next start", len(pending))
                 await asyncio.wait(pending)
                 await self._interrupt_abandoned(abandoned)
-        if self._finishing:
-            # A finishing job is committed before it waits on anything (a sync S3 upload), so
-            # cutting the wait short loses nothing: its answer is delivered at the next start.
-            _, pending = await asyncio.wait(set(self._finishing), timeout=max(0.0, deadline - time.monotonic()))
-            for task in pending:
-                task.cancel()
-            if pending:
-                await asyncio.wait(pending)
-        for task in list(self._telling):
-            task.cancel()
+        await self._finishing.stop(deadline - time.monotonic())
+        self._recording.stop()
         await self.fleet.stop_watching()
 
     async def _interrupt_abandoned(self, slots: list[BackendSlot]) -> None:
@@ -246,7 +232,7 @@ class Scheduler:
         if job.interruptions >= MAX_INTERRUPTIONS:
             # A request that was running at every one of these restarts may be what brings
             # the process down: it is not run again.
-            self._begin_finish(
+            self._finishing.begin(
                 self._track(job, read_back=True),
                 None,
                 f"Interrupted by {job.interruptions} restarts of the balancer while it ran; it is not run again.",
@@ -308,7 +294,7 @@ class Scheduler:
         if job.last_error:
             reason += f" Last attempt: {job.last_error}"
         log.warning("%s expired in the queue", job.object_id)
-        self._begin_finish(tracked, None, reason, None)
+        self._finishing.begin(tracked, None, reason, None)
 
     # -- dispatch -----------------------------------------------------------------------
 
@@ -417,10 +403,10 @@ class Scheduler:
                 # It worked here: the backends that failed it are to blame after all.
                 for suspect in tracked.suspects:
                     self._charge(suspect, f"failed a request that {slot.name} then served")
-                self._begin_finish(tracked, jpeg, "", seconds)
+                self._finishing.begin(tracked, jpeg, "", seconds)
             elif failure is not None and not failure.retryable:
                 # The request is bad (4xx): the backend is not to blame.
-                self._begin_finish(tracked, None, failure.reason, seconds)
+                self._finishing.begin(tracked, None, failure.reason, seconds)
             elif failure is not None:
                 await self._after_failure(slot, tracked, failure)
         finally:
@@ -437,7 +423,9 @@ class Scheduler:
         """Commit that `slot`'s backend runs the request, then tell its client. False when
         it was cancelled meanwhile or the store closed."""
         job = tracked.job
-        claimed = await self._persist(tracked, Phase.RUNNING, "claim", lambda: self._store.claim(job, slot.name))
+        claimed = await self._recording.persist(
+            tracked, Phase.RUNNING, "claim", lambda: self._store.claim(job, slot.name)
+        )
         if not claimed or tracked.phase is not Phase.RUNNING:
             return False
         log.info(
@@ -448,7 +436,7 @@ class Scheduler:
             slot.expected_s(job.cost_units),
             timeout_s,
         )
-        self._tell(self._listener.job_generating(job, round(slot.expected_s(job.cost_units), 1)))
+        self._recording.tell(self._listener.job_generating(job, round(slot.expected_s(job.cost_units), 1)))
         if tracked.slot is slot:  # else the backend has returned already, maybe running another job
             self._progress.start(slot.backend, job)
         return True
@@ -467,7 +455,7 @@ class Scheduler:
                 log.warning(
                     "%s failed on %s: blamed on the request, not the backends", job.object_id, " and ".join(blamed)
                 )
-                self._begin_finish(
+                self._finishing.begin(
                     tracked,
                     None,
                     (
@@ -482,11 +470,11 @@ class Scheduler:
             for suspect in tracked.suspects:  # one backend failed it every time: its fault
                 self._charge(suspect, failure.reason)
             reason = f"Failed after {job.attempts} attempts; the last: {failure.reason}"
-            self._begin_finish(tracked, None, reason, None)
+            self._finishing.begin(tracked, None, reason, None)
             return
         delay_s = config.retry_backoff_s * 2 ** (job.attempts - 1) * random.uniform(0.75, 1.25)
         tracked.wait_retry()
-        if not await self._persist(
+        if not await self._recording.persist(
             tracked, Phase.RETRY_WAIT, "requeue", lambda: self._store.requeue(job, failure.reason)
         ):
             return
@@ -501,7 +489,7 @@ class Scheduler:
             failure.reason,
             delay_s,
         )
-        self._tell(self._listener.job_retrying(job, failure.reason, delay_s))
+        self._recording.tell(self._listener.job_retrying(job, failure.reason, delay_s))
         tracked.set_retry_timer(asyncio.get_running_loop().call_later(delay_s, self._back_in_line, tracked))
 
     def _charge(self, slot: BackendSlot, reason: str, *, backend_is_down: bool = False) -> None:
@@ -542,10 +530,10 @@ class Scheduler:
             return CancelOutcome.FINISHING
         was, slot = tracked.phase, tracked.slot
         self._remove_from_queue(tracked)
-        self._begin_finish(tracked, None, CANCELLED_REASON, None, cancelled=True)
+        self._finishing.begin(tracked, None, CANCELLED_REASON, None, cancelled=True)
         if was is Phase.RUNNING and slot is not None:
             # The backend keeps the slot until its call returns; an interrupt makes that soon.
-            self._tell(self._interrupt_cancelled(tracked.job, slot.backend))
+            self._recording.tell(self._interrupt_cancelled(tracked.job, slot.backend))
         self.dispatch()
         return CancelOutcome.CANCELLED
 
@@ -560,108 +548,6 @@ class Scheduler:
         # Without an interrupt the backend finishes the image; it is thrown away, and the
         # backend takes no new job until then (it would queue it behind this one).
         log.info("%s cancelled while running on %s (interrupted: %s)", job.object_id, backend.name, interrupted)
-
-    # -- storage faults and client messages ---------------------------------------------
-
-    async def _persist(
-        self, tracked: TrackedRequest, phase: Phase, what: str, write: Callable[[], Awaitable[None]]
-    ) -> bool:
-        """Commit a change of a request, retrying with backoff while the database refuses
-        writes (disk full, read-only, locked): the request stays owned meanwhile, and its
-        client hears of the delay once. Returns False, with nothing written, when the request
-        left `phase` meanwhile (a cancel) or the store was closed (shutdown: SQLite still
-        has the previous state, which the next start resumes from)."""
-        delay_s = STORE_RETRY_FIRST_S
-        told = False
-        while True:
-            try:
-                await write()
-                if told:
-                    log.info("%s: the %s was recorded after the database took writes again", tracked.object_id, what)
-                return True
-            except StoreClosed:
-                return False
-            except Exception as exc:
-                reason = f"{type(exc).__name__}: {exc}"[:300]
-                if not told:
-                    told = True
-                    log.error(
-                        "%s: recording its %s failed (%s); retrying until the database takes writes again",
-                        tracked.object_id,
-                        what,
-                        reason,
-                    )
-                    self._tell(self._listener.job_storage_retry(tracked.job, reason))
-            await asyncio.sleep(delay_s)
-            delay_s = min(delay_s * 2, STORE_RETRY_MAX_S)
-            if tracked.phase is not phase:
-                return False
-
-    def _tell(self, message: Coroutine[Any, Any, None]) -> None:
-        """Send a message to a client without waiting for its socket."""
-        task = asyncio.create_task(message)
-        self._telling.add(task)
-        task.add_done_callback(self._telling.discard)
-
-    # -- finishing ----------------------------------------------------------------------
-
-    def _begin_finish(
-        self,
-        tracked: TrackedRequest,
-        jpeg: bytes | None,
-        failure: str,
-        seconds: float | None,
-        *,
-        cancelled: bool = False,
-    ) -> None:
-        if not tracked.begin_finish(cancelled=cancelled):
-            return
-        # A task of its own: the backend is free for its next job while this one is stored.
-        task = asyncio.create_task(self._finish(tracked, jpeg, failure, seconds), name=f"finish-{tracked.object_id}")
-        self._finishing.add(task)
-        task.add_done_callback(self._finishing.discard)
-
-    async def _finish(
-        self, tracked: TrackedRequest, jpeg: bytes | None, failure: str, generation_s: float | None
-    ) -> None:
-        job = tracked.job
-        upload = await self._outcomes.settle(job, jpeg, failure)
-        uploaded = self._outcomes.expect_upload(job, upload)
-        # Reserved for this task's delivery before it is committed: a connection opening in
-        # between must not also be sent it from the backlog.
-        self._listener.reserve_final(job)
-        recorded = False
-        try:
-            recorded = await self._persist(
-                tracked, Phase.FINISHING, "result", lambda: self._store.finish(job, generation_s, upload=upload)
-            )
-        finally:
-            if not recorded:
-                self._listener.release_final(job)
-        self._tracked.pop(job.object_id, None)
-        self.admission.release(job.object_id)
-        if not recorded:
-            # The store closed first (shutdown): SQLite still has the request queued or
-            # generating, and the next start runs it again.
-            if uploaded is not None:
-                self._outcomes.forget_upload(job)
-            return
-        tracked.done()
-        self.finished += 1
-        self._metrics.request_finished(job, generation_s)
-        if job.status is JobStatus.OK:
-            log.info("%s ok on %s in %.2f s", job.object_id, job.backend, generation_s or 0.0)
-        else:
-            log.info("%s error: %s", job.object_id, (job.result or {}).get("content"))
-        if uploaded is not None and upload is not None:
-            try:
-                await self._outcomes.await_upload(job, upload, uploaded)
-            except BaseException:
-                self._listener.release_final(job)  # committed: delivered from the backlog later
-                raise
-        await self._listener.job_finished(job)
-        if job.status is JobStatus.OK and tracked.answered_at is not None:
-            self.pools[job.executor].note_finishing(time.monotonic() - tracked.answered_at)
 
 
 def _park_payload(job: Job) -> None:
