@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from marshmallow import ValidationError
 
 from app.domain import fast_checks, payloads
-from app.domain.jobs import SUPPORTED_GEN_TYPES, ExecutorType
+from app.domain.jobs import SUPPORTED_GEN_TYPES, ExecutorType, JobStatus
 from app.domain.payloads import PAYLOAD_SCHEMAS, check_payload
 from app.web import schemas
 from bench.images import png_base64
@@ -136,6 +136,70 @@ def test_the_queued_answer_is_what_the_response_schema_dumps():
         built = schemas.short_response(job, "queued", avg_time)
         dumped = schemas.ResponseSchema().dump({**built})
         assert json.dumps(built) == json.dumps(dumped)
+
+
+_JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=6,
+)
+
+
+@PROPERTY_SETTINGS
+@given(
+    status=st.sampled_from([JobStatus.OK, JobStatus.ERROR]),
+    result=st.none()
+    | st.fixed_dictionaries(
+        {"content_type": st.sampled_from(["text", "base64", "image_url"]), "content": st.text(max_size=20)},
+        optional={"file_name": st.none() | st.text(max_size=10)},
+    ),
+    settings=st.dictionaries(st.text(max_size=6), _JSON_VALUES, max_size=3),
+    service_info=st.dictionaries(st.text(max_size=6), _JSON_VALUES, max_size=3),
+    payload=st.none() | st.dictionaries(st.text(max_size=6), _JSON_VALUES, max_size=3),
+)
+def test_the_final_answer_is_what_the_response_schema_dumps(status, result, settings, service_info, payload):
+    job = new_job(settings=settings, service_info=service_info, payload=payload)
+    job.status, job.result = status, result
+    built = schemas.final_response(job)
+    dumped = schemas.ResponseSchema().dump(
+        {
+            **{key: built[key] for key in ("object_id", "service", "executor", "gen_type", "gen_status")},
+            "avg_time": 0.0,
+            "result": result,
+            "settings": settings,
+            "service_info": service_info,
+            "payload": payload,
+        }
+    )
+    assert json.dumps(built) == json.dumps(dumped)  # the same keys, values and order
+
+
+@PROPERTY_SETTINGS
+@given(
+    info_type=st.sampled_from(["eta", "progress", "retrying", "error", "unknown_field"]),
+    content=st.text(max_size=20),
+    extra=st.fixed_dictionaries(
+        {},
+        optional={
+            "object_id": st.none() | st.text(alphabet="0123456789abcdef", min_size=24, max_size=24),
+            "errors": st.dictionaries(st.text(max_size=5), _JSON_VALUES, max_size=2),
+            "progress": st.floats(0, 1) | st.integers(0, 1),
+            "eta_relative": st.none() | st.floats(0, 1e6) | st.integers(0, 10**6),
+            "eta_s": st.floats(0, 1e6) | st.integers(0, 10**6),
+            "attempt": st.integers(1, 10),
+            "retry_in_s": st.floats(0, 100),
+            "unknown_fields": st.dictionaries(st.text(max_size=5), st.none() | st.text(max_size=5), max_size=3),
+            "outcome": st.sampled_from(["cancelled", "finishing", "not_found", "acked"]),
+            "code": st.text(max_size=10),
+            "retry_after_s": st.floats(0, 100),
+        },
+    ),
+)
+def test_an_info_message_is_what_the_info_schema_dumps(info_type, content, extra):
+    built = schemas.info_message(info_type, content, **extra)
+    given_values = {key: value for key, value in extra.items() if value is not None}
+    dumped = schemas.InfoSchema().dump({"info_type": info_type, "content": content, **given_values})
+    assert json.dumps(built) == json.dumps(dumped)  # the same keys, values and order
 
 
 @PROPERTY_SETTINGS

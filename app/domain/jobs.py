@@ -118,6 +118,18 @@ class Job:
             "payload": self.payload,
         }
 
+    def response_head(self, gen_status: str) -> dict[str, Any]:
+        """The fields that open every `response` message about this request, and its MongoDB
+        record (the original product's document begins the same way)."""
+        return {
+            "object_id": self.object_id,
+            "service": self.service,
+            "message_type": "response",
+            "executor": self.executor.value,
+            "gen_type": self.gen_type.value,
+            "gen_status": gen_status,
+        }
+
     @property
     def has_large_payload(self) -> bool:
         """Whether its payload is one kept in a file while it waits (payload_chars set)."""

@@ -32,13 +32,7 @@ def request_record(job: Job) -> dict[str, Any]:
     settings, service_info, payload. The rest is this server's own. Times are unix seconds
     (the MongoDB mirror stores them as dates); `revision` orders the versions of one record.
     """
-    return {
-        "object_id": job.object_id,
-        "service": job.service,
-        "message_type": "response",
-        "executor": job.executor.value,
-        "gen_type": job.gen_type.value,
-        "gen_status": job.status.value,
+    return job.response_head(job.status.value) | {
         "premium": job.premium,
         "settings": job.settings,
         "service_info": job.service_info,

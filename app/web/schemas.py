@@ -6,6 +6,7 @@ Incoming requests are loaded by `parse_request`; every answer to a client is dum
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from marshmallow import INCLUDE, Schema, ValidationError, fields, validate
@@ -170,7 +171,6 @@ _quick_request = QuickLoader(_request_schema)
 _quick_settings = QuickLoader(_settings_schema)
 _quick_service_info = QuickLoader(_service_info_schema)
 _response_schema = ResponseSchema()
-_info_schema = InfoSchema()
 _action_schema = ActionSchema()
 
 
@@ -307,34 +307,31 @@ def _walk(messages: Any, prefix: str):
 def short_response(job: Job, gen_status: str, avg_time_s: float | None) -> dict[str, Any]:
     """The queued/generating form: what ResponseSchema dumps (tests/test_quick_checks.py holds
     them equal), built directly because every request gets one or two."""
-    return {
-        "object_id": job.object_id,
-        "service": job.service,
-        "message_type": "response",
-        "executor": job.executor.value,
-        "gen_type": job.gen_type.value,
-        "gen_status": gen_status,
+    return job.response_head(gen_status) | {
         "avg_time": None if avg_time_s is None else float(avg_time_s),
         "service_info": job.service_info,
     }
 
 
 def final_response(job: Job) -> dict[str, Any]:
-    """The ok/error form, from a finished job (status and result set)."""
-    return _response_schema.dump(
-        {
-            "object_id": job.object_id,
-            "service": job.service,
-            "executor": job.executor.value,
-            "gen_type": job.gen_type.value,
-            "gen_status": job.status.value,
-            "avg_time": 0.0,
-            "result": job.result,
-            "settings": job.settings,
-            "service_info": job.service_info,
-            "payload": job.payload,
-        }
-    )
+    """The ok/error form, from a finished job (status and result set): what ResponseSchema
+    dumps (tests/test_quick_checks.py holds them equal), built directly because every request
+    gets one."""
+    return job.response_head(job.status.value) | {
+        "avg_time": 0.0,
+        "result": None if job.result is None else _result(job.result),
+        "settings": dict(job.settings),
+        "service_info": dict(job.service_info),
+        "payload": dict(job.payload) if job.payload is not None else None,
+    }
+
+
+def _result(result: dict[str, Any]) -> dict[str, Any]:
+    """A final's `result`, as ResultSchema dumps it (its declared keys, those present)."""
+    dumped: dict[str, str | None] = {"content_type": str(result["content_type"]), "content": str(result["content"])}
+    if "file_name" in result:
+        dumped["file_name"] = None if result["file_name"] is None else str(result["file_name"])
+    return dumped
 
 
 def rejection_response(object_id: str, service: str, error: InvalidRequest) -> dict[str, Any]:
@@ -359,10 +356,35 @@ def rejection_response(object_id: str, service: str, error: InvalidRequest) -> d
 
 
 def info_message(info_type: str, content: str, **extra: Any) -> dict[str, Any]:
-    """An info message; `extra` holds the optional InfoSchema fields (None values left out)."""
-    data = {"info_type": info_type, "content": content}
-    data.update({key: value for key, value in extra.items() if value is not None})
-    return _info_schema.dump(data)
+    """An info message; `extra` holds the optional InfoSchema fields (None values left out, as
+    are names the schema does not have). What InfoSchema dumps (tests/test_quick_checks.py holds
+    them equal), built directly: when estimates move, every waiting request gets one."""
+    message = {"message_type": "info", "info_type": str(info_type), "content": str(content)}
+    for name, dump in _INFO_OPTIONAL_FIELDS.items():
+        value = extra.get(name)
+        if value is not None:
+            message[name] = dump(value)
+    return message
+
+
+def _unknown_fields(value: dict[Any, Any]) -> dict[str, str | None]:
+    return {str(key): None if hint is None else str(hint) for key, hint in value.items()}
+
+
+# InfoSchema's optional fields in its order, each with how it dumps a value.
+_INFO_OPTIONAL_FIELDS: dict[str, Callable[[Any], Any]] = {
+    "object_id": str,
+    "errors": dict,
+    "progress": float,
+    "eta_relative": float,
+    "eta_s": float,
+    "attempt": int,
+    "retry_in_s": float,
+    "unknown_fields": _unknown_fields,
+    "outcome": str,
+    "code": str,
+    "retry_after_s": float,
+}
 
 
 def parse_action(message: dict[str, Any]) -> tuple[str, str]:
