@@ -55,13 +55,18 @@ class GroupWriter:
     async def write(self, *statements: Statement) -> None:
         """Commit `statements` as one unit. Once submitted, the write happens even if the
         caller is cancelled (the writer task owns it)."""
+        # A cancelled caller cancels only this future; the writer still commits the unit
+        # (and skips the result of a future already done).
+        await self.submit(*statements)
+
+    def submit(self, *statements: Statement) -> asyncio.Future[None]:
+        """Hand `statements` to the writer as one unit, now; the future is done when they are
+        committed (or failed). Raises StoreClosed after close()."""
         if self._closed:
             raise StoreClosed("the database is closed (the server is shutting down)")
         unit = _WriteUnit(list(statements))
         self._pending.put_nowait(unit)
-        # A cancelled caller cancels only this future; the writer still commits the unit
-        # (and skips the result of a future already done).
-        await unit.done
+        return unit.done
 
     async def close(self) -> None:
         """Commit every unit already submitted, then close the connection."""

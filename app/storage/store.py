@@ -16,7 +16,7 @@ import collections
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -188,6 +188,13 @@ class Store:
     async def _commit_change(self, job: Job, *statements: Statement, upload: dict[str, Any] | None = None) -> None:
         """Commit a change of `job` (its revision already bumped) together with its mirror
         work: the new version of its record for MongoDB, and an S3 upload if given."""
+        await self._submit_change(job, *statements, upload=upload)
+
+    def _submit_change(
+        self, job: Job, *statements: Statement, upload: dict[str, Any] | None = None
+    ) -> Coroutine[Any, Any, None]:
+        """_commit_change, handed to the writer now; what it returns ends when the change is
+        committed (and wakes the mirrors then)."""
         statements_ = list(statements)
         now = time.time()
         if self._record_of is not None:
@@ -196,10 +203,13 @@ class Store:
             )
         if upload is not None:
             statements_.append((OUTBOX_INSERT, ("s3", job.object_id, job.revision, json_text.dumps(upload), now)))
-        await self._write(*statements_)
+        return self._committed(self._writer.submit(*statements_), upload is not None)
+
+    async def _committed(self, done: asyncio.Future[None], upload: bool) -> None:
+        await done
         if self._record_of is not None:
             self._wake_mirror("mongodb")
-        if upload is not None:
+        if upload:
             self._wake_mirror("s3")
 
     def _wake_mirror(self, target: str) -> None:
@@ -213,50 +223,61 @@ class Store:
     async def add(self, job: Job) -> None:
         """Commit a new queued request. Raises sqlite3.IntegrityError on a duplicate id or a
         duplicate request_key of the same service."""
+        payload_json = self._numbered(job)
+        if not job.has_large_payload:
+            await self._submit_change(job, self._insert(job, payload_json.decode(), in_file=False))
+            return
+        # On disk before the row that says it is there (payload_files.py).
+        await self._payload_files.write(job.object_id, payload_json)
+        try:
+            await self._commit_change(job, self._insert(job, json_text.dumps(outline(job.payload)), in_file=True))
+        except Exception:
+            # Not committed (a cancelled caller's unit is still committed: that is no Exception).
+            await self._payload_files.delete([job.object_id])
+            raise
+
+    def submit_add(self, job: Job) -> Coroutine[Any, Any, None]:
+        """`add` for a request whose payload stays in its row, handed to the writer now: what
+        it returns ends when the request is committed, raising as `add` does. Intake submits
+        the requests that arrive together before it awaits any (Intake.accept_together). A
+        payload kept in a file (LARGE_PAYLOAD_CHARS) needs `add`: raises ValueError."""
+        payload_json = self._numbered(job)
+        if job.has_large_payload:
+            raise ValueError("a payload kept in a file is added with Store.add")
+        return self._submit_change(job, self._insert(job, payload_json.decode(), in_file=False))
+
+    @staticmethod
+    def _numbered(job: Job) -> bytes:
+        """A new request's first revision and payload size; its payload as JSON."""
         job.revision = 1
         payload_json = json_text.dumps_bytes(job.payload)
         job.payload_chars = len(payload_json)
-        in_file = job.has_large_payload
-        if in_file:
-            # On disk before the row that says it is there (payload_files.py).
-            await self._payload_files.write(job.object_id, payload_json)
-            stored_payload = json_text.dumps(outline(job.payload))
-        else:
-            stored_payload = payload_json.decode()
-        try:
-            await self._insert_request(job, stored_payload, in_file)
-        except Exception:
-            # Not committed (a cancelled caller's unit is still committed: that is no Exception).
-            if in_file:
-                await self._payload_files.delete([job.object_id])
-            raise
+        return payload_json
 
-    async def _insert_request(self, job: Job, stored_payload: str, in_file: bool) -> None:
-        await self._commit_change(
-            job,
+    @staticmethod
+    def _insert(job: Job, stored_payload: str, in_file: bool) -> Statement:
+        return (
+            "INSERT INTO requests (object_id, service, executor, gen_type, premium, settings,"
+            " service_info, payload, status, created_at, revision, channel, ack_required, request_key,"
+            " cost_units, payload_chars, payload_file)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)",
             (
-                "INSERT INTO requests (object_id, service, executor, gen_type, premium, settings,"
-                " service_info, payload, status, created_at, revision, channel, ack_required, request_key,"
-                " cost_units, payload_chars, payload_file)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    job.object_id,
-                    job.service,
-                    job.executor.value,
-                    job.gen_type.value,
-                    int(job.premium),
-                    json_text.dumps(job.settings),
-                    json_text.dumps(job.service_info),
-                    stored_payload,
-                    job.created_at,
-                    job.revision,
-                    job.channel,
-                    int(job.ack_required),
-                    job.request_key,
-                    job.cost_units or None,
-                    job.payload_chars,
-                    int(in_file),
-                ),
+                job.object_id,
+                job.service,
+                job.executor.value,
+                job.gen_type.value,
+                int(job.premium),
+                json_text.dumps(job.settings),
+                json_text.dumps(job.service_info),
+                stored_payload,
+                job.created_at,
+                job.revision,
+                job.channel,
+                int(job.ack_required),
+                job.request_key,
+                job.cost_units or None,
+                job.payload_chars,
+                int(in_file),
             ),
         )
 

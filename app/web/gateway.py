@@ -13,9 +13,10 @@ service's waiting finals. The command-line client connects that way.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from aiohttp import WSMsgType, web
@@ -23,7 +24,7 @@ from aiohttp import WSMsgType, web
 from app import keys
 from app.domain.errors import InvalidRequest, Refusal
 from app.domain.ids import new_object_id
-from app.domain.jobs import Job
+from app.domain.jobs import LARGE_PAYLOAD_CHARS, Job
 from app.domain.lifecycle import CancelOutcome
 from app.domain.secrets_match import secret_matches
 from app.web.corked_transport import CorkedTransport
@@ -137,6 +138,8 @@ class _Connection:
         self._limit = app[keys.CONFIG].max_message_bytes
         self._slots = asyncio.Semaphore(MAX_PENDING_ACCEPTS)
         self._accepts: set[asyncio.Task[None]] = set()
+        # Requests read in the current pass of the loop, accepted together at its end.
+        self._arrived: list[Job] = []
 
     async def on_text(self, text: str) -> None:
         if len(text) <= OFFLOAD_FRAME_CHARS:
@@ -179,11 +182,27 @@ class _Connection:
                 ),
             )
             return held
-        task = asyncio.create_task(self._accept(job, held))
-        self._accepts.add(task)
-        hub.accepts.add(task)
-        task.add_done_callback(self._accept_done)
+        if not held and job.request_key is None and len(text) < LARGE_PAYLOAD_CHARS:
+            # The usual request: accepted together with those arriving in this pass of the
+            # loop, by one task (Intake.accept_together).
+            if not self._arrived:
+                asyncio.get_running_loop().call_soon(self._accept_arrived)
+            self._arrived.append(job)
+            return 0
+        self._start(self._accept(job, held), slots=1)
         return 0
+
+    def _accept_arrived(self) -> None:
+        if self._arrived:
+            jobs, self._arrived = self._arrived, []
+            self._start(self._accept_together(jobs), slots=len(jobs))
+
+    def _start(self, accepting: Coroutine[Any, Any, None], slots: int) -> None:
+        """Run an accept (holding `slots` of this connection's) as a task the shutdown waits for."""
+        task = asyncio.create_task(accepting)
+        self._accepts.add(task)
+        self._app[keys.HUB].accepts.add(task)
+        task.add_done_callback(functools.partial(self._accept_done, slots))
 
     async def _on_action(self, message: dict) -> None:
         """Additive client actions, each answered with an info message of its name:
@@ -208,10 +227,11 @@ class _Connection:
             self._ws, info_message("cancel", CANCEL_ANSWERS[outcome], object_id=object_id, outcome=outcome.value)
         )
 
-    def _accept_done(self, task: asyncio.Task[None]) -> None:
+    def _accept_done(self, slots: int, task: asyncio.Task[None]) -> None:
         self._accepts.discard(task)
         self._app[keys.HUB].accepts.discard(task)
-        self._slots.release()
+        for _ in range(slots):
+            self._slots.release()
 
     async def _accept(self, job: Job, held: int) -> None:
         try:
@@ -221,25 +241,31 @@ class _Connection:
                 self._app[keys.LARGE_MESSAGES].give(held)
 
     async def _accept_and_answer(self, job: Job) -> None:
-        hub = self._app[keys.HUB]
-
-        async def announce(message: dict) -> None:
-            await hub.send_to(self._ws, message)
-
         try:
-            await self._app[keys.INTAKE].accept(job, announce)
-        except InvalidRequest as refused:  # a limit or moderation said no
-            self._app[keys.METRICS].request_refused(refused.code, self._service)
-            await hub.send_to(self._ws, rejection_response(job.object_id, self._service, refused))
+            await self._app[keys.INTAKE].accept(job, self._announce)
         except Exception as exc:
-            log.exception("%s could not be stored", job.object_id)
-            self._app[keys.METRICS].request_refused(Refusal.NOT_STORED.value, self._service)
-            error = InvalidRequest(
-                f"The request could not be stored, it was not queued: {exc}",
+            await self._refused(job, exc)
+
+    async def _accept_together(self, jobs: list[Job]) -> None:
+        await self._app[keys.INTAKE].accept_together(jobs, self._announce, self._refused)
+
+    async def _announce(self, message: dict) -> None:
+        await self._app[keys.HUB].send_to(self._ws, message)
+
+    async def _refused(self, job: Job, why: Exception) -> None:
+        """Tell the client its request was not queued: a limit or moderation said no
+        (InvalidRequest), or it could not be stored."""
+        if isinstance(why, InvalidRequest):
+            refusal = why
+        else:
+            log.error("%s could not be stored", job.object_id, exc_info=why)
+            refusal = InvalidRequest(
+                f"The request could not be stored, it was not queued: {why}",
                 envelope=job.envelope(),
                 refusal=Refusal.NOT_STORED,
             )
-            await hub.send_to(self._ws, rejection_response(job.object_id, self._service, error))
+        self._app[keys.METRICS].request_refused(refusal.code, self._service)
+        await self._app[keys.HUB].send_to(self._ws, rejection_response(job.object_id, self._service, refusal))
 
     def _rejection(self, error: InvalidRequest) -> dict:
         # %r: the reason may quote client text (key names); repr keeps it on one log line.
@@ -251,6 +277,7 @@ class _Connection:
 
     async def drain(self) -> None:
         """Let accepts already started finish: their requests are committed and will run."""
+        self._accept_arrived()  # those read in the current pass of the loop, not started yet
         if self._accepts:
             await asyncio.wait(set(self._accepts))
 

@@ -9,7 +9,7 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from app.domain.costs import job_cost_units
@@ -79,13 +79,12 @@ class Intake:
         Raises InvalidRequest (its `refusal` says why) when a limit or moderation refuses it,
         and whatever the store raises when it could not be committed; nothing was queued then.
         """
-        store, scheduler = self._store, self._scheduler
+        store = self._store
         if job.request_key is not None:
             original = await store.find_by_request_key(job.service, job.request_key)
             if original is not None:
                 return await self._answer_repeat(original, job, announce)
-        job.cost_units = job_cost_units(job)  # stored with it: the queue is rebuilt without payloads
-        self._admission.admit(job)
+        self._admit(job)
         try:
             await store.add(job)
         except sqlite3.IntegrityError:
@@ -98,6 +97,58 @@ class Intake:
         except BaseException:
             self._admission.release(job.object_id)
             raise
+        return await self._queue_committed(job, announce)
+
+    async def accept_together(
+        self, jobs: list[Job], announce: Announce, refused: Callable[[Job, Exception], Awaitable[None]]
+    ) -> None:
+        """`accept` for requests that arrived together on one connection, none with a
+        request_id and each with a payload that stays in its row (the gateway sees to both).
+        Every one is handed to the store before any commit is awaited, and one task sees them
+        through: a burst costs one wake-up instead of one task per request. Each gets what
+        `accept` would give it, in arrival order: its `queued` after its commit, or
+        `refused(job, why)` (InvalidRequest from a limit or moderation, or what the store
+        raised)."""
+        # Each request's commit under way, or why it was refused; answered in arrival order.
+        outcomes: list[tuple[Job, Coroutine[Any, Any, None] | Exception]] = []
+        for job in jobs:
+            try:
+                self._admit(job)
+            except InvalidRequest as exc:
+                outcomes.append((job, exc))
+                continue
+            try:
+                outcomes.append((job, self._store.submit_add(job)))
+            except Exception as exc:  # the store is closed (shutdown)
+                self._admission.release(job.object_id)
+                outcomes.append((job, exc))
+        for index, (job, outcome) in enumerate(outcomes):
+            if isinstance(outcome, Exception):
+                await refused(job, outcome)
+                continue
+            try:
+                await outcome
+            except Exception as exc:
+                self._admission.release(job.object_id)
+                await refused(job, exc)
+                continue
+            except BaseException:
+                for left, commit in outcomes[index:]:
+                    if not isinstance(commit, Exception):
+                        commit.close()  # not awaited now: the writer still commits it
+                        self._admission.release(left.object_id)
+                raise
+            await self._queue_committed(job, announce)
+
+    def _admit(self, job: Job) -> None:
+        """The limits and moderation say yes, or raise InvalidRequest."""
+        job.cost_units = job_cost_units(job)  # stored with it: the queue is rebuilt without payloads
+        self._admission.admit(job)
+
+    async def _queue_committed(self, job: Job, announce: Announce) -> dict[str, Any]:
+        """A committed request: its `queued` told (with the notices that follow it), then it
+        joins its line."""
+        scheduler = self._scheduler
         log.info(
             "%s queued: %s %s from %s%s (%s)",
             job.object_id,

@@ -1,0 +1,57 @@
+"""A bot that sends many requests without waiting for answers: the requests read in one pass of
+the event loop are accepted together (Intake.accept_together), and each still gets exactly what
+it would have got alone, in the order it was sent."""
+
+from __future__ import annotations
+
+from app import keys
+from app.domain.jobs import JobStatus
+from bench.bots import Bot, request_message, wait_until
+
+NO_SERVICE_LIMITS = {"SERVICE_RATE_PER_S": "0", "MAX_SERVICE_REQUESTS": "0"}
+
+
+async def first_answers(bot: Bot, count: int) -> list[dict]:
+    """The first answer (`queued` or an error response) of each of `count` requests, as they come."""
+    return [
+        await bot.next_message(lambda m: m.get("message_type") == "response" and m.get("gen_status") != "generating")
+        for _ in range(count)
+    ]
+
+
+async def test_a_burst_of_300_is_queued_in_the_order_sent_stored_and_run(start_backend, start_balancer):
+    gpu = await start_backend("automatic1111")
+    gpu.state.gate.clear()
+    balancer = await start_balancer([gpu], **NO_SERVICE_LIMITS)
+    bot = await balancer.connect("telegram")
+    for n in range(300):
+        await bot.send(request_message("automatic1111", "text2img", {"prompt": f"burst {n}"}, user_id=n))
+
+    answers = await first_answers(bot, 300)
+    assert [answer["gen_status"] for answer in answers] == ["queued"] * 300
+    assert [answer["service_info"]["user_id"] for answer in answers] == list(range(300))
+    store = balancer.app[keys.STORE]
+    for answer in answers:
+        assert (await store.get(answer["object_id"])).status in (JobStatus.QUEUED, JobStatus.GENERATING)
+
+    gpu.state.gate.set()
+    await wait_until(lambda: len(gpu.state.received) == 300, timeout_s=60)
+    assert [call.body["prompt"] for call in gpu.state.received] == [f"burst {n}" for n in range(300)]
+
+
+async def test_in_a_burst_past_a_users_cap_the_first_are_queued_and_the_rest_refused_in_order(
+    start_backend, start_balancer
+):
+    gpu = await start_backend("automatic1111")
+    gpu.state.gate.clear()
+    balancer = await start_balancer([gpu], MAX_USER_REQUESTS=3, **NO_SERVICE_LIMITS)
+    bot = await balancer.connect("telegram")
+    for n in range(6):
+        await bot.send(request_message("automatic1111", "text2img", {"prompt": f"mine {n}"}, user_id=7, n=n))
+
+    answers = await first_answers(bot, 6)
+    assert [answer["service_info"]["n"] for answer in answers] == list(range(6))
+    assert [answer["gen_status"] for answer in answers] == ["queued"] * 3 + ["error"] * 3
+    assert {answer.get("code") for answer in answers[3:]} == {"user_queue_full"}
+    stored = [await balancer.app[keys.STORE].get(answer["object_id"]) for answer in answers]
+    assert [job is not None for job in stored] == [True] * 3 + [False] * 3
