@@ -138,7 +138,12 @@ class Intake:
                         commit.close()  # not awaited now: the writer still commits it
                         self._admission.release(left.object_id)
                 raise
-            await self._queue_committed(job, announce)
+            try:
+                await self._queue_committed(job, announce)
+            except Exception:
+                # Committed, so it runs at the next start even so; the rest of the burst goes on,
+                # as it would with a task per request.
+                log.exception("%s was committed but could not be queued", job.object_id)
 
     def _admit(self, job: Job) -> None:
         """The limits and moderation say yes, or raise InvalidRequest."""
