@@ -4,6 +4,8 @@ it would have got alone, in the order it was sent."""
 
 from __future__ import annotations
 
+import json
+
 from app import keys
 from app.domain.jobs import JobStatus
 from bench.bots import Bot, request_message, wait_until
@@ -55,3 +57,20 @@ async def test_in_a_burst_past_a_users_cap_the_first_are_queued_and_the_rest_ref
     assert {answer.get("code") for answer in answers[3:]} == {"user_queue_full"}
     stored = [await balancer.app[keys.STORE].get(answer["object_id"]) for answer in answers]
     assert [job is not None for job in stored] == [True] * 3 + [False] * 3
+
+
+async def test_a_request_whose_payload_is_large_only_in_utf8_is_queued_within_a_burst(start_backend, start_balancer):
+    # 40,000 characters, 80,000 bytes in UTF-8: short enough as text to be taken with its burst,
+    # large enough that its payload is kept in a file beside the database.
+    prompt = "ж" * 40_000
+    gpu = await start_backend("automatic1111")
+    balancer = await start_balancer([gpu], **NO_SERVICE_LIMITS)
+    bot = await balancer.connect("telegram")
+    for n, text in enumerate(["before", prompt, "after"]):
+        message = request_message("automatic1111", "text2img", {"prompt": text}, user_id=n)
+        await bot.send(json.dumps(message, ensure_ascii=False))  # as UTF-8, not \u escapes
+
+    answers = await first_answers(bot, 3)
+    assert [answer["gen_status"] for answer in answers] == ["queued"] * 3
+    await wait_until(lambda: len(gpu.state.received) == 3)
+    assert sorted(call.body["prompt"] for call in gpu.state.received) == sorted(["before", prompt, "after"])

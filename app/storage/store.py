@@ -223,10 +223,20 @@ class Store:
     async def add(self, job: Job) -> None:
         """Commit a new queued request. Raises sqlite3.IntegrityError on a duplicate id or a
         duplicate request_key of the same service."""
+        await self.submit_add(job)
+
+    def submit_add(self, job: Job) -> Coroutine[Any, Any, None]:
+        """`add`, with the commit of a payload that stays in its row handed to the writer now:
+        what it returns ends when the request is committed, raising as `add` does. Intake hands
+        over the requests that arrive together before it awaits any (Intake.accept_together).
+        A payload kept in a file (LARGE_PAYLOAD_CHARS) is written first, when what it returns
+        is awaited."""
         payload_json = self._numbered(job)
-        if not job.has_large_payload:
-            await self._submit_change(job, self._insert(job, payload_json.decode(), in_file=False))
-            return
+        if job.has_large_payload:
+            return self._add_with_payload_file(job, payload_json)
+        return self._submit_change(job, self._insert(job, payload_json.decode(), in_file=False))
+
+    async def _add_with_payload_file(self, job: Job, payload_json: bytes) -> None:
         # On disk before the row that says it is there (payload_files.py).
         await self._payload_files.write(job.object_id, payload_json)
         try:
@@ -235,16 +245,6 @@ class Store:
             # Not committed (a cancelled caller's unit is still committed: that is no Exception).
             await self._payload_files.delete([job.object_id])
             raise
-
-    def submit_add(self, job: Job) -> Coroutine[Any, Any, None]:
-        """`add` for a request whose payload stays in its row, handed to the writer now: what
-        it returns ends when the request is committed, raising as `add` does. Intake submits
-        the requests that arrive together before it awaits any (Intake.accept_together). A
-        payload kept in a file (LARGE_PAYLOAD_CHARS) needs `add`: raises ValueError."""
-        payload_json = self._numbered(job)
-        if job.has_large_payload:
-            raise ValueError("a payload kept in a file is added with Store.add")
-        return self._submit_change(job, self._insert(job, payload_json.decode(), in_file=False))
 
     @staticmethod
     def _numbered(job: Job) -> bytes:

@@ -103,7 +103,7 @@ class Intake:
         self, jobs: list[Job], announce: Announce, refused: Callable[[Job, Exception], Awaitable[None]]
     ) -> None:
         """`accept` for requests that arrived together on one connection, none with a
-        request_id and each with a payload that stays in its row (the gateway sees to both).
+        request_id (the gateway sees to that).
         Every one is handed to the store before any commit is awaited, and one task sees them
         through: a burst costs one wake-up instead of one task per request. Each gets what
         `accept` would give it, in arrival order: its `queued` after its commit, or
@@ -135,7 +135,7 @@ class Intake:
             except BaseException:
                 for left, commit in outcomes[index:]:
                     if not isinstance(commit, Exception):
-                        commit.close()  # not awaited now: the writer still commits it
+                        commit.close()  # not awaited now: one handed to the writer is still committed
                         self._admission.release(left.object_id)
                 raise
             try:
