@@ -1,7 +1,7 @@
 """Input built to hurt cannot stop, freeze or poison the server: deep nesting is refused at
 intake and an unreadable stored row never stops a restart; NaN is refused; limits count bytes
-on both transports; a key that is not UTF-8 is a 401; a frame of many unknown keys gets a
-bounded answer while /health keeps answering."""
+on both transports; a text frame that is not UTF-8 is answered; a key that is not UTF-8 is a
+401; a frame of many unknown keys gets a bounded answer while /health keeps answering."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import asyncio
 import json
 import sqlite3
 import time
+
+from aiohttp import WSMsgType
 
 from app import keys
 from bench.bots import request_message, wait_until
@@ -106,6 +108,21 @@ async def test_the_size_limit_counts_bytes_on_both_transports(start_backend, sta
     await bot.send("x" * 4000)
     assert "over this server's limit" in (await bot.next_message())["content"]
     assert (await bot.submit(request_message("kandinsky", "text2img", {"prompt": "ok"})))["gen_status"] == "queued"
+
+
+async def test_a_text_frame_that_is_not_utf8_is_answered_and_the_connection_carries_on(start_backend, start_balancer):
+    balancer = await start_balancer([await start_backend("kandinsky")])
+    bot = await balancer.connect("telegram")
+    request = json.dumps(request_message("kandinsky", "text2img", {"prompt": "x"})).encode()
+    latin1 = request.replace(b'"prompt": "x"', b'"prompt": "caf\xe9"')  # the \xe9 alone: not UTF-8
+    for frame in (latin1, b"\xff\xfe{}"):
+        await bot.ws.send_frame(frame, WSMsgType.TEXT)
+        answer = await bot.next_message()
+        assert answer["info_type"] == "error"
+        assert answer["content"].startswith("Message is not UTF-8 text: invalid")
+    # The same connection still takes requests, non-ASCII ones included.
+    queued = await bot.submit(request_message("kandinsky", "text2img", {"prompt": "café"}))
+    assert (await bot.final(queued["object_id"]))["gen_status"] == "ok"
 
 
 async def test_a_key_that_is_not_utf8_is_refused_with_401(start_backend, start_balancer):

@@ -35,7 +35,9 @@ def loads(text: str | bytes, *, max_depth: int | None = None, **stdlib_options: 
     try:
         value = orjson.loads(text)
     except orjson.JSONDecodeError:
-        value = json.loads(text, **stdlib_options)
+        # Bytes are UTF-8 here (json would also guess UTF-16 and UTF-32); not UTF-8 raises
+        # UnicodeDecodeError, a ValueError.
+        value = json.loads(text.decode("utf-8") if isinstance(text, bytes) else text, **stdlib_options)
         if max_depth is not None and _scan(value, max_depth)[0]:
             raise TooDeep(max_depth) from None
         return value
@@ -49,7 +51,9 @@ def loads(text: str | bytes, *, max_depth: int | None = None, **stdlib_options: 
     too_deep, big_number = _scan(value, max_depth)
     if too_deep:
         raise TooDeep(max_depth)
-    return json.loads(text, **stdlib_options) if big_number else value
+    if big_number:
+        return json.loads(text.decode("utf-8") if isinstance(text, bytes) else text, **stdlib_options)
+    return value
 
 
 def _scan(document: Any, max_depth: int | None) -> tuple[bool, bool]:

@@ -24,7 +24,7 @@ from typing import Any, cast
 import aiosqlite
 
 from app.domain import json_text
-from app.domain.jobs import ExecutorType, GenType, Job, JobStatus
+from app.domain.jobs import LARGE_PAYLOAD_CHARS, ExecutorType, GenType, Job, JobStatus
 from app.storage.group_commit import MAX_BATCH_ROWS, GroupWriter, Statement
 from app.storage.migrations import apply_migrations
 from app.storage.outbox_rows import OUTBOX_INSERT, OutboxRows
@@ -231,28 +231,25 @@ class Store:
         over the requests that arrive together before it awaits any (Intake.accept_together).
         A payload kept in a file (LARGE_PAYLOAD_CHARS) is written first, when what it returns
         is awaited."""
-        payload_json = self._numbered(job)
-        if job.has_large_payload:
-            return self._add_with_payload_file(job, payload_json)
+        job.revision = 1  # a new request's first revision
+        if _json_bytes_at_least(job.payload) >= LARGE_PAYLOAD_CHARS:
+            return self._add_with_payload_file(job)
+        payload_json = json_text.dumps_bytes(job.payload)
+        job.payload_chars = len(payload_json)
+        if job.has_large_payload:  # large without one long string (many fields, non-ASCII text)
+            return self._add_with_payload_file(job)
         return self._submit_change(job, self._insert(job, payload_json.decode(), in_file=False))
 
-    async def _add_with_payload_file(self, job: Job, payload_json: bytes) -> None:
-        # On disk before the row that says it is there (payload_files.py).
-        await self._payload_files.write(job.object_id, payload_json)
+    async def _add_with_payload_file(self, job: Job) -> None:
+        # On disk before the row that says it is there (payload_files.py). Serialized by the
+        # file's writer thread: megabytes of JSON are no work for the event loop.
+        job.payload_chars = await self._payload_files.write(job.object_id, job.payload)
         try:
             await self._commit_change(job, self._insert(job, json_text.dumps(outline(job.payload)), in_file=True))
         except Exception:
             # Not committed (a cancelled caller's unit is still committed: that is no Exception).
             await self._payload_files.delete([job.object_id])
             raise
-
-    @staticmethod
-    def _numbered(job: Job) -> bytes:
-        """A new request's first revision and payload size; its payload as JSON."""
-        job.revision = 1
-        payload_json = json_text.dumps_bytes(job.payload)
-        job.payload_chars = len(payload_json)
-        return payload_json
 
     @staticmethod
     def _insert(job: Job, stored_payload: str, in_file: bool) -> Statement:
@@ -599,3 +596,18 @@ class Store:
             except (ValueError, RecursionError):
                 continue  # unreadable rows are set aside where they are fetched whole
         return successes
+
+
+def _json_bytes_at_least(payload: Any) -> int:
+    """A lower bound of the size of `payload` as JSON, in bytes, from the length of its strings
+    and of those in its lists (a character is at least one byte, and escaping only adds): tells
+    a payload that is large (an image) without serializing it on the event loop."""
+    if not isinstance(payload, dict):
+        return 0
+    size = 0
+    for value in payload.values():
+        if isinstance(value, str):
+            size += len(value)
+        elif isinstance(value, list):
+            size += sum(len(item) for item in value if isinstance(item, str))
+    return size

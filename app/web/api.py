@@ -104,9 +104,9 @@ async def submit_request(request: web.Request) -> web.Response:
         raise
 
 
-def _checked_body(text: str) -> dict[str, Any]:
+def _checked_body(body: bytes) -> dict[str, Any]:
     """The request in a body, checked (schemas.parse_request). Raises InvalidRequest."""
-    return parse_request(decode_message(text, what="Body"))
+    return parse_request(decode_message(body, what="Body"))
 
 
 async def _submit(request: web.Request, service: str) -> web.Response:
@@ -118,11 +118,7 @@ async def _submit(request: web.Request, service: str) -> web.Response:
             actual_size=len(body),
             text=f"Body is {len(body)} bytes, over this server's limit of {limit} bytes (MAX_MESSAGE_BYTES).",
         )
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise InvalidRequest(f"Body is not UTF-8 text: {exc.reason} at byte {exc.start}.") from None
-    checked = await read_off_the_loop_if_long(_checked_body, text)
+    checked = await read_off_the_loop_if_long(_checked_body, body)
     job = request.app[keys.INTAKE].job_from_request(service, checked, channel="http")
     notices: list[dict] = []
 

@@ -36,7 +36,6 @@ from app.web.schemas import (
     parse_request,
     readable_envelope,
     rejection_response,
-    utf8_length,
 )
 
 log = logging.getLogger(__name__)
@@ -52,7 +51,7 @@ FRAME_LIMIT_FACTOR = 2
 HEARTBEAT_S = 30.0
 # Frames longer than this are parsed and checked in a worker thread (about 10 ms of work), and
 # count against LARGE_MESSAGES_BYTES until they are committed.
-OFFLOAD_FRAME_CHARS = 256 * 1024
+OFFLOAD_FRAME_BYTES = 256 * 1024
 # Large messages held between receipt and commit, all connections together (byte_budget.py).
 LARGE_MESSAGES_BYTES = 32 * 1024 * 1024
 # settings / service_info of an oversized message are echoed in its refusal up to this size.
@@ -92,8 +91,13 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
     hub = request.app[keys.HUB]
     # No permessage-deflate: compressing multi-MB base64 images costs 10-20x the CPU.
     # +1: a frame of exactly twice the limit is still read, and refused readably.
+    # decode_text=False: a text frame comes as its UTF-8 bytes, which the JSON parser reads
+    # (and checks) as they are; decoding a megabyte into a str first was one more pass over it.
     ws = web.WebSocketResponse(
-        max_msg_size=config.max_message_bytes * FRAME_LIMIT_FACTOR + 1, compress=False, heartbeat=HEARTBEAT_S
+        max_msg_size=config.max_message_bytes * FRAME_LIMIT_FACTOR + 1,
+        compress=False,
+        heartbeat=HEARTBEAT_S,
+        decode_text=False,
     )
     private = request.query.get("receive") == "own"
     await ws.prepare(request)
@@ -141,27 +145,28 @@ class _Connection:
         # Requests read in the current pass of the loop, accepted together at its end.
         self._arrived: list[Job] = []
 
-    async def on_text(self, text: str) -> None:
-        if len(text) <= OFFLOAD_FRAME_CHARS:
-            await self._on_text(text, 0)
+    async def on_text(self, frame: bytes) -> None:
+        """One text frame, as its UTF-8 bytes."""
+        if len(frame) <= OFFLOAD_FRAME_BYTES:
+            await self._on_text(frame, 0)
             return
         budget = self._app[keys.LARGE_MESSAGES]
-        held = await budget.take(len(text))
+        held = await budget.take(len(frame))
         try:
-            held = await self._on_text(text, held)
+            held = await self._on_text(frame, held)
         finally:
             if held:
                 budget.give(held)
 
-    async def _on_text(self, text: str, held: int) -> int:
+    async def _on_text(self, frame: bytes, held: int) -> int:
         """Answer or accept one message; returns the budget still to give back (0 when an
         accept task took it over)."""
         hub = self._app[keys.HUB]
         try:
-            if utf8_length(text) > self._limit:
+            if len(frame) > self._limit:
                 # Still parsed, so the refusal can name the request it belongs to.
-                _refuse_oversized(text, self._limit)
-            message, request = await read_off_the_loop_if_long(_read_frame, text)
+                _refuse_oversized(frame, self._limit)
+            message, request = await read_off_the_loop_if_long(_read_frame, frame)
             if request is None:
                 await self._on_action(message)
                 return held
@@ -182,7 +187,7 @@ class _Connection:
                 ),
             )
             return held
-        if not held and job.request_key is None and len(text) < LARGE_PAYLOAD_CHARS:
+        if not held and job.request_key is None and len(frame) < LARGE_PAYLOAD_CHARS:
             # The usual request: accepted together with those arriving in this pass of the
             # loop, by one task (Intake.accept_together). A text this short mostly carries a
             # payload kept in its row; the store also takes one kept in a file there.
@@ -283,28 +288,28 @@ class _Connection:
             await asyncio.wait(set(self._accepts))
 
 
-async def read_off_the_loop_if_long(read: Callable[[str], Read], text: str) -> Read:
-    """`read(text)`, in a worker thread when the text is over OFFLOAD_FRAME_CHARS: parsing and
+async def read_off_the_loop_if_long(read: Callable[[bytes], Read], data: bytes) -> Read:
+    """`read(data)`, in a worker thread when the data is over OFFLOAD_FRAME_BYTES: parsing and
     checking megabytes takes long enough to stall every other connection and /health, so the
     loop keeps serving meanwhile. `read` must touch no shared state."""
-    if len(text) > OFFLOAD_FRAME_CHARS:
-        return await asyncio.to_thread(read, text)
-    return read(text)
+    if len(data) > OFFLOAD_FRAME_BYTES:
+        return await asyncio.to_thread(read, data)
+    return read(data)
 
 
-def _read_frame(text: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
+def _read_frame(frame: bytes) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """(message, checked request), or (message, None) for a client action. Raises
     InvalidRequest. Touches no shared state: it may run in a worker thread."""
-    message = decode_message(text)
+    message = decode_message(frame)
     if message.get("message_type") == "info" and "action" in message:
         return message, None
     return message, parse_request(message)
 
 
-def _refuse_oversized(text: str, limit: int) -> None:
-    reason = f"Message is {utf8_length(text)} bytes, over this server's limit of {limit} bytes (MAX_MESSAGE_BYTES)."
+def _refuse_oversized(frame: bytes, limit: int) -> None:
+    reason = f"Message is {len(frame)} bytes, over this server's limit of {limit} bytes (MAX_MESSAGE_BYTES)."
     try:
-        message = decode_message(text)
+        message = decode_message(frame)
     except InvalidRequest:
         message = {}
     envelope = readable_envelope(message)

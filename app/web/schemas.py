@@ -174,16 +174,18 @@ _response_schema = ResponseSchema()
 _action_schema = ActionSchema()
 
 
-def decode_message(text: str, what: str = "Message") -> dict[str, Any]:
-    """A websocket text frame (or an HTTP body: `what`="Body") as a JSON object. Raises
-    InvalidRequest otherwise: not JSON, not an object, NaN or Infinity (not JSON, and not
-    parseable by JavaScript or Go clients it would be echoed to), or nested deeper than
-    MAX_NESTING_DEPTH (so whatever is stored can always be read back)."""
+def decode_message(data: bytes, what: str = "Message") -> dict[str, Any]:
+    """A websocket text frame (or an HTTP body: `what`="Body"), as received, as a JSON object.
+    Raises InvalidRequest otherwise: not UTF-8, not JSON, not an object, NaN or Infinity (not
+    JSON, and not parseable by JavaScript or Go clients it would be echoed to), or nested
+    deeper than MAX_NESTING_DEPTH (so whatever is stored can always be read back)."""
     too_deep = f"{what} is nested too deeply (the limit is {MAX_NESTING_DEPTH} levels)."
     try:
-        message = json_text.loads(text, max_depth=MAX_NESTING_DEPTH, parse_constant=_refuse_constant)
+        message = json_text.loads(data, max_depth=MAX_NESTING_DEPTH, parse_constant=_refuse_constant)
     except (RecursionError, json_text.TooDeep):
         raise InvalidRequest(too_deep) from None
+    except UnicodeDecodeError as exc:
+        raise InvalidRequest(f"{what} is not UTF-8 text: {exc.reason} at byte {exc.start}.") from None
     except ValueError as exc:
         raise InvalidRequest(f"{what} is not valid JSON: {exc}") from None
     if not isinstance(message, dict):
@@ -193,11 +195,6 @@ def decode_message(text: str, what: str = "Message") -> dict[str, Any]:
 
 def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a number JSON allows")
-
-
-def utf8_length(text: str) -> int:
-    """Bytes of `text` in UTF-8, without encoding it when the answer is plain from its length."""
-    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
 
 def parse_request(message: dict[str, Any]) -> dict[str, Any]:
