@@ -1,31 +1,40 @@
 """The peers the intake figures are compared with: the smallest durable websocket intake one
-would write by hand, in two variants.
+would write by hand, in three variants.
 
 - naive: each request is inserted and committed (WAL, synchronous=FULL) on its own before
   its `queued` answer;
 - group: one writer task commits whatever requests are waiting in one transaction (group
-  commit), then answers each.
+  commit), then answers each;
+- files: the least a server can do for requests carrying images, as issue 11 prescribes: the
+  frame's bytes parsed once (orjson), each image checked as strict base64 by one C pass, the
+  frame written as it came to a file of its own (write, fsync, directory fsync; one writer at
+  a time), in a worker thread; then its row (object_id, file) group-committed.
 
-Both parse the JSON, check the envelope's keys, store the message text and answer
-`{"gen_status": "queued", "object_id": ...}`. No validation of the payload, no scheduler, no
-mirrors: a floor for what durable intake costs in Python on this machine.
+naive and group parse the JSON, check the envelope's keys and store the message text. All
+answer `{"gen_status": "queued", "object_id": ...}`. No validation of the payload beyond the
+images, no scheduler, no mirrors: a floor for what durable intake costs in Python on this
+machine.
 
-Usage: python bench/peer_server.py {naive,group} PORT DATABASE
+Usage: python bench/peer_server.py {naive,group,files} PORT DATABASE
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sqlite3
 import sys
 import threading
 import uuid
+from pathlib import Path
 
+import orjson
 from aiohttp import WSMsgType, web
 
 REQUIRED_KEYS = ("message_type", "executor", "gen_type", "service_info", "payload")
 MAX_BATCH = 128
+BASE64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 
 
 def open_database(path: str) -> sqlite3.Connection:
@@ -69,15 +78,46 @@ class GroupWriter:
                 done.set_result(None)
 
 
+def strict_base64(image: str) -> bool:
+    rest = image.encode("ascii", "replace").translate(None, BASE64_ALPHABET)
+    return len(image) % 4 == 0 and rest in (b"", b"=", b"==") and image.endswith(rest.decode())
+
+
+def file_checked(folder: Path, object_id: str, frame: bytes) -> bool:
+    """Parse, check the images, and write the frame durably to its file; False if refused."""
+    message = orjson.loads(frame)
+    if any(key not in message for key in REQUIRED_KEYS):
+        return False
+    if not all(strict_base64(image) for image in message["payload"].get("init_images", [])):
+        return False
+    descriptor = os.open(folder / object_id, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        view = memoryview(frame)
+        while view:
+            view = view[os.write(descriptor, view) :]
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+    directory = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+    return True
+
+
 def make_app(mode: str, path: str) -> web.Application:
     db = open_database(path)
+    folder = Path(path + ".files")
+    folder.mkdir(exist_ok=True)
+    one_file_writer = asyncio.Lock()
     app = web.Application()
 
     async def handler(request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse()
+        ws = web.WebSocketResponse(decode_text=mode != "files")
         await ws.prepare(request)
         writer = request.app.get("writer")
-        if mode == "group" and writer is None:
+        if mode != "naive" and writer is None:
             writer = request.app["writer"] = GroupWriter(db)
 
         async def accept(text: str) -> None:
@@ -92,11 +132,22 @@ def make_app(mode: str, path: str) -> web.Application:
                 await asyncio.to_thread(insert_committed, db, [(object_id, text)])
             await ws.send_str(json.dumps({"gen_status": "queued", "object_id": object_id}))
 
+        async def accept_with_file(frame: bytes) -> None:
+            object_id = uuid.uuid4().hex
+            async with one_file_writer:
+                stored = await asyncio.to_thread(file_checked, folder, object_id, frame)
+            if not stored:
+                await ws.send_str(json.dumps({"gen_status": "error", "reason": "refused"}))
+                return
+            await writer.write((object_id, object_id))
+            await ws.send_str(json.dumps({"gen_status": "queued", "object_id": object_id}))
+
         tasks = set()
         async for message in ws:
             if message.type is WSMsgType.TEXT:
-                if mode == "group":  # concurrent accepts, so batches can form
-                    task = asyncio.create_task(accept(message.data))
+                if mode != "naive":  # concurrent accepts, so batches can form
+                    accepting = accept_with_file if mode == "files" else accept
+                    task = asyncio.create_task(accepting(message.data))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
                 else:
