@@ -34,7 +34,7 @@ async def test_a_burst_of_300_is_queued_in_the_order_sent_stored_and_run(start_b
     assert [answer["service_info"]["user_id"] for answer in answers] == list(range(300))
     store = balancer.app[keys.STORE]
     for answer in answers:
-        assert (await store.get(answer["object_id"])).status in (JobStatus.QUEUED, JobStatus.GENERATING)
+        assert (await store.reads.get(answer["object_id"])).status in (JobStatus.QUEUED, JobStatus.GENERATING)
 
     gpu.state.gate.set()
     await wait_until(lambda: len(gpu.state.received) == 300, timeout_s=60)
@@ -55,7 +55,7 @@ async def test_in_a_burst_past_a_users_cap_the_first_are_queued_and_the_rest_ref
     assert [answer["service_info"]["n"] for answer in answers] == list(range(6))
     assert [answer["gen_status"] for answer in answers] == ["queued"] * 3 + ["error"] * 3
     assert {answer.get("code") for answer in answers[3:]} == {"user_queue_full"}
-    stored = [await balancer.app[keys.STORE].get(answer["object_id"]) for answer in answers]
+    stored = [await balancer.app[keys.STORE].reads.get(answer["object_id"]) for answer in answers]
     assert [job is not None for job in stored] == [True] * 3 + [False] * 3
 
 

@@ -24,14 +24,14 @@ async def collect_finals(bot: Bot, seconds: float) -> list[dict]:
 
 async def all_final(balancer, ids: list[str]) -> None:
     async def finished() -> bool:
-        jobs = [await balancer.app[keys.STORE].get(object_id) for object_id in ids]
+        jobs = [await balancer.app[keys.STORE].reads.get(object_id) for object_id in ids]
         return all(job.status.is_final for job in jobs)
 
     await wait_until(finished)
 
 
 async def _delivered(balancer, object_id: str) -> bool:
-    return (await balancer.app[keys.STORE].get(object_id)).delivered_at is not None
+    return (await balancer.app[keys.STORE].reads.get(object_id)).delivered_at is not None
 
 
 async def submit_and_leave(balancer, count: int, *, require_ack: int = 0) -> list[str]:
@@ -58,7 +58,7 @@ async def test_three_connections_opening_together_get_each_waiting_final_once(st
     finals = [m for shard in await asyncio.gather(*[collect_finals(s, 1.0) for s in shards]) for m in shard]
 
     assert collections.Counter(m["object_id"] for m in finals) == collections.Counter(ids)
-    assert await balancer.app[keys.STORE].owed_finals("telegram") == []
+    assert await balancer.app[keys.STORE].reads.owed_finals("telegram") == []
 
 
 async def test_a_final_is_sent_once_when_it_finishes_as_connections_open(start_backend, start_balancer):
@@ -114,7 +114,7 @@ async def test_an_unacknowledged_final_survives_a_restart(start_backend, start_b
     assert (await bot.final(queued["object_id"]))["gen_status"] == "ok"
     await bot.send({"message_type": "info", "action": "ack", "object_id": queued["object_id"]})
     await bot.next_message(lambda m: m.get("info_type") == "ack")
-    assert await restarted.app[keys.STORE].owed_finals("telegram") == []
+    assert await restarted.app[keys.STORE].reads.owed_finals("telegram") == []
 
 
 async def test_acking_another_services_request_is_not_found(start_backend, start_balancer):
@@ -127,7 +127,7 @@ async def test_acking_another_services_request_is_not_found(start_backend, start
     await other.send({"message_type": "info", "action": "ack", "object_id": queued["object_id"]})
     answer = await other.next_message(lambda m: m.get("info_type") == "ack")
     assert answer["outcome"] == "not_found"
-    assert [j.object_id for j in await balancer.app[keys.STORE].owed_finals("telegram")] == [queued["object_id"]]
+    assert [j.object_id for j in await balancer.app[keys.STORE].reads.owed_finals("telegram")] == [queued["object_id"]]
 
 
 async def test_a_repeated_request_id_returns_the_original_request(start_backend, start_balancer):

@@ -200,7 +200,7 @@ async def test_a_client_that_stops_reading_holds_no_backend_and_is_cut_off(start
     store = balancer.app[keys.STORE]
     await wait_until(lambda: any("did not read for 1 s" in r.getMessage() for r in caplog.records))
     await wait_until(lambda: len(gpu.state.received) == 18)  # every stuck request ran all the same
-    owed = await store.owed_finals("discord")
+    owed = await store.reads.owed_finals("discord")
     assert owed, "the stuck client's finals wait in SQLite for its reconnect"
     reconnected = await balancer.connect("discord")
     for job in owed:

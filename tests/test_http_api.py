@@ -80,7 +80,7 @@ async def test_submit_then_fetch_the_result_over_http(balancer):
     assert done["gen_status"] == "ok" and done["payload"] == {"prompt": "via http"}
     image = await client.get(URL(done["result"]["content"]).path_qs)
     assert image.status == 200 and image.content_type == "image/jpeg"
-    assert (await balancer.app[keys.STORE].get(queued["object_id"])).delivered_at is not None
+    assert (await balancer.app[keys.STORE].reads.get(queued["object_id"])).delivered_at is not None
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(bot.ws.receive(), 0.2)
 

@@ -89,7 +89,7 @@ async def test_a_mongodb_outage_loses_nothing_and_nothing_regresses(
     assert sorted(records) == sorted(ids)
     store = balancer.app[keys.STORE]
     for object_id in ids:
-        stored = await store.get(object_id)
+        stored = await store.reads.get(object_id)
         assert records[object_id]["gen_status"] == "ok"
         assert records[object_id]["revision"] == stored.revision  # the newest version won
         assert records[object_id]["delivered_at"] is not None

@@ -92,4 +92,4 @@ async def test_requests_resume_without_a_restart_once_the_database_takes_writes_
     # Told once each, although every retry failed until the lock went.
     assert sum(1 for m in bot.received if m.get("info_type") == "storage_retry") == 2
     store = balancer.app[keys.STORE]
-    assert [(await store.get(r["object_id"])).attempts for r in (running, waiting)] == [1, 1]
+    assert [(await store.reads.get(r["object_id"])).attempts for r in (running, waiting)] == [1, 1]

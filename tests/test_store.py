@@ -84,7 +84,7 @@ async def test_one_bad_write_fails_alone(tmp_path):
         *(store.add(j) for j in [*others[:2], duplicate, *others[2:]]), return_exceptions=True
     )
     assert [type(r).__name__ for r in results] == ["NoneType"] * 2 + ["IntegrityError"] + ["NoneType"] * 3
-    assert len((await store.queued_page(0, 10**9, 100))[0]) == 6
+    assert len((await store.reads.queued_page(0, 10**9, 100))[0]) == 6
     await store.close()
 
 
@@ -94,9 +94,9 @@ async def test_the_job_life_cycle_is_recorded(tmp_path):
     job.cost_units = 4.0e6
     await store.add(job)
     await store.claim(job, "gpu-1")
-    assert (await store.get(job.object_id)).status is JobStatus.GENERATING
+    assert (await store.reads.get(job.object_id)).status is JobStatus.GENERATING
     assert await store.requeue_interrupted() == 1
-    [requeued], _ = await store.queued_page(0, 10**9, 100)
+    [requeued], _ = await store.reads.queued_page(0, 10**9, 100)
     # A restart is not the request's failure: counted apart from its attempts.
     assert (requeued.object_id, requeued.attempts, requeued.interruptions) == (job.object_id, 0, 1)
     job = requeued
@@ -104,16 +104,16 @@ async def test_the_job_life_cycle_is_recorded(tmp_path):
     await store.claim(job, "gpu-2")
     job.status, job.result = JobStatus.OK, {"content_type": "base64", "content": "eA=="}
     await store.finish(job, generation_s=1.5)
-    assert [j.object_id for j in await store.owed_finals("discord")] == [job.object_id]
-    assert await store.owed_finals("telegram") == []
+    assert [j.object_id for j in await store.reads.owed_finals("discord")] == [job.object_id]
+    assert await store.reads.owed_finals("telegram") == []
     await store.mark_delivered([job])
     await store.mark_delivered([job])  # safe twice
-    stored = await store.get(job.object_id)
+    stored = await store.reads.get(job.object_id)
     assert (stored.status, stored.attempts, stored.backend) == (JobStatus.OK, 1, "gpu-2")
-    assert await store.owed_finals("discord") == []
+    assert await store.reads.owed_finals("discord") == []
     # Its stored cost, not its payload, is what a restart learns the speed from.
-    assert await store.recent_successes("gpu-2", 5) == [(4.0e6, GenType.TEXT2IMG, None, 1.5)]
-    assert await store.recent_successes("gpu-1", 5) == []
+    assert await store.reads.recent_successes("gpu-2", 5) == [(4.0e6, GenType.TEXT2IMG, None, 1.5)]
+    assert await store.reads.recent_successes("gpu-1", 5) == []
     await store.close()
 
 
@@ -142,7 +142,7 @@ async def test_a_database_from_the_first_release_upgrades_and_its_queue_resumes(
     store = await Store.open(path)
     try:
         assert await store.requeue_interrupted() == 1
-        [job], _ = await store.queued_page(0, 10**9, 100)
+        [job], _ = await store.reads.queued_page(0, 10**9, 100)
         assert (job.object_id, job.payload, job.channel, job.attempts) == (
             "6b0000000000000000000001",
             {"prompt": "old"},
@@ -163,9 +163,9 @@ async def test_a_large_payload_is_kept_in_a_file_and_read_back_as_sent(tmp_path)
     await store.add(job)
     await store.add(small)
     assert [file.name for file in (tmp_path / "big.sqlite3.payloads").iterdir()] == [f"{job.object_id}.json"]
-    assert await store.load_payload(job.object_id) == job.payload
-    fetched = await store.get(job.object_id)
+    assert await store.reads.load_payload(job.object_id) == job.payload
+    fetched = await store.reads.get(job.object_id)
     assert fetched is not None and fetched.payload == job.payload
     # The row keeps the rest of the payload: the status page shows the prompt.
-    assert await store.prompts_of([job.object_id], 100) == {job.object_id: "a fox"}
+    assert await store.reads.prompts_of([job.object_id], 100) == {job.object_id: "a fox"}
     await store.close()

@@ -60,7 +60,7 @@ class BacklogReader:
 
     async def start(self) -> int:
         """Count the backlog and start reading it back. Returns how many requests it holds."""
-        summary = await self._store.backlog_summary()
+        summary = await self._store.reads.backlog_summary()
         self._unread = dict(summary.by_line)
         self._tell_queues()
         self._admission.expect_backlog(summary.by_user)
@@ -124,7 +124,7 @@ class BacklogReader:
         self._dispatch()
 
     def _fetch(self, after_seq: int, last_seq: int) -> asyncio.Task[tuple[list[Job], int | None]]:
-        return asyncio.create_task(self._store.queued_page(after_seq, last_seq, self._page_rows))
+        return asyncio.create_task(self._store.reads.queued_page(after_seq, last_seq, self._page_rows))
 
     def _tell_queues(self) -> None:
         for executor, pool in self._pools.items():

@@ -49,7 +49,7 @@ class Outcomes:
         try:
             if job.payload is None:  # cancelled or expired while it waited: echo it all the same
                 try:
-                    job.payload = await self._store.load_payload(job.object_id)
+                    job.payload = await self._store.reads.load_payload(job.object_id)
                 except PayloadUnreadable as exc:
                     log.warning("%s: its final echoes an empty payload: %s", job.object_id, exc)
                     job.payload = {}

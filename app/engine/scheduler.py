@@ -10,7 +10,7 @@ dispatched -> image stored -> final status committed -> final message delivered 
 three: app/engine/finishing.py; commits retried while the database refuses writes, and
 messages sent without waiting for a client's socket: app/engine/recording.py).
 A backend failure sends the job back to the head of its line after a backoff, to be tried
-on another healthy backend, until MAX_ATTEMPTS; a 4xx ends it at once.
+on another healthy backend, until MAX_ATTEMPTS; a 4xx ends it at once (app/engine/retries.py).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import random
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -43,6 +42,7 @@ from app.engine.placement import next_placement
 from app.engine.pool import BackendSlot, ExecutorPool
 from app.engine.progress import ProgressReporter
 from app.engine.recording import Recording
+from app.engine.retries import Retries
 from app.image_check import ImageCheck
 from app.metrics import Metrics
 from app.storage.payload_files import PayloadUnreadable
@@ -110,15 +110,14 @@ class Scheduler:
         )
         # The queued requests stored by earlier runs, read back after start() returns.
         self._backlog = BacklogReader(store, self.pools, admission, self._restore, self.dispatch)
+        # What follows a failed backend call: blame, a retry after a backoff, or the final error.
+        self._retries = Retries(config, store, listener, self._recording, self._finishing, self._back_in_line)
         self._stopping = False
         self.dispatched = 0
-        self.retried = 0
 
     def __repr__(self) -> str:
         phases = collections.Counter(t.phase.value for t in self._tracked.values())
-        return (
-            f"<Scheduler {dict(phases)} dispatched={self.dispatched} retried={self.retried} finished={self.finished}>"
-        )
+        return f"<Scheduler {dict(phases)} dispatched={self.dispatched} retried={self._retries.retried} finished={self.finished}>"
 
     @property
     def finished(self) -> int:
@@ -141,7 +140,7 @@ class Scheduler:
         for backend in self._initial_backends:
             slot = self.fleet.add(backend)
             # Speeds learned before the restart are not thrown away.
-            for cost_units, gen_type, payload, seconds in await self._store.recent_successes(backend.name, 10):
+            for cost_units, gen_type, payload, seconds in await self._store.reads.recent_successes(backend.name, 10):
                 slot.record_success(cost_units or payload_cost_units(backend.executor, gen_type, payload), seconds)
         for pool in self.pools.values():
             pool.calibrate_unlearned()  # a backend new since the last run starts from its peers
@@ -337,7 +336,7 @@ class Scheduler:
         claim: asyncio.Task[bool] | None = None
         try:
             if job.payload is None:
-                job.payload = await self._store.load_payload(job.object_id)
+                job.payload = await self._store.reads.load_payload(job.object_id)
             # The backend starts at once; the claim (the attempt counted, status `generating`)
             # is committed meanwhile, not before: its fsync would leave the GPU idle for
             # milliseconds per job. `generating` is sent once the claim is committed, and the
@@ -400,15 +399,13 @@ class Scheduler:
             if jpeg is not None:
                 slot.record_success(job.cost_units, seconds or 0.0)
                 pool.calibrate_unlearned()
-                # It worked here: the backends that failed it are to blame after all.
-                for suspect in tracked.suspects:
-                    self._charge(suspect, f"failed a request that {slot.name} then served")
+                self._retries.served(slot, tracked)
                 self._finishing.begin(tracked, jpeg, "", seconds)
             elif failure is not None and not failure.retryable:
                 # The request is bad (4xx): the backend is not to blame.
                 self._finishing.begin(tracked, None, failure.reason, seconds)
             elif failure is not None:
-                await self._after_failure(slot, tracked, failure)
+                await self._retries.after_failure(slot, tracked, failure)
         finally:
             self.dispatch()
 
@@ -440,67 +437,6 @@ class Scheduler:
         if tracked.slot is slot:  # else the backend has returned already, maybe running another job
             self._progress.start(slot.backend, job)
         return True
-
-    async def _after_failure(self, slot: BackendSlot, tracked: TrackedRequest, failure: BackendFailed) -> None:
-        config = self._config
-        job = tracked.job
-        job.avoid_backends.add(slot.name)
-        if failure.backend_is_down:
-            self._charge(slot, failure.reason, backend_is_down=True)
-        else:
-            # The backend answered, and failed: its fault or the request's (see suspects).
-            tracked.suspects.append(slot)
-            blamed = sorted({suspect.name for suspect in tracked.suspects})
-            if len(blamed) >= 2:
-                log.warning(
-                    "%s failed on %s: blamed on the request, not the backends", job.object_id, " and ".join(blamed)
-                )
-                self._finishing.begin(
-                    tracked,
-                    None,
-                    (
-                        f"invalid_input: the request failed on {len(blamed)} backends ({', '.join(blamed)}); "
-                        f"the request itself looks like the cause, so it is not retried. The last: "
-                        f"{failure.reason}"
-                    ),
-                    None,
-                )
-                return
-        if job.attempts >= config.max_attempts:
-            for suspect in tracked.suspects:  # one backend failed it every time: its fault
-                self._charge(suspect, failure.reason)
-            reason = f"Failed after {job.attempts} attempts; the last: {failure.reason}"
-            self._finishing.begin(tracked, None, reason, None)
-            return
-        delay_s = config.retry_backoff_s * 2 ** (job.attempts - 1) * random.uniform(0.75, 1.25)
-        tracked.wait_retry()
-        if not await self._recording.persist(
-            tracked, Phase.RETRY_WAIT, "requeue", lambda: self._store.requeue(job, failure.reason)
-        ):
-            return
-        if tracked.phase is not Phase.RETRY_WAIT:
-            return  # cancelled or expired while the requeue was committed
-        self.retried += 1
-        log.warning(
-            "%s attempt %d failed on %s (%s); retrying in %.1f s",
-            job.object_id,
-            job.attempts,
-            slot.name,
-            failure.reason,
-            delay_s,
-        )
-        self._recording.tell(self._listener.job_retrying(job, failure.reason, delay_s))
-        tracked.set_retry_timer(asyncio.get_running_loop().call_later(delay_s, self._back_in_line, tracked))
-
-    def _charge(self, slot: BackendSlot, reason: str, *, backend_is_down: bool = False) -> None:
-        """Count a failure against a backend (its circuit breaker)."""
-        config = self._config
-        slot.record_failure(
-            reason,
-            backend_is_down=backend_is_down,
-            breaker_failures=config.breaker_failures,
-            max_cooldown_s=config.probe_backoff_max_s,
-        )
 
     def _back_in_line(self, tracked: TrackedRequest) -> None:
         tracked.back_in_line()

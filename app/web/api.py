@@ -133,7 +133,7 @@ async def _submit(request: web.Request, service: str) -> web.Response:
 async def _own_job(request: web.Request) -> Job:
     service = _authenticate(request)
     object_id = request.match_info["object_id"]
-    job = await request.app[keys.STORE].get(object_id) if OBJECT_ID.match(object_id) else None
+    job = await request.app[keys.STORE].reads.get(object_id) if OBJECT_ID.match(object_id) else None
     # Another service's request is "not found" too: ids cannot be probed.
     if job is None or job.service != service:
         raise web.HTTPNotFound(text=NOT_FOUND)

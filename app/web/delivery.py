@@ -234,7 +234,7 @@ class ConnectionHub:
         """Send `ws` every final of `service` still owed and not being handed to (or held by)
         another open connection. Returns how many were sent."""
         owed = []
-        for job in await self._store.owed_finals(service):
+        for job in await self._store.reads.owed_finals(service):
             held = self._awaiting_ack.get(job.object_id)
             if job.object_id in self._handing or (held is not None and self._is_open(held, service)):
                 continue
@@ -292,7 +292,7 @@ class ConnectionHub:
     async def acknowledge(self, service: str, object_id: str) -> bool:
         """The client acknowledged a final. True if it was a final of `service` (acked now or
         before); False for an unknown or unfinished request or another service's."""
-        job = await self._store.get(object_id)
+        job = await self._store.reads.get(object_id)
         if job is None or job.service != service or not job.status.is_final:
             return False
         self._awaiting_ack.pop(object_id, None)

@@ -81,7 +81,7 @@ class Intake:
         """
         store = self._store
         if job.request_key is not None:
-            original = await store.find_by_request_key(job.service, job.request_key)
+            original = await store.reads.find_by_request_key(job.service, job.request_key)
             if original is not None:
                 return await self._answer_repeat(original, job, announce)
         self._admit(job)
@@ -90,7 +90,7 @@ class Intake:
         except sqlite3.IntegrityError:
             self._admission.release(job.object_id)
             # The same key arrived twice at once: the other one was committed first.
-            original = await store.find_by_request_key(job.service, job.request_key) if job.request_key else None
+            original = await store.reads.find_by_request_key(job.service, job.request_key) if job.request_key else None
             if original is None:
                 raise
             return await self._answer_repeat(original, job, announce)

@@ -50,8 +50,8 @@ async def status(request: web.Request) -> web.Response:
         raise web.HTTPNotFound(text="The status page is off (STATUS_PAGE=0).")
     scheduler, store = request.app[keys.SCHEDULER], request.app[keys.STORE]
     detailed = _detailed_view(request)
-    jobs = await store.recent_jobs(RECENT_REQUESTS)
-    prompts = await store.prompts_of([job.object_id for job in jobs], PROMPT_CHARS) if detailed else {}
+    jobs = await store.reads.recent_jobs(RECENT_REQUESTS)
+    prompts = await store.reads.prompts_of([job.object_id for job in jobs], PROMPT_CHARS) if detailed else {}
     recent = [_recent_row(request.app[keys.RESULTS], job, prompts, detailed) for job in jobs]
     backends = scheduler.fleet.backends_status()
     mirrors = [mirror.health.as_dict() for mirror in request.app[keys.MIRRORS]]
