@@ -448,6 +448,13 @@ QUIET_LIBRARIES = ("aiosqlite", "botocore", "aiobotocore", "boto3", "s3transfer"
 
 
 def configure_logging(level: str) -> None:
+    # The log format names no thread, process or source line: not collecting them makes each
+    # record ~3 us cheaper (the logging HOWTO's "Optimization"; _srcfile = None skips the
+    # caller lookup). A few records per request are logged at INFO.
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+    logging._srcfile = None
     logging.basicConfig(
         level=level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

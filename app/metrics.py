@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -25,6 +26,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self._children: dict[tuple[Counter | Histogram, tuple[str, ...]], Any] = {}
         self.finishes: collections.deque[tuple[float, float | None, float]] = collections.deque(maxlen=FINISHES_KEPT)
         self.requests = Counter(
             "devoid_requests",
@@ -94,23 +96,32 @@ class Metrics:
         """Register gauges computed by `read_live` at each scrape."""
         self.registry.register(_LiveCollector(read_live))
 
+    def _child(self, metric: Counter | Histogram, *labels: str) -> Any:
+        """metric.labels(*labels), kept: labels() checks and locks on every call (~3 us, a
+        few times per request). Label values are bounded: services, backends, executors."""
+        key = (metric, labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def request_refused(self, code: str | None, service: str) -> None:
-        self.refused.labels(code or "invalid_request", service).inc()
+        self._child(self.refused, code or "invalid_request", service).inc()
 
     def request_accepted(self, job: Job) -> None:
-        self.accepted.labels(job.executor.value, "premium" if job.premium else "general").inc()
+        self._child(self.accepted, job.executor.value, "premium" if job.premium else "general").inc()
 
     def request_dispatched(self, job: Job, backend: str) -> None:
-        self.dispatches.labels(backend).inc()
+        self._child(self.dispatches, backend).inc()
         if job.attempts == 0 and job.interruptions == 0:
-            self.queue_wait.labels(job.executor.value, "premium" if job.premium else "general").observe(
+            self._child(self.queue_wait, job.executor.value, "premium" if job.premium else "general").observe(
                 max(0.0, time.time() - job.created_at)
             )
 
     def request_finished(self, job: Job, generation_s: float | None) -> None:
-        self.requests.labels(job.status.value, job.executor.value, job.service).inc()
+        self._child(self.requests, job.status.value, job.executor.value, job.service).inc()
         if generation_s is not None and job.backend and job.status.value == "ok":
-            self.generation.labels(job.backend).observe(generation_s)
+            self._child(self.generation, job.backend).observe(generation_s)
         if job.finished_at is not None:
             actual_s = job.finished_at - job.created_at
             self.finishes.append((job.finished_at, job.eta_s, actual_s))

@@ -74,7 +74,6 @@ def demo_server(workdir: Path, database: Path, **env: str) -> ServerProcess:
             "API_PORT": str(free_port()),
             "DATABASE_PATH": str(database),
             "IMAGES_PATH": str(workdir / "images"),
-            "LOGGING_LEVEL": "WARNING",
             **NO_LIMITS,
             **env,
         },
@@ -100,7 +99,6 @@ def balancer(folder: Path, backends: list[dict], **env: str) -> ServerProcess:
         {
             "API_PORT": str(free_port()),
             "SERVICES": f"bench:{KEY}",
-            "LOGGING_LEVEL": "WARNING",
             "DATABASE_PATH": str(folder / "db.sqlite3"),
             "EXECUTORS_FILE": str(folder / "executors.json"),
             "IMAGES_PATH": str(folder / "images"),

@@ -5,6 +5,7 @@ it would have got alone, in the order it was sent."""
 from __future__ import annotations
 
 import json
+import logging
 
 from app import keys
 from app.domain.jobs import JobStatus
@@ -21,7 +22,8 @@ async def first_answers(bot: Bot, count: int) -> list[dict]:
     ]
 
 
-async def test_a_burst_of_300_is_queued_in_the_order_sent_stored_and_run(start_backend, start_balancer):
+async def test_a_burst_of_300_is_queued_in_the_order_sent_stored_and_run(start_backend, start_balancer, caplog):
+    caplog.set_level(logging.INFO, logger="app.web.intake")
     gpu = await start_backend("automatic1111")
     gpu.state.gate.clear()
     balancer = await start_balancer([gpu], **NO_SERVICE_LIMITS)
@@ -35,6 +37,12 @@ async def test_a_burst_of_300_is_queued_in_the_order_sent_stored_and_run(start_b
     store = balancer.app[keys.STORE]
     for answer in answers:
         assert (await store.reads.get(answer["object_id"])).status in (JobStatus.QUEUED, JobStatus.GENERATING)
+
+    # The log names every request, in fewer lines: one per burst accepted together.
+    queued_lines = [r.getMessage() for r in caplog.records if r.name == "app.web.intake" and "queued" in r.getMessage()]
+    assert len(queued_lines) < 300
+    logged = " ".join(queued_lines)
+    assert all(answer["object_id"] in logged for answer in answers)
 
     gpu.state.gate.set()
     await wait_until(lambda: len(gpu.state.received) == 300, timeout_s=60)

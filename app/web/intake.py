@@ -97,6 +97,7 @@ class Intake:
         except BaseException:
             self._admission.release(job.object_id)
             raise
+        _log_queued([job])
         return await self._queue_committed(job, announce)
 
     async def accept_together(
@@ -111,6 +112,7 @@ class Intake:
         raised)."""
         # Each request's commit under way, or why it was refused; answered in arrival order.
         outcomes: list[tuple[Job, Coroutine[Any, Any, None] | Exception]] = []
+        queued: list[Job] = []
         for job in jobs:
             try:
                 self._admit(job)
@@ -138,12 +140,14 @@ class Intake:
                         commit.close()  # not awaited now: one handed to the writer is still committed
                         self._admission.release(left.object_id)
                 raise
+            queued.append(job)
             try:
                 await self._queue_committed(job, announce)
             except Exception:
                 # Committed, so it runs at the next start even so; the rest of the burst goes on,
                 # as it would with a task per request.
                 log.exception("%s was committed but could not be queued", job.object_id)
+        _log_queued(queued)
 
     def _admit(self, job: Job) -> None:
         """The limits and moderation say yes, or raise InvalidRequest."""
@@ -154,15 +158,6 @@ class Intake:
         """A committed request: its `queued` told (with the notices that follow it), then it
         joins its line."""
         scheduler = self._scheduler
-        log.info(
-            "%s queued: %s %s from %s%s (%s)",
-            job.object_id,
-            job.executor.value,
-            job.gen_type.value,
-            job.service,
-            " (premium)" if job.premium else "",
-            "private ws" if job.channel == "http" and job.origin is not None else job.channel,
-        )
         job.eta_s = scheduler.estimates.for_new(job.executor, job.premium, job.cost_units)
         job.eta_told_at = time.monotonic()
         job.eta_due = job.eta_told_at + job.eta_s if job.eta_s is not None else None
@@ -201,3 +196,21 @@ class Intake:
         else:
             await announce(answer)
         return answer
+
+
+def _log_queued(jobs: list[Job]) -> None:
+    """One log line for the requests of a burst committed together: a log record costs ~20 us
+    (made, formatted, written), a tenth of a small request's whole intake."""
+    if not jobs:
+        return
+    first = jobs[0]
+    origin = "private ws" if first.channel == "http" and first.origin is not None else first.channel
+    if len(jobs) == 1:
+        log.info("%s queued: %s from %s (%s)", first.object_id, _what(first), first.service, origin)
+    else:
+        what = ", ".join(f"{job.object_id} {_what(job)}" for job in jobs)
+        log.info("%d queued from %s (%s): %s", len(jobs), first.service, origin, what)
+
+
+def _what(job: Job) -> str:
+    return f"{job.executor.value} {job.gen_type.value}{' (premium)' if job.premium else ''}"
