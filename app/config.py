@@ -9,12 +9,14 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from app import setting_values as value
+from app.log_output import LoopPassHandler, SecondCachedFormatter
 
 
 class ConfigError(Exception):
@@ -455,18 +457,15 @@ def configure_logging(level: str) -> None:
     logging.logProcesses = False
     logging.logMultiprocessing = False
     logging._srcfile = None
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    handler = LoopPassHandler(sys.stderr)  # lines written once per pass of the event loop
+    handler.setFormatter(SecondCachedFormatter())
+    logging.basicConfig(level=level, handlers=[handler])
     for name in QUIET_LIBRARIES:
         logging.getLogger(name).setLevel(max(logging.INFO, logging.getLevelName(level)))
 
 
 if __name__ == "__main__":
     # `python -m app.config [--check | --write]`: the settings docs (app/settings_docs.py).
-    import sys
-
     from app.settings_docs import main
 
     sys.exit(main(sys.argv[1:]))

@@ -114,6 +114,8 @@ def on_stop_signals(stop: Callable[[str], None]) -> None:
 
     def handle(name: str) -> None:
         if received:
+            for handler in logging.getLogger().handlers:
+                handler.flush()  # log lines waiting for the end of this loop pass (log_output.py)
             print(
                 f"devoid: {name} again during shutdown: exiting now; queued and running requests "
                 "resume at the next start",
