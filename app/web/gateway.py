@@ -189,8 +189,8 @@ class _Connection:
             return held
         if not held and job.request_key is None and len(frame) < LARGE_PAYLOAD_CHARS:
             # The usual request: accepted together with those arriving in this pass of the
-            # loop, by one task (Intake.accept_together). A text this short mostly carries a
-            # payload kept in its row; the store also takes one kept in a file there.
+            # loop, by one task (Intake.accept_together). A frame this short carries a payload
+            # kept in its row; the store would also take one kept in a file there.
             if not self._arrived:
                 asyncio.get_running_loop().call_soon(self._accept_arrived)
             self._arrived.append(job)
