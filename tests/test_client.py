@@ -137,8 +137,17 @@ async def test_ctrl_c_cancels_the_request_in_one_line(tmp_path, slow_demo_server
     object_id = first_line.split()[1]
     await asyncio.wait_for(client.stderr.readline(), 15)  # queued: the server has it
     client.send_signal(signal.SIGINT)
-    async with asyncio.timeout(15):
-        stdout, stderr = await client.communicate()
+    try:
+        async with asyncio.timeout(15):
+            stdout, stderr = await client.communicate()
+    except TimeoutError:
+        # Say what each side was doing: the client's lines so far, the server's last ones.
+        client.kill()
+        _, stderr = await client.communicate()
+        raise AssertionError(
+            f"the client did not exit within 15 s of Ctrl-C.\nclient:\n{stderr.decode()[-2000:]}\n"
+            f"server:\n{server.log()[-4000:]}"
+        ) from None
     assert client.returncode == 130
     assert stderr.decode().strip().splitlines()[-1] == f"error: interrupted; request {object_id} cancelled"
     assert "Traceback" not in stderr.decode()
