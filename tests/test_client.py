@@ -38,12 +38,23 @@ async def demo_server(tmp_path, unused_tcp_port_factory):
     await server.stop()
 
 
-async def start_client(cwd: Path, *args: str) -> asyncio.subprocess.Process:
+# The client as started from a terminal, where Ctrl-C is not ignored. A process started in the
+# background by a non-interactive shell (`cmd &`) inherits SIGINT ignored, and Python then
+# leaves it ignored, so a test run that way could not interrupt the client at all.
+FROM_A_TERMINAL = (
+    "import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "runpy.run_module('app.client', run_name='__main__', alter_sys=True)"
+)
+
+
+async def start_client(cwd: Path, *args: str, ctrl_c: bool = False) -> asyncio.subprocess.Process:
+    """The command-line client as a process; with `ctrl_c`, one that Ctrl-C (SIGINT) reaches
+    whatever the test run's own signal state."""
     env = {key: value for key, value in os.environ.items() if key not in ("DEVOID_URL", "API_HOST", "API_PORT")}
+    how = ["-c", FROM_A_TERMINAL] if ctrl_c else ["-m", "app.client"]
     return await asyncio.create_subprocess_exec(
         sys.executable,
-        "-m",
-        "app.client",
+        *how,
         *args,
         cwd=cwd,
         env={**env, "PYTHONPATH": str(REPO_ROOT)},
@@ -132,7 +143,7 @@ async def slow_demo_server(tmp_path, unused_tcp_port_factory):
 
 async def test_ctrl_c_cancels_the_request_in_one_line(tmp_path, slow_demo_server):
     server = slow_demo_server
-    client = await start_client(tmp_path, "slow", "--url", server.base_url)
+    client = await start_client(tmp_path, "slow", "--url", server.base_url, ctrl_c=True)
     first_line = (await asyncio.wait_for(client.stderr.readline(), 15)).decode()
     object_id = first_line.split()[1]
     await asyncio.wait_for(client.stderr.readline(), 15)  # queued: the server has it
