@@ -7,8 +7,8 @@ the frame to a file and fsync it, commit a row), the floor on this machine.
 
 Repeats are interleaved (this server, naive, group, this server, ...) so a slow minute of the
 machine hits every contestant. Printed per figure: min / median / max over the repeats. With
---profile (needs py-spy), one extra run of this server is sampled and its hottest functions
-printed.
+--profile (needs py-spy), one extra run of this server per kind of request is sampled and its
+hottest functions printed.
 
 Usage: .venv/bin/python -m bench.intake [--requests N] [--images N] [--repeats N] [--profile]
 """
@@ -34,7 +34,7 @@ import aiohttp
 from app.demo_backends import DemoBackendState
 from bench.core import KEY, free_port, start_backend, start_server
 from bench.processes import wait_until_answering
-from bench.sampling import PY_SPY_MISSING, Sampler, cpu_seconds, print_loop_profile
+from bench.sampling import PY_SPY_MISSING, Sampler, cpu_seconds, hottest, print_loop_profile
 
 PEER_SCRIPT = Path(__file__).with_name("peer_server.py")
 
@@ -125,7 +125,13 @@ class PeerProcess:
 
 
 async def run_ours(
-    folder: Path, connections: int, total: int, profile_to: Path | None = None, image: str | None = None
+    folder: Path,
+    connections: int,
+    total: int,
+    profile_to: Path | None = None,
+    image: str | None = None,
+    *,
+    gil_only: bool = False,
 ) -> tuple[float, float]:
     state = DemoBackendState()
     state.gate.clear()  # the backend holds every job: only intake is measured
@@ -133,7 +139,7 @@ async def run_ours(
     server = await start_server(folder, url)
     spy = None
     if profile_to is not None:
-        spy = Sampler(server.process.pid, profile_to)
+        spy = Sampler(server.process.pid, profile_to, gil=gil_only)
         await asyncio.sleep(1.0)
     try:
         return await drive(server.base_url, server.process.pid, connections, total, image)
@@ -205,6 +211,13 @@ async def main() -> None:
             profile = root / "profile.txt"
             await run_ours(root / "profiled", 50, args.requests, profile_to=profile)
             print_loop_profile(profile, "this server, 50 connections")
+            # 1 MB requests are parsed, checked and written in worker threads, all bound by the
+            # GIL: what holds it, in any thread.
+            images_profile = root / "images-profile.txt"
+            await run_ours(root / "profiled-images", 4, args.images, images_profile, image, gil_only=True)
+            print("\nthis server, 1 MB img2img requests, self time by function while holding the GIL (py-spy --gil):")
+            for line in hottest(images_profile):
+                print("  " + line)
 
 
 if __name__ == "__main__":

@@ -23,14 +23,17 @@ def cpu_seconds(pid: int, thread: int | None = None) -> float:
 
 
 class Sampler:
-    """py-spy recording `pid` into `profile_to` until stopped; nothing when py-spy is missing."""
+    """py-spy recording `pid` into `profile_to` until stopped; nothing when py-spy is missing.
+    With `gil`, only the thread holding the GIL is sampled: where a process bound by the GIL
+    spends it (threads waiting in C calls otherwise show as busy)."""
 
-    def __init__(self, pid: int, profile_to: Path) -> None:
+    def __init__(self, pid: int, profile_to: Path, *, gil: bool = False) -> None:
         self.profile_to = profile_to
         self.process: subprocess.Popen | None = None
         if shutil.which("py-spy") is not None:
             self.process = subprocess.Popen(
-                ["py-spy", "record", "--format", "raw", "--rate", "250", "-o", str(profile_to), "--pid", str(pid)],
+                ["py-spy", "record", "--format", "raw", "--rate", "250", "-o", str(profile_to), "--pid", str(pid)]
+                + (["--gil"] if gil else []),
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
