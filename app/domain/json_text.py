@@ -35,9 +35,7 @@ def loads(text: str | bytes, *, max_depth: int | None = None, **stdlib_options: 
     try:
         value = orjson.loads(text)
     except orjson.JSONDecodeError:
-        # Bytes are UTF-8 here (json would also guess UTF-16 and UTF-32); not UTF-8 raises
-        # UnicodeDecodeError, a ValueError.
-        value = json.loads(text.decode("utf-8") if isinstance(text, bytes) else text, **stdlib_options)
+        value = _stdlib_loads(text, stdlib_options)
         if max_depth is not None and _scan(value, max_depth)[0]:
             raise TooDeep(max_depth) from None
         return value
@@ -51,9 +49,13 @@ def loads(text: str | bytes, *, max_depth: int | None = None, **stdlib_options: 
     too_deep, big_number = _scan(value, max_depth)
     if too_deep:
         raise TooDeep(max_depth)
-    if big_number:
-        return json.loads(text.decode("utf-8") if isinstance(text, bytes) else text, **stdlib_options)
-    return value
+    return _stdlib_loads(text, stdlib_options) if big_number else value
+
+
+def _stdlib_loads(text: str | bytes, options: dict[str, Any]) -> Any:
+    """json.loads, with bytes read as UTF-8 (json would also guess UTF-16 and UTF-32); bytes
+    that are not UTF-8 raise UnicodeDecodeError, a ValueError."""
+    return json.loads(text.decode("utf-8") if isinstance(text, bytes) else text, **options)
 
 
 def _scan(document: Any, max_depth: int | None) -> tuple[bool, bool]:
