@@ -74,14 +74,15 @@ class PayloadFiles:
     def path(self, object_id: str) -> Path:
         return self.folder / f"{object_id}{SUFFIX}"
 
-    async def write(self, object_id: str, payload: Any) -> int:
+    async def write(self, object_id: str, payload: Any, payload_json: bytes | None = None) -> int:
         """Store a payload durably; returns the bytes of its JSON. Off the event loop: its
-        serialization, and a megabyte's write and fsync."""
+        serialization (unless `payload_json` is given), and a megabyte's write and fsync."""
         async with self._one_writer:
-            return await asyncio.to_thread(self._write, self.path(object_id), payload)
+            return await asyncio.to_thread(self._write, self.path(object_id), payload, payload_json)
 
-    def _write(self, path: Path, payload: Any) -> int:
-        payload_json = json_text.dumps_bytes(payload)
+    def _write(self, path: Path, payload: Any, payload_json: bytes | None) -> int:
+        if payload_json is None:
+            payload_json = json_text.dumps_bytes(payload)
         # No temporary name: until its row is committed nothing reads the file, and a torn
         # one left by a crash is an orphan the next start deletes.
         with self._buffer_lock:

@@ -207,13 +207,14 @@ class Store:
         payload_json = json_text.dumps_bytes(job.payload)
         job.payload_chars = len(payload_json)
         if job.has_large_payload:  # large without one long string (many fields, non-ASCII text)
-            return self._add_with_payload_file(job)
+            return self._add_with_payload_file(job, payload_json)
         return self._submit_change(job, self._insert(job, payload_json.decode(), in_file=False))
 
-    async def _add_with_payload_file(self, job: Job) -> None:
+    async def _add_with_payload_file(self, job: Job, payload_json: bytes | None = None) -> None:
         # On disk before the row that says it is there (payload_files.py). Serialized by the
-        # file's writer thread: megabytes of JSON are no work for the event loop.
-        job.payload_chars = await self._payload_files.write(job.object_id, job.payload)
+        # file's writer thread unless it already was: megabytes of JSON are no work for the
+        # event loop.
+        job.payload_chars = await self._payload_files.write(job.object_id, job.payload, payload_json)
         try:
             await self._commit_change(job, self._insert(job, json_text.dumps(outline(job.payload)), in_file=True))
         except Exception:
