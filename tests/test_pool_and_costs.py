@@ -11,7 +11,7 @@ import pytest
 from app.backends.base import Backend, BackendSpec
 from app.domain.costs import REFERENCE_UNITS_PER_S, initial_units_per_s, payload_cost_units
 from app.domain.jobs import ExecutorType, GenType, Job
-from app.engine.placement import PLACEMENT_WINDOW, next_placement, where_done_first
+from app.engine.placement import PASSED_OVER_LIMIT, PLACEMENT_WINDOW, next_placement, where_done_first
 from app.engine.pool import BackendSlot, BackendState, ExecutorPool
 from tests.conftest import new_job
 
@@ -146,6 +146,32 @@ def test_a_large_job_waits_a_moment_for_the_fast_gpu_while_a_small_one_takes_the
 
     fast.free()
     assert next_placement(pool) == (large, fast)
+
+
+def test_a_large_job_passed_by_many_small_ones_still_waits_for_the_fast_gpu_but_not_forever():
+    slow, fast = busy_slot("slow", 1.0, 0.0), busy_slot("fast", 4.0, 1.0)  # the fast one frees in 1 s
+    slow.job = None
+    pool = idle_pool(slow, fast)
+    large = job_of(40.0)  # 11 s on the fast GPU, 40 s on the slow one
+    queue_jobs(pool, large)
+
+    def small_job_passes() -> None:
+        small = job_of(0.5)
+        queue_jobs(pool, small)
+        assert next_placement(pool) == (small, slow)
+        slow.free()
+
+    # Small jobs arriving behind it take the slow GPU, one after another; the large job keeps
+    # counting on the fast one, well past the placement window...
+    for _ in range(PLACEMENT_WINDOW + 1):
+        small_job_passes()
+    assert next_placement(pool) is None
+    # ...up to the limit on passes, after which it takes the first free backend: its wait
+    # for a better one cannot go on for ever.
+    for _ in range(PASSED_OVER_LIMIT - PLACEMENT_WINDOW - 1):
+        small_job_passes()
+    assert large.passed_over == PASSED_OVER_LIMIT
+    assert next_placement(pool) == (large, slow)
 
 
 def test_a_job_further_back_than_the_window_takes_a_free_backend_at_once():
