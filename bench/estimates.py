@@ -63,24 +63,41 @@ class Sent:
 @dataclass
 class Trace:
     requests: list[tuple[float, dict, bool]] = field(default_factory=list)  # (offset s, payload, premium)
+    arrivals_per_s: float = 0.0  # the Poisson part's rate
 
 
-def build_trace(arrivals: int, burst: int, seed: int, premium_share: float = PREMIUM_SHARE) -> Trace:
+def build_trace(
+    arrivals: int, burst: int, seed: int, premium_share: float = PREMIUM_SHARE, burst_after: int | None = None
+) -> Trace:
+    """`arrivals` Poisson arrivals at LOAD, then `burst` requests at once a second after the
+    last; or, with `burst_after`, the burst a second after that many arrivals, and the rest of
+    the flow a second later than it would have been (the same requests either way)."""
     rng = random.Random(seed)
     payloads = []
     for number in range(arrivals + burst):
-        width, height = rng.choice(SIZES)
-        payloads.append({"prompt": f"trace {number}", "steps": rng.randint(20, 50), "width": width, "height": height})
+        payloads.append(draw_payload(rng, number))
     mean_cost = statistics.mean(cost(p) for p in payloads)
     capacity_per_s = BASE_UNITS_PER_S * sum(SPEEDS.values()) / mean_cost
     rate = LOAD * capacity_per_s
-    trace, clock = Trace(), 0.0
+    trace, clock = Trace(arrivals_per_s=rate), 0.0
     for payload in payloads[:arrivals]:
         clock += rng.expovariate(rate)
         trace.requests.append((clock, payload, rng.random() < premium_share))
-    for payload in payloads[arrivals:]:  # a burst, all at once, after the trace
-        trace.requests.append((clock + 1.0, payload, rng.random() < premium_share))
+    burst_requests = [(clock + 1.0, payload, rng.random() < premium_share) for payload in payloads[arrivals:]]
+    if burst_after is None or burst_after >= arrivals:
+        trace.requests += burst_requests
+        return trace
+    flow, rest = trace.requests[:burst_after], trace.requests[burst_after:]
+    at = flow[-1][0] + 1.0 if flow else 1.0
+    trace.requests = flow + [(at, p, premium) for _, p, premium in burst_requests]
+    trace.requests += [(offset + 1.0, p, premium) for offset, p, premium in rest]
     return trace
+
+
+def draw_payload(rng: random.Random, number: int) -> dict:
+    """One request of the trace's mix: one of SIZES, 20-50 steps."""
+    width, height = rng.choice(SIZES)
+    return {"prompt": f"trace {number}", "steps": rng.randint(20, 50), "width": width, "height": height}
 
 
 def cost(payload: dict) -> float:

@@ -5,6 +5,7 @@ a second per seed instead of a minute, and none of a live run's timing noise (ev
 a busy machine), so two versions can be compared on many seeds.
 
 It also takes the error apart. Besides the trace as it is, it replays the same arrivals
+- with the burst amid the flow rather than at its end (BURST_AMID);
 - with no premium requests (nothing can arrive later and pass a waiting one): the error left
   by the generation times' +-10 % noise alone;
 - with exact generation times (no noise): the error left by the requests that arrive later
@@ -13,7 +14,10 @@ It also takes the error apart. Besides the trace as it is, it replays the same a
   for long lines, speeds still being learned).
 
 What is not replayed: the time from a backend's answer to the final answer (the live bench
-measures it: ~6-10 ms here) and the time before `queued` is sent.
+measures it: ~6-10 ms here) and the time before `queued` is sent. Requests that arrive at the
+same moment (the burst) are replayed as one read, each estimate knowing those after it, as the
+server's estimates know the requests whose commit is under way (app/engine/estimates.py).
+For the least error any estimate could have on this trace: bench/estimate_floor.py.
 
 How: `time.monotonic` is replaced in this process by the replay's clock; nothing else is.
 
@@ -24,7 +28,7 @@ from __future__ import annotations
 
 import argparse
 import heapq
-import itertools
+import math
 import random
 import statistics
 import time
@@ -34,13 +38,17 @@ from app.backends.base import Backend, BackendSpec
 from app.domain.ids import new_object_id
 from app.domain.jobs import ExecutorType, GenType, Job
 from app.engine.placement import next_placement
-from app.engine.pool import BackendSlot, ExecutorPool
+from app.engine.pool import BackendSlot, ExecutorPool, Later
 from bench.estimates import BASE_UNITS_PER_S, NOISE, PREMIUM_SHARE, SPEEDS, build_trace, cost
 from bench.heterogeneous import is_premium, mixed_jobs, premium_share
 
 A1111 = ExecutorType.AUTOMATIC1111
 WARM_UP = 20  # the first requests, while speeds are still being learned, are left out
 BURST_SEEDS = 100
+# The trace ends with its burst, so the requests of its last seconds see none of the arrivals
+# their estimates expect from the flow so far. Replayed also with the flow going on after the
+# burst (placed after this many arrivals), as it would in service.
+BURST_AMID = 300
 # A restart reads back each backend's last jobs (Scheduler.start): as many jobs done count.
 RESTORED_JOBS = 10
 CLOCK_START = 1000.0
@@ -55,10 +63,95 @@ class Told:
     done_at: float = 0.0
 
 
-def replay(seed: int, noise: float, premium_share: float) -> list[Told]:
+def replay(seed: int, noise: float, premium_share: float, burst_after: int | None = None) -> list[Told]:
     """The trace through a pool of SPEEDS backends; each request's estimate and outcome."""
-    trace = build_trace(400, 60, seed, premium_share)
+    trace = build_trace(400, 60, seed, premium_share, burst_after)
     return play(trace.requests, BASE_UNITS_PER_S, noise, seed)[WARM_UP:]
+
+
+class Replay:
+    """A pool of SPEEDS backends on the replay's clock: requests arrive (`arrive`), backends
+    finish their jobs (queued in `finishes`, run by `finish_next`), and after each the
+    dispatcher runs (`dispatch`). A job's time on a backend is its cost over the backend's true
+    speed, times a uniform draw within +-`noise` from that backend's own seeded sequence.
+
+    Speeds are learned from scratch, or, `speeds_known`, known from the start (as after a
+    restart: the last jobs of each backend are read back from SQLite). `dispatched`, if given,
+    gets whether each job dispatched while both classes waited was premium, in dispatch order.
+    Everything it holds can be copied (copy.deepcopy) to play a copy forward another way
+    (bench/estimate_floor.py)."""
+
+    def __init__(
+        self,
+        units_per_s_1x: float,
+        noise: float,
+        seed: int,
+        dispatched: list[bool] | None = None,
+        speeds_known: bool = False,
+    ) -> None:
+        self.pool = ExecutorPool(A1111, (1, 3))
+        self.noise = noise
+        self.dispatched = dispatched
+        self.true_speed: dict[str, float] = {}
+        self.noise_of: dict[str, random.Random] = {}
+        for number, (name, factor) in enumerate(SPEEDS.items()):
+            spec = BackendSpec(name=name, exec_type=A1111, endpoint="http://127.0.0.1:1", gpu="unknown")
+            slot = BackendSlot.for_backend(Backend(spec, session=None))  # type: ignore[arg-type]
+            slot.up = slot.probed = True
+            self.pool.slots.append(slot)
+            self.true_speed[name] = units_per_s_1x * factor
+            if speeds_known:
+                slot.units_per_s, slot.jobs_done = self.true_speed[name], RESTORED_JOBS
+            self.noise_of[name] = random.Random(seed + number)
+        # (when it ends, tie-break, the job, its backend, its seconds there)
+        self.finishes: list[tuple[float, int, Job, BackendSlot, float]] = []
+        self._order = 0
+
+    def arrive(
+        self, payload: dict, premium: bool, later: Later | None = None, estimate: bool = True
+    ) -> tuple[Job, float]:
+        """A request arrives now: its job and the estimate it is told (0 unless `estimate`),
+        knowing `later`: those after it in the same burst."""
+        job = new_request(payload, premium)
+        eta_s = self.pool.eta_for_new(premium, job.cost_units, later) if estimate else 0.0
+        assert eta_s is not None
+        self.pool.note_arrival(job)
+        self.pool.queue.push(job)
+        self.dispatch()
+        return job, eta_s
+
+    def finish_next(self) -> Job:
+        """The next backend to finish does: the clock moves to then. Returns its job."""
+        _clock[0], _, job, slot, seconds = heapq.heappop(self.finishes)
+        slot.free()
+        slot.record_success(job.cost_units, seconds)
+        self.pool.calibrate_unlearned()
+        self.dispatch()
+        return job
+
+    def next_finish_at(self) -> float:
+        return self.finishes[0][0] if self.finishes else math.inf
+
+    def dispatch(self) -> None:
+        pool = self.pool
+        while True:
+            both_waited = pool.queue.waiting(True) > 0 and pool.queue.waiting(False) > 0
+            placed = next_placement(pool)
+            if placed is None:
+                return
+            job, slot = placed
+            slot.job, slot.started_monotonic = job, _clock[0]
+            pool.arrivals.started(job)
+            if self.dispatched is not None and both_waited:
+                self.dispatched.append(job.premium)
+            noise = self.noise
+            factor = self.noise_of[slot.name].uniform(1 - noise, 1 + noise) if noise else 1.0
+            self.run_for(job, slot, job.cost_units / self.true_speed[slot.name] * factor)
+
+    def run_for(self, job: Job, slot: BackendSlot, seconds: float) -> None:
+        """`job`, started on `slot` at slot.started_monotonic, ends `seconds` after."""
+        self._order += 1
+        heapq.heappush(self.finishes, (slot.started_monotonic + seconds, self._order, job, slot, seconds))
 
 
 def play(
@@ -69,65 +162,44 @@ def play(
     dispatched: list[bool] | None = None,
     speeds_known: bool = False,
 ) -> list[Told]:
-    """`requests` ((offset s, payload, premium), in order) through a pool of SPEEDS backends
-    whose speeds it learns from scratch, or, `speeds_known`, knows from the start (as after a
-    restart: the last jobs of each backend are read back from SQLite); each request's estimate
-    and outcome. `dispatched`, if given, gets whether each job dispatched while both classes
-    waited was premium, in dispatch order."""
-    pool = ExecutorPool(A1111, (1, 3))
-    true_speed: dict[int, float] = {}
-    noise_of: dict[int, random.Random] = {}
-    for number, (name, factor) in enumerate(SPEEDS.items()):
-        spec = BackendSpec(name=name, exec_type=A1111, endpoint="http://127.0.0.1:1", gpu="unknown")
-        slot = BackendSlot.for_backend(Backend(spec, session=None))  # type: ignore[arg-type]
-        slot.up = slot.probed = True
-        pool.slots.append(slot)
-        true_speed[id(slot)] = units_per_s_1x * factor
-        if speeds_known:
-            slot.units_per_s, slot.jobs_done = true_speed[id(slot)], RESTORED_JOBS
-        noise_of[id(slot)] = random.Random(seed + number)
-    order = itertools.count()
-    events: list[tuple[float, int, object]] = []  # (when, tie-break, a request or a finished job)
+    """`requests` ((offset s, payload, premium), in order) through a Replay; each request's
+    estimate and outcome."""
+    replay = Replay(units_per_s_1x, noise, seed, dispatched, speeds_known)
     # Each replay on the same clock readings, whatever ran before it: float sums at another
     # offset round differently, and a near tie can then go the other way.
     _clock[0] = start = CLOCK_START
-    for offset, payload, premium in requests:
-        heapq.heappush(events, (start + offset, next(order), (payload, premium)))
     told: dict[str, Told] = {}
-
-    def dispatch() -> None:
-        while True:
-            both_waited = pool.queue.waiting(True) > 0 and pool.queue.waiting(False) > 0
-            placed = next_placement(pool)
-            if placed is None:
-                return
-            job, slot = placed
-            slot.job, slot.started_monotonic = job, _clock[0]
-            pool.arrivals.started(job)
-            if dispatched is not None and both_waited:
-                dispatched.append(job.premium)
-            factor = noise_of[id(slot)].uniform(1 - noise, 1 + noise) if noise else 1.0
-            seconds = job.cost_units / true_speed[id(slot)] * factor
-            heapq.heappush(events, (_clock[0] + seconds, next(order), (job, slot, seconds)))
-
-    while events:
-        _clock[0], _, event = heapq.heappop(events)
-        if len(event) == 2:  # a request arrives
-            payload, premium = event
-            job = new_request(payload, premium)
-            eta_s = pool.eta_for_new(premium, job.cost_units)
-            assert eta_s is not None
+    laters = later_in_bursts(requests)
+    arriving = iter(zip(requests, laters, strict=True))
+    upcoming = next(arriving, None)
+    while upcoming is not None or replay.finishes:
+        # A request arriving when a backend finishes comes first.
+        if upcoming is not None and start + upcoming[0][0] <= replay.next_finish_at():
+            (offset, payload, premium), later = upcoming
+            _clock[0] = start + offset
+            job, eta_s = replay.arrive(payload, premium, later)
             told[job.object_id] = Told(premium, eta_s, _clock[0] - start)
-            pool.note_arrival(job)
-            pool.queue.push(job)
-        else:  # a backend finished
-            job, slot, seconds = event
-            slot.free()
-            slot.record_success(job.cost_units, seconds)
-            pool.calibrate_unlearned()
-            told[job.object_id].done_at = _clock[0] - start
-        dispatch()
+            upcoming = next(arriving, None)
+        else:
+            finished = replay.finish_next()  # (the clock moves: before the line below reads it)
+            told[finished.object_id].done_at = _clock[0] - start
     return list(told.values())
+
+
+def later_in_bursts(requests: list[tuple[float, dict, bool]]) -> list[Later]:
+    """For each request, those of the other class after it that arrive at the same moment:
+    a burst the server reads at once, as one websocket read holds many requests."""
+    laters: list[Later] = []
+    counts = {False: 0, True: 0}
+    units = {False: 0.0, True: 0.0}
+    at = None
+    for offset, payload, premium in reversed(requests):
+        if offset != at:
+            counts, units, at = {False: 0, True: 0}, {False: 0.0, True: 0.0}, offset
+        laters.append(Later(counts[not premium], units[not premium]))
+        counts[premium] += 1
+        units[premium] += cost(payload)
+    return laters[::-1]
 
 
 def burst_makespan(seed: int, speeds_known: bool, jobs: int = 60, ideal_s: float = 30.0) -> float:
@@ -193,13 +265,14 @@ def main() -> None:
     print(f"relative error of the `queued` estimate, {len(seeds)} seeds, median / p90 / p99")
     print(f"{'replayed':40} {'all':>22} {'premium':>22} {'general':>22}")
     cases = {
-        "the trace": (NOISE, PREMIUM_SHARE),
-        "no premium: generation noise alone": (NOISE, 0.0),
-        "exact times: later arrivals alone": (0.0, PREMIUM_SHARE),
-        "neither": (0.0, 0.0),
+        "the trace": (NOISE, PREMIUM_SHARE, None),
+        "the trace, its burst amid the flow": (NOISE, PREMIUM_SHARE, BURST_AMID),
+        "no premium: generation noise alone": (NOISE, 0.0, None),
+        "exact times: later arrivals alone": (0.0, PREMIUM_SHARE, None),
+        "neither": (0.0, 0.0, None),
     }
-    for name, (noise, share_of_premium) in cases.items():
-        rows = [row for seed in seeds for row in replay(seed, noise, share_of_premium)]
+    for name, (noise, share_of_premium, burst_after) in cases.items():
+        rows = [row for seed in seeds for row in replay(seed, noise, share_of_premium, burst_after)]
         errors = {
             group: [abs(r.told_s - (r.done_at - r.arrived_at)) / (r.done_at - r.arrived_at) for r in picked]
             for group, picked in {

@@ -150,3 +150,35 @@ async def test_a_restart_starts_with_the_speeds_learned_before_it(start_backend,
     bot = await restarted.connect("telegram")
     queued = await bot.submit(request_message("automatic1111", "text2img", {"prompt": "after", "steps": 10}))
     assert queued["avg_time"] < 1.0
+
+
+async def test_a_general_request_is_told_it_waits_for_the_premium_ones_sent_right_after_it(
+    start_backend, start_balancer
+):
+    gpu = await start_backend("automatic1111")
+    gpu.state.gate.clear()
+    balancer = await start_balancer([gpu], GENERAL_PREMIUM_RATIO="1 3", MAX_USER_REQUESTS=0)
+    bot = await balancer.connect("telegram")
+    large = {"steps": 50, "width": 1024, "height": 1024}
+    first = await bot.submit(request_message("automatic1111", "text2img", {"prompt": "first", **large}))
+
+    # One general request, then three premium ones, sent in one go: read and committed
+    # together. The ratio (premium, premium, general, premium, ...) lets two of them go first,
+    # so the general one is told to wait for those two.
+    burst = [("general", 0), ("premium 1", 1), ("premium 2", 1), ("premium 3", 1)]
+    for prompt, premium in burst:
+        await bot.send(request_message("automatic1111", "text2img", {"prompt": prompt, **large}, premium=premium))
+    told = {}
+    for _ in burst:
+        queued = await bot.next_message(lambda m: m.get("gen_status") == "queued")
+        told[queued["object_id"]] = queued["avg_time"]
+    prompt_of = dict(zip(told, (prompt for prompt, _ in burst), strict=True))
+    by_estimate = sorted(told, key=told.__getitem__)
+    assert [prompt_of[object_id] for object_id in by_estimate] == ["premium 1", "premium 2", "general", "premium 3"]
+
+    # And so it goes: the GPU runs them in the order of their estimates.
+    gpu.state.gate.set()
+    for object_id in [first["object_id"], *told]:
+        assert (await bot.final(object_id))["gen_status"] == "ok"
+    ran = [call.body["prompt"] for call in gpu.state.received]
+    assert ran == ["first"] + [prompt_of[object_id] for object_id in by_estimate]

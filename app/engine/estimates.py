@@ -2,7 +2,12 @@
 a new one (`info` `eta`) whenever it has moved by more than the larger of ETA_CHANGE_SHARE of
 it and ETA_CHANGE_S, checked every ETA_REFRESH_S, at most once every ETA_MIN_INTERVAL_S per
 request. The estimates themselves are the pools' (ExecutorPool.eta_for_new and
-waiting_estimates); a failing one is logged and never stops a request or the revisions."""
+waiting_estimates); a failing one is logged and never stops a request or the revisions.
+
+A new request's estimate also counts the requests of the other class whose commit is under way
+as it is told (Committing): they join the line right after it, and the ratio lets them pass
+it. In a burst those are the rest of the burst; without them its general requests were told
+too little and its last ones too much (bench/scheduling_replay.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ import time
 from collections.abc import Callable
 
 from app.domain.jobs import ExecutorType, Job
-from app.engine.pool import ExecutorPool
+from app.engine.pool import ExecutorPool, Later
 
 log = logging.getLogger(__name__)
 
@@ -29,17 +34,20 @@ class Estimates:
     def __init__(self, pools: dict[ExecutorType, ExecutorPool], tell: Callable[[Job, float], None]) -> None:
         self._pools = pools
         self._tell = tell
+        self.committing = Committing()
         self._revisions: asyncio.Task[None] | None = None
 
-    def for_new(self, executor: ExecutorType, premium: bool, cost_units: float) -> float | None:
+    def for_new(self, job: Job) -> float | None:
         """The estimate told with `queued`; None when there is none. Intake asks after the
         request is committed and before it is queued: an estimate that fails (a bug in it) is
         logged and the request goes on without one, rather than being left committed but not
         in line until the next start."""
+        self.committing.discard(job)
         try:
-            return self._pools[executor].eta_for_new(premium, cost_units)
+            later = self.committing.of_class(job.executor, not job.premium)
+            return self._pools[job.executor].eta_for_new(job.premium, job.cost_units, later)
         except Exception:
-            log.exception("the estimate for a new %s request failed; it is queued without one", executor.value)
+            log.exception("the estimate for a new %s request failed; it is queued without one", job.executor.value)
             return None
 
     def start(self) -> None:
@@ -66,3 +74,33 @@ class Estimates:
                     if moved > max(ETA_CHANGE_SHARE * eta_s, ETA_CHANGE_S):
                         job.eta_due, job.eta_told_at = now + eta_s, now
                         self._tell(job, round(eta_s, 1))
+
+
+class Committing:
+    """The requests admitted at intake whose commit is under way (not in line yet), counted per
+    executor type and class: intake adds each as it is admitted and discards it when it is
+    refused or told its estimate."""
+
+    def __init__(self) -> None:
+        self._jobs: dict[str, Job] = {}
+        self._counts: dict[tuple[ExecutorType, bool], int] = {}
+        self._units: dict[tuple[ExecutorType, bool], float] = {}
+
+    def add(self, job: Job) -> None:
+        if job.object_id in self._jobs:
+            return
+        self._jobs[job.object_id] = job
+        key = (job.executor, job.premium)
+        self._counts[key] = self._counts.get(key, 0) + 1
+        self._units[key] = self._units.get(key, 0.0) + job.cost_units
+
+    def discard(self, job: Job) -> None:
+        if self._jobs.pop(job.object_id, None) is None:
+            return
+        key = (job.executor, job.premium)
+        self._counts[key] -= 1
+        self._units[key] = self._units[key] - job.cost_units if self._counts[key] else 0.0
+
+    def of_class(self, executor: ExecutorType, premium: bool) -> Later | None:
+        count = self._counts.get((executor, premium), 0)
+        return Later(count, self._units[(executor, premium)]) if count else None

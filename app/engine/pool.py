@@ -236,6 +236,15 @@ class _Replay:
         return self.free_s[index]
 
 
+@dataclass(frozen=True, slots=True)
+class Later:
+    """What a new request's estimate knows of the requests after it in the same burst: how
+    many of the other class, and their cost in all."""
+
+    other: int
+    other_units: float
+
+
 class ExecutorPool:
     """One executor type: its queue and its backends."""
 
@@ -338,7 +347,7 @@ class ExecutorPool:
         rate times the share of such arrivals measured to pass (app/engine/arrivals.py)."""
         return self.arrivals.rate(not premium) * self.arrivals.passing_share(premium)
 
-    def eta_for_new(self, premium: bool, cost_units: float) -> float | None:
+    def eta_for_new(self, premium: bool, cost_units: float, later: Later | None = None) -> float | None:
         """Seconds until a request of this class and cost, queued now, is expected to be done;
         None when no backend of this type is in service.
 
@@ -352,9 +361,11 @@ class ExecutorPool:
         first, up to REPLAYED_ROUNDS per backend; beyond those (or when more than twice as
         many go first) they count as work spread over the pool's total speed. An intake so
         costs at most a forecast of a few jobs per backend, whatever the line's length.
-        Then the other class's requests expected to arrive while it waits and to pass it (as
-        far as the ratio leaves them room) add the mean cost of that class's recent arrivals,
-        spread over the pool; and the time results lately took from backend answer to final.
+        Then the other class's requests that pass it (as far as the ratio leaves them room)
+        add their cost, spread over the pool: first those `later` in the same burst, known
+        already (intake estimates a burst once all of it is read), then those expected to
+        arrive while it waits, at the mean cost of that class's recent arrivals. Last, the
+        time results lately took from backend answer to final.
         """
         serving = self.in_service()
         if not serving:
@@ -378,15 +389,21 @@ class ExecutorPool:
         # Requests of the other class expected to arrive while this one waits and to pass it,
         # as an expected (fractional) count: each that passes makes the wait longer, in which
         # more arrive, so it is iterated a few rounds towards the fixed point.
+        total_speed = sum(slot.units_per_s for slot in serving)
+        known_s = 0.0
+        if later is not None and later.other and starts_s > 0:
+            known = min(room, later.other)
+            room -= known
+            known_s = known * later.other_units / later.other / total_speed
         rate, passing = self._passing_rate(premium), 0.0
         arriving_units = self.arrivals.mean_units(not premium) or self.queue.mean_units(not premium) or cost_units
-        each_s = arriving_units / sum(slot.units_per_s for slot in serving)
+        each_s = arriving_units / total_speed
         for _ in range(PASSING_ROUNDS):
-            more = min(float(room), rate * (starts_s + passing * each_s))
+            more = min(float(room), rate * (starts_s + known_s + passing * each_s))
             if abs(more - passing) < 0.05:
                 break
             passing = more
-        return round(done_s + passing * each_s + self.finishing_s, 2)
+        return round(done_s + known_s + passing * each_s + self.finishing_s, 2)
 
     def _replayed(
         self, premium: bool, cost_units: float, same: int, other: int, serving: list[BackendSlot]

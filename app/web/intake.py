@@ -88,14 +88,14 @@ class Intake:
         try:
             await store.add(job)
         except sqlite3.IntegrityError:
-            self._admission.release(job.object_id)
+            self._drop(job)
             # The same key arrived twice at once: the other one was committed first.
             original = await store.reads.find_by_request_key(job.service, job.request_key) if job.request_key else None
             if original is None:
                 raise
             return await self._answer_repeat(original, job, announce)
         except BaseException:
-            self._admission.release(job.object_id)
+            self._drop(job)
             raise
         _log_queued([job])
         return await self._queue_committed(job, announce)
@@ -122,7 +122,7 @@ class Intake:
             try:
                 outcomes.append((job, self._store.submit_add(job)))
             except Exception as exc:  # the store is closed (shutdown)
-                self._admission.release(job.object_id)
+                self._drop(job)
                 outcomes.append((job, exc))
         for index, (job, outcome) in enumerate(outcomes):
             if isinstance(outcome, Exception):
@@ -131,14 +131,14 @@ class Intake:
             try:
                 await outcome
             except Exception as exc:
-                self._admission.release(job.object_id)
+                self._drop(job)
                 await refused(job, exc)
                 continue
             except BaseException:
                 for left, commit in outcomes[index:]:
                     if not isinstance(commit, Exception):
                         commit.close()  # not awaited now: one handed to the writer is still committed
-                        self._admission.release(left.object_id)
+                        self._drop(left)
                 raise
             queued.append(job)
             try:
@@ -153,12 +153,19 @@ class Intake:
         """The limits and moderation say yes, or raise InvalidRequest."""
         job.cost_units = job_cost_units(job)  # stored with it: the queue is rebuilt without payloads
         self._admission.admit(job)
+        # Until it is told its estimate, the estimates of the others count it (estimates.py).
+        self._scheduler.estimates.committing.add(job)
+
+    def _drop(self, job: Job) -> None:
+        """An admitted request that was not committed (or not accepted after all)."""
+        self._admission.release(job.object_id)
+        self._scheduler.estimates.committing.discard(job)
 
     async def _queue_committed(self, job: Job, announce: Announce) -> dict[str, Any]:
         """A committed request: its `queued` told (with the notices that follow it), then it
         joins its line."""
         scheduler = self._scheduler
-        job.eta_s = scheduler.estimates.for_new(job.executor, job.premium, job.cost_units)
+        job.eta_s = scheduler.estimates.for_new(job)
         job.eta_told_at = time.monotonic()
         job.eta_due = job.eta_told_at + job.eta_s if job.eta_s is not None else None
         queued = short_response(job, "queued", job.eta_s)
