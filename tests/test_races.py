@@ -1,9 +1,12 @@
 """Cancels and storage faults that land at awkward moments: a cancel during a retry's wait
 touches no other job, a cancel while the answer is being stored is answered "too late" and
-the request still gets its one final, and a database that stops taking writes delays requests
-(with one notice) instead of silencing them until a restart."""
+the request still gets its one final, a database that stops taking writes delays requests
+(with one notice) instead of silencing them until a restart, and a burst it cannot store is
+refused at once, readably."""
 
 from __future__ import annotations
+
+import logging
 
 from app import keys
 from app.domain.lifecycle import Phase
@@ -93,3 +96,36 @@ async def test_requests_resume_without_a_restart_once_the_database_takes_writes_
     assert sum(1 for m in bot.received if m.get("info_type") == "storage_retry") == 2
     store = balancer.app[keys.STORE]
     assert [(await store.reads.get(r["object_id"])).attempts for r in (running, waiting)] == [1, 1]
+
+
+async def test_a_burst_the_database_cannot_store_is_refused_readably_and_leaves_nothing_behind(
+    start_backend, start_balancer, caplog
+):
+    caplog.set_level(logging.WARNING, logger="app.storage.group_commit")
+    gpu, balancer, bot = await a_gpu_that_holds_its_jobs(start_backend, start_balancer)
+    running = await bot.submit(request_message("kandinsky", "text2img", {"prompt": "running"}))
+    await bot.next_message(lambda m: m.get("gen_status") == "generating")  # its claim is committed
+
+    with database_refusing_writes(balancer.config.database_path):
+        for prompt, premium in (("general", 0), ("premium 1", 1), ("premium 2", 1)):
+            await bot.send(request_message("kandinsky", "text2img", {"prompt": prompt}, premium=premium))
+        refusals = [await bot.next_message(lambda m: m.get("gen_status") == "error", timeout_s=20) for _ in range(3)]
+    assert [r["payload"]["prompt"] for r in refusals] == ["general", "premium 1", "premium 2"]
+    for refusal in refusals:
+        assert refusal["code"] == "not_stored"
+        assert refusal["result"]["content"].startswith("The request could not be stored, it was not queued:")
+        assert "database is locked" in refusal["result"]["content"]
+    # The burst was tried in one transaction, which waited out the lock once: each of its
+    # requests alone would only have waited for the same lock again.
+    failed = [r for r in caplog.records if "write transaction" in r.getMessage()]
+    assert len(failed) == 1, [r.getMessage() for r in failed]
+    # None of them is counted anywhere: not against the user, not in the next one's estimate.
+    assert len(balancer.app[keys.SCHEDULER].estimates.committing) == 0
+    assert (await balancer.app[keys.STORE].reads.get(refusals[0]["object_id"])) is None
+
+    after = await bot.submit(request_message("kandinsky", "text2img", {"prompt": "after"}))
+    assert after["gen_status"] == "queued"
+    gpu.state.gate.set()
+    for queued in (running, after):
+        assert (await bot.final(queued["object_id"]))["gen_status"] == "ok"
+    assert [call.body["prompt"] for call in gpu.state.received] == ["running", "after"]

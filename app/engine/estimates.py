@@ -86,6 +86,9 @@ class Committing:
         self._counts: dict[tuple[ExecutorType, bool], int] = {}
         self._units: dict[tuple[ExecutorType, bool], float] = {}
 
+    def __len__(self) -> int:
+        return len(self._jobs)
+
     def add(self, job: Job) -> None:
         if job.object_id in self._jobs:
             return

@@ -3,14 +3,18 @@
 Every write of the store is a unit of statements that must commit together. Units wait in a
 queue; one writer task takes whatever has gathered (up to `max_batch_rows` statements) and
 commits it in a single transaction, so one fsync (synchronous=FULL) serves many requests. A
-unit that fails inside a batch does not fail its neighbours: the batch is retried unit by unit.
-Once submitted, a unit is committed even if its caller is cancelled.
+unit that fails inside a batch does not fail its neighbours: the batch is retried unit by unit,
+unless the database itself refused it (sqlite3.OperationalError: locked by another process,
+full, read-only, an I/O error), which fails every unit of the batch at once, each with that
+error: a unit alone would only wait out the same lock again. Once submitted, a unit is
+committed even if its caller is cancelled.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -96,9 +100,10 @@ class GroupWriter:
         try:
             await self._run_transaction([s for unit in batch for s in unit.statements])
         except Exception as exc:
-            if len(batch) == 1:
-                if not batch[0].done.done():
-                    batch[0].done.set_exception(exc)
+            if len(batch) == 1 or isinstance(exc, sqlite3.OperationalError):
+                for unit in batch:
+                    if not unit.done.done():
+                        unit.done.set_exception(exc)
                 return
             # One bad unit must not fail its neighbours: retry each on its own.
             for unit in batch:
