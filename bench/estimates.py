@@ -14,6 +14,7 @@ Times are scaled down (a 512x512, 30-step job takes about 0.3 s on the 1x backen
 takes about a minute.
 
 Usage: .venv/bin/python -m bench.estimates [--arrivals 400] [--burst 60] [--seed 11] [--premium-share 0.25]
+       [--cool-down 150]
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ class Sent:
     generating_at: float | None = None
     final_at: float | None = None
     burst: bool = False
+    cool_down: bool = False  # after the trace, keeping the flow going: not measured
     warm_up: bool = False
     after_restart: bool = False
 
@@ -64,14 +66,26 @@ class Sent:
 class Trace:
     requests: list[tuple[float, dict, bool]] = field(default_factory=list)  # (offset s, payload, premium)
     arrivals_per_s: float = 0.0  # the Poisson part's rate
+    burst: range = range(0)  # the burst's places in `requests`
+    measured: int = 0  # the first this many are measured; those after them only keep the flow going
 
 
 def build_trace(
-    arrivals: int, burst: int, seed: int, premium_share: float = PREMIUM_SHARE, burst_after: int | None = None
+    arrivals: int,
+    burst: int,
+    seed: int,
+    premium_share: float = PREMIUM_SHARE,
+    burst_after: int | None = None,
+    cool_down: int = 0,
 ) -> Trace:
     """`arrivals` Poisson arrivals at LOAD, then `burst` requests at once a second after the
     last; or, with `burst_after`, the burst a second after that many arrivals, and the rest of
-    the flow a second later than it would have been (the same requests either way)."""
+    the flow a second later than it would have been (the same requests either way).
+
+    `cool_down` more arrivals of the same flow follow, not to be measured: without them the
+    flow stops dead with the trace, and the estimates of its last requests count on arrivals
+    (premium ones passing them) that a flow in service would bring. Drawn apart, so the
+    measured requests are the same with or without them."""
     rng = random.Random(seed)
     payloads = []
     for number in range(arrivals + burst):
@@ -85,12 +99,20 @@ def build_trace(
         trace.requests.append((clock, payload, rng.random() < premium_share))
     burst_requests = [(clock + 1.0, payload, rng.random() < premium_share) for payload in payloads[arrivals:]]
     if burst_after is None or burst_after >= arrivals:
+        trace.burst = range(arrivals, arrivals + burst)
         trace.requests += burst_requests
-        return trace
-    flow, rest = trace.requests[:burst_after], trace.requests[burst_after:]
-    at = flow[-1][0] + 1.0 if flow else 1.0
-    trace.requests = flow + [(at, p, premium) for _, p, premium in burst_requests]
-    trace.requests += [(offset + 1.0, p, premium) for offset, p, premium in rest]
+    else:
+        flow, rest = trace.requests[:burst_after], trace.requests[burst_after:]
+        at = flow[-1][0] + 1.0 if flow else 1.0
+        trace.burst = range(burst_after, burst_after + burst)
+        trace.requests = flow + [(at, p, premium) for _, p, premium in burst_requests]
+        trace.requests += [(offset + 1.0, p, premium) for offset, p, premium in rest]
+    trace.measured = len(trace.requests)
+    later_rng, clock = random.Random(seed + 1_000_000), max(offset for offset, _, _ in trace.requests)
+    for number in range(cool_down):
+        clock += later_rng.expovariate(rate)
+        payload = draw_payload(later_rng, arrivals + burst + number)
+        trace.requests.append((clock, payload, later_rng.random() < premium_share))
     return trace
 
 
@@ -134,7 +156,14 @@ async def run(trace: Trace, seed: int, warm_up: int, after_restart: int) -> list
                 await server.start()
                 try:
                     records += await play(
-                        server.base_url, requests, durations, warm_up, restarted=phase == 1, first_id=phase * 100_000
+                        server.base_url,
+                        requests,
+                        durations,
+                        warm_up,
+                        restarted=phase == 1,
+                        first_id=phase * 100_000,
+                        burst=trace.burst,
+                        measured=trace.measured,
                     )
                 finally:
                     await server.stop()
@@ -152,6 +181,8 @@ async def play(
     *,
     restarted: bool,
     first_id: int,
+    burst: range,
+    measured: int,
 ) -> list[Sent]:
     """Send `requests` at their offsets and follow each to its final answer."""
     sent: dict[str, Sent] = {}
@@ -171,7 +202,8 @@ async def play(
                     record = Sent(
                         premium,
                         cost(payload),
-                        burst=not restarted and number >= len(requests) - 60,
+                        burst=not restarted and number in burst,
+                        cool_down=number >= measured,
                         warm_up=not restarted and number < warm_up,
                         after_restart=restarted,
                     )
@@ -222,7 +254,7 @@ def report(records: list[Sent]) -> None:
                 out.append(abs(value - actual) / actual)
         return out
 
-    after = [r for r in records if not r.warm_up and not r.after_restart]
+    after = [r for r in records if not r.warm_up and not r.after_restart and not r.cool_down]
     groups = {
         "all": after,
         "premium": [r for r in after if r.premium],
@@ -251,8 +283,14 @@ async def main() -> None:
     parser.add_argument(
         "--after-restart", type=int, default=10, help="requests replayed after a restart on the same database"
     )
+    parser.add_argument(
+        "--cool-down",
+        type=int,
+        default=0,
+        help="arrivals of the same flow after the trace, not measured (build_trace); e.g. 150",
+    )
     args = parser.parse_args()
-    trace = build_trace(args.arrivals, args.burst, args.seed, args.premium_share)
+    trace = build_trace(args.arrivals, args.burst, args.seed, args.premium_share, cool_down=args.cool_down)
     records = await run(trace, args.seed, warm_up=20, after_restart=args.after_restart)
     report(records)
 
