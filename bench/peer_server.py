@@ -112,13 +112,15 @@ def make_app(mode: str, path: str) -> web.Application:
     folder.mkdir(exist_ok=True)
     one_file_writer = asyncio.Lock()
     app = web.Application()
+    # The group writer, made by the first connection (it needs the running loop).
+    shared: dict[str, GroupWriter] = {}
 
     async def handler(request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(decode_text=mode != "files")
         await ws.prepare(request)
-        writer = request.app.get("writer")
+        writer = shared.get("writer")
         if mode != "naive" and writer is None:
-            writer = request.app["writer"] = GroupWriter(db)
+            writer = shared["writer"] = GroupWriter(db)
 
         async def accept(text: str) -> None:
             message = json.loads(text)
