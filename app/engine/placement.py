@@ -54,9 +54,10 @@ HOLD_MARGIN = 0.1
 # ones; past this many passes it takes the first free backend, whatever its size. At 8 (the
 # window) that sent the largest job of some bursts to a 1x GPU just before the 4x one freed.
 # 100 seeded bursts of 60 on speeds 1, 1, 2, 4 (bench/scheduling_replay.py), makespan / ideal:
-# with 8, 6 past 1.03 (worst 1.11), and 7 of them started with the speeds known (worst 1.25);
-# with 10, 16, 20 or no limit, 2 (worst 1.05) and 1 or 2 (1.09). The replayed estimates' p99
-# went 0.51 -> 0.53; the premium share and its longest run past a general job did not move.
+# with 8, 6 ended past 1.03x (worst 1.11x), and 7 when they started with the speeds known
+# (worst 1.25x); with 10, 16, 20 or no limit, 2 (worst 1.05x) and 1 or 2 (1.09x). The
+# replayed estimates' p99 went 0.51 -> 0.53; the premium share and its longest run past a
+# general job did not move.
 PASSED_OVER_LIMIT = 2 * PLACEMENT_WINDOW
 # Largest first applies once no more than this many jobs per backend in service wait...
 # 3 rather than 2 since the backlog rule below keeps it out of steady flows: the burst of 60

@@ -238,8 +238,9 @@ class _Replay:
 
 @dataclass(frozen=True, slots=True)
 class Later:
-    """What a new request's estimate knows of the requests after it in the same burst: how
-    many of the other class, and their cost in all."""
+    """The requests of the other class known to join the line right after a new one (their
+    commit is under way as it is estimated: the rest of a burst it came in, estimates.py
+    Committing): how many, and their cost in all."""
 
     other: int
     other_units: float
@@ -362,10 +363,10 @@ class ExecutorPool:
         many go first) they count as work spread over the pool's total speed. An intake so
         costs at most a forecast of a few jobs per backend, whatever the line's length.
         Then the other class's requests that pass it (as far as the ratio leaves them room)
-        add their cost, spread over the pool: first those `later` in the same burst, known
-        already (intake estimates a burst once all of it is read), then those expected to
-        arrive while it waits, at the mean cost of that class's recent arrivals. Last, the
-        time results lately took from backend answer to final.
+        add their cost, spread over the pool: first those known to join the line right
+        after it (`later`), unless it starts at once; then those expected to arrive while it
+        waits, at the mean cost of that class's recent arrivals. Last, the time results lately
+        took from backend answer to final.
         """
         serving = self.in_service()
         if not serving:
@@ -386,15 +387,17 @@ class ExecutorPool:
             starts_s, done_s = start.start_s, start.done_s
         else:
             starts_s, done_s = self._replayed(premium, cost_units, same, other, serving)
-        # Requests of the other class expected to arrive while this one waits and to pass it,
-        # as an expected (fractional) count: each that passes makes the wait longer, in which
-        # more arrive, so it is iterated a few rounds towards the fixed point.
+        # Requests of the other class known to join the line right after this one pass it as
+        # far as the ratio leaves them room, unless it starts at once.
         total_speed = sum(slot.units_per_s for slot in serving)
         known_s = 0.0
         if later is not None and later.other and starts_s > 0:
             known = min(room, later.other)
             room -= known
             known_s = known * later.other_units / later.other / total_speed
+        # Then those expected to arrive while it waits and to pass it, as an expected
+        # (fractional) count: each that passes makes the wait longer, in which more arrive,
+        # so it is iterated a few rounds towards the fixed point.
         rate, passing = self._passing_rate(premium), 0.0
         arriving_units = self.arrivals.mean_units(not premium) or self.queue.mean_units(not premium) or cost_units
         each_s = arriving_units / total_speed
