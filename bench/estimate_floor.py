@@ -12,12 +12,13 @@ still to come and when the burst is), so what follows is a floor, not an estimat
 
 An estimate t is off by at most x exactly when the outcome lies within [t/(1+x), t/(1-x)].
 So for each request, the largest share of its played-forward outcomes that one such window
-holds is the most any estimate can get within x of it. Summed over requests, one minus that
-share is the fewest requests (on average) any estimate misses by more than x; the issue's
-targets (median 0.10, p90 0.25, p99 0.6) allow 50 %, 10 % and 1 %.
+holds is the most any estimate can get within x of it (with few samples, more than that:
+the floor comes out lower, never higher). Summed over requests, one minus that share is the
+fewest requests (on average) any estimate misses by more than x; the targets (median 0.10,
+p90 0.25, p99 0.6) allow 50 %, 10 % and 1 %.
 
 Usage: .venv/bin/python -m bench.estimate_floor [--seeds 11-13] [--samples 30]
-(about 30 s per seed and 10 samples on this machine)
+(about 70 s per seed at 30 samples on this machine)
 """
 
 from __future__ import annotations
