@@ -4,8 +4,8 @@ Every write of the store is a unit of statements that must commit together. Unit
 queue; one writer task takes whatever has gathered (up to `max_batch_rows` statements) and
 commits it in a single transaction, so one fsync (synchronous=FULL) serves many requests. A
 unit that fails inside a batch does not fail its neighbours: the batch is retried unit by unit,
-unless the database itself refused it (sqlite3.OperationalError: locked by another process,
-full, read-only, an I/O error), which fails every unit of the batch at once, each with that
+unless the database itself refused it (busy or locked by another process, read-only, full, an
+I/O error: REFUSED_BY_DATABASE), which fails every unit of the batch at once, each with that
 error: a unit alone would only wait out the same lock again. Once submitted, a unit is
 committed even if its caller is cancelled.
 """
@@ -28,6 +28,19 @@ log = logging.getLogger(__name__)
 MAX_BATCH_ROWS = 128
 
 Statement = tuple[str, Sequence[Any]]
+
+# SQLite's primary result codes for a refusal of the whole database, whichever unit asked.
+REFUSED_BY_DATABASE = frozenset(
+    {
+        sqlite3.SQLITE_BUSY,
+        sqlite3.SQLITE_LOCKED,
+        sqlite3.SQLITE_READONLY,
+        sqlite3.SQLITE_IOERR,
+        sqlite3.SQLITE_CORRUPT,
+        sqlite3.SQLITE_FULL,
+        sqlite3.SQLITE_CANTOPEN,
+    }
+)
 
 
 class StoreClosed(RuntimeError):
@@ -100,7 +113,7 @@ class GroupWriter:
         try:
             await self._run_transaction([s for unit in batch for s in unit.statements])
         except Exception as exc:
-            if len(batch) == 1 or isinstance(exc, sqlite3.OperationalError):
+            if len(batch) == 1 or _refused_by_database(exc):
                 for unit in batch:
                     if not unit.done.done():
                         unit.done.set_exception(exc)
@@ -134,3 +147,8 @@ class GroupWriter:
             raise
         self.commits += 1
         self.rows_written += len(statements)
+
+
+def _refused_by_database(exc: Exception) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return isinstance(exc, sqlite3.Error) and code is not None and code & 0xFF in REFUSED_BY_DATABASE
