@@ -80,15 +80,10 @@ def play_forward(replay: Replay, object_id: str, future: list[tuple[float, dict,
         redrawn.append((slot.started_monotonic + seconds, order, job, slot, seconds))
     heapq.heapify(redrawn)
     ahead.finishes = redrawn
-    arriving = iter(future)
-    upcoming = next(arriving, None)
-    while True:
-        if upcoming is not None and upcoming[0] <= ahead.next_finish_at():
-            _clock[0] = upcoming[0]
-            ahead.arrive(upcoming[1], upcoming[2], estimate=False)
-            upcoming = next(arriving, None)
-        elif ahead.finish_next().object_id == object_id:
+    for number, job, _ in ahead.run(future, estimate=False):
+        if number is None and job.object_id == object_id:
             return _clock[0]
+    raise AssertionError(f"{object_id} never finished")
 
 
 def most_within(outcomes: list[float], error: float) -> float:
@@ -104,27 +99,22 @@ def replay_with_floor(seed: int, samples: int) -> list[Request]:
     rng = random.Random(seed * 1000)
     _clock[0] = start = CLOCK_START
     requests: dict[str, tuple[Request, float]] = {}
-    arriving = iter(enumerate(zip(trace.requests, later_in_bursts(trace.requests), strict=True)))
-    upcoming = next(arriving, None)
-    while upcoming is not None or replay.finishes:
-        if upcoming is not None and start + upcoming[1][0][0] <= replay.next_finish_at():
-            number, ((offset, payload, premium), later) = upcoming
-            _clock[0] = arrived_at = start + offset
-            job, told_s = replay.arrive(payload, premium, later)
-            request = Request(premium, told_s)
-            if number >= WARM_UP:
-                outcomes = []
-                for _ in range(samples):
-                    future = still_to_come(trace, number, arrived_at, rng)
-                    outcomes.append(play_forward(replay, job.object_id, future, rng) - arrived_at)
-                    _clock[0] = arrived_at
-                request.reachable = {error: most_within(outcomes, error) for error in TARGETS}
-            requests[job.object_id] = (request, arrived_at)
-            upcoming = next(arriving, None)
-        else:
-            finished = replay.finish_next()
-            request, arrived_at = requests[finished.object_id]
+    timed = [(start + offset, payload, premium) for offset, payload, premium in trace.requests]
+    for number, job, told_s in replay.run(timed, later_in_bursts(trace.requests)):
+        if number is None:
+            request, arrived_at = requests[job.object_id]
             request.outcome_s = _clock[0] - arrived_at
+            continue
+        arrived_at = _clock[0]
+        request = Request(job.premium, told_s)
+        if number >= WARM_UP:
+            outcomes = []
+            for _ in range(samples):
+                future = still_to_come(trace, number, arrived_at, rng)
+                outcomes.append(play_forward(replay, job.object_id, future, rng) - arrived_at)
+                _clock[0] = arrived_at
+            request.reachable = {error: most_within(outcomes, error) for error in TARGETS}
+        requests[job.object_id] = (request, arrived_at)
     return [request for request, _ in requests.values() if request.reachable is not None]
 
 

@@ -33,6 +33,7 @@ import math
 import random
 import statistics
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from app.backends.base import Backend, BackendSpec
@@ -139,6 +140,25 @@ class Replay:
     def next_finish_at(self) -> float:
         return self.finishes[0][0] if self.finishes else math.inf
 
+    def run(
+        self,
+        requests: list[tuple[float, dict, bool]],
+        laters: list[Later] | None = None,
+        estimate: bool = True,
+    ) -> Iterator[tuple[int | None, Job, float]]:
+        """Play `requests` ((when, on the replay's clock; payload; premium), in order) and
+        every backend's finish, in time order, the clock at each: yields (its number in
+        `requests`, its job, its estimate) once a request is queued, (None, the job, 0.0) once
+        a backend finished one. A request arriving when a backend finishes comes first."""
+        for number, (at, payload, premium) in enumerate(requests):
+            while self.next_finish_at() < at:
+                yield None, self.finish_next(), 0.0
+            _clock[0] = at
+            job, eta_s = self.arrive(payload, premium, laters[number] if laters else None, estimate)
+            yield number, job, eta_s
+        while self.finishes:
+            yield None, self.finish_next(), 0.0
+
     def dispatch(self) -> None:
         pool = self.pool
         while True:
@@ -176,20 +196,12 @@ def play(
     # offset round differently, and a near tie can then go the other way.
     _clock[0] = start = CLOCK_START
     told: dict[str, Told] = {}
-    laters = later_in_bursts(requests)
-    arriving = iter(zip(requests, laters, strict=True))
-    upcoming = next(arriving, None)
-    while upcoming is not None or replay.finishes:
-        # A request arriving when a backend finishes comes first.
-        if upcoming is not None and start + upcoming[0][0] <= replay.next_finish_at():
-            (offset, payload, premium), later = upcoming
-            _clock[0] = start + offset
-            job, eta_s = replay.arrive(payload, premium, later)
-            told[job.object_id] = Told(premium, eta_s, _clock[0] - start)
-            upcoming = next(arriving, None)
+    timed = [(start + offset, payload, premium) for offset, payload, premium in requests]
+    for number, job, eta_s in replay.run(timed, later_in_bursts(requests)):
+        if number is None:
+            told[job.object_id].done_at = _clock[0] - start
         else:
-            finished = replay.finish_next()  # (the clock moves: before the line below reads it)
-            told[finished.object_id].done_at = _clock[0] - start
+            told[job.object_id] = Told(job.premium, eta_s, _clock[0] - start)
     return list(told.values())
 
 
