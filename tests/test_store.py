@@ -4,11 +4,13 @@ write, and one bad write that fails alone."""
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 
 import pytest
 
 from app.domain.jobs import GenType, JobStatus
+from app.mirrors.records import request_record
 from app.storage.migrations import MIGRATIONS_DIR, apply_migrations, migration_files
 from app.storage.store import Store, connect
 from tests.conftest import new_job
@@ -72,6 +74,62 @@ async def test_concurrent_writes_are_grouped_and_all_committed(tmp_path):
         stored = {row[0] for row in db.execute("SELECT object_id FROM requests")}
     assert stored == {job.object_id for job in jobs}
     assert commits < 50  # 500 rows, grouped into few transactions
+
+
+@pytest.mark.parametrize("mirrored", [False, True], ids=["alone", "with its MongoDB records"])
+async def test_a_burst_stored_together_reads_back_request_for_request(tmp_path, mirrored):
+    # Requests committed together go in as few multi-row INSERTs: no field may land in a
+    # neighbour's row, whatever the burst's size (299 = 128 + 128 + 32 + 8 + 2 + 1 rows).
+    # Mirrored, each request's record for MongoDB is queued with it, in the same order.
+    store = await Store.open(tmp_path / "burst.sqlite3", record_of=request_record if mirrored else None)
+    jobs = [
+        new_job(
+            service=f"bot{number % 3}",
+            premium=number % 4 == 0,
+            settings={"premium": int(number % 4 == 0)},
+            service_info={"user_id": number, "chat_id": -number},
+            payload={"prompt": f"prompt {number}", "steps": 20 + number % 30},
+            channel="http" if number % 5 == 0 else "ws",
+            request_key=f'"key-{number}"' if number % 7 == 0 else None,
+        )
+        for number in range(299)
+    ]
+    for number, job in enumerate(jobs):
+        job.cost_units = 1000.0 + number
+    commits_before = store.commits
+    await asyncio.gather(*(store.add(job) for job in jobs))
+    # In a few transactions: none failed and had its requests written again one by one.
+    assert store.commits - commits_before < 10
+    for job in jobs:
+        stored = await store.reads.get(job.object_id)
+        assert stored is not None
+        assert (
+            stored.service,
+            stored.premium,
+            stored.settings,
+            stored.service_info,
+            stored.payload,
+            stored.channel,
+            stored.request_key,
+            stored.cost_units,
+        ) == (
+            job.service,
+            job.premium,
+            job.settings,
+            job.service_info,
+            job.payload,
+            job.channel,
+            job.request_key,
+            job.cost_units,
+        )
+    await store.close()
+    if mirrored:
+        with sqlite3.connect(tmp_path / "burst.sqlite3") as db:
+            queued = [
+                json.loads(document)["object_id"]
+                for (document,) in db.execute("SELECT document FROM outbox ORDER BY id")
+            ]
+        assert queued == [job.object_id for job in jobs]
 
 
 async def test_one_bad_write_fails_alone(tmp_path):
