@@ -82,3 +82,24 @@ async def test_a_request_whose_payload_is_large_only_in_utf8_is_queued_within_a_
     assert [answer["gen_status"] for answer in answers] == ["queued"] * 3
     await wait_until(lambda: len(gpu.state.received) == 3)
     assert sorted(call.body["prompt"] for call in gpu.state.received) == sorted(["before", prompt, "after"])
+
+
+async def test_a_bot_pipelining_past_what_one_connection_may_hold_pending_gets_every_request_queued(
+    start_backend, start_balancer
+):
+    # 800 requests of 30 KB: 24 MB, past the 16 MB one connection may have between receipt
+    # and `queued` (gateway.MAX_PENDING_BYTES). The server stops reading the socket until
+    # earlier requests are committed: nothing is refused, and the order holds.
+    gpu = await start_backend("automatic1111")
+    gpu.state.gate.clear()
+    balancer = await start_balancer([gpu], **NO_SERVICE_LIMITS)
+    bot = await balancer.connect("telegram")
+    for n in range(800):
+        prompt = f"long prompt {n} " + "x" * 30_000
+        await bot.send(request_message("automatic1111", "text2img", {"prompt": prompt}, user_id=n))
+
+    answers = await first_answers(bot, 800)
+    assert [answer["gen_status"] for answer in answers] == ["queued"] * 800
+    assert [answer["service_info"]["user_id"] for answer in answers] == list(range(800))
+    store = balancer.app[keys.STORE]
+    assert (await store.reads.get(answers[-1]["object_id"])).payload["prompt"].startswith("long prompt 799 ")

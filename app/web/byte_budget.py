@@ -1,4 +1,5 @@
-"""A server-wide budget for large messages between receipt and commit.
+"""A budget of message bytes between receipt and commit: server-wide for large messages, and
+per connection for all it sends (app/web/gateway.py, MAX_PENDING_BYTES).
 
 Each large message (an img2img image) is held several times over while it is parsed, checked
 and committed; without a bound, a few connections pipelining 15 MB frames took the process

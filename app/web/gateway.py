@@ -27,6 +27,7 @@ from app.domain.ids import new_object_id
 from app.domain.jobs import LARGE_PAYLOAD_CHARS, Job
 from app.domain.lifecycle import CancelOutcome
 from app.domain.secrets_match import secret_matches
+from app.web.byte_budget import ByteBudget
 from app.web.corked_transport import CorkedTransport
 from app.web.schemas import (
     bounded_errors,
@@ -42,9 +43,15 @@ log = logging.getLogger(__name__)
 
 Read = TypeVar("Read")  # what a reader given to read_off_the_loop_if_long returns
 
-# Requests one connection may have between receipt and their `queued` answer. Past this the
-# gateway stops reading that socket until commits catch up (backpressure, bounded memory).
-MAX_PENDING_ACCEPTS = 512
+# What one connection may have between receipt and the `queued` answers: each request counts
+# its frame's bytes, at least PENDING_CHARGE_MIN, so at most 2,048 small requests or 16 MiB of
+# larger ones. Past this the gateway stops reading that socket until commits catch up
+# (backpressure, bounded memory). With one connection pipelining small requests, 2,048 rather
+# than 512 in flight let batches grow from ~160 to ~320 requests and intake from 5,500-6,100
+# to 6,150-7,200 requests/s (3 of 4 interleaved runs), at less CPU per request; the most one
+# connection holds fell from 512 frames of up to 256 KiB (128 MiB) to 16 MiB.
+MAX_PENDING_BYTES = 16 * 1024 * 1024
+PENDING_CHARGE_MIN = 8 * 1024
 # aiohttp drops a connection whose frame passes its limit, and the client only sees the
 # close. Frames up to twice MAX_MESSAGE_BYTES are read and refused with a readable answer.
 FRAME_LIMIT_FACTOR = 2
@@ -140,10 +147,12 @@ class _Connection:
         # Requests sent on a private connection are answered only to their own client.
         self._channel = "http" if private else "ws"
         self._limit = app[keys.CONFIG].max_message_bytes
-        self._slots = asyncio.Semaphore(MAX_PENDING_ACCEPTS)
+        self._pending = ByteBudget(MAX_PENDING_BYTES)
         self._accepts: set[asyncio.Task[None]] = set()
-        # Requests read in the current pass of the loop, accepted together at its end.
+        # Requests read in the current pass of the loop, accepted together at its end, and
+        # what they hold of the pending budget.
         self._arrived: list[Job] = []
+        self._arrived_charge = 0
 
     async def on_text(self, frame: bytes) -> None:
         """One text frame, as its UTF-8 bytes."""
@@ -177,9 +186,9 @@ class _Connection:
             await hub.send_to(self._ws, self._rejection(exc))
             return held
         # Commits are grouped: accepting concurrently lets one transaction carry many requests.
-        await self._slots.acquire()
-        if hub.closing:  # shutdown has begun (perhaps while this waited for a free slot)
-            self._slots.release()
+        charge = await self._pending.take(max(len(frame), PENDING_CHARGE_MIN))
+        if hub.closing:  # shutdown has begun (perhaps while this waited for room)
+            self._pending.give(charge)
             await hub.send_to(
                 self._ws,
                 self._rejection(
@@ -194,21 +203,23 @@ class _Connection:
             if not self._arrived:
                 asyncio.get_running_loop().call_soon(self._accept_arrived)
             self._arrived.append(job)
+            self._arrived_charge += charge
             return 0
-        self._start(self._accept(job, held), slots=1)
+        self._start(self._accept(job, held), charge)
         return 0
 
     def _accept_arrived(self) -> None:
         if self._arrived:
-            jobs, self._arrived = self._arrived, []
-            self._start(self._accept_together(jobs), slots=len(jobs))
+            jobs, charge, self._arrived, self._arrived_charge = self._arrived, self._arrived_charge, [], 0
+            self._start(self._accept_together(jobs), charge)
 
-    def _start(self, accepting: Coroutine[Any, Any, None], slots: int) -> None:
-        """Run an accept (holding `slots` of this connection's) as a task the shutdown waits for."""
+    def _start(self, accepting: Coroutine[Any, Any, None], charge: int) -> None:
+        """Run an accept (holding `charge` of this connection's pending budget) as a task the
+        shutdown waits for."""
         task = asyncio.create_task(accepting)
         self._accepts.add(task)
         self._app[keys.HUB].accepts.add(task)
-        task.add_done_callback(functools.partial(self._accept_done, slots))
+        task.add_done_callback(functools.partial(self._accept_done, charge))
 
     async def _on_action(self, message: dict) -> None:
         """Additive client actions, each answered with an info message of its name:
@@ -233,11 +244,10 @@ class _Connection:
             self._ws, info_message("cancel", CANCEL_ANSWERS[outcome], object_id=object_id, outcome=outcome.value)
         )
 
-    def _accept_done(self, slots: int, task: asyncio.Task[None]) -> None:
+    def _accept_done(self, charge: int, task: asyncio.Task[None]) -> None:
         self._accepts.discard(task)
         self._app[keys.HUB].accepts.discard(task)
-        for _ in range(slots):
-            self._slots.release()
+        self._pending.give(charge)
 
     async def _accept(self, job: Job, held: int) -> None:
         try:
