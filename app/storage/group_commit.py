@@ -195,7 +195,7 @@ def _execute_run(connection: sqlite3.Connection, sql: str, rows: list[Sequence[A
     is busy. Beside a busy thread, 128 single-row inserts took 200 ms that way and one
     128-row insert 15 ms (1 ms either way beside an idle one)."""
     insert = _single_row_insert(sql)
-    if insert is None or len(rows) == 1:
+    if insert is None or len(rows) == 1 or isinstance(rows[0], dict):
         connection.executemany(sql, rows)
         return
     # Chunks of a power of two rows: a handful of statement texts, each prepared once.
@@ -214,10 +214,13 @@ def _execute_run(connection: sqlite3.Connection, sql: str, rows: list[Sequence[A
 
 # Rows per multi-row INSERT (also held under SQLite's limit on parameters per statement).
 MAX_ROWS_PER_INSERT = 128
-# `INSERT INTO <table> (...) VALUES (<no parentheses inside>)`, nothing after: the form whose
-# VALUES can be repeated.
+# `INSERT INTO <table> (...) VALUES (...)`, nothing after, its values plain `?` placeholders,
+# numbers, quoted strings or NULL: the form whose VALUES can be repeated (a named or numbered
+# placeholder would bind one row's value in every row).
+_VALUE = r"(?:\?|-?\d+(?:\.\d+)?|'[^']*'|NULL)"
 _SINGLE_ROW_INSERT = re.compile(
-    r"^\s*INSERT\s+INTO\s+(\w+)\b[^;]*\bVALUES\s*(\([^()]*\))\s*$", re.IGNORECASE | re.DOTALL
+    rf"^\s*INSERT\s+INTO\s+(\w+)\b[^;]*\bVALUES\s*(\(\s*{_VALUE}(?:\s*,\s*{_VALUE})*\s*\))\s*$",
+    re.IGNORECASE | re.DOTALL,
 )
 
 
