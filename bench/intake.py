@@ -3,7 +3,9 @@ the hand-written peers of bench/peer_server.py (naive: one commit per request; g
 commit), over 1 and over 50 websocket connections, and for img2img requests carrying a 1 MB
 image; every request committed (synchronous=FULL) before its `queued`. The image figure also
 has the `files` peer: the least work such a request needs (parse once, check the image, write
-the frame to a file and fsync it, commit a row), the floor on this machine.
+the frame to a file and fsync it, commit a row), the floor on this machine. The `mirrored`
+figure is this server over 1 connection with the MongoDB mirror on and off: each request's
+record for MongoDB is committed with it (tests/mongo_server.py plays MongoDB, in this process).
 
 Repeats are interleaved (this server, naive, group, this server, ...) so a slow minute of the
 machine hits every contestant. Printed per figure: min / median / max over the repeats. With
@@ -35,6 +37,7 @@ from app.demo_backends import DemoBackendState
 from bench.core import KEY, free_port, start_backend, start_server
 from bench.processes import wait_until_answering
 from bench.sampling import PY_SPY_MISSING, Sampler, cpu_seconds, hottest, print_loop_profile
+from tests.mongo_server import MongoTestServer
 
 PEER_SCRIPT = Path(__file__).with_name("peer_server.py")
 
@@ -132,11 +135,20 @@ async def run_ours(
     image: str | None = None,
     *,
     gil_only: bool = False,
+    mirrored: bool = False,
 ) -> tuple[float, float]:
+    """With `mirrored`, the server mirrors every record to a MongoDB (the wire-protocol test
+    server of tests/mongo_server.py, in this process): each request's row is committed with
+    its record for the mirror, as in a deployment with MONGODB_URI set."""
     state = DemoBackendState()
     state.gate.clear()  # the backend holds every job: only intake is measured
     runner, url = await start_backend(state)
-    server = await start_server(folder, url)
+    mongo = MongoTestServer() if mirrored else None
+    env = {}
+    if mongo is not None:
+        await mongo.start()
+        env = {"MONGODB_URI": mongo.uri, "MONGODB_DB": "bench"}
+    server = await start_server(folder, url, **env)
     spy = None
     if profile_to is not None:
         spy = Sampler(server.process.pid, profile_to, gil=gil_only)
@@ -149,6 +161,8 @@ async def run_ours(
         await server.stop()
         state.gate.set()
         await runner.cleanup()
+        if mongo is not None:
+            await mongo.stop()
 
 
 async def run_peer(
@@ -172,10 +186,12 @@ async def main() -> None:
     parser.add_argument("--requests", type=int, default=10000)
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--figures", default="small1,small50,images", help="which, comma-separated")
+    parser.add_argument("--figures", default="small1,small50,images,mirrored", help="which, comma-separated")
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     contestants = {"this server": None, "peer naive": "naive", "peer group-commit": "group"}
+    # Beside the same server without the mirror: what mirroring every record costs at intake.
+    mirror_contestants = {"this server": None, "with MongoDB mirror": "mirror"}
     # The image figure also has the least a server can do for it (peer_server.py, files).
     image_contestants = {**contestants, "peer files (floor)": "files"}
     image = megabyte_image()
@@ -183,6 +199,12 @@ async def main() -> None:
         "small1": (f"{args.requests} small durable accepts over 1 connection", 1, args.requests, None),
         "small50": (f"{args.requests} small durable accepts over 50 connections", 50, args.requests, None),
         "images": (f"{args.images} img2img requests of a 1 MB image each, over 4 connections", 4, args.images, image),
+        "mirrored": (
+            f"{args.requests} small durable accepts over 1 connection, MongoDB mirror on",
+            1,
+            args.requests,
+            None,
+        ),
     }
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -191,11 +213,15 @@ async def main() -> None:
             rates: dict[str, list[float]] = collections.defaultdict(list)
             cpus: dict[str, list[float]] = collections.defaultdict(list)
             in_figure = image_contestants if figure_image is not None else contestants
+            if name == "mirrored":
+                in_figure = mirror_contestants
             for repeat in range(args.repeats):
                 for name, mode in in_figure.items():
                     folder = root / f"{number}-{name.replace(' ', '-')}-{repeat}"
-                    if mode is None:
-                        rate, cpu = await run_ours(folder, connections, count, image=figure_image)
+                    if mode is None or mode == "mirror":
+                        rate, cpu = await run_ours(
+                            folder, connections, count, image=figure_image, mirrored=mode == "mirror"
+                        )
                     else:
                         rate, cpu = await run_peer(mode, folder, connections, count, figure_image)
                     rates[name].append(rate)
