@@ -5,7 +5,8 @@ image; every request committed (synchronous=FULL) before its `queued`. The image
 has the `files` peer: the least work such a request needs (parse once, check the image, write
 the frame to a file and fsync it, commit a row), the floor on this machine. The `mirrored`
 figure is this server over 1 connection with the MongoDB mirror on and off: each request's
-record for MongoDB is committed with it (tests/mongo_server.py plays MongoDB, in this process).
+record for MongoDB is committed with it (tests/mongo_server.py plays MongoDB, in a process of
+its own).
 
 Repeats are interleaved (this server, naive, group, this server, ...) so a slow minute of the
 machine hits every contestant. Printed per figure: min / median / max over the repeats. With
@@ -35,9 +36,8 @@ import aiohttp
 
 from app.demo_backends import DemoBackendState
 from bench.core import KEY, free_port, start_backend, start_server
-from bench.processes import wait_until_answering
+from bench.processes import MongoProcess, wait_until_answering
 from bench.sampling import PY_SPY_MISSING, Sampler, cpu_seconds, hottest, print_loop_profile
-from tests.mongo_server import MongoTestServer
 
 PEER_SCRIPT = Path(__file__).with_name("peer_server.py")
 
@@ -138,16 +138,31 @@ async def run_ours(
     mirrored: bool = False,
 ) -> tuple[float, float]:
     """With `mirrored`, the server mirrors every record to a MongoDB (the wire-protocol test
-    server of tests/mongo_server.py, in this process): each request's row is committed with
-    its record for the mirror, as in a deployment with MONGODB_URI set."""
+    server of tests/mongo_server.py, in a process of its own): each request's row is committed
+    with its record for the mirror, as in a deployment with MONGODB_URI set."""
+    mongo = MongoProcess()
+    env = {}
+    if mirrored:
+        await mongo.start()
+        env = {"MONGODB_URI": mongo.uri, "MONGODB_DB": "bench"}
+    try:
+        return await _run_ours(folder, connections, total, profile_to, image, gil_only, env)
+    finally:
+        await mongo.stop()
+
+
+async def _run_ours(
+    folder: Path,
+    connections: int,
+    total: int,
+    profile_to: Path | None,
+    image: str | None,
+    gil_only: bool,
+    env: dict[str, str],
+) -> tuple[float, float]:
     state = DemoBackendState()
     state.gate.clear()  # the backend holds every job: only intake is measured
     runner, url = await start_backend(state)
-    mongo = MongoTestServer() if mirrored else None
-    env = {}
-    if mongo is not None:
-        await mongo.start()
-        env = {"MONGODB_URI": mongo.uri, "MONGODB_DB": "bench"}
     server = await start_server(folder, url, **env)
     spy = None
     if profile_to is not None:
@@ -161,8 +176,6 @@ async def run_ours(
         await server.stop()
         state.gate.set()
         await runner.cleanup()
-        if mongo is not None:
-            await mongo.stop()
 
 
 async def run_peer(
