@@ -208,26 +208,37 @@ async def main() -> None:
     # The image figure also has the least a server can do for it (peer_server.py, files).
     image_contestants = {**contestants, "peer files (floor)": "files"}
     image = megabyte_image()
+    # name: (title, connections, requests, image, contestants)
     figures = {
-        "small1": (f"{args.requests} small durable accepts over 1 connection", 1, args.requests, None),
-        "small50": (f"{args.requests} small durable accepts over 50 connections", 50, args.requests, None),
-        "images": (f"{args.images} img2img requests of a 1 MB image each, over 4 connections", 4, args.images, image),
+        "small1": (f"{args.requests} small durable accepts over 1 connection", 1, args.requests, None, contestants),
+        "small50": (
+            f"{args.requests} small durable accepts over 50 connections",
+            50,
+            args.requests,
+            None,
+            contestants,
+        ),
+        "images": (
+            f"{args.images} img2img requests of a 1 MB image each, over 4 connections",
+            4,
+            args.images,
+            image,
+            image_contestants,
+        ),
         "mirrored": (
             f"{args.requests} small durable accepts over 1 connection, MongoDB mirror on",
             1,
             args.requests,
             None,
+            mirror_contestants,
         ),
     }
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        for number, name in enumerate(args.figures.split(",")):
-            title, connections, count, figure_image = figures[name]
+        for number, figure in enumerate(args.figures.split(",")):
+            title, connections, count, figure_image, in_figure = figures[figure]
             rates: dict[str, list[float]] = collections.defaultdict(list)
             cpus: dict[str, list[float]] = collections.defaultdict(list)
-            in_figure = image_contestants if figure_image is not None else contestants
-            if name == "mirrored":
-                in_figure = mirror_contestants
             for repeat in range(args.repeats):
                 for name, mode in in_figure.items():
                     folder = root / f"{number}-{name.replace(' ', '-')}-{repeat}"

@@ -84,21 +84,6 @@ class ServerProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
-# tests/mongo_server.py on a free port; prints its URI, then serves until terminated.
-_MONGO_SCRIPT = """
-import asyncio
-from tests.mongo_server import MongoTestServer
-
-async def serve():
-    server = MongoTestServer()
-    await server.start()
-    print(server.uri, flush=True)
-    await asyncio.Event().wait()
-
-asyncio.run(serve())
-"""
-
-
 class MongoProcess:
     """The MongoDB wire-protocol test server (tests/mongo_server.py) in a process of its own,
     so the mirror's traffic costs the bench's own process (the load) nothing."""
@@ -110,7 +95,7 @@ class MongoProcess:
     async def start(self) -> None:
         env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(REPO_ROOT)}
         self.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", _MONGO_SCRIPT, cwd=REPO_ROOT, env=env, stdout=asyncio.subprocess.PIPE
+            sys.executable, "-m", "tests.mongo_server", cwd=REPO_ROOT, env=env, stdout=asyncio.subprocess.PIPE
         )
         assert self.process.stdout is not None
         self.uri = (await self.process.stdout.readline()).decode().strip()

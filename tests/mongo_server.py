@@ -306,3 +306,16 @@ def apply_update(document: dict, update: dict, *, inserting: bool = False) -> bo
             for key in fields:
                 document.pop(key, None)
     return document != before
+
+
+async def _serve_until_stopped() -> None:
+    """`python -m tests.mongo_server`: serve on a free port, print the URI, run until killed
+    (bench/processes.py MongoProcess runs it in a process of its own)."""
+    server = MongoTestServer()
+    await server.start()
+    print(server.uri, flush=True)
+    await asyncio.Event().wait()
+
+
+if __name__ == "__main__":
+    asyncio.run(_serve_until_stopped())
