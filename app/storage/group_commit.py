@@ -23,7 +23,7 @@ import logging
 import re
 import sqlite3
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import aiosqlite
@@ -54,10 +54,10 @@ class StoreClosed(RuntimeError):
     """A write came after close(): it was not committed."""
 
 
-@dataclass
+@dataclass(slots=True)
 class _WriteUnit:
     statements: list[Statement]
-    done: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    done: asyncio.Future[None]  # done when the statements are committed (or failed)
 
 
 class GroupWriter:
@@ -66,6 +66,7 @@ class GroupWriter:
     def __init__(self, db: aiosqlite.Connection, max_batch_rows: int) -> None:
         self._writer_db = db
         self._max_batch_rows = max_batch_rows
+        self._loop = asyncio.get_running_loop()
         self._pending: asyncio.Queue[_WriteUnit | None] = asyncio.Queue()
         self._writer_task = asyncio.create_task(self._write_loop(), name="store-writer")
         self._closed = False
@@ -88,7 +89,7 @@ class GroupWriter:
         committed (or failed). Raises StoreClosed after close()."""
         if self._closed:
             raise StoreClosed("the database is closed (the server is shutting down)")
-        unit = _WriteUnit(list(statements))
+        unit = _WriteUnit(list(statements), self._loop.create_future())
         self._pending.put_nowait(unit)
         return unit.done
 
