@@ -4,7 +4,8 @@ AUTOMATIC1111 test backends, beside huey running no-op tasks (bench/huey_peer.py
 same run. Repeats interleaved; min / median / max. Then the CPU each job costs: the server's
 (all threads, and the event loop alone), the load's (this process: the backends and the
 client share the machine), and one image file stored the way results are, alone, which no
-server code can lower; from these, the most jobs/s the machine's cores allow.
+server code can lower; from these, the most jobs/s the machine's cores allow, with this
+server and with a server that cost nothing (the load alone).
 
 Usage: .venv/bin/python -m bench.e2e [--jobs N] [--repeats N] [--profile]
   --profile: one extra run sampled by py-spy; self time, and the event loop's inclusive time,
@@ -162,6 +163,9 @@ async def main() -> None:
     per_job = statistics.median([run.cpu_ms_per_job + run.load_ms_per_job for run in ours])
     cores = os.cpu_count() or 1
     print(f"  server and load on {cores} cores at this CPU per job: at most {cores * 1000 / per_job:.0f} jobs/s")
+    # What this machine allows whatever the server does: the load's own CPU per job.
+    load_ms = statistics.median([run.load_ms_per_job for run in ours])
+    print(f"  the load alone on {cores} cores (a server costing nothing): at most {cores * 1000 / load_ms:.0f} jobs/s")
     if args.profile:
         if shutil.which("py-spy") is None:
             print(f"--profile: {PY_SPY_MISSING}")
