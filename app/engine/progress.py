@@ -29,6 +29,14 @@ class ProgressReporter:
         if backend.supports_progress and self._interval_s > 0:
             self._tasks[job.object_id] = asyncio.create_task(self._poll(backend, job), name=f"progress-{job.object_id}")
 
+    def halt(self, job: Job) -> None:
+        """Cancel polling for `job` now, without waiting for the poller to end: it sends no
+        further poll to the backend (one in flight has its answer dropped), and writes no
+        further report. `stop` still waits for it to end."""
+        task = self._tasks.get(job.object_id)
+        if task is not None:
+            task.cancel()
+
     async def stop(self, job: Job) -> None:
         """Stop polling; returns once no further report for `job` can be sent (so none
         follows its final answer). Safe to call twice."""

@@ -355,7 +355,10 @@ class Scheduler:
                 raise
             tracked.answered_at = time.monotonic()
             seconds = tracked.answered_at - started
-            await self._progress.stop(job)  # before the backend takes another job
+            # Before the backend takes another job (its progress endpoint then reports that
+            # one). Not awaited here: waiting for the cancelled poller to end would cost the
+            # backend a turn of the event loop before its next job; it is awaited below.
+            self._progress.halt(job)
         except asyncio.CancelledError:
             if claim is not None:
                 claim.cancel()
