@@ -39,10 +39,10 @@ class ProgressReporter:
 
     async def stop(self, job: Job) -> None:
         """Stop polling; returns once no further report for `job` can be sent (so none
-        follows its final answer). Safe to call twice."""
+        follows its final answer): `halt`, then the poller's end awaited. Safe to call twice."""
+        self.halt(job)
         task = self._tasks.pop(job.object_id, None)
         if task is not None:
-            task.cancel()
             await asyncio.gather(task, return_exceptions=True)
 
     async def _poll(self, backend: Backend, job: Job) -> None:
