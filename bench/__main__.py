@@ -1,9 +1,9 @@
 """The performance figures in one command: durable intake (small requests over 1 and 50
 connections, 1 MB img2img, small requests with the MongoDB mirror on) with a profile summary,
 restarts with a large backlog, the dispatch gap with 1 and 8 backends, and end-to-end no-op
-jobs per second with the CPU per job and a profile summary; each beside its peer in the same run (the benches themselves say which).
-Runs them one after another, each in a process of its own, so none measures another's
-leftovers.
+jobs per second with the CPU per job and a profile summary; each beside its peer in the same
+run (the benches themselves say which). Runs them one after another, each in a process of
+its own, so none measures another's leftovers.
 
 Usage: .venv/bin/python -m bench [--quick]
   --quick: fewer requests and repeats (a few minutes instead of about half an hour); the
