@@ -211,3 +211,20 @@ def test_image_keys_survive_a_restart_and_symlinked_images_are_not_served(tmp_pa
     name = "0" * 24 + ".jpg"
     (tmp_path / "images" / name).symlink_to(tmp_path / "elsewhere.jpg")
     assert writer.served_file(name, writer.image_key(name)) is None
+
+
+async def test_numbers_past_64_bits_reach_the_backend_exactly_as_sent(start_backend, start_balancer):
+    # The fast JSON parser reads such integers as floats; the server must notice and keep them
+    # exact, in the row it stores and in the call it makes.
+    payload = {"prompt": "a lighthouse", "seed": 2**70 + 1, "steps": 20, "cfg_scale": 7.25}
+    a1111 = await start_backend("automatic1111")
+    balancer = await start_balancer([a1111])
+    bot = await balancer.connect("telegram")
+
+    queued = await bot.submit(request_message("automatic1111", "text2img", payload))
+    done = await bot.final(queued["object_id"])
+
+    assert done["gen_status"] == "ok", done
+    [call] = a1111.state.received
+    assert call.body == payload and call.body["seed"] == 1180591620717411303425
+    assert done["payload"]["seed"] == 2**70 + 1
