@@ -253,12 +253,14 @@ class Scheduler:
         """Wait until every request queued before this start is held again."""
         await self._backlog.loaded.wait()
 
-    def submit(self, job: Job) -> None:
-        """Queue a job that is already committed to the store."""
+    def submit(self, job: Job, *, dispatch: bool = True) -> None:
+        """Queue a job that is already committed to the store. With `dispatch` False the
+        caller calls dispatch() itself (once for a burst of jobs queued together)."""
         self._metrics.request_accepted(job)
         self.pools[job.executor].note_arrival(job)
         self._enqueue(job)
-        self.dispatch()
+        if dispatch:
+            self.dispatch()
 
     def no_backend_notice(self, executor: ExecutorType) -> str | None:
         """A sentence for the client when no backend of `executor` is in service."""

@@ -111,8 +111,21 @@ class Intake:
         `refused(job, why)` (InvalidRequest from a limit or moderation, or what the store
         raised)."""
         # Each request's commit under way, or why it was refused; answered in arrival order.
-        outcomes: list[tuple[Job, Coroutine[Any, Any, None] | Exception]] = []
+        outcomes = self._commit_together(jobs)
         queued: list[Job] = []
+        try:
+            await self._answer_together(outcomes, queued, announce, refused)
+        finally:
+            # Once for the whole burst, after its answers: every `queued` still precedes its
+            # `generating`, and the dispatcher's look for a free backend (two pools, each
+            # slot) is not repeated per request.
+            if queued:
+                self._scheduler.dispatch()
+        _log_queued(queued)
+
+    def _commit_together(self, jobs: list[Job]) -> list[tuple[Job, Coroutine[Any, Any, None] | Exception]]:
+        """Each request admitted and handed to the store (or why it was refused), in order."""
+        outcomes: list[tuple[Job, Coroutine[Any, Any, None] | Exception]] = []
         for job in jobs:
             try:
                 self._admit(job)
@@ -124,6 +137,17 @@ class Intake:
             except Exception as exc:  # the store is closed (shutdown)
                 self._drop(job)
                 outcomes.append((job, exc))
+        return outcomes
+
+    async def _answer_together(
+        self,
+        outcomes: list[tuple[Job, Coroutine[Any, Any, None] | Exception]],
+        queued: list[Job],
+        announce: Announce,
+        refused: Callable[[Job, Exception], Awaitable[None]],
+    ) -> None:
+        """Each request's commit awaited in order, then its `queued` told and the request put
+        in line (appended to `queued`), or `refused(job, why)`."""
         for index, (job, outcome) in enumerate(outcomes):
             if isinstance(outcome, Exception):
                 await refused(job, outcome)
@@ -142,12 +166,11 @@ class Intake:
                 raise
             queued.append(job)
             try:
-                await self._queue_committed(job, announce)
+                await self._queue_committed(job, announce, dispatch=False)
             except Exception:
                 # Committed, so it runs at the next start even so; the rest of the burst goes on,
                 # as it would with a task per request.
                 log.exception("%s was committed but could not be queued", job.object_id)
-        _log_queued(queued)
 
     def _admit(self, job: Job) -> None:
         """The limits and moderation say yes, or raise InvalidRequest."""
@@ -161,9 +184,9 @@ class Intake:
         self._admission.release(job.object_id)
         self._scheduler.estimates.committing.discard(job)
 
-    async def _queue_committed(self, job: Job, announce: Announce) -> dict[str, Any]:
+    async def _queue_committed(self, job: Job, announce: Announce, *, dispatch: bool = True) -> dict[str, Any]:
         """A committed request: its `queued` told (with the notices that follow it), then it
-        joins its line."""
+        joins its line (and is dispatched, unless the caller does that for a burst)."""
         scheduler = self._scheduler
         job.eta_s = scheduler.estimates.for_new(job)
         job.eta_told_at = time.monotonic()
@@ -183,7 +206,7 @@ class Intake:
         notice = scheduler.no_backend_notice(job.executor)
         if notice:
             await announce(info_message("no_backend", notice, object_id=job.object_id))
-        scheduler.submit(job)
+        scheduler.submit(job, dispatch=dispatch)
         return queued
 
     async def _answer_repeat(self, original: Job, repeat: Job, announce: Announce) -> dict[str, Any]:
