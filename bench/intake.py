@@ -1,7 +1,9 @@
 """Durable intake: accepted requests per second and server CPU per request, this server beside
 the hand-written peers of bench/peer_server.py (naive: one commit per request; group: group
 commit), over 1 and over 50 websocket connections, and for img2img requests carrying a 1 MB
-image; every request committed (synchronous=FULL) before its `queued`. The image figure also
+image; every request committed (synchronous=FULL) before its `queued`. The small figures also
+have the `echo` peer, which answers each frame unread and stores nothing: what aiohttp itself
+costs per message, the floor of any server here. The image figure also
 has the `files` peer: the least work such a request needs (parse once, check the image, write
 the frame to a file and fsync it, commit a row), the floor on this machine. The `mirrored`
 figure is this server over 1 connection with the MongoDB mirror on and off: each request's
@@ -203,6 +205,9 @@ async def main() -> None:
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     contestants = {"this server": None, "peer naive": "naive", "peer group-commit": "group"}
+    # The small figures also have the floor of any aiohttp websocket server: each frame answered,
+    # nothing parsed or stored (peer_server.py, echo).
+    small_contestants = {**contestants, "peer echo (floor)": "echo"}
     # Beside the same server without the mirror: what mirroring every record costs at intake.
     mirror_contestants = {"this server": None, "with MongoDB mirror": "mirror"}
     # The image figure also has the least a server can do for it (peer_server.py, files).
@@ -210,13 +215,19 @@ async def main() -> None:
     image = megabyte_image()
     # name: (title, connections, requests, image, contestants)
     figures = {
-        "small1": (f"{args.requests} small durable accepts over 1 connection", 1, args.requests, None, contestants),
+        "small1": (
+            f"{args.requests} small durable accepts over 1 connection",
+            1,
+            args.requests,
+            None,
+            small_contestants,
+        ),
         "small50": (
             f"{args.requests} small durable accepts over 50 connections",
             50,
             args.requests,
             None,
-            contestants,
+            small_contestants,
         ),
         "images": (
             f"{args.images} img2img requests of a 1 MB image each, over 4 connections",

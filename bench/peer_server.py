@@ -10,12 +10,16 @@ would write by hand, in three variants.
   frame written as it came to a file of its own (write, fsync, directory fsync; one writer at
   a time), in a worker thread; then its row (object_id, file) group-committed.
 
+- echo: no durability at all, the floor under the other two: each frame is answered as it
+  is read, with an id and nothing parsed, checked or stored. What is left is aiohttp's and
+  asyncio's own work per websocket message received and sent.
+
 naive and group parse the JSON, check the envelope's keys and store the message text. All
 answer `{"gen_status": "queued", "object_id": ...}`. No validation of the payload beyond the
 images, no scheduler, no mirrors: a floor for what durable intake costs in Python on this
 machine.
 
-Usage: python bench/peer_server.py {naive,group,files} PORT DATABASE
+Usage: python bench/peer_server.py {naive,group,files,echo} PORT DATABASE
 """
 
 from __future__ import annotations
@@ -147,7 +151,9 @@ def make_app(mode: str, path: str) -> web.Application:
         tasks = set()
         async for message in ws:
             if message.type is WSMsgType.TEXT:
-                if mode != "naive":  # concurrent accepts, so batches can form
+                if mode == "echo":
+                    await ws.send_str(f'{{"gen_status":"queued","object_id":"{uuid.uuid4().hex}"}}')
+                elif mode != "naive":  # concurrent accepts, so batches can form
                     accepting = accept_with_file if mode == "files" else accept
                     task = asyncio.create_task(accepting(message.data))
                     tasks.add(task)
