@@ -3,6 +3,7 @@ and circuit breaker, without sockets (pure bookkeeping)."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 
@@ -11,6 +12,7 @@ import pytest
 from app.backends.base import Backend, BackendSpec
 from app.domain.costs import REFERENCE_UNITS_PER_S, initial_units_per_s, payload_cost_units
 from app.domain.jobs import ExecutorType, GenType, Job
+from app.engine.estimates import ETA_REFRESH_CHUNK, Estimates
 from app.engine.placement import PASSED_OVER_LIMIT, PLACEMENT_WINDOW, next_placement, where_done_first
 from app.engine.pool import BackendSlot, BackendState, ExecutorPool
 from tests.conftest import new_job
@@ -302,3 +304,22 @@ def test_only_the_end_of_a_backlog_is_taken_largest_first():
         pool.queue.take(job)
     pool.queue.push(jobs[0])
     assert not pool.largest_first(serving)
+
+
+async def test_a_long_line_is_re_estimated_a_chunk_per_turn_of_the_event_loop():
+    # 250 requests wait behind a busy GPU; each was told long ago an estimate that is far off now,
+    # so each is to be told a new one. Revising them all in one stretch would hold up every
+    # connection meanwhile.
+    pool = idle_pool(busy_slot("gpu", 1.0, 5.0))
+    waiting = [new_job(executor=A1111, payload={}, cost_units=2.0) for _ in range(250)]
+    queue_jobs(pool, *waiting)
+    for job in waiting:
+        job.eta_due = time.monotonic() + 1e6
+    told: list[Job] = []
+    estimates = Estimates({A1111: pool}, lambda job, eta_s: told.append(job))
+
+    revising = asyncio.create_task(estimates.revise(pool))
+    await asyncio.sleep(0)
+    assert told == waiting[:ETA_REFRESH_CHUNK]  # one chunk, then the loop was free
+    await revising
+    assert told == waiting  # each told once, in the order they will run

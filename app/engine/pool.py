@@ -14,7 +14,7 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from app.backends.base import Backend
@@ -290,21 +290,23 @@ class ExecutorPool:
             if not slot.jobs_done and not has_speed_hint(spec.gpu, spec.speed):
                 slot.units_per_s = median
 
-    def waiting_estimates(self, limit: int) -> list[tuple[Job, float]]:
+    def waiting_estimates(self, limit: int) -> Iterator[tuple[Job, float]]:
         """(job, seconds until it is expected to be done) for the first `limit` waiting jobs in
         dispatch order: the first FORECAST_ROUNDS x backends of each class by the forecast
         (the dispatcher run forward), those behind by the replay's shortcut from where the
         forecast ends; each, as in eta_for_new, later by the other class's arrivals expected
-        to pass it. Empty when no backend is in service."""
+        to pass it. Nothing when no backend is in service.
+
+        Made as they are read: the line and the backends as they were at the first read decide
+        the order and the forecast, so a reader may let the event loop run between reads."""
         serving = self.in_service()
         if not serving:
-            return []
+            return
         forecast = Forecast(self.queue, serving, FORECAST_ROUNDS * len(serving))
         foreseen = {id(start.stand_in.job): start for start in forecast.run()}
         # Those behind the forecast's jobs start after them (each class in its order).
         replay = _Replay([max(at, forecast.clock) for at in forecast.free_at], forecast.speeds)
         ahead = {False: 0, True: 0}  # jobs of each class before the one placed
-        estimates = []
         for job in self.queue.in_dispatch_order(limit):
             premium = job.premium
             start = foreseen.get(id(job))
@@ -318,8 +320,7 @@ class ExecutorPool:
                 passing = min(float(room), self._passing_rate(premium) * starts_s)
                 done_s += passing * (self.arrivals.mean_units(not premium) or job.cost_units) / replay.total_speed
             ahead[premium] += 1
-            estimates.append((job, done_s + self.finishing_s))
-        return estimates
+            yield job, done_s + self.finishing_s
 
     def note_finishing(self, seconds: float) -> None:
         """A final answer was sent `seconds` after its backend answered."""

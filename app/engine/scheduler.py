@@ -105,9 +105,7 @@ class Scheduler:
             self._tracked,
         )
         # The estimate told with `queued`, and new ones while a request waits.
-        self.estimates = Estimates(
-            self.pools, lambda job, eta_s: self._recording.tell(self._listener.job_eta(job, eta_s))
-        )
+        self.estimates = Estimates(self.pools, self._tell_eta)
         # The queued requests stored by earlier runs, read back after start() returns.
         self._backlog = BacklogReader(store, self.pools, admission, self._restore, self.dispatch)
         # What follows a failed backend call: blame, a retry after a backoff, or the final error.
@@ -261,6 +259,14 @@ class Scheduler:
         self._enqueue(job)
         if dispatch:
             self.dispatch()
+
+    def _tell_eta(self, job: Job, eta_s: float) -> None:
+        """Send a waiting request its new estimate. A revision pass lets the event loop run
+        between its chunks (estimates.py): one estimated before it started or was cancelled is
+        not told."""
+        tracked = self._tracked.get(job.object_id)
+        if tracked is not None and tracked.phase is Phase.QUEUED:
+            self._recording.tell(self._listener.job_eta(job, eta_s))
 
     def no_backend_notice(self, executor: ExecutorType) -> str | None:
         """A sentence for the client when no backend of `executor` is in service."""
