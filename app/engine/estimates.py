@@ -1,8 +1,9 @@
 """What clients are told to expect: the estimate sent with `queued`, and while a request waits,
 a new one (`info` `eta`) whenever it has moved by more than the larger of ETA_CHANGE_SHARE of
 it and ETA_CHANGE_S, checked every ETA_REFRESH_S (ETA_REFRESH_CHUNK requests per turn of the
-event loop), at most once every ETA_MIN_INTERVAL_S per request. The estimates themselves are the pools' (ExecutorPool.eta_for_new and
-waiting_estimates); a failing one is logged and never stops a request or the revisions.
+event loop), at most once every ETA_MIN_INTERVAL_S per request. The estimates themselves are
+the pools' (ExecutorPool.eta_for_new and waiting_estimates); a failing one is logged and never
+stops a request or the revisions.
 
 A new request's estimate also counts the requests of the other class whose commit is under way
 as it is told (Committing): they join the line right after it, and the ratio lets them pass
