@@ -54,7 +54,10 @@ class JobStatus(str, enum.Enum):
         return self in (JobStatus.OK, JobStatus.ERROR)
 
 
-@dataclass
+# Slotted: every queued request is held as one, and without an attribute dict each takes 0.9
+# rather than 2.2 KB (with its small dicts). 100,000 small requests read back at a restart
+# peaked at 230-234 MB instead of 362 MB (bench.restart).
+@dataclass(slots=True)
 class Job:
     """One accepted request as the scheduler and the store see it."""
 

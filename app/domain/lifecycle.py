@@ -44,7 +44,7 @@ class CancelOutcome(str, enum.Enum):
     FINISHING = "finishing"  # too late: its final answer is being stored and sent
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class TrackedRequest:
     job: Job
     phase: Phase = Phase.QUEUED
