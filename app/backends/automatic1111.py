@@ -75,6 +75,6 @@ class Automatic1111Backend(Backend):
             eta_s=float(eta) if isinstance(eta, (int, float)) and eta >= 0 else None,
         )
 
-    async def interrupt(self) -> bool:
+    async def _interrupt(self) -> str | None:
         async with self._session.post(f"{self.api_url}/interrupt", json={}) as response:
-            return response.status < 300
+            return None if response.status < 300 else f"it answered HTTP {response.status}"

@@ -107,9 +107,19 @@ class Backend:
         """What the backend says of its running job, if it can say anything."""
         return None
 
-    async def interrupt(self) -> bool:
-        """Ask the backend to stop its running job. Returns True if it took the request."""
-        return False
+    async def interrupt(self, timeout_s: float) -> str | None:
+        """Ask the backend to stop its running job. Returns None when it took the request,
+        else a readable reason why not."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await self._interrupt()
+        except TimeoutError:
+            return f"no answer within {timeout_s:g} s"
+        except aiohttp.ClientError as exc:
+            return str(exc) or type(exc).__name__
+
+    async def _interrupt(self) -> str | None:
+        return "this backend cannot interrupt a job"
 
     async def _call(self, gen_type: GenType, payload: dict[str, Any]) -> bytes:
         raise NotImplementedError

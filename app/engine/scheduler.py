@@ -22,8 +22,6 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-import aiohttp
-
 from app.backends.base import Backend, BackendSpec
 from app.config import Config
 from app.domain.costs import job_cost_units, payload_cost_units
@@ -192,12 +190,11 @@ class Scheduler:
 
     async def _interrupt_abandoned(self, slots: list[BackendSlot]) -> None:
         async def interrupt(slot: BackendSlot) -> None:
-            try:
-                async with asyncio.timeout(INTERRUPT_TIMEOUT_S):
-                    if await slot.backend.interrupt():
-                        log.info("shutdown: told %s to interrupt its abandoned job", slot.name)
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                log.warning("shutdown: could not interrupt %s: %s", slot.name, exc)
+            failed = await slot.backend.interrupt(INTERRUPT_TIMEOUT_S)
+            if failed:
+                log.warning("shutdown: could not interrupt %s: %s", slot.name, failed)
+            else:
+                log.info("shutdown: told %s to interrupt its abandoned job", slot.name)
 
         await asyncio.gather(*[interrupt(slot) for slot in slots if slot.backend.supports_progress])
 
@@ -486,15 +483,12 @@ class Scheduler:
 
     async def _interrupt_cancelled(self, job: Job, backend: Backend) -> None:
         await self._progress.stop(job)
-        try:
-            async with asyncio.timeout(INTERRUPT_TIMEOUT_S):
-                interrupted = await backend.interrupt()
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            interrupted = False
-            log.warning("%s: interrupt on %s failed: %s", job.object_id, backend.name, exc)
+        failed = await backend.interrupt(INTERRUPT_TIMEOUT_S)
+        if failed and backend.supports_progress:  # one that can interrupt a job did not
+            log.warning("%s: interrupt on %s failed: %s", job.object_id, backend.name, failed)
         # Without an interrupt the backend finishes the image; it is thrown away, and the
         # backend takes no new job until then (it would queue it behind this one).
-        log.info("%s cancelled while running on %s (interrupted: %s)", job.object_id, backend.name, interrupted)
+        log.info("%s cancelled while running on %s (interrupted: %s)", job.object_id, backend.name, not failed)
 
 
 def _park_payload(job: Job) -> None:
