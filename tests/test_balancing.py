@@ -61,7 +61,7 @@ async def test_job_timeout_follows_the_expected_duration_within_floor_and_cap(st
     [slot] = [slot for pool in scheduler.pools.values() for slot in pool.slots]
 
     def timeout_for(expected_s: float) -> float:
-        return scheduler.job_timeout_s(slot, SimpleNamespace(cost_units=REFERENCE_UNITS_PER_S * expected_s))
+        return scheduler.attempts.timeout_s(slot, SimpleNamespace(cost_units=REFERENCE_UNITS_PER_S * expected_s))
 
     assert timeout_for(1) == 30  # 4 s, raised to the floor
     assert timeout_for(20) == 80  # 20 s expected x 4
