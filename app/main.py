@@ -27,6 +27,7 @@ from app.engine.admission import Admission
 from app.engine.scheduler import Scheduler
 from app.executors import build_backend, load_executors
 from app.image_check import ImageCheck
+from app.loop_lag import LoopLag
 from app.metrics import Metrics, live_families
 from app.mirrors.outbox import OutboxWorker
 from app.mirrors.records import request_record
@@ -164,6 +165,14 @@ def create_app(config: Config) -> web.Application:
             await scheduler.stop(config.shutdown_grace_s)
             log.info("shutdown: scheduler stopped")
 
+    async def loop_lag_ctx(app: web.Application) -> AsyncIterator[None]:
+        # First in, last out: the start-up (the line read back) and the shutdown are watched too.
+        task = asyncio.create_task(LoopLag(app[keys.METRICS]).run(), name="loop-lag")
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
     async def retention_ctx(app: web.Application) -> AsyncIterator[None]:
         if not config.retention_s:
             yield
@@ -182,7 +191,7 @@ def create_app(config: Config) -> web.Application:
         log.info("shutdown: client connections closed")
 
     # Dependency order; shutdown runs it in reverse (scheduler first, store last).
-    app.cleanup_ctx.extend([store_ctx, mirrors_ctx, http_session_ctx, scheduler_ctx, retention_ctx])
+    app.cleanup_ctx.extend([loop_lag_ctx, store_ctx, mirrors_ctx, http_session_ctx, scheduler_ctx, retention_ctx])
     app.on_shutdown.append(close_connections)
     add_routes(app)
     return app

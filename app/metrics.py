@@ -20,6 +20,7 @@ GENERATION_BUCKETS_S = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
 FINISHES_KEPT = 5000
 QUEUE_WAIT_BUCKETS_S = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 ETA_ERROR_BUCKETS_S = (-120, -60, -30, -10, -5, -2, 0, 2, 5, 10, 30, 60, 120)
+LOOP_LAG_BUCKETS_S = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -78,6 +79,13 @@ class Metrics:
             "Moderation checks of requests with settings.moderate: stage prompt (the rules, at intake) "
             "or image (IMAGE_CHECK_URL); outcome passed or blocked",
             ["stage", "outcome"],
+            registry=self.registry,
+        )
+
+        self.loop_lag = Histogram(
+            "devoid_event_loop_lag_seconds",
+            "How late the event loop ran a timer, probed every 0.25 s: what everything due then waited",
+            buckets=LOOP_LAG_BUCKETS_S,
             registry=self.registry,
         )
 

@@ -11,7 +11,9 @@ record for MongoDB is committed with it (tests/mongo_server.py plays MongoDB, in
 its own).
 
 Repeats are interleaved (this server, naive, group, this server, ...) so a slow minute of the
-machine hits every contestant. Printed per figure: min / median / max over the repeats. With
+machine hits every contestant. Printed per figure: min / median / max over the repeats, and how
+this server answered others while it took the requests: `GET /health` asked every 50 ms from
+outside, and its own event loop lag probe (devoid_event_loop_lag_seconds, by bucket). With
 --profile (needs py-spy), one extra run of this server per kind of request is sampled and its
 hottest functions printed.
 
@@ -24,6 +26,7 @@ import argparse
 import asyncio
 import base64
 import collections
+import dataclasses
 import json
 import os
 import shutil
@@ -42,6 +45,59 @@ from bench.processes import MongoProcess, wait_until_answering
 from bench.sampling import PY_SPY_MISSING, Sampler, cpu_seconds, hottest, print_loop_profile
 
 PEER_SCRIPT = Path(__file__).with_name("peer_server.py")
+HEALTH_PROBE_S = 0.05
+
+
+@dataclasses.dataclass
+class Responsiveness:
+    """How this server answered others while it took a figure's requests: `GET /health` asked
+    from outside every HEALTH_PROBE_S (each wait, seconds), and its own event loop lag probe
+    (devoid_event_loop_lag_seconds: how many probes fell in each bucket, by upper bound)."""
+
+    health_waits: list[float] = dataclasses.field(default_factory=list)
+    lag_buckets: dict[float, int] = dataclasses.field(default_factory=dict)
+
+    def add_lags(self, before: dict[float, int], after: dict[float, int]) -> None:
+        for bound, count in after.items():
+            self.lag_buckets[bound] = self.lag_buckets.get(bound, 0) + count - before.get(bound, 0)
+
+    def summary(self) -> str:
+        waits = sorted(self.health_waits)
+        health = (
+            "no answer"
+            if not waits
+            else (
+                f"GET /health waited p50 {1e3 * waits[len(waits) // 2]:.1f} / p99 {1e3 * waits[int(0.99 * (len(waits) - 1))]:.1f} "
+                f"/ max {1e3 * waits[-1]:.1f} ms ({len(waits)} probes)"
+            )
+        )
+        return f"{health}; loop lag {lag_quantiles(self.lag_buckets)}"
+
+
+def lag_quantiles(buckets: dict[float, int]) -> str:
+    """p50 / p99 / max of the loop lag, each as the bucket bound it falls under."""
+    cumulative = sorted(buckets.items())  # Prometheus buckets are cumulative counts
+    total = cumulative[-1][1] if cumulative else 0
+    if not total:
+        return "not probed"
+
+    def under(share: float) -> str:
+        bound = next(bound for bound, count in cumulative if count >= share * total)
+        return f"≤ {1e3 * bound:g} ms" if bound != float("inf") else "> 10 s"
+
+    return f"p50 {under(0.5)}, p99 {under(0.99)}, max {under(1.0)} ({total} probes)"
+
+
+async def loop_lag_buckets(base_url: str) -> dict[float, int]:
+    """The server's devoid_event_loop_lag_seconds buckets now: upper bound -> probes at or under."""
+    async with aiohttp.ClientSession() as session, session.get(f"{base_url}/metrics") as response:
+        text = await response.text()
+    buckets = {}
+    for line in text.splitlines():
+        if line.startswith("devoid_event_loop_lag_seconds_bucket{"):
+            bound = line.split('le="', 1)[1].split('"', 1)[0]
+            buckets[float(bound)] = int(float(line.rsplit(" ", 1)[1]))
+    return buckets
 
 
 def request_text(index: int, image: str | None = None) -> str:
@@ -74,9 +130,18 @@ def megabyte_image() -> str:
     return base64.b64encode(start + os.urandom(1024 * 1024 - len(start))).decode()
 
 
-async def drive(base_url: str, pid: int, connections: int, total: int, image: str | None = None) -> tuple[float, float]:
+async def drive(
+    base_url: str,
+    pid: int,
+    connections: int,
+    total: int,
+    image: str | None = None,
+    health_waits: list[float] | None = None,
+) -> tuple[float, float]:
     """Send `total` requests over `connections` sockets, each pipelining its share; returns
-    (accepted per second, server CPU µs per request) from first send to last `queued`."""
+    (accepted per second, server CPU µs per request) from first send to last `queued`. With
+    `health_waits`, `GET /health` is asked every HEALTH_PROBE_S meanwhile, as a load
+    balancer would, and each answer's wait (seconds) appended to it."""
     per_connection = total // connections
     texts = [request_text(index, image) for index in range(per_connection * connections)]
     headers = {"authorization": KEY, "service": "bench"}
@@ -104,7 +169,20 @@ async def drive(base_url: str, pid: int, connections: int, total: int, image: st
             finally:
                 await sender
 
-        await asyncio.gather(*(one(ws, texts[index::connections]) for index, ws in enumerate(sockets)))
+        async def probe_health(waits: list[float]) -> None:
+            while True:
+                asked = time.perf_counter()
+                async with session.get(f"{base_url}/health") as response:
+                    await response.read()
+                waits.append(time.perf_counter() - asked)
+                await asyncio.sleep(HEALTH_PROBE_S)
+
+        prober = asyncio.create_task(probe_health(health_waits)) if health_waits is not None else None
+        try:
+            await asyncio.gather(*(one(ws, texts[index::connections]) for index, ws in enumerate(sockets)))
+        finally:
+            if prober is not None:
+                prober.cancel()
         elapsed, cpu = time.perf_counter() - started, cpu_seconds(pid) - cpu_before
         for ws in sockets:
             await ws.close()
@@ -138,17 +216,19 @@ async def run_ours(
     *,
     gil_only: bool = False,
     mirrored: bool = False,
+    responsiveness: Responsiveness | None = None,
 ) -> tuple[float, float]:
     """With `mirrored`, the server mirrors every record to a MongoDB (the wire-protocol test
     server of tests/mongo_server.py, in a process of its own): each request's row is committed
-    with its record for the mirror, as in a deployment with MONGODB_URI set."""
+    with its record for the mirror, as in a deployment with MONGODB_URI set. With
+    `responsiveness`, what others waited meanwhile is added to it."""
     mongo = MongoProcess()
     env = {}
     if mirrored:
         await mongo.start()
         env = {"MONGODB_URI": mongo.uri, "MONGODB_DB": "bench"}
     try:
-        return await _run_ours(folder, connections, total, profile_to, image, gil_only, env)
+        return await _run_ours(folder, connections, total, profile_to, image, gil_only, env, responsiveness)
     finally:
         await mongo.stop()
 
@@ -161,6 +241,7 @@ async def _run_ours(
     image: str | None,
     gil_only: bool,
     env: dict[str, str],
+    responsiveness: Responsiveness | None,
 ) -> tuple[float, float]:
     state = DemoBackendState()
     state.gate.clear()  # the backend holds every job: only intake is measured
@@ -171,7 +252,14 @@ async def _run_ours(
         spy = Sampler(server.process.pid, profile_to, gil=gil_only)
         await asyncio.sleep(1.0)
     try:
-        return await drive(server.base_url, server.process.pid, connections, total, image)
+        if responsiveness is None:
+            return await drive(server.base_url, server.process.pid, connections, total, image)
+        lags_before = await loop_lag_buckets(server.base_url)
+        result = await drive(
+            server.base_url, server.process.pid, connections, total, image, responsiveness.health_waits
+        )
+        responsiveness.add_lags(lags_before, await loop_lag_buckets(server.base_url))
+        return result
     finally:
         if spy is not None:
             spy.stop()
@@ -250,12 +338,18 @@ async def main() -> None:
             title, connections, count, figure_image, in_figure = figures[figure]
             rates: dict[str, list[float]] = collections.defaultdict(list)
             cpus: dict[str, list[float]] = collections.defaultdict(list)
+            responsiveness = Responsiveness()
             for repeat in range(args.repeats):
                 for name, mode in in_figure.items():
                     folder = root / f"{number}-{name.replace(' ', '-')}-{repeat}"
                     if mode is None or mode == "mirror":
                         rate, cpu = await run_ours(
-                            folder, connections, count, image=figure_image, mirrored=mode == "mirror"
+                            folder,
+                            connections,
+                            count,
+                            image=figure_image,
+                            mirrored=mode == "mirror",
+                            responsiveness=responsiveness if mode is None else None,
                         )
                     else:
                         rate, cpu = await run_peer(mode, folder, connections, count, figure_image)
@@ -265,6 +359,7 @@ async def main() -> None:
             print(f"\n{title}, {args.repeats} repeats (min / median / max)")
             for name in in_figure:
                 print(f"  {name:18} {spread(rates[name], 'req/s')}   server CPU {spread(cpus[name], 'µs/req')}")
+            print(f"  this server meanwhile, all repeats: {responsiveness.summary()}")
         if args.profile:
             if shutil.which("py-spy") is None:
                 print(f"\n--profile: {PY_SPY_MISSING}")

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
+import sqlite3
+import time
 
 import pytest
 from yarl import URL
@@ -240,6 +243,27 @@ async def test_health_fails_when_the_database_takes_no_writes(balancer):
     assert (await response.json())["reason"].startswith("the database takes no writes")
 
 
+async def test_health_answers_at_once_while_a_burst_waits_to_be_written(start_backend, start_balancer):
+    # One commit per request: a burst of 600 keeps the writer busy for seconds.
+    gpu = await start_backend("kandinsky", name="kd-1")
+    gpu.state.gate.clear()
+    balancer = await start_balancer([gpu], STORE_BATCH_ROWS=1, SERVICE_RATE_PER_S=0, MAX_SERVICE_REQUESTS=0)
+    bot = await balancer.connect("telegram")
+    for n in range(600):
+        await bot.send(request_message("kandinsky", "text2img", {"prompt": f"burst {n}"}, user_id=n))
+
+    response = await balancer.client.get("/health")
+
+    # Asked after the burst, answered before most of it was committed: its write went first.
+    with sqlite3.connect(f"file:{balancer.config.database_path}?mode=ro", uri=True) as db:
+        committed = db.execute("SELECT count(*) FROM requests").fetchone()[0]
+    assert response.status == 200 and (await response.json())["status"] == "ok"
+    assert committed < 300, committed
+    queued = [await bot.next_message(lambda m: m.get("gen_status") == "queued") for _ in range(600)]
+    assert len({answer["object_id"] for answer in queued}) == 600
+    gpu.state.gate.set()
+
+
 async def test_metrics_count_requests_and_show_queues_and_backends(balancer):
     bot = await balancer.connect("telegram")
     queued = await bot.submit(request_message("kandinsky", "text2img", {"prompt": "m"}))
@@ -252,6 +276,36 @@ async def test_metrics_count_requests_and_show_queues_and_backends(balancer):
     assert 'devoid_queue_depth{class="general",executor="kandinsky"} 0.0' in text
     assert 'devoid_backend_up{backend="kd-1",executor="kandinsky",state="healthy"} 1.0' in text
     assert "devoid_eta_error_seconds_count 1.0" in text
+
+
+def loop_lags(metrics_text: str) -> tuple[int, int]:
+    """(lags probed, of which longer than half a second) from /metrics."""
+    count = re.search(r"^devoid_event_loop_lag_seconds_count (\S+)$", metrics_text, re.MULTILINE)
+    within = re.search(r'^devoid_event_loop_lag_seconds_bucket\{le="0.5"\} (\S+)$', metrics_text, re.MULTILINE)
+    assert count and within, "the loop lag histogram is missing from /metrics"
+    return int(float(count[1])), int(float(count[1])) - int(float(within[1]))
+
+
+async def test_an_event_loop_held_for_a_second_shows_in_metrics_and_the_log(balancer, caplog):
+    caplog.set_level(logging.WARNING, logger="app.loop_lag")
+    probed, long_before = loop_lags(await (await balancer.client.get("/metrics")).text())
+    assert long_before == 0
+
+    # A callback holding the loop the server shares with this test: the probe asked for 0.25 s
+    # at most that long before, so it fires at least 1.25 s late.
+    time.sleep(1.5)
+
+    async def long_lags() -> int:
+        return loop_lags(await (await balancer.client.get("/metrics")).text())[1]
+
+    async with asyncio.timeout(5):
+        while await long_lags() == 0:
+            await asyncio.sleep(0.05)
+    probed_after, _ = loop_lags(await (await balancer.client.get("/metrics")).text())
+    assert probed_after > probed
+    warnings = [r.getMessage() for r in caplog.records if r.name == "app.loop_lag"]
+    assert len(warnings) == 1 and "ran 1." in warnings[0], warnings
+    assert (await balancer.client.get("/health")).status == 200
 
 
 async def test_home_answers_json_to_tools_and_html_to_browsers(balancer):

@@ -150,10 +150,10 @@ class Store:
 
     # -- writes -------------------------------------------------------------------------
 
-    async def _write(self, *statements: Statement) -> None:
-        """Commit `statements` as one unit (group commit: app/storage/group_commit.py).
-        Raises StoreClosed after close()."""
-        await self._writer.write(*statements)
+    async def _write(self, *statements: Statement, first: bool = False) -> None:
+        """Commit `statements` as one unit (group commit: app/storage/group_commit.py); with
+        `first`, ahead of the units already waiting. Raises StoreClosed after close()."""
+        await self._writer.write(*statements, first=first)
 
     async def _commit_change(self, job: Job, *statements: Statement, upload: dict[str, Any] | None = None) -> None:
         """Commit a change of `job` (its revision already bumped) together with its mirror
@@ -342,13 +342,16 @@ class Store:
             )
 
     async def check_writable(self, timeout_s: float) -> None:
-        """Commit a heartbeat row within `timeout_s`. Raises if the database takes no writes."""
+        """Commit a heartbeat row within `timeout_s`. Raises if the database takes no writes.
+        It goes ahead of the writes waiting: what it asks is whether the database commits now,
+        not how many requests a burst left to write."""
         async with asyncio.timeout(timeout_s):
             await self._write(
                 (
                     "INSERT INTO heartbeat (id, at) VALUES (1, ?) ON CONFLICT (id) DO UPDATE SET at = excluded.at",
                     (time.time(),),
-                )
+                ),
+                first=True,
             )
 
     async def requeue_interrupted(self) -> int:
