@@ -289,7 +289,6 @@ def loop_lags(metrics_text: str) -> tuple[int, int]:
 async def test_an_event_loop_held_for_a_second_shows_in_metrics_and_the_log(balancer, caplog):
     caplog.set_level(logging.WARNING, logger="app.loop_lag")
     probed, long_before = loop_lags(await (await balancer.client.get("/metrics")).text())
-    assert long_before == 0
 
     # A callback holding the loop the server shares with this test: the probe asked for 0.25 s
     # at most that long before, so it fires at least 1.25 s late.
@@ -299,12 +298,14 @@ async def test_an_event_loop_held_for_a_second_shows_in_metrics_and_the_log(bala
         return loop_lags(await (await balancer.client.get("/metrics")).text())[1]
 
     async with asyncio.timeout(5):
-        while await long_lags() == 0:
+        while await long_lags() == long_before:
             await asyncio.sleep(0.05)
     probed_after, _ = loop_lags(await (await balancer.client.get("/metrics")).text())
     assert probed_after > probed
     warnings = [r.getMessage() for r in caplog.records if r.name == "app.loop_lag"]
-    assert len(warnings) == 1 and "ran 1." in warnings[0], warnings
+    assert len(warnings) == 1, warnings
+    late = re.search(r"ran (\d+\.\d) s late", warnings[0])
+    assert late and float(late[1]) >= 1.2, warnings
     assert (await balancer.client.get("/health")).status == 200
 
 
