@@ -1,7 +1,9 @@
 """Durable intake: accepted requests per second and server CPU per request, this server beside
 the hand-written peers of bench/peer_server.py (naive: one commit per request; group: group
 commit), over 1 and over 50 websocket connections, and for img2img requests carrying a 1 MB
-image; every request committed (synchronous=FULL) before its `queued`. The small figures also
+image; every request committed (synchronous=FULL) before its `queued`. Those connections
+pipeline; the `bots50` figure has 50 bots that each send their next request only once the
+last one is queued, as most bots do, so nothing a server spends per message is shared. The small figures also
 have the `echo` peer, which answers each frame unread and stores nothing: what aiohttp itself
 costs per message, the floor of any server here. The image figure also
 has the `files` peer: the least work such a request needs (parse once, check the image, write
@@ -137,11 +139,14 @@ async def drive(
     total: int,
     image: str | None = None,
     health_waits: list[float] | None = None,
+    *,
+    one_at_a_time: bool = False,
 ) -> tuple[float, float]:
-    """Send `total` requests over `connections` sockets, each pipelining its share; returns
-    (accepted per second, server CPU µs per request) from first send to last `queued`. With
-    `health_waits`, `GET /health` is asked every HEALTH_PROBE_S meanwhile, as a load
-    balancer would, and each answer's wait (seconds) appended to it."""
+    """Send `total` requests over `connections` sockets, each pipelining its share (or, with
+    `one_at_a_time`, sending its next request only once the last one is `queued`, as a bot
+    does); returns (accepted per second, server CPU µs per request) from first send to last
+    `queued`. With `health_waits`, `GET /health` is asked every HEALTH_PROBE_S meanwhile, as
+    a load balancer would, and each answer's wait (seconds) appended to it."""
     per_connection = total // connections
     texts = [request_text(index, image) for index in range(per_connection * connections)]
     headers = {"authorization": KEY, "service": "bench"}
@@ -152,20 +157,29 @@ async def drive(
         ]
         cpu_before, started = cpu_seconds(pid), time.perf_counter()
 
+        async def answer_to(ws: aiohttp.ClientWebSocketResponse) -> None:
+            while True:
+                data = (await ws.receive()).data
+                if '"queued"' in data:
+                    return
+                if '"error"' in data:
+                    raise RuntimeError(data[:300])
+
         async def one(ws: aiohttp.ClientWebSocketResponse, share: list[str]) -> None:
+            if one_at_a_time:
+                for text in share:
+                    await ws.send_str(text)
+                    await answer_to(ws)
+                return
+
             async def send() -> None:
                 for text in share:
                     await ws.send_str(text)
 
             sender = asyncio.create_task(send())
-            seen = 0
             try:
-                while seen < len(share):
-                    data = (await ws.receive()).data
-                    if '"queued"' in data:
-                        seen += 1
-                    elif '"error"' in data:
-                        raise RuntimeError(data[:300])
+                for _ in share:
+                    await answer_to(ws)
             finally:
                 await sender
 
@@ -217,18 +231,21 @@ async def run_ours(
     gil_only: bool = False,
     mirrored: bool = False,
     responsiveness: Responsiveness | None = None,
+    one_at_a_time: bool = False,
 ) -> tuple[float, float]:
     """With `mirrored`, the server mirrors every record to a MongoDB (the wire-protocol test
     server of tests/mongo_server.py, in a process of its own): each request's row is committed
     with its record for the mirror, as in a deployment with MONGODB_URI set. With
-    `responsiveness`, what others waited meanwhile is added to it."""
+    `responsiveness`, what others waited meanwhile is added to it. `one_at_a_time`: as in drive."""
     mongo = MongoProcess()
     env = {}
     if mirrored:
         await mongo.start()
         env = {"MONGODB_URI": mongo.uri, "MONGODB_DB": "bench"}
     try:
-        return await _run_ours(folder, connections, total, profile_to, image, gil_only, env, responsiveness)
+        return await _run_ours(
+            folder, connections, total, profile_to, image, gil_only, env, responsiveness, one_at_a_time
+        )
     finally:
         await mongo.stop()
 
@@ -242,6 +259,7 @@ async def _run_ours(
     gil_only: bool,
     env: dict[str, str],
     responsiveness: Responsiveness | None,
+    one_at_a_time: bool,
 ) -> tuple[float, float]:
     state = DemoBackendState()
     state.gate.clear()  # the backend holds every job: only intake is measured
@@ -252,11 +270,18 @@ async def _run_ours(
         spy = Sampler(server.process.pid, profile_to, gil=gil_only)
         await asyncio.sleep(1.0)
     try:
+        pid = server.process.pid
         if responsiveness is None:
-            return await drive(server.base_url, server.process.pid, connections, total, image)
+            return await drive(server.base_url, pid, connections, total, image, one_at_a_time=one_at_a_time)
         lags_before = await loop_lag_buckets(server.base_url)
         result = await drive(
-            server.base_url, server.process.pid, connections, total, image, responsiveness.health_waits
+            server.base_url,
+            pid,
+            connections,
+            total,
+            image,
+            responsiveness.health_waits,
+            one_at_a_time=one_at_a_time,
         )
         responsiveness.add_lags(lags_before, await loop_lag_buckets(server.base_url))
         return result
@@ -269,13 +294,13 @@ async def _run_ours(
 
 
 async def run_peer(
-    mode: str, folder: Path, connections: int, total: int, image: str | None = None
+    mode: str, folder: Path, connections: int, total: int, image: str | None = None, *, one_at_a_time: bool = False
 ) -> tuple[float, float]:
     folder.mkdir(parents=True, exist_ok=True)
     peer = PeerProcess(mode, folder)
     try:
         await peer.ready()
-        return await drive(peer.base_url, peer.process.pid, connections, total, image)
+        return await drive(peer.base_url, peer.process.pid, connections, total, image, one_at_a_time=one_at_a_time)
     finally:
         peer.stop()
 
@@ -289,7 +314,7 @@ async def main() -> None:
     parser.add_argument("--requests", type=int, default=10000)
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--figures", default="small1,small50,images,mirrored", help="which, comma-separated")
+    parser.add_argument("--figures", default="small1,small50,bots50,images,mirrored", help="which, comma-separated")
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     contestants = {"this server": None, "peer naive": "naive", "peer group-commit": "group"}
@@ -301,7 +326,7 @@ async def main() -> None:
     # The image figure also has the least a server can do for it (peer_server.py, files).
     image_contestants = {**contestants, "peer files (floor)": "files"}
     image = megabyte_image()
-    # name: (title, connections, requests, image, contestants)
+    # name: (title, connections, requests, image, contestants, one at a time)
     figures = {
         "small1": (
             f"{args.requests} small durable accepts over 1 connection",
@@ -309,6 +334,7 @@ async def main() -> None:
             args.requests,
             None,
             small_contestants,
+            False,
         ),
         "small50": (
             f"{args.requests} small durable accepts over 50 connections",
@@ -316,6 +342,17 @@ async def main() -> None:
             args.requests,
             None,
             small_contestants,
+            False,
+        ),
+        # Bots as most send: the next request once the last is queued. Nothing is pipelined, so
+        # what a server spends per message and per pass of its loop is not shared by a burst.
+        "bots50": (
+            f"{args.requests} small durable accepts from 50 bots, each sending its next once the last is queued",
+            50,
+            args.requests,
+            None,
+            small_contestants,
+            True,
         ),
         "images": (
             f"{args.images} img2img requests of a 1 MB image each, over 4 connections",
@@ -323,6 +360,7 @@ async def main() -> None:
             args.images,
             image,
             image_contestants,
+            False,
         ),
         "mirrored": (
             f"{args.requests} small durable accepts over 1 connection, MongoDB mirror on",
@@ -330,12 +368,13 @@ async def main() -> None:
             args.requests,
             None,
             mirror_contestants,
+            False,
         ),
     }
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         for number, figure in enumerate(args.figures.split(",")):
-            title, connections, count, figure_image, in_figure = figures[figure]
+            title, connections, count, figure_image, in_figure, one_at_a_time = figures[figure]
             rates: dict[str, list[float]] = collections.defaultdict(list)
             cpus: dict[str, list[float]] = collections.defaultdict(list)
             responsiveness = Responsiveness()
@@ -350,9 +389,12 @@ async def main() -> None:
                             image=figure_image,
                             mirrored=mode == "mirror",
                             responsiveness=responsiveness if mode is None else None,
+                            one_at_a_time=one_at_a_time,
                         )
                     else:
-                        rate, cpu = await run_peer(mode, folder, connections, count, figure_image)
+                        rate, cpu = await run_peer(
+                            mode, folder, connections, count, figure_image, one_at_a_time=one_at_a_time
+                        )
                     rates[name].append(rate)
                     cpus[name].append(cpu)
                     shutil.rmtree(folder, ignore_errors=True)
