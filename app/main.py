@@ -10,8 +10,9 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Coroutine, Mapping
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -167,11 +168,8 @@ def create_app(config: Config) -> web.Application:
 
     async def loop_lag_ctx(app: web.Application) -> AsyncIterator[None]:
         # First in, last out: the start-up (the line read back) and the shutdown are watched too.
-        task = asyncio.create_task(LoopLag(app[keys.METRICS]).run(), name="loop-lag")
-        yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        async with _running(LoopLag(app[keys.METRICS]).run(), "loop-lag"):
+            yield
 
     async def retention_ctx(app: web.Application) -> AsyncIterator[None]:
         if not config.retention_s:
@@ -180,11 +178,8 @@ def create_app(config: Config) -> web.Application:
         retention = Retention(
             app[keys.STORE], config.images_path, config.retention_s, config.summary_retention_s, app[keys.METRICS]
         )
-        task = asyncio.create_task(retention.run(), name="retention")
-        yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        async with _running(retention.run(), "retention"):
+            yield
 
     async def close_connections(app: web.Application) -> None:
         await app[keys.HUB].close_all()
@@ -217,6 +212,19 @@ async def _open_mirrors(config: Config, store: Store, stack: contextlib.AsyncExi
     if mirrors:
         log.info("mirrors: %s", ", ".join(mirror.target for mirror in mirrors))
     return mirrors
+
+
+@contextlib.asynccontextmanager
+async def _running(work: Coroutine[Any, Any, None], name: str) -> AsyncIterator[None]:
+    """`work` as a task for as long as the context lasts; cancelled, and its end awaited, at
+    the end."""
+    task = asyncio.create_task(work, name=name)
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 @contextlib.asynccontextmanager
