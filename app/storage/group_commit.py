@@ -85,7 +85,9 @@ class GroupWriter:
 
     @property
     def waiting(self) -> int:
-        return self._pending.qsize() + len(self._first)
+        # A unit submitted `first` is counted by its wake-up mark in the queue (which may
+        # outlast it by a batch), not a second time from `_first`.
+        return self._pending.qsize()
 
     async def write(self, *statements: Statement, first: bool = False) -> None:
         """Commit `statements` as one unit (with `first`, in the next transaction, ahead of
