@@ -34,7 +34,7 @@ import aiohttp
 from app.demo_backends import DemoBackendState, automatic1111_app, serve_on_loopback
 from app.domain.costs import payload_cost_units
 from app.domain.jobs import ExecutorType, GenType
-from bench.core import KEY, balancer
+from bench.core import KEY, balancer, quantile
 
 SPEEDS = {"gpu-1x-a": 1.0, "gpu-1x-b": 1.0, "gpu-2x": 2.0, "gpu-4x": 4.0}
 SIZES = [(512, 512), (768, 768), (1024, 1024), (512, 768)]
@@ -130,11 +130,8 @@ def percentiles(values: list[float]) -> str:
     if not values:
         return "n/a"
     ordered = sorted(values)
-
-    def at(q: float) -> float:
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-    return f"median {statistics.median(ordered):5.2f}  p90 {at(0.9):5.2f}  p99 {at(0.99):5.2f}  (n={len(ordered)})"
+    p90, p99 = quantile(ordered, 0.9), quantile(ordered, 0.99)
+    return f"median {statistics.median(ordered):5.2f}  p90 {p90:5.2f}  p99 {p99:5.2f}  (n={len(ordered)})"
 
 
 async def run(trace: Trace, seed: int, warm_up: int, after_restart: int) -> list[Sent]:

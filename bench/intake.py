@@ -42,7 +42,7 @@ from pathlib import Path
 import aiohttp
 
 from app.demo_backends import DemoBackendState
-from bench.core import KEY, free_port, start_backend, start_server
+from bench.core import KEY, free_port, quantile, start_backend, start_server
 from bench.processes import MongoProcess, wait_until_answering
 from bench.sampling import PY_SPY_MISSING, Sampler, cpu_seconds, hottest, print_loop_profile
 
@@ -65,14 +65,12 @@ class Responsiveness:
 
     def summary(self) -> str:
         waits = sorted(self.health_waits)
-        health = (
-            "no answer"
-            if not waits
-            else (
-                f"GET /health waited p50 {1e3 * waits[len(waits) // 2]:.1f} / p99 {1e3 * waits[int(0.99 * (len(waits) - 1))]:.1f} "
-                f"/ max {1e3 * waits[-1]:.1f} ms ({len(waits)} probes)"
+        health = "no answer"
+        if waits:
+            p50, p99 = (1e3 * quantile(waits, share) for share in (0.5, 0.99))
+            health = (
+                f"GET /health waited p50 {p50:.1f} / p99 {p99:.1f} / max {1e3 * waits[-1]:.1f} ms ({len(waits)} probes)"
             )
-        )
         return f"{health}; loop lag {lag_quantiles(self.lag_buckets)}"
 
 

@@ -41,6 +41,7 @@ from app.domain.ids import new_object_id
 from app.domain.jobs import ExecutorType, GenType, Job
 from app.engine.placement import next_placement
 from app.engine.pool import BackendSlot, ExecutorPool, Later
+from bench.core import quantile
 from bench.estimates import BASE_UNITS_PER_S, NOISE, PREMIUM_SHARE, SPEEDS, build_trace, cost
 from bench.heterogeneous import is_premium, mixed_jobs, premium_share
 
@@ -266,7 +267,7 @@ def summary(errors: list[float]) -> str:
     if not errors:
         return f"{'-':>22}"
     ordered = sorted(errors)
-    p90, p99 = (ordered[min(len(ordered) - 1, int(q * len(ordered)))] for q in (0.9, 0.99))
+    p90, p99 = quantile(ordered, 0.9), quantile(ordered, 0.99)
     return f"{statistics.median(ordered):5.2f} {p90:5.2f} {p99:5.2f} (n={len(ordered):4})"
 
 
