@@ -4,6 +4,7 @@ it would have got alone, in the order it was sent."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 
@@ -47,6 +48,39 @@ async def test_a_burst_of_300_is_queued_in_the_order_sent_stored_and_run(start_b
     gpu.state.gate.set()
     await wait_until(lambda: len(gpu.state.received) == 300, timeout_s=60)
     assert [call.body["prompt"] for call in gpu.state.received] == [f"burst {n}" for n in range(300)]
+
+
+async def test_bots_sending_one_request_at_a_time_each_find_their_requests_named_once_in_the_log(
+    start_backend, start_balancer, caplog
+):
+    # The accepts one group commit wakes share their `queued` lines, one per service however
+    # many connections the requests came on: each request must still be named exactly once,
+    # beside its own service.
+    caplog.set_level(logging.INFO, logger="app.web.intake")
+    gpu = await start_backend("automatic1111")
+    gpu.state.gate.clear()
+    balancer = await start_balancer([gpu], **NO_SERVICE_LIMITS)
+    services = ["telegram"] * 12 + ["discord"] * 4
+    bots = [await balancer.connect(service) for service in services]
+
+    async def send_one_at_a_time(bot: Bot, number: int) -> list[str]:
+        answers = [
+            await bot.submit(request_message("automatic1111", "text2img", {"prompt": "p"}, user_id=number * 10 + n))
+            for n in range(5)
+        ]
+        assert [answer["gen_status"] for answer in answers] == ["queued"] * 5
+        return [answer["object_id"] for answer in answers]
+
+    sent = await asyncio.gather(*(send_one_at_a_time(bot, number) for number, bot in enumerate(bots)))
+    await asyncio.sleep(0)  # the lines of the last pass are written at its end
+
+    queued_lines = [r.getMessage() for r in caplog.records if r.name == "app.web.intake" and "queued" in r.getMessage()]
+    assert len(queued_lines) < 80
+    for service, object_ids in zip(services, sent, strict=True):
+        for object_id in object_ids:
+            naming = [line for line in queued_lines if object_id in line]
+            assert len(naming) == 1, (object_id, naming)
+            assert f"from {service} (ws)" in naming[0]
 
 
 async def test_in_a_burst_past_a_users_cap_the_first_are_queued_and_the_rest_refused_in_order(
