@@ -13,7 +13,8 @@ record for MongoDB is committed with it (tests/mongo_server.py plays MongoDB, in
 its own).
 
 Repeats are interleaved (this server, naive, group, this server, ...) so a slow minute of the
-machine hits every contestant. Printed per figure: min / median / max over the repeats, and how
+machine hits every contestant. Printed per figure: min / median / max over the repeats (server
+CPU also for the event loop's thread alone: with 2 cores, that thread bounds the rate), and how
 this server answered others while it took the requests: `GET /health` asked every 50 ms from
 outside, and its own event loop lag probe (devoid_event_loop_lag_seconds, by bucket). With
 --profile (needs py-spy), one extra run of this server per kind of request is sampled and its
@@ -38,6 +39,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import aiohttp
 
@@ -139,11 +141,10 @@ async def drive(
     health_waits: list[float] | None = None,
     *,
     one_at_a_time: bool = False,
-) -> tuple[float, float]:
+) -> Measured:
     """Send `total` requests over `connections` sockets, each pipelining its share (or, with
     `one_at_a_time`, sending its next request only once the last one is `queued`, as a bot
-    does); returns (accepted per second, server CPU µs per request) from first send to last
-    `queued`. With `health_waits`, `GET /health` is asked every HEALTH_PROBE_S meanwhile, as
+    does); returns what was measured from first send to last `queued`. With `health_waits`, `GET /health` is asked every HEALTH_PROBE_S meanwhile, as
     a load balancer would, and each answer's wait (seconds) appended to it."""
     per_connection = total // connections
     texts = [request_text(index, image) for index in range(per_connection * connections)]
@@ -153,7 +154,7 @@ async def drive(
             await session.ws_connect(f"{base_url}/ws/bench", headers=headers, max_msg_size=0)
             for _ in range(connections)
         ]
-        cpu_before, started = cpu_seconds(pid), time.perf_counter()
+        cpu_before, loop_before, started = cpu_seconds(pid), cpu_seconds(pid, thread=pid), time.perf_counter()
 
         async def answer_to(ws: aiohttp.ClientWebSocketResponse) -> None:
             while True:
@@ -196,10 +197,17 @@ async def drive(
             if prober is not None:
                 prober.cancel()
         elapsed, cpu = time.perf_counter() - started, cpu_seconds(pid) - cpu_before
+        loop_cpu = cpu_seconds(pid, thread=pid) - loop_before
         for ws in sockets:
             await ws.close()
     count = len(texts)
-    return count / elapsed, cpu / count * 1e6
+    return Measured(count / elapsed, cpu / count * 1e6, loop_cpu / count * 1e6)
+
+
+class Measured(NamedTuple):
+    accepted_per_s: float
+    cpu_us: float  # the server's CPU per request, all threads
+    loop_cpu_us: float  # the part of it in the thread that runs the event loop
 
 
 class PeerProcess:
@@ -230,7 +238,7 @@ async def run_ours(
     mirrored: bool = False,
     responsiveness: Responsiveness | None = None,
     one_at_a_time: bool = False,
-) -> tuple[float, float]:
+) -> Measured:
     """With `mirrored`, the server mirrors every record to a MongoDB (the wire-protocol test
     server of tests/mongo_server.py, in a process of its own): each request's row is committed
     with its record for the mirror, as in a deployment with MONGODB_URI set. With
@@ -258,7 +266,7 @@ async def _run_ours(
     env: dict[str, str],
     responsiveness: Responsiveness | None,
     one_at_a_time: bool,
-) -> tuple[float, float]:
+) -> Measured:
     state = DemoBackendState()
     state.gate.clear()  # the backend holds every job: only intake is measured
     runner, url = await start_backend(state)
@@ -293,7 +301,7 @@ async def _run_ours(
 
 async def run_peer(
     mode: str, folder: Path, connections: int, total: int, image: str | None = None, *, one_at_a_time: bool = False
-) -> tuple[float, float]:
+) -> Measured:
     folder.mkdir(parents=True, exist_ok=True)
     peer = PeerProcess(mode, folder)
     try:
@@ -375,12 +383,13 @@ async def main() -> None:
             title, connections, count, figure_image, in_figure, one_at_a_time = figures[figure]
             rates: dict[str, list[float]] = collections.defaultdict(list)
             cpus: dict[str, list[float]] = collections.defaultdict(list)
+            loop_cpus: dict[str, list[float]] = collections.defaultdict(list)
             responsiveness = Responsiveness()
             for repeat in range(args.repeats):
                 for name, mode in in_figure.items():
                     folder = root / f"{number}-{name.replace(' ', '-')}-{repeat}"
                     if mode is None or mode == "mirror":
-                        rate, cpu = await run_ours(
+                        measured = await run_ours(
                             folder,
                             connections,
                             count,
@@ -390,15 +399,19 @@ async def main() -> None:
                             one_at_a_time=one_at_a_time,
                         )
                     else:
-                        rate, cpu = await run_peer(
+                        measured = await run_peer(
                             mode, folder, connections, count, figure_image, one_at_a_time=one_at_a_time
                         )
-                    rates[name].append(rate)
-                    cpus[name].append(cpu)
+                    rates[name].append(measured.accepted_per_s)
+                    cpus[name].append(measured.cpu_us)
+                    loop_cpus[name].append(measured.loop_cpu_us)
                     shutil.rmtree(folder, ignore_errors=True)
             print(f"\n{title}, {args.repeats} repeats (min / median / max)")
             for name in in_figure:
-                print(f"  {name:18} {spread(rates[name], 'req/s')}   server CPU {spread(cpus[name], 'µs/req')}")
+                print(
+                    f"  {name:18} {spread(rates[name], 'req/s')}   server CPU {spread(cpus[name], 'µs/req')}"
+                    f" (event loop's thread {spread(loop_cpus[name], 'µs')})"
+                )
             print(f"  this server meanwhile, all repeats: {responsiveness.summary()}")
         if args.profile:
             if shutil.which("py-spy") is None:
