@@ -18,7 +18,7 @@ CPU also for the event loop's thread alone: with 2 cores, that thread bounds the
 this server answered others while it took the requests: `GET /health` asked every 50 ms from
 outside, and its own event loop lag probe (devoid_event_loop_lag_seconds, by bucket). With
 --profile (needs py-spy), one extra run of this server per kind of request is sampled and its
-hottest functions printed.
+hottest layers and functions printed, and the group-commit peer's beside them (50 connections).
 
 Usage: .venv/bin/python -m bench.intake [--requests N] [--images N] [--repeats N] [--profile]
 """
@@ -300,14 +300,27 @@ async def _run_ours(
 
 
 async def run_peer(
-    mode: str, folder: Path, connections: int, total: int, image: str | None = None, *, one_at_a_time: bool = False
+    mode: str,
+    folder: Path,
+    connections: int,
+    total: int,
+    image: str | None = None,
+    *,
+    one_at_a_time: bool = False,
+    profile_to: Path | None = None,
 ) -> Measured:
     folder.mkdir(parents=True, exist_ok=True)
     peer = PeerProcess(mode, folder)
+    spy = None
     try:
         await peer.ready()
+        if profile_to is not None:
+            spy = Sampler(peer.process.pid, profile_to)
+            await asyncio.sleep(1.0)
         return await drive(peer.base_url, peer.process.pid, connections, total, image, one_at_a_time=one_at_a_time)
     finally:
+        if spy is not None:
+            spy.stop()
         peer.stop()
 
 
@@ -420,6 +433,11 @@ async def main() -> None:
             profile = root / "profile.txt"
             await run_ours(root / "profiled", 50, args.requests, profile_to=profile)
             print_loop_profile(profile, "this server, 50 connections")
+            # The same requests through the group-commit peer: what the least durable intake
+            # spends, and in which layer, beside this server's.
+            peer_profile = root / "peer-profile.txt"
+            await run_peer("group", root / "profiled-peer", 50, args.requests, profile_to=peer_profile)
+            print_loop_profile(peer_profile, "peer group-commit, 50 connections")
             # 1 MB requests are parsed, checked and written in worker threads, all bound by the
             # GIL: what holds it, in any thread.
             images_profile = root / "images-profile.txt"

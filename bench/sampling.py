@@ -87,8 +87,37 @@ def heaviest_paths(profile: Path, top: int = 25, within: str = EVENT_LOOP) -> li
     return [f"{count / total:6.1%}  {frame}" for frame, count in samples.most_common() if count < total * 0.99][:top]
 
 
+# Where a sample's leaf frame is, by the file it is in: which layer of the stack did the work.
+# A call into C (a system call, the sqlite3 or JSON extension) counts for the Python line
+# that made it.
+LAYERS = (
+    ("the event loop itself (asyncio, selectors: system calls, callbacks, tasks)", ("asyncio/", "selectors.py")),
+    ("aiohttp (HTTP, websocket frames)", ("aiohttp/", "multidict/", "yarl/")),
+    ("SQLite (sqlite3, aiosqlite)", ("aiosqlite/", "sqlite3/")),
+    ("JSON (json)", ("json/",)),
+    ("logging", ("logging/",)),
+    ("the server's own code", ("app/", "peer_server.py")),
+)
+
+
+def by_layer(profile: Path, within: str = EVENT_LOOP) -> list[str]:
+    """Self time per layer of the stack (LAYERS), the rest as `other`."""
+    samples: collections.Counter[str] = collections.Counter()
+    total = 0
+    for frames, count in _stacks(profile, within):
+        where = frames[-1].rpartition(" (")[2]
+        layer = next((name for name, paths in LAYERS if any(path in where for path in paths)), "other")
+        samples[layer] += count
+        total += count
+    return [f"{count / max(total, 1):6.1%}  {layer}" for layer, count in samples.most_common()]
+
+
 def print_loop_profile(profile: Path, what: str) -> None:
-    """The event loop's hot spots in a recorded profile: self time, then inclusive time."""
+    """The event loop's hot spots in a recorded profile: self time by layer, by function, then
+    inclusive time."""
+    print(f"\n{what}, event loop's self time by layer (py-spy):")
+    for line in by_layer(profile):
+        print("  " + line)
     print(f"\n{what}, event loop's self time by function (py-spy):")
     for line in hottest(profile, within=EVENT_LOOP):
         print("  " + line)
