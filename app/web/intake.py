@@ -240,7 +240,7 @@ class _QueuedLines:
         self._jobs: list[Job] = []
 
     def add(self, jobs: list[Job]) -> None:
-        if not jobs:
+        if not jobs or not log.isEnabledFor(logging.INFO):  # LOGGING_LEVEL=WARNING: no lines to make
             return
         if not self._jobs:
             asyncio.get_running_loop().call_soon(self._write)
