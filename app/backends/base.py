@@ -6,6 +6,7 @@ import asyncio
 import io
 import json
 import logging
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,13 +96,7 @@ class Backend:
 
     async def probe(self, timeout_s: float) -> str | None:
         """A cheap health check. Returns None when healthy, else a readable reason."""
-        try:
-            async with asyncio.timeout(timeout_s):
-                return await self._probe()
-        except TimeoutError:
-            return f"health probe got no answer within {timeout_s:g} s"
-        except aiohttp.ClientError as exc:
-            return f"health probe failed: {exc or type(exc).__name__}"
+        return await _reason_within(self._probe(), timeout_s, "health probe")
 
     async def progress(self) -> Progress | None:
         """What the backend says of its running job, if it can say anything."""
@@ -110,13 +105,7 @@ class Backend:
     async def interrupt(self, timeout_s: float) -> str | None:
         """Ask the backend to stop its running job. Returns None when it took the request,
         else a readable reason why not."""
-        try:
-            async with asyncio.timeout(timeout_s):
-                return await self._interrupt()
-        except TimeoutError:
-            return f"no answer within {timeout_s:g} s"
-        except aiohttp.ClientError as exc:
-            return str(exc) or type(exc).__name__
+        return await _reason_within(self._interrupt(), timeout_s, "interrupt")
 
     async def _interrupt(self) -> str | None:
         return "this backend cannot interrupt a job"
@@ -176,3 +165,15 @@ def _error_reason(body: str) -> str:
             body = " ".join(parts)
     body = " ".join(body.split())
     return body[:MAX_REASON_CHARS] or "no reason given"
+
+
+async def _reason_within(asking: Awaitable[str | None], timeout_s: float, what: str) -> str | None:
+    """What `asking` (a call to the backend) answers: None, or a readable reason. No answer
+    within `timeout_s`, or an HTTP failure, is a reason too, beginning with `what`."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await asking
+    except TimeoutError:
+        return f"{what} got no answer within {timeout_s:g} s"
+    except aiohttp.ClientError as exc:
+        return f"{what} failed: {exc or type(exc).__name__}"
