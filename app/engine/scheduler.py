@@ -6,9 +6,10 @@ has work waiting, then returns. Nothing polls the queue.
 
 A job's path: queued (WeightedQueue) -> claimed (attempt counted in SQLite) -> `generating`
 -> backend call (with progress polling on AUTOMATIC1111) -> backend released, next job
-dispatched (those: app/engine/attempts.py) -> image stored -> final status committed -> final message delivered (those last
-three: app/engine/finishing.py; commits retried while the database refuses writes, and
-messages sent without waiting for a client's socket: app/engine/recording.py).
+dispatched (those after the line: app/engine/attempts.py) -> image stored -> final status
+committed -> final message delivered (those last three: app/engine/finishing.py; commits
+retried while the database refuses writes, and messages sent without waiting for a client's
+socket: app/engine/recording.py).
 A backend failure sends the job back to the head of its line after a backoff, to be tried
 on another healthy backend, until MAX_ATTEMPTS; a 4xx ends it at once (app/engine/retries.py).
 """
@@ -381,7 +382,7 @@ class Scheduler:
         await self._progress.stop(job)
         failed = await backend.interrupt(INTERRUPT_TIMEOUT_S)
         if failed and backend.supports_progress:  # one that can interrupt a job did not
-            log.warning("%s: interrupt on %s failed: %s", job.object_id, backend.name, failed)
+            log.warning("%s: could not interrupt %s: %s", job.object_id, backend.name, failed)
         # Without an interrupt the backend finishes the image; it is thrown away, and the
         # backend takes no new job until then (it would queue it behind this one).
         log.info("%s cancelled while running on %s (interrupted: %s)", job.object_id, backend.name, not failed)
