@@ -46,7 +46,7 @@ import aiohttp
 from app.demo_backends import DemoBackendState
 from bench.core import KEY, free_port, quantile, start_backend, start_server
 from bench.processes import MongoProcess, wait_until_answering
-from bench.sampling import PY_SPY_MISSING, Sampler, cpu_seconds, hottest, print_loop_profile
+from bench.sampling import PY_SPY_MISSING, cpu_seconds, hottest, print_loop_profile, sampled
 
 PEER_SCRIPT = Path(__file__).with_name("peer_server.py")
 HEALTH_PROBE_S = 0.05
@@ -271,29 +271,24 @@ async def _run_ours(
     state.gate.clear()  # the backend holds every job: only intake is measured
     runner, url = await start_backend(state)
     server = await start_server(folder, url, **env)
-    spy = None
-    if profile_to is not None:
-        spy = Sampler(server.process.pid, profile_to, gil=gil_only)
-        await asyncio.sleep(1.0)
+    pid = server.process.pid
     try:
-        pid = server.process.pid
-        if responsiveness is None:
-            return await drive(server.base_url, pid, connections, total, image, one_at_a_time=one_at_a_time)
-        lags_before = await loop_lag_buckets(server.base_url)
-        result = await drive(
-            server.base_url,
-            pid,
-            connections,
-            total,
-            image,
-            responsiveness.health_waits,
-            one_at_a_time=one_at_a_time,
-        )
-        responsiveness.add_lags(lags_before, await loop_lag_buckets(server.base_url))
-        return result
+        async with sampled(pid, profile_to, gil=gil_only):
+            if responsiveness is None:
+                return await drive(server.base_url, pid, connections, total, image, one_at_a_time=one_at_a_time)
+            lags_before = await loop_lag_buckets(server.base_url)
+            result = await drive(
+                server.base_url,
+                pid,
+                connections,
+                total,
+                image,
+                responsiveness.health_waits,
+                one_at_a_time=one_at_a_time,
+            )
+            responsiveness.add_lags(lags_before, await loop_lag_buckets(server.base_url))
+            return result
     finally:
-        if spy is not None:
-            spy.stop()
         await server.stop()
         state.gate.set()
         await runner.cleanup()
@@ -311,16 +306,11 @@ async def run_peer(
 ) -> Measured:
     folder.mkdir(parents=True, exist_ok=True)
     peer = PeerProcess(mode, folder)
-    spy = None
     try:
         await peer.ready()
-        if profile_to is not None:
-            spy = Sampler(peer.process.pid, profile_to)
-            await asyncio.sleep(1.0)
-        return await drive(peer.base_url, peer.process.pid, connections, total, image, one_at_a_time=one_at_a_time)
+        async with sampled(peer.process.pid, profile_to):
+            return await drive(peer.base_url, peer.process.pid, connections, total, image, one_at_a_time=one_at_a_time)
     finally:
-        if spy is not None:
-            spy.stop()
         peer.stop()
 
 

@@ -4,10 +4,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import contextlib
 import os
 import shutil
 import subprocess
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -42,6 +45,21 @@ class Sampler:
         if self.process is not None:
             self.process.send_signal(2)
             self.process.wait()
+
+
+@contextlib.asynccontextmanager
+async def sampled(pid: int, profile_to: Path | None, *, gil: bool = False) -> AsyncIterator[None]:
+    """A Sampler on `pid` for as long as the context lasts (nothing without `profile_to`),
+    given a second to attach before what is measured starts."""
+    if profile_to is None:
+        yield
+        return
+    spy = Sampler(pid, profile_to, gil=gil)
+    try:
+        await asyncio.sleep(1.0)
+        yield
+    finally:
+        spy.stop()
 
 
 EVENT_LOOP = "BaseEventLoop.run_forever"
