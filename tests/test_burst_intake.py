@@ -137,3 +137,47 @@ async def test_a_bot_pipelining_past_what_one_connection_may_hold_pending_gets_e
     assert [answer["service_info"]["user_id"] for answer in answers] == list(range(800))
     store = balancer.app[keys.STORE]
     assert (await store.reads.get(answers[-1]["object_id"])).payload["prompt"].startswith("long prompt 799 ")
+
+
+async def test_a_burst_run_at_once_tells_each_request_queued_before_generating(start_backend, start_balancer):
+    # The burst's requests are put in line before their `queued` answers are sent, and an
+    # idle backend takes the first at once: each must still hear `queued` first.
+    gpu = await start_backend("automatic1111")
+    balancer = await start_balancer([gpu], **NO_SERVICE_LIMITS)
+    bot = await balancer.connect("telegram")
+    for n in range(100):
+        await bot.send(request_message("automatic1111", "text2img", {"prompt": f"now {n}"}, user_id=n))
+
+    answers = await first_answers(bot, 100)
+    assert [answer["service_info"]["user_id"] for answer in answers] == list(range(100))
+    for answer in answers:
+        await bot.final(answer["object_id"])
+        assert bot.statuses(answer["object_id"]) == ["queued", "generating", "ok"]
+        assert answer["avg_time"] is not None
+
+
+async def test_a_bot_that_stops_reading_mid_burst_gets_every_answer_in_order_when_it_reads_again(
+    start_backend, start_balancer
+):
+    # Every answer echoes the request's service_info, here 30 KB: 300 requests make ~27 MB of
+    # `queued`, `generating` and `ok`, more than the sockets between server and bot hold, so
+    # the server's sends wait for the bot partway through, while later bursts arrive and four
+    # idle backends take requests as soon as they are in line. Nothing may be lost or
+    # reordered: neither a later burst's `queued` before an earlier one's, nor a request's
+    # `generating` before its `queued`.
+    gpus = [await start_backend("automatic1111") for _ in range(4)]
+    balancer = await start_balancer(gpus, **NO_SERVICE_LIMITS)
+    bot = await balancer.connect("telegram")
+    for n in range(300):
+        await bot.send(request_message("automatic1111", "text2img", {"prompt": f"p{n}"}, user_id=n, note="x" * 30_000))
+        if n % 10 == 9:
+            await asyncio.sleep(0.02)  # bursts of ten
+    await asyncio.sleep(1.0)  # not reading meanwhile
+
+    answers = [await bot.next_message(lambda m: m.get("gen_status") in ("queued", "error")) for _ in range(300)]
+    assert [answer["gen_status"] for answer in answers] == ["queued"] * 300
+    assert [answer["service_info"]["user_id"] for answer in answers] == list(range(300))
+    for answer in answers:
+        final = await bot.final(answer["object_id"])
+        assert final["gen_status"] == "ok"
+        assert bot.statuses(answer["object_id"]) == ["queued", "generating", "ok"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable, Coroutine, Iterator, Sequence
@@ -162,9 +163,10 @@ class Store:
 
     def _submit_change(
         self, job: Job, *statements: Statement, upload: dict[str, Any] | None = None
-    ) -> Coroutine[Any, Any, None]:
-        """_commit_change, handed to the writer now; what it returns ends when the change is
-        committed (and wakes the mirrors then)."""
+    ) -> asyncio.Future[None]:
+        """_commit_change, handed to the writer now; the future is done when the change is
+        committed (and the mirrors are woken then). A future rather than a coroutine: whoever
+        holds it can tell whether awaiting it would wait (Intake.accept_together)."""
         statements_ = list(statements)
         now = time.time()
         if self._record_of is not None:
@@ -173,10 +175,14 @@ class Store:
             )
         if upload is not None:
             statements_.append((OUTBOX_INSERT, ("s3", job.object_id, job.revision, json_text.dumps(upload), now)))
-        return self._committed(self._writer.submit(*statements_), upload is not None)
+        done = self._writer.submit(*statements_)
+        if self._record_of is not None or upload is not None:
+            done.add_done_callback(functools.partial(self._wake_mirrors, upload is not None))
+        return done
 
-    async def _committed(self, done: asyncio.Future[None], upload: bool) -> None:
-        await done
+    def _wake_mirrors(self, upload: bool, done: asyncio.Future[None]) -> None:
+        if done.cancelled() or done.exception() is not None:
+            return  # not committed: nothing new in the outbox
         if self._record_of is not None:
             self._wake_mirror("mongodb")
         if upload:
@@ -195,12 +201,12 @@ class Store:
         duplicate request_key of the same service."""
         await self.submit_add(job)
 
-    def submit_add(self, job: Job) -> Coroutine[Any, Any, None]:
+    def submit_add(self, job: Job) -> asyncio.Future[None] | Coroutine[Any, Any, None]:
         """`add`, with the commit of a payload that stays in its row handed to the writer now:
-        what it returns ends when the request is committed, raising as `add` does. Intake hands
-        over the requests that arrive together before it awaits any (Intake.accept_together).
-        A payload kept in a file (LARGE_PAYLOAD_CHARS) is written first, when what it returns
-        is awaited."""
+        what it returns (a future, done when the request is committed) raises as `add` does.
+        Intake hands over the requests that arrive together before it awaits any
+        (Intake.accept_together). A payload kept in a file (LARGE_PAYLOAD_CHARS) is written
+        first, by the coroutine returned then, when it is awaited."""
         job.revision = 1  # a new request's first revision
         if _json_bytes_at_least(job.payload) >= LARGE_PAYLOAD_CHARS:
             return self._add_with_payload_file(job)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
@@ -120,6 +121,14 @@ class ConnectionHub:
 
     def connection_count(self, service: str) -> int:
         return len(self._connections[service])
+
+    def sending_at_once(self, ws: web.WebSocketResponse) -> AbstractContextManager[bool]:
+        """A block in which no send_to(ws) waits for the client, so no other task runs
+        between them (True); False when one could (CorkedTransport.sends_at_once)."""
+        transport = self._transports.get(ws)
+        if transport is None or ws.closed:
+            return nullcontext(False)
+        return transport.sends_at_once()
 
     async def send_to(self, ws: web.WebSocketResponse, message: dict[str, Any]) -> bool:
         """Send one message; False if the connection is gone. A client that does not read

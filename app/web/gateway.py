@@ -16,7 +16,8 @@ import asyncio
 import functools
 import json
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import AbstractContextManager, asynccontextmanager
 from typing import Any, TypeVar
 
 from aiohttp import WSMsgType, web
@@ -153,6 +154,8 @@ class _Connection:
         # what they hold of the pending budget.
         self._arrived: list[Job] = []
         self._arrived_charge = 0
+        # Done once the last burst started has sent its answers (turn).
+        self._answered: asyncio.Future[None] | None = None
 
     async def on_text(self, frame: bytes) -> None:
         """One text frame, as its UTF-8 bytes."""
@@ -258,17 +261,32 @@ class _Connection:
 
     async def _accept_and_answer(self, job: Job) -> None:
         try:
-            await self._app[keys.INTAKE].accept(job, self._announce)
+            await self._app[keys.INTAKE].accept(job, self.announce)
         except Exception as exc:
-            await self._refused(job, exc)
+            await self.refused(job, exc)
 
     async def _accept_together(self, jobs: list[Job]) -> None:
-        await self._app[keys.INTAKE].accept_together(jobs, self._announce, self._refused)
+        await self._app[keys.INTAKE].accept_together(jobs, self)
 
-    async def _announce(self, message: dict) -> None:
+    def at_once(self) -> AbstractContextManager[bool]:
+        return self._app[keys.HUB].sending_at_once(self._ws)
+
+    @asynccontextmanager
+    async def turn(self) -> AsyncIterator[None]:
+        """Entered once every burst read before this one has sent its answers (Intake.Answering)."""
+        before = self._answered
+        answered = self._answered = asyncio.get_running_loop().create_future()
+        try:
+            if before is not None:
+                await asyncio.wait((before,))  # not `await before`: a cancelled wait would cancel it
+            yield
+        finally:
+            answered.set_result(None)
+
+    async def announce(self, message: dict) -> None:
         await self._app[keys.HUB].send_to(self._ws, message)
 
-    async def _refused(self, job: Job, why: Exception) -> None:
+    async def refused(self, job: Job, why: Exception) -> None:
         """Tell the client its request was not queued: a limit or moderation said no
         (InvalidRequest), or it could not be stored."""
         if isinstance(why, InvalidRequest):

@@ -11,12 +11,13 @@ import logging
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
+from typing import Any, Protocol
 
 from app.domain.costs import job_cost_units
 from app.domain.errors import InvalidRequest, Refusal
 from app.domain.ids import new_object_id
-from app.domain.jobs import Job
+from app.domain.jobs import ExecutorType, Job
 from app.engine.admission import Admission
 from app.engine.scheduler import Scheduler
 from app.storage.store import Store
@@ -26,6 +27,25 @@ from app.web.schemas import final_response, info_message, parse_request, short_r
 log = logging.getLogger(__name__)
 
 Announce = Callable[[dict[str, Any]], Awaitable[Any]]
+# A request's commit handed to the store (Store.submit_add).
+Commit = asyncio.Future[None] | Coroutine[Any, Any, None]
+
+
+class Answering(Protocol):
+    """The connection a burst came on, as Intake.accept_together answers it (the gateway's)."""
+
+    async def announce(self, message: dict[str, Any]) -> Any:
+        """Send `message`."""
+
+    async def refused(self, job: Job, why: Exception) -> None:
+        """Tell the client `job` was not queued, and why."""
+
+    def at_once(self) -> AbstractContextManager[bool]:
+        """A block in which no send waits for the client, or False (ConnectionHub.sending_at_once)."""
+
+    def turn(self) -> AbstractAsyncContextManager[None]:
+        """A block entered once the bursts read before this one on the connection have sent
+        their answers."""
 
 
 class Intake:
@@ -102,21 +122,22 @@ class Intake:
         self._queued_lines.add([job])
         return await self._queue_committed(job, announce)
 
-    async def accept_together(
-        self, jobs: list[Job], announce: Announce, refused: Callable[[Job, Exception], Awaitable[None]]
-    ) -> None:
+    async def accept_together(self, jobs: list[Job], answering: Answering) -> None:
         """`accept` for requests that arrived together on one connection, none with a
         request_id (the gateway sees to that).
         Every one is handed to the store before any commit is awaited, and one task sees them
         through: a burst costs one wake-up instead of one task per request. Each gets what
         `accept` would give it, in arrival order: its `queued` after its commit, or
-        `refused(job, why)` (InvalidRequest from a limit or moderation, or what the store
-        raised)."""
+        `answering.refused(job, why)` (InvalidRequest from a limit or moderation, or what the
+        store raised). Bursts of one connection answer in the order they arrived
+        (`answering.turn()`): a send that waits for a slow reader let the next burst's
+        answers overtake the rest of this one's."""
         # Each request's commit under way, or why it was refused; answered in arrival order.
         outcomes = self._commit_together(jobs)
         queued: list[Job] = []
         try:
-            await self._answer_together(outcomes, queued, announce, refused)
+            async with answering.turn():
+                await self._answer_together(outcomes, queued, answering)
         finally:
             # Once for the whole burst, after its answers: every `queued` still precedes its
             # `generating`, and the dispatcher's look for a free backend (two pools, each
@@ -125,9 +146,9 @@ class Intake:
                 self._scheduler.dispatch()
         self._queued_lines.add(queued)
 
-    def _commit_together(self, jobs: list[Job]) -> list[tuple[Job, Coroutine[Any, Any, None] | Exception]]:
+    def _commit_together(self, jobs: list[Job]) -> list[tuple[Job, Commit | Exception]]:
         """Each request admitted and handed to the store (or why it was refused), in order."""
-        outcomes: list[tuple[Job, Coroutine[Any, Any, None] | Exception]] = []
+        outcomes: list[tuple[Job, Commit | Exception]] = []
         for job in jobs:
             try:
                 self._admit(job)
@@ -142,37 +163,88 @@ class Intake:
         return outcomes
 
     async def _answer_together(
-        self,
-        outcomes: list[tuple[Job, Coroutine[Any, Any, None] | Exception]],
-        queued: list[Job],
-        announce: Announce,
-        refused: Callable[[Job, Exception], Awaitable[None]],
+        self, outcomes: list[tuple[Job, Commit | Exception]], queued: list[Job], answering: Answering
     ) -> None:
-        """Each request's commit awaited in order, then its `queued` told and the request put
-        in line (appended to `queued`), or `refused(job, why)`."""
+        """Each request's commit awaited in order. Those settled (committed, or refused) are
+        answered together before a commit that is still under way is awaited, so the first
+        answers of a burst written in several transactions wait for none but their own."""
+        settled: list[tuple[Job, Exception | None]] = []
         for index, (job, outcome) in enumerate(outcomes):
             if isinstance(outcome, Exception):
-                await refused(job, outcome)
+                settled.append((job, outcome))
                 continue
+            if settled and not (isinstance(outcome, asyncio.Future) and outcome.done()):
+                await self._answer_settled(settled, queued, answering)
+                settled = []
             try:
                 await outcome
             except Exception as exc:
                 self._drop(job)
-                await refused(job, exc)
+                settled.append((job, exc))
                 continue
             except BaseException:
+                # Only a wait is interrupted, and `settled` was answered before it.
                 for left, commit in outcomes[index:]:
+                    if isinstance(commit, Coroutine):
+                        commit.close()  # a payload file not written yet: nothing was handed over
                     if not isinstance(commit, Exception):
-                        commit.close()  # not awaited now: one handed to the writer is still committed
-                        self._drop(left)
+                        self._drop(left)  # one handed to the writer is still committed
                 raise
-            queued.append(job)
-            try:
-                await self._queue_committed(job, announce, dispatch=False)
-            except Exception:
-                # Committed, so it runs at the next start even so; the rest of the burst goes on,
-                # as it would with a task per request.
-                log.exception("%s was committed but could not be queued", job.object_id)
+            settled.append((job, None))
+        if settled:
+            await self._answer_settled(settled, queued, answering)
+
+    async def _answer_settled(
+        self, settled: list[tuple[Job, Exception | None]], queued: list[Job], answering: Answering
+    ) -> None:
+        """Settled requests of a burst answered in arrival order: each committed one told its
+        `queued` and put in line (appended to `queued`), each other one refused.
+
+        When the connection takes every answer without waiting, this is done in passes:
+        every request estimated and put in line, then every answer sent. Interleaved per
+        request, the same work took ~15 % more of the event loop's time (50 connections of
+        pipelined requests). The order of messages is the same: nothing is dispatched before
+        the burst's answers are sent (accept_together dispatches after them), and no send
+        waits, so no other task can run in between. When a send could wait (a client not
+        reading), each request is put in line only after its `queued` is sent, as `accept`
+        does."""
+        with answering.at_once() as unhindered:
+            if not unhindered:
+                for job, why in settled:
+                    if why is not None:
+                        await answering.refused(job, why)
+                        continue
+                    queued.append(job)
+                    await self._queue_or_log(job, answering.announce)
+                return
+            told: list[tuple[Job, Exception | list[dict[str, Any]]]] = []
+            no_backend: dict[ExecutorType, str | None] = {}
+            for job, why in settled:
+                if why is not None:
+                    told.append((job, why))
+                    continue
+                queued.append(job)
+                if job.executor not in no_backend:
+                    no_backend[job.executor] = self._scheduler.no_backend_notice(job.executor)
+                try:
+                    answers = self._answers(job, no_backend[job.executor])
+                    self._scheduler.submit(job, dispatch=False)
+                except Exception:
+                    _log_not_queued(job)
+                    continue
+                told.append((job, answers))
+            for job, answered in told:
+                if isinstance(answered, Exception):
+                    await answering.refused(job, answered)
+                    continue
+                for answer in answered:
+                    await answering.announce(answer)
+
+    async def _queue_or_log(self, job: Job, announce: Announce) -> None:
+        try:
+            await self._queue_committed(job, announce, dispatch=False)
+        except Exception:
+            _log_not_queued(job)
 
     def _admit(self, job: Job) -> None:
         """The limits and moderation say yes, or raise InvalidRequest."""
@@ -189,15 +261,23 @@ class Intake:
     async def _queue_committed(self, job: Job, announce: Announce, *, dispatch: bool = True) -> dict[str, Any]:
         """A committed request: its `queued` told (with the notices that follow it), then it
         joins its line (and is dispatched, unless the caller does that for a burst)."""
-        scheduler = self._scheduler
-        job.eta_s = scheduler.estimates.for_new(job)
+        answers = self._answers(job, self._scheduler.no_backend_notice(job.executor))
+        # `queued` goes out before the job can be dispatched, so it always precedes `generating`.
+        for answer in answers:
+            await announce(answer)
+        self._scheduler.submit(job, dispatch=dispatch)
+        return answers[0]
+
+    def _answers(self, job: Job, no_backend_notice: str | None) -> list[dict[str, Any]]:
+        """A committed request's estimate (set on it), and what tells its client: `queued`,
+        then an `unknown_field` notice when its payload has keys the backend does not know,
+        and a `no_backend` notice when no backend of its type is in service."""
+        job.eta_s = self._scheduler.estimates.for_new(job)
         job.eta_told_at = time.monotonic()
         job.eta_due = job.eta_told_at + job.eta_s if job.eta_s is not None else None
-        queued = short_response(job, "queued", job.eta_s)
-        # `queued` goes out before the job can be dispatched, so it always precedes `generating`.
-        await announce(queued)
+        answers = [short_response(job, "queued", job.eta_s)]
         if job.unknown_fields is not None:
-            await announce(
+            answers.append(
                 info_message(
                     "unknown_field",
                     job.unknown_fields.sentence(),
@@ -205,11 +285,9 @@ class Intake:
                     unknown_fields=job.unknown_fields.hints,
                 )
             )
-        notice = scheduler.no_backend_notice(job.executor)
-        if notice:
-            await announce(info_message("no_backend", notice, object_id=job.object_id))
-        scheduler.submit(job, dispatch=dispatch)
-        return queued
+        if no_backend_notice:
+            answers.append(info_message("no_backend", no_backend_notice, object_id=job.object_id))
+        return answers
 
     async def _answer_repeat(self, original: Job, repeat: Job, announce: Announce) -> dict[str, Any]:
         """A request repeating an idempotency key: the original's current state (its final answer
@@ -228,6 +306,12 @@ class Intake:
         else:
             await announce(answer)
         return answer
+
+
+def _log_not_queued(job: Job) -> None:
+    # Committed, so it runs at the next start even so; the rest of the burst goes on, as it
+    # would with a task per request.
+    log.exception("%s was committed but could not be queued", job.object_id)
 
 
 class _QueuedLines:
