@@ -198,53 +198,56 @@ class Intake:
         self, settled: list[tuple[Job, Exception | None]], queued: list[Job], answering: Answering
     ) -> None:
         """Settled requests of a burst answered in arrival order: each committed one told its
-        `queued` and put in line (appended to `queued`), each other one refused.
+        `queued` and put in line (appended to `queued`), each other one refused. Several are
+        answered in passes when the connection takes every answer without waiting
+        (_answer_in_passes); otherwise each request is put in line only after its `queued` is
+        sent, as `accept` does."""
+        if len(settled) > 1:
+            with answering.at_once() as unhindered:
+                if unhindered:
+                    await self._answer_in_passes(settled, queued, answering)
+                    return
+        for job, why in settled:
+            if why is not None:
+                await answering.refused(job, why)
+                continue
+            queued.append(job)
+            try:
+                await self._queue_committed(job, answering.announce, dispatch=False)
+            except Exception:
+                _log_not_queued(job)
 
-        When the connection takes every answer without waiting, this is done in passes:
-        every request estimated and put in line, then every answer sent. Interleaved per
+    async def _answer_in_passes(
+        self, settled: list[tuple[Job, Exception | None]], queued: list[Job], answering: Answering
+    ) -> None:
+        """Every request estimated and put in line, then every answer sent. Interleaved per
         request, the same work took ~15 % more of the event loop's time (50 connections of
-        pipelined requests). The order of messages is the same: nothing is dispatched before
-        the burst's answers are sent (accept_together dispatches after them), and no send
-        waits, so no other task can run in between. When a send could wait (a client not
-        reading), each request is put in line only after its `queued` is sent, as `accept`
-        does."""
-        with answering.at_once() as unhindered:
-            if not unhindered:
-                for job, why in settled:
-                    if why is not None:
-                        await answering.refused(job, why)
-                        continue
-                    queued.append(job)
-                    await self._queue_or_log(job, answering.announce)
-                return
-            told: list[tuple[Job, Exception | list[dict[str, Any]]]] = []
-            no_backend: dict[ExecutorType, str | None] = {}
-            for job, why in settled:
-                if why is not None:
-                    told.append((job, why))
-                    continue
-                queued.append(job)
-                if job.executor not in no_backend:
-                    no_backend[job.executor] = self._scheduler.no_backend_notice(job.executor)
-                try:
-                    answers = self._answers(job, no_backend[job.executor])
-                    self._scheduler.submit(job, dispatch=False)
-                except Exception:
-                    _log_not_queued(job)
-                    continue
-                told.append((job, answers))
-            for job, answered in told:
-                if isinstance(answered, Exception):
-                    await answering.refused(job, answered)
-                    continue
-                for answer in answered:
-                    await answering.announce(answer)
-
-    async def _queue_or_log(self, job: Job, announce: Announce) -> None:
-        try:
-            await self._queue_committed(job, announce, dispatch=False)
-        except Exception:
-            _log_not_queued(job)
+        pipelined requests). The order of messages is the same as one by one, because the
+        caller holds the connection's at-once block (no send waits, so no other task runs in
+        between) and nothing is dispatched before the burst's answers are sent
+        (accept_together dispatches after them)."""
+        told: list[tuple[Job, Exception | list[dict[str, Any]]]] = []
+        no_backend: dict[ExecutorType, str | None] = {}
+        for job, why in settled:
+            if why is not None:
+                told.append((job, why))
+                continue
+            queued.append(job)
+            if job.executor not in no_backend:
+                no_backend[job.executor] = self._scheduler.no_backend_notice(job.executor)
+            try:
+                answers = self._answers(job, no_backend[job.executor])
+                self._scheduler.submit(job, dispatch=False)
+            except Exception:
+                _log_not_queued(job)
+                continue
+            told.append((job, answers))
+        for job, answered in told:
+            if isinstance(answered, Exception):
+                await answering.refused(job, answered)
+                continue
+            for answer in answered:
+                await answering.announce(answer)
 
     def _admit(self, job: Job) -> None:
         """The limits and moderation say yes, or raise InvalidRequest."""
