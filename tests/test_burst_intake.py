@@ -10,6 +10,7 @@ import logging
 
 from app import keys
 from app.domain.jobs import JobStatus
+from app.web.gateway import BurstTurn
 from bench.bots import Bot, request_message, wait_until
 
 NO_SERVICE_LIMITS = {"SERVICE_RATE_PER_S": "0", "MAX_SERVICE_REQUESTS": "0"}
@@ -181,3 +182,37 @@ async def test_a_bot_that_stops_reading_mid_burst_gets_every_answer_in_order_whe
         final = await bot.final(answer["object_id"])
         assert final["gen_status"] == "ok"
         assert bot.statuses(answer["object_id"]) == ["queued", "generating", "ok"]
+
+
+async def test_a_burst_cancelled_while_waiting_for_its_turn_still_keeps_the_next_one_behind_the_first():
+    # At shutdown an accept may be cancelled while the burst before it still answers: the
+    # burst after it must wait for that one, not hang and not go first.
+    loop = asyncio.get_running_loop()
+    answered = [loop.create_future() for _ in range(3)]
+    first, second, third = (
+        BurstTurn(None, answered[0]),
+        BurstTurn(answered[0], answered[1]),
+        BurstTurn(answered[1], answered[2]),
+    )
+    order: list[str] = []
+
+    async def answer(name: str, turn: BurstTurn, hold: asyncio.Event | None = None) -> None:
+        async with turn:
+            if hold is not None:
+                await hold.wait()
+            order.append(name)
+
+    release_first = asyncio.Event()
+    tasks = [
+        asyncio.create_task(answer("first", first, release_first)),
+        asyncio.create_task(answer("second", second)),
+        asyncio.create_task(answer("third", third)),
+    ]
+    await asyncio.sleep(0.01)
+    tasks[1].cancel()
+    await asyncio.sleep(0.01)
+    assert order == []  # the third still waits for the first
+    release_first.set()
+    await asyncio.wait_for(asyncio.gather(tasks[0], tasks[2]), timeout=5)
+    assert order == ["first", "third"]
+    assert tasks[1].cancelled()

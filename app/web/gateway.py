@@ -271,11 +271,11 @@ class _Connection:
     def at_once(self) -> AbstractContextManager[bool]:
         return self._app[keys.HUB].sending_at_once(self._ws)
 
-    def turn(self) -> _Turn:
+    def turn(self) -> BurstTurn:
         """Entered once every burst read before this one has sent its answers (Intake.Answering)."""
         before = self._answered
         self._answered = asyncio.get_running_loop().create_future()
-        return _Turn(before, self._answered)
+        return BurstTurn(before, self._answered)
 
     async def announce(self, message: dict) -> None:
         await self._app[keys.HUB].send_to(self._ws, message)
@@ -310,7 +310,7 @@ class _Connection:
             await asyncio.wait(set(self._accepts))
 
 
-class _Turn:
+class BurstTurn:
     """A burst's turn to answer: entered when the burst before it is done answering, and done
     itself on leaving. A class rather than @asynccontextmanager, which costs several times as
     much, and bots sending one request at a time take one turn per request."""
@@ -322,8 +322,16 @@ class _Turn:
         self._answered = answered
 
     async def __aenter__(self) -> None:
-        if self._before is not None and not self._before.done():
-            await asyncio.wait((self._before,))  # not `await before`: a cancelled wait would cancel it
+        before = self._before
+        if before is None or before.done():
+            return
+        try:
+            await asyncio.wait((before,))  # not `await before`: a cancelled wait would cancel it
+        except BaseException:
+            # Cancelled before its turn (__aexit__ is not called then): the next burst's turn
+            # still comes after the one before this.
+            before.add_done_callback(lambda _: self._answered.set_result(None))
+            raise
 
     async def __aexit__(self, *exc_info: object) -> None:
         self._answered.set_result(None)
