@@ -312,8 +312,9 @@ class _Connection:
 
 class BurstTurn:
     """A burst's turn to answer: entered when the burst before it is done answering, and done
-    itself on leaving. A class rather than @asynccontextmanager, which costs several times as
-    much, and bots sending one request at a time take one turn per request."""
+    itself on leaving. Bots sending one request at a time take a turn per request: as an
+    @asynccontextmanager waiting through asyncio.wait even when the turn before was over, a turn
+    cost 23 us (warm); this class, which skips a finished turn, costs 2 us."""
 
     __slots__ = ("_answered", "_before")
 
