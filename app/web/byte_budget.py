@@ -20,21 +20,12 @@ class ByteBudget:
         self.used = 0
         self._waiters: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
 
-    def take_now(self, size: int) -> int:
-        """Hold `size` bytes if they fit now without waiting; returns what to give back (0
-        when they do not fit: then `take`)."""
+    async def take(self, size: int) -> int:
+        """Wait until `size` bytes fit, and hold them; returns what to give back."""
         size = min(size, self.limit)
         if not self._waiters and self.used + size <= self.limit:
             self.used += size
             return size
-        return 0
-
-    async def take(self, size: int) -> int:
-        """Wait until `size` bytes fit, and hold them; returns what to give back."""
-        taken = self.take_now(size)
-        if taken:
-            return taken
-        size = min(size, self.limit)
         granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append((size, granted))
         try:

@@ -178,10 +178,7 @@ class _Connection:
             if len(frame) > self._limit:
                 # Still parsed, so the refusal can name the request it belongs to.
                 _refuse_oversized(frame, self._limit)
-            if len(frame) <= OFFLOAD_FRAME_BYTES:  # most: read here, without one more coroutine
-                message, request = _read_frame(frame)
-            else:
-                message, request = await read_off_the_loop_if_long(_read_frame, frame)
+            message, request = await read_off_the_loop_if_long(_read_frame, frame)
             if request is None:
                 await self._on_action(message)
                 return held
@@ -192,8 +189,7 @@ class _Connection:
             await hub.send_to(self._ws, self._rejection(exc))
             return held
         # Commits are grouped: accepting concurrently lets one transaction carry many requests.
-        wanted = max(len(frame), PENDING_CHARGE_MIN)
-        charge = self._pending.take_now(wanted) or await self._pending.take(wanted)
+        charge = await self._pending.take(max(len(frame), PENDING_CHARGE_MIN))
         if hub.closing:  # shutdown has begun (perhaps while this waited for room)
             self._pending.give(charge)
             await hub.send_to(
