@@ -41,7 +41,7 @@ class CorkedTransport:
     """A websocket connection's transport as its frame writer sees it: writes gathered, and
     handed to the real transport in one write at the end of the loop's current pass."""
 
-    def __init__(self, transport: asyncio.Transport, writing_paused: Callable[[], bool] = lambda: False) -> None:
+    def __init__(self, transport: asyncio.Transport, writing_paused: Callable[[], bool]) -> None:
         self._transport = transport
         self._writing_paused = writing_paused
         self._pending: list[bytes] = []
