@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 
 from app.domain.jobs import ExecutorType, Job
-from app.engine.pool import ExecutorPool, Later
+from app.engine.pool import ExecutorPool, Later, ServingNow
 
 log = logging.getLogger(__name__)
 
@@ -43,15 +43,18 @@ class Estimates:
         self.committing = Committing()
         self._revisions: asyncio.Task[None] | None = None
 
-    def for_new(self, job: Job) -> float | None:
+    def for_new(self, job: Job, burst: BurstReading | None = None) -> float | None:
         """The estimate told with `queued`; None when there is none. Intake asks after the
         request is committed and before it is queued: an estimate that fails (a bug in it) is
         logged and the request goes on without one, rather than being left committed but not
-        in line until the next start."""
+        in line until the next start. `burst` holds the backends as read for the requests
+        answered together with this one."""
         self.committing.discard(job)
         try:
             later = self.committing.of_class(job.executor, not job.premium)
-            return self._pools[job.executor].eta_for_new(job.premium, job.cost_units, later)
+            pool = self._pools[job.executor]
+            serving_now = burst.serving(pool) if burst is not None else None
+            return pool.eta_for_new(job.premium, job.cost_units, later, serving_now)
         except Exception:
             log.exception("the estimate for a new %s request failed; it is queued without one", job.executor.value)
             return None
@@ -91,6 +94,21 @@ class Estimates:
             if len(chunk) < ETA_REFRESH_CHUNK:
                 return
             await asyncio.sleep(0)
+
+
+class BurstReading:
+    """The backends of each executor type as read for the first estimate of a burst whose
+    requests are answered in one stretch of the event loop; the others' estimates use the same
+    reading (app/engine/pool.py, ServingNow, says why that holds)."""
+
+    def __init__(self) -> None:
+        self._serving: dict[ExecutorType, ServingNow] = {}
+
+    def serving(self, pool: ExecutorPool) -> ServingNow:
+        serving = self._serving.get(pool.executor)
+        if serving is None:
+            serving = self._serving[pool.executor] = pool.serving_now()
+        return serving
 
 
 class Committing:

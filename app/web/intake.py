@@ -19,6 +19,7 @@ from app.domain.errors import InvalidRequest, Refusal
 from app.domain.ids import new_object_id
 from app.domain.jobs import ExecutorType, Job
 from app.engine.admission import Admission
+from app.engine.estimates import BurstReading
 from app.engine.scheduler import Scheduler
 from app.storage.store import Store
 from app.web.delivery import ConnectionHub
@@ -228,6 +229,7 @@ class Intake:
         (accept_together dispatches after them)."""
         told: list[tuple[Job, Exception | list[dict[str, Any]]]] = []
         no_backend: dict[ExecutorType, str | None] = {}
+        burst = BurstReading()
         for job, why in settled:
             if why is not None:
                 told.append((job, why))
@@ -236,7 +238,7 @@ class Intake:
             if job.executor not in no_backend:
                 no_backend[job.executor] = self._scheduler.no_backend_notice(job.executor)
             try:
-                answers = self._answers(job, no_backend[job.executor])
+                answers = self._answers(job, no_backend[job.executor], burst)
                 self._scheduler.submit(job, dispatch=False)
             except Exception:
                 _log_not_queued(job)
@@ -271,11 +273,14 @@ class Intake:
         self._scheduler.submit(job, dispatch=dispatch)
         return answers[0]
 
-    def _answers(self, job: Job, no_backend_notice: str | None) -> list[dict[str, Any]]:
+    def _answers(
+        self, job: Job, no_backend_notice: str | None, burst: BurstReading | None = None
+    ) -> list[dict[str, Any]]:
         """A committed request's estimate (set on it), and what tells its client: `queued`,
         then an `unknown_field` notice when its payload has keys the backend does not know,
-        and a `no_backend` notice when no backend of its type is in service."""
-        job.eta_s = self._scheduler.estimates.for_new(job)
+        and a `no_backend` notice when no backend of its type is in service. `burst`: the
+        backends as read for the requests answered in passes with it."""
+        job.eta_s = self._scheduler.estimates.for_new(job, burst)
         job.eta_told_at = time.monotonic()
         job.eta_due = job.eta_told_at + job.eta_s if job.eta_s is not None else None
         answers = [short_response(job, "queued", job.eta_s)]
