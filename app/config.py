@@ -17,6 +17,7 @@ from typing import Any
 
 from app import setting_values as value
 from app.log_output import LoopPassHandler, SecondCachedFormatter
+from app.storage.group_commit import MAX_BATCH_ROWS
 
 
 class ConfigError(Exception):
@@ -59,7 +60,7 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "STORE_BATCH_ROWS",
-        "128",
+        str(MAX_BATCH_ROWS),
         value.positive_int,
         "most writes committed in one SQLite transaction (group commit); 1 turns grouping off",
     ),

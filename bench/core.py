@@ -28,6 +28,7 @@ import aiohttp
 from aiohttp import web
 
 from app.demo_backends import DemoBackendState, automatic1111_app, serve_on_loopback
+from app.storage.group_commit import MAX_BATCH_ROWS
 from bench.processes import REPO_ROOT, ServerProcess
 
 KEY = "bench-key"
@@ -266,7 +267,7 @@ async def main() -> None:
             "(each committed before its `queued`)"
         )
         grouped = await accept_rate(root / "grouped", args.requests, pipelined=True)
-        print(f"  pipelined, group commit (STORE_BATCH_ROWS=128): {grouped:8.0f} req/s")
+        print(f"  pipelined, group commit (STORE_BATCH_ROWS={MAX_BATCH_ROWS}): {grouped:8.0f} req/s")
         single = await accept_rate(root / "single", args.requests, pipelined=True, STORE_BATCH_ROWS="1")
         print(
             f"  pipelined, one commit each (STORE_BATCH_ROWS=1): {single:8.0f} req/s   "

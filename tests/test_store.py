@@ -146,6 +146,25 @@ async def test_one_bad_write_fails_alone(tmp_path):
     await store.close()
 
 
+async def test_a_bad_write_in_a_burst_fails_alone_without_the_rest_written_one_by_one(tmp_path):
+    store = await Store.open(tmp_path / "dup.sqlite3")
+    try:
+        existing = new_job()
+        await store.add(existing)
+        burst = [new_job() for _ in range(400)]
+        burst[250] = new_job(object_id=existing.object_id)
+        commits_before = store.commits
+        results = await asyncio.gather(*(store.add(job) for job in burst), return_exceptions=True)
+        assert [index for index, result in enumerate(results) if result is not None] == [250]
+        assert isinstance(results[250], sqlite3.IntegrityError)
+        assert len((await store.reads.queued_page(0, 10**9, 1000))[0]) == 400  # the 399 and the first
+        # The failed transaction's other writes are retried in halves: a few transactions, not
+        # one per write (each with its fsync, while every other write waits).
+        assert store.commits - commits_before < 40
+    finally:
+        await store.close()
+
+
 async def test_the_job_life_cycle_is_recorded(tmp_path):
     store = await Store.open(tmp_path / "life.sqlite3")
     job = new_job(service="discord")
