@@ -165,6 +165,19 @@ async def test_a_bad_write_in_a_burst_fails_alone_without_the_rest_written_one_b
         await store.close()
 
 
+async def test_a_health_check_during_a_burst_is_committed_first_and_alone(tmp_path):
+    store = await Store.open(tmp_path / "busy.sqlite3")
+    try:
+        burst = [store.submit_add(new_job()) for _ in range(2000)]
+        await store.check_writable(timeout_s=10)
+        # Nothing was being written when it came: it went ahead of the whole burst, in a
+        # transaction of its own rather than at the head of a batch of the burst's writes.
+        assert sum(commit.done() for commit in burst) == 0
+        await asyncio.gather(*burst)
+    finally:
+        await store.close()
+
+
 async def test_the_job_life_cycle_is_recorded(tmp_path):
     store = await Store.open(tmp_path / "life.sqlite3")
     job = new_job(service="discord")
