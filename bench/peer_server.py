@@ -37,7 +37,10 @@ import orjson
 from aiohttp import WSMsgType, web
 
 REQUIRED_KEYS = ("message_type", "executor", "gen_type", "service_info", "payload")
-MAX_BATCH = 128
+# Rows per transaction: the server's own default (STORE_BATCH_ROWS), so the two batch alike.
+# At 128 rows this peer took 7,839-9,158 requests/s over 50 connections, at 512 9,573-10,057
+# (3 interleaved pairs).
+MAX_BATCH = 512
 BASE64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 
 
