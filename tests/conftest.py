@@ -21,6 +21,7 @@ from app.demo_backends import DemoBackendState, automatic1111_app, kandinsky_app
 from app.domain.ids import new_object_id
 from app.domain.jobs import ExecutorType, GenType, Job
 from app.main import create_app
+from app.storage.store import Store
 from bench.bots import Bot
 from tests.mirror_servers import MongoServer, S3Server
 
@@ -173,6 +174,23 @@ def start_balancer(tmp_path, aiohttp_client, unused_tcp_port_factory):
         return Balancer(config, client, app)
 
     return start
+
+
+@pytest.fixture
+async def open_store():
+    """open_store(path, **options) -> Store.open(path, **options), closed when the test ends
+    if it is still open. A store left open (its test failed before closing it) keeps pytest
+    from exiting: the database's threads are not daemon threads."""
+    opened: list[Store] = []
+
+    async def open_(path: Path, **options: Any) -> Store:
+        store = await Store.open(path, **options)
+        opened.append(store)
+        return store
+
+    yield open_
+    for store in opened:
+        await store.close()  # a second close does nothing
 
 
 @pytest.fixture

@@ -12,15 +12,15 @@ import pytest
 from app.domain.jobs import GenType, JobStatus
 from app.mirrors.records import request_record
 from app.storage.migrations import MIGRATIONS_DIR, apply_migrations, migration_files
-from app.storage.store import Store, connect
+from app.storage.store import connect
 from tests.conftest import new_job
 
 
-async def test_a_fresh_database_gets_every_migration_once(tmp_path):
+async def test_a_fresh_database_gets_every_migration_once(tmp_path, open_store):
     path = tmp_path / "fresh.sqlite3"
-    store = await Store.open(path)
+    store = await open_store(path)
     await store.close()
-    store = await Store.open(path)  # a second start applies nothing again
+    store = await open_store(path)  # a second start applies nothing again
     await store.close()
     with sqlite3.connect(path) as db:
         versions = [row[0] for row in db.execute("SELECT version FROM schema_migrations")]
@@ -28,9 +28,9 @@ async def test_a_fresh_database_gets_every_migration_once(tmp_path):
     assert versions == [version for version, _ in migration_files()]
 
 
-async def test_an_old_database_is_upgraded_and_keeps_its_rows(tmp_path):
+async def test_an_old_database_is_upgraded_and_keeps_its_rows(tmp_path, open_store):
     path = tmp_path / "old.sqlite3"
-    store = await Store.open(path)
+    store = await open_store(path)
     job = new_job()
     await store.add(job)
     await store.close()
@@ -64,8 +64,8 @@ async def test_a_failing_migration_leaves_no_half_built_schema(tmp_path):
         await db.close()
 
 
-async def test_concurrent_writes_are_grouped_and_all_committed(tmp_path):
-    store = await Store.open(tmp_path / "busy.sqlite3")
+async def test_concurrent_writes_are_grouped_and_all_committed(tmp_path, open_store):
+    store = await open_store(tmp_path / "busy.sqlite3")
     jobs = [new_job() for _ in range(500)]
     await asyncio.gather(*(store.add(job) for job in jobs))
     commits = store.commits
@@ -77,11 +77,11 @@ async def test_concurrent_writes_are_grouped_and_all_committed(tmp_path):
 
 
 @pytest.mark.parametrize("mirrored", [False, True], ids=["alone", "with its MongoDB records"])
-async def test_a_burst_stored_together_reads_back_request_for_request(tmp_path, mirrored):
+async def test_a_burst_stored_together_reads_back_request_for_request(tmp_path, mirrored, open_store):
     # Requests committed together go in as few multi-row INSERTs: no field may land in a
     # neighbour's row, whatever the burst's size (299 = 128 + 128 + 32 + 8 + 2 + 1 rows).
     # Mirrored, each request's record for MongoDB is queued with it, in the same order.
-    store = await Store.open(tmp_path / "burst.sqlite3", record_of=request_record if mirrored else None)
+    store = await open_store(tmp_path / "burst.sqlite3", record_of=request_record if mirrored else None)
     jobs = [
         new_job(
             service=f"bot{number % 3}",
@@ -132,8 +132,8 @@ async def test_a_burst_stored_together_reads_back_request_for_request(tmp_path, 
         assert queued == [job.object_id for job in jobs]
 
 
-async def test_one_bad_write_fails_alone(tmp_path):
-    store = await Store.open(tmp_path / "dup.sqlite3")
+async def test_one_bad_write_fails_alone(tmp_path, open_store):
+    store = await open_store(tmp_path / "dup.sqlite3")
     existing = new_job()
     await store.add(existing)
     others = [new_job() for _ in range(5)]
@@ -146,40 +146,34 @@ async def test_one_bad_write_fails_alone(tmp_path):
     await store.close()
 
 
-async def test_a_bad_write_in_a_burst_fails_alone_without_the_rest_written_one_by_one(tmp_path):
-    store = await Store.open(tmp_path / "dup.sqlite3")
-    try:
-        existing = new_job()
-        await store.add(existing)
-        burst = [new_job() for _ in range(400)]
-        burst[250] = new_job(object_id=existing.object_id)
-        commits_before = store.commits
-        results = await asyncio.gather(*(store.add(job) for job in burst), return_exceptions=True)
-        assert [index for index, result in enumerate(results) if result is not None] == [250]
-        assert isinstance(results[250], sqlite3.IntegrityError)
-        assert len((await store.reads.queued_page(0, 10**9, 1000))[0]) == 400  # the 399 and the first
-        # The failed transaction's other writes are retried in halves: a few transactions, not
-        # one per write (each with its fsync, while every other write waits).
-        assert store.commits - commits_before < 40
-    finally:
-        await store.close()
+async def test_a_bad_write_in_a_burst_fails_alone_without_the_rest_written_one_by_one(tmp_path, open_store):
+    store = await open_store(tmp_path / "dup.sqlite3")
+    existing = new_job()
+    await store.add(existing)
+    burst = [new_job() for _ in range(400)]
+    burst[250] = new_job(object_id=existing.object_id)
+    commits_before = store.commits
+    results = await asyncio.gather(*(store.add(job) for job in burst), return_exceptions=True)
+    assert [index for index, result in enumerate(results) if result is not None] == [250]
+    assert isinstance(results[250], sqlite3.IntegrityError)
+    assert len((await store.reads.queued_page(0, 10**9, 1000))[0]) == 400  # the 399 and the first
+    # The failed transaction's other writes are retried in halves: a few transactions, not
+    # one per write (each with its fsync, while every other write waits).
+    assert store.commits - commits_before < 40
 
 
-async def test_a_health_check_during_a_burst_is_committed_first_and_alone(tmp_path):
-    store = await Store.open(tmp_path / "busy.sqlite3")
-    try:
-        burst = [store.submit_add(new_job()) for _ in range(2000)]
-        await store.check_writable(timeout_s=10)
-        # Nothing was being written when it came: it went ahead of the whole burst, in a
-        # transaction of its own rather than at the head of a batch of the burst's writes.
-        assert sum(commit.done() for commit in burst) == 0
-        await asyncio.gather(*burst)
-    finally:
-        await store.close()
+async def test_a_health_check_during_a_burst_is_committed_first_and_alone(tmp_path, open_store):
+    store = await open_store(tmp_path / "busy.sqlite3")
+    burst = [store.submit_add(new_job()) for _ in range(2000)]
+    await store.check_writable(timeout_s=10)
+    # Nothing was being written when it came: it went ahead of the whole burst, in a
+    # transaction of its own rather than at the head of a batch of the burst's writes.
+    assert sum(commit.done() for commit in burst) == 0
+    await asyncio.gather(*burst)
 
 
-async def test_the_job_life_cycle_is_recorded(tmp_path):
-    store = await Store.open(tmp_path / "life.sqlite3")
+async def test_the_job_life_cycle_is_recorded(tmp_path, open_store):
+    store = await open_store(tmp_path / "life.sqlite3")
     job = new_job(service="discord")
     job.cost_units = 4.0e6
     await store.add(job)
@@ -212,7 +206,7 @@ def test_migration_files_are_numbered_without_gaps():
     assert versions == list(range(1, len(versions) + 1))
 
 
-async def test_a_database_from_the_first_release_upgrades_and_its_queue_resumes(tmp_path):
+async def test_a_database_from_the_first_release_upgrades_and_its_queue_resumes(tmp_path, open_store):
     first_release = tmp_path / "first"
     first_release.mkdir()
     [(_, first)] = migration_files()[:1]
@@ -229,7 +223,7 @@ async def test_a_database_from_the_first_release_upgrades_and_its_queue_resumes(
     finally:
         await db.close()
 
-    store = await Store.open(path)
+    store = await open_store(path)
     try:
         assert await store.requeue_interrupted() == 1
         [job], _ = await store.reads.queued_page(0, 10**9, 100)
@@ -244,9 +238,9 @@ async def test_a_database_from_the_first_release_upgrades_and_its_queue_resumes(
         await store.close()
 
 
-async def test_a_large_payload_is_kept_in_a_file_and_read_back_as_sent(tmp_path):
+async def test_a_large_payload_is_kept_in_a_file_and_read_back_as_sent(tmp_path, open_store):
     path = tmp_path / "big.sqlite3"
-    store = await Store.open(path)
+    store = await open_store(path)
     image = "iVBORw0KGgo" + "A" * 300_001  # not a multiple of the 4 KB block it is written in
     job = new_job(gen_type=GenType.IMG2IMG, payload={"prompt": "a fox", "init_images": [image], "n": 1.5})
     small = new_job(payload={"prompt": "small"})
