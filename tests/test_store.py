@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+import time
 
 import pytest
 
@@ -160,6 +161,32 @@ async def test_a_bad_write_in_a_burst_fails_alone_without_the_rest_written_one_b
     # The failed transaction's other writes are retried in halves: a few transactions, not
     # one per write (each with its fsync, while every other write waits).
     assert store.commits - commits_before < 40
+
+
+async def test_a_health_check_right_after_a_commit_does_not_wait_for_the_writes_under_way(tmp_path, open_store):
+    store = await open_store(tmp_path / "busy.sqlite3")
+    await store.add(new_job())
+    commits_before = store.commits
+    burst = [store.submit_add(new_job()) for _ in range(2000)]
+    await store.check_writable(timeout_s=10)
+    # The database committed a moment ago: that answers it, with no transaction of its own
+    # and none of the burst written.
+    assert store.commits == commits_before
+    assert sum(commit.done() for commit in burst) == 0
+    await asyncio.gather(*burst)
+
+
+async def test_a_health_check_after_a_failed_write_commits_a_heartbeat_of_its_own(tmp_path, open_store):
+    store = await open_store(tmp_path / "dup.sqlite3")
+    existing = new_job()
+    await store.add(existing)
+    with pytest.raises(sqlite3.IntegrityError):
+        await store.add(new_job(object_id=existing.object_id))  # the last transaction failed
+    asked_at = time.time()
+    await store.check_writable(timeout_s=10)
+    with sqlite3.connect(tmp_path / "dup.sqlite3") as db:
+        [(heartbeat_at,)] = db.execute("SELECT at FROM heartbeat").fetchall()
+    assert heartbeat_at >= asked_at
 
 
 async def test_a_health_check_during_a_burst_is_committed_first_and_alone(tmp_path, open_store):

@@ -29,6 +29,7 @@ import functools
 import logging
 import re
 import sqlite3
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -91,12 +92,27 @@ class GroupWriter:
         self._closed = False
         self.commits = 0
         self.rows_written = 0
+        # When the last transaction committed, and when one last failed (time.monotonic()).
+        self._committed_at: float | None = None
+        self._failed_at: float | None = None
 
     @property
     def waiting(self) -> int:
         # A unit submitted `first` is counted by its wake-up mark in the queue (which may
         # outlast it by a batch), not a second time from `_first`.
         return self._pending.qsize()
+
+    def committed_lately(self, within_s: float) -> bool:
+        """A transaction committed within the last `within_s` seconds and none failed since:
+        the database takes writes, as a heartbeat's commit would show, known without waiting
+        behind the writes under way."""
+        committed_at, failed_at = self._committed_at, self._failed_at
+        return (
+            not self._closed
+            and committed_at is not None
+            and time.monotonic() - committed_at <= within_s
+            and (failed_at is None or failed_at < committed_at)
+        )
 
     async def write(self, *statements: Statement, first: bool = False) -> None:
         """Commit `statements` as one unit (with `first`, in the next transaction, ahead of
@@ -193,8 +209,10 @@ class GroupWriter:
         try:
             await self._writer_db._execute(_transaction, self._writer_db._conn, statements)
         except Exception as exc:
+            self._failed_at = time.monotonic()
             log.warning("write transaction of %d statements failed: %s", len(statements), exc)
             raise
+        self._committed_at = time.monotonic()
         self.commits += 1
         self.rows_written += len(statements)
 

@@ -34,6 +34,8 @@ from app.storage.retention_rows import RetentionRows
 log = logging.getLogger(__name__)
 
 BUSY_TIMEOUT_MS = 5000
+# A health check is answered from a transaction committed this recently (check_writable).
+RECENT_COMMIT_S = 1.0
 
 RecordBuilder = Callable[[Job], dict[str, Any]]
 
@@ -348,9 +350,15 @@ class Store:
             )
 
     async def check_writable(self, timeout_s: float) -> None:
-        """Commit a heartbeat row within `timeout_s`. Raises if the database takes no writes.
-        It goes ahead of the writes waiting: what it asks is whether the database commits now,
-        not how many requests a burst left to write."""
+        """Returns when the database takes writes: at once when a transaction committed within
+        RECENT_COMMIT_S and none failed since, else once a heartbeat row is committed, within
+        `timeout_s`. Raises if it takes no writes. The heartbeat goes ahead of the writes
+        waiting: what it asks is whether the database commits now, not how many requests a
+        burst left to write. Even so, in a flood it waited for the transaction under way, of
+        up to STORE_BATCH_ROWS rows: /health took 100-140 ms of its 150-200 ms there (10,000
+        pipelined requests over one connection, batches of 512)."""
+        if self._writer.committed_lately(RECENT_COMMIT_S):
+            return
         async with asyncio.timeout(timeout_s):
             await self._write(
                 (
