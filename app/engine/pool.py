@@ -250,9 +250,10 @@ class _Replay:
 class ServingNow:
     """The backends in service as a new request's estimate reads them: when each is free and
     how fast it is. Read once for every request of a burst answered together
-    (Estimates.for_burst): nothing else runs on the event loop while they are answered, so
-    only the clock moves between them (by well under the estimate's 10 ms rounding), and a
-    reading per request was ~20 % of an estimate in a burst (warm, one backend)."""
+    (app/engine/estimates.py, BurstReading): nothing else runs on the event loop while they
+    are answered, so only the clock moves between them (by well under the estimate's 10 ms
+    rounding), and a reading per request was ~20 % of an estimate in a burst (warm, one
+    backend)."""
 
     slots: list[BackendSlot]
     free_s: list[float]  # seconds until each is free
