@@ -17,16 +17,20 @@ FULL_USER = 777  # has as many requests stored as one user may hold (MAX_USER_RE
 
 
 async def store_backlog(database) -> list:
-    store = await Store.open(database)
     backlog = [
         new_job(premium=n % 10 == 0, service_info={"user_id": n}, payload={"prompt": f"stored {n}"})
         for n in range(BACKLOG - 20)
     ] + [new_job(service_info={"user_id": FULL_USER}, payload={"prompt": "stored, capped user"}) for _ in range(20)]
     for job in backlog:
         job.cost_units = job_cost_units(job)  # as intake stores it
-    for start in range(0, len(backlog), 2000):
-        await asyncio.gather(*(store.add(job) for job in backlog[start : start + 2000]))
-    await store.close()
+    store = await Store.open(database)
+    try:
+        for start in range(0, len(backlog), 2000):
+            await asyncio.gather(*(store.add(job) for job in backlog[start : start + 2000]))
+    finally:
+        # Also when an add fails: a store left open keeps pytest from exiting (its database
+        # threads are not daemon threads), and the failure would show as a hang.
+        await store.close()
     return backlog
 
 
