@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import aiohttp
 from aiohttp import web
@@ -30,6 +31,7 @@ from aiohttp import web
 from app.demo_backends import DemoBackendState, automatic1111_app, serve_on_loopback
 from app.storage.group_commit import MAX_BATCH_ROWS
 from bench.processes import REPO_ROOT, ServerProcess
+from bench.sampling import cpu_seconds
 
 KEY = "bench-key"
 
@@ -212,9 +214,18 @@ class GapBackends:
         return gaps
 
 
-async def dispatch_gaps(folder: Path, jobs: int, backends: int = 1) -> list[float]:
+class GapRun(NamedTuple):
+    gaps: list[float]  # ms, on each backend from each response to its next call
+    cpu_ms_per_job: float  # the server's CPU per job while it dispatched them, all threads
+    loop_ms_per_job: float  # the part of it in the event loop's thread
+
+
+async def dispatch_gaps(folder: Path, jobs: int, backends: int = 1) -> GapRun:
     """A backlog of `jobs` on `backends` instant backends: on each backend, the time from each
-    response to its next call."""
+    response to its next call, and what the server's CPU did meanwhile. With one backend
+    nothing is shared between jobs (each has its claim and result committed, its image
+    converted and stored): the CPU per job says how much of the machine's two cores the
+    server itself takes from the backend and the client between two calls."""
     async with GapBackends(backends) as gpus, aiohttp.ClientSession() as session:
         entries = [
             {"name": f"gpu{number}", "exec_type": "automatic1111", "endpoint": url, "timeout": 60}
@@ -228,14 +239,17 @@ async def dispatch_gaps(folder: Path, jobs: int, backends: int = 1) -> list[floa
             ) as ws:
                 await _send_all(ws, jobs)
                 await _await_queued(ws, jobs)
+                pid = server.process.pid
+                cpu_before, loop_before = cpu_seconds(pid), cpu_seconds(pid, thread=pid)
                 await gpus.open(session)
                 done = 0
                 while done < jobs:
                     message = json.loads((await ws.receive()).data)
                     done += message.get("gen_status") in ("ok", "error")
+                cpu, loop_cpu = cpu_seconds(pid) - cpu_before, cpu_seconds(pid, thread=pid) - loop_before
         finally:
             await server.stop()
-        return await gpus.gaps(session, skip_first=True)
+        return GapRun(await gpus.gaps(session, skip_first=True), cpu / jobs * 1000, loop_cpu / jobs * 1000)
 
 
 async def direct_gaps(jobs: int, backends: int = 1) -> list[float]:
@@ -282,7 +296,10 @@ async def main() -> None:
                 f"jobs on {backends} instant backend{'s' if backends > 1 else ''}"
             )
             through = await dispatch_gaps(root / f"gaps-{backends}", args.jobs, backends)
-            print(f"  through the balancer:          {summary(through)}")
+            print(
+                f"  through the balancer:          {summary(through.gaps)}   server CPU per job "
+                f"{through.cpu_ms_per_job:.2f} ms (event loop {through.loop_ms_per_job:.2f} ms)"
+            )
             baseline = await direct_gaps(args.jobs, backends)
             print(f"  baseline, direct client loops: {summary(baseline)}")
 
