@@ -119,7 +119,7 @@ def huey_rate(folder: Path, jobs: int) -> float | None:
 
 def image_file_ms(folder: Path, count: int = 500) -> float:
     """CPU per image file written the way every result is stored (app/storage/results.py:
-    create, write, fsync, rename), in this process with nothing else running: a floor under
+    create, write, fsync, rename, fsync the folder), in this process with nothing else running: a floor under
     each job's cost that no server code can lower."""
     folder.mkdir(parents=True, exist_ok=True)
     jpeg = bytes(3000)
@@ -159,7 +159,9 @@ async def main() -> None:
     print(f"  the load (8 backends, client):   {spread([run.load_ms_per_job for run in ours], '.2f')}")
     with tempfile.TemporaryDirectory() as tmp:
         floor = image_file_ms(Path(tmp))
-    print(f"  one image file stored, alone:    {floor:6.2f}  (create, write, fsync, rename: no server code)")
+    print(
+        f"  one image file stored, alone:    {floor:6.2f}  (create, write, fsync, rename, fsync the folder: no server code)"
+    )
     per_job = statistics.median([run.cpu_ms_per_job + run.load_ms_per_job for run in ours])
     cores = os.cpu_count() or 1
     print(f"  server and load on {cores} cores at this CPU per job: at most {cores * 1000 / per_job:.0f} jobs/s")

@@ -158,3 +158,13 @@ def write_atomically(path: Path, data: bytes) -> None:
         file.flush()
         os.fsync(file.fileno())
     os.replace(temporary, path)
+    # The new name must be on disk too before the result that points to it is committed: a
+    # power loss could otherwise keep the committed `ok` and lose the image's name. ext4 happens
+    # to commit the rename with SQLite's next fsync when both share a filesystem; other
+    # filesystems, or IMAGES_PATH on a disk of its own, promise nothing without this. It cost
+    # 0-0.3 ms of CPU per image here (ext4, 60 KB images, 3 runs of 500).
+    folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
