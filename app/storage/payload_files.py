@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from app.domain import json_text
+from app.storage.folder_sync import fsync_folder
 
 log = logging.getLogger(__name__)
 
@@ -98,11 +99,7 @@ class PayloadFiles:
                 _write_buffered(path, payload_json)
         # The directory entry must be on disk too, or power loss could keep the row and
         # lose the file's name.
-        folder = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
+        fsync_folder(self.folder)
         return len(payload_json)
 
     def _write_direct(self, path: Path, payload_json: bytes) -> None:

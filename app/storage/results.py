@@ -21,6 +21,7 @@ from typing import Any
 
 from app.domain.jobs import Job
 from app.domain.secrets_match import secret_matches
+from app.storage.folder_sync import fsync_folder
 
 # Only names this server writes are ever served: no path can be smuggled through /img/.
 IMAGE_FILE_NAME = re.compile(r"^[0-9a-f]{24}\.jpg$")
@@ -163,8 +164,4 @@ def write_atomically(path: Path, data: bytes) -> None:
     # to commit the rename with SQLite's next fsync when both share a filesystem; other
     # filesystems, or IMAGES_PATH on a disk of its own, promise nothing without this. It cost
     # 0-0.3 ms of CPU per image here (ext4, 60 KB images, 3 runs of 500).
-    folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
+    fsync_folder(path.parent)
