@@ -8,7 +8,6 @@ import asyncio
 from app import keys
 from app.domain.costs import job_cost_units
 from app.domain.jobs import ExecutorType
-from app.storage.store import Store
 from bench.bots import request_message
 from tests.conftest import cancel_action, new_job
 
@@ -16,30 +15,26 @@ BACKLOG = 20_000
 FULL_USER = 777  # has as many requests stored as one user may hold (MAX_USER_REQUESTS 20)
 
 
-async def store_backlog(database) -> list:
+async def store_backlog(open_store, database) -> list:
     backlog = [
         new_job(premium=n % 10 == 0, service_info={"user_id": n}, payload={"prompt": f"stored {n}"})
         for n in range(BACKLOG - 20)
     ] + [new_job(service_info={"user_id": FULL_USER}, payload={"prompt": "stored, capped user"}) for _ in range(20)]
     for job in backlog:
         job.cost_units = job_cost_units(job)  # as intake stores it
-    store = await Store.open(database)
-    try:
-        for start in range(0, len(backlog), 2000):
-            await asyncio.gather(*(store.add(job) for job in backlog[start : start + 2000]))
-    finally:
-        # Also when an add fails: a store left open keeps pytest from exiting (its database
-        # threads are not daemon threads), and the failure would show as a hang.
-        await store.close()
+    store = await open_store(database)  # closed by the fixture too, should an add fail
+    for start in range(0, len(backlog), 2000):
+        await asyncio.gather(*(store.add(job) for job in backlog[start : start + 2000]))
+    await store.close()
     return backlog
 
 
 async def test_a_restart_with_20000_queued_serves_while_reading_them_back_in_order(
-    tmp_path, start_backend, start_balancer
+    tmp_path, start_backend, start_balancer, open_store
 ):
     database = tmp_path / "data" / "devoid.sqlite3"
     database.parent.mkdir(parents=True)
-    backlog = await store_backlog(database)
+    backlog = await store_backlog(open_store, database)
     gpu = await start_backend("kandinsky")
     gpu.state.gate.clear()  # the GPU holds its first job: the rest stays in line to be inspected
 
