@@ -119,8 +119,8 @@ def huey_rate(folder: Path, jobs: int) -> float | None:
 
 def image_file_ms(folder: Path, count: int = 500) -> float:
     """CPU per image file written the way every result is stored (app/storage/results.py:
-    create, write, fsync, rename, fsync the folder), in this process with nothing else running: a floor under
-    each job's cost that no server code can lower."""
+    create, write, fsync, rename, fsync the folder), in this process with nothing else
+    running: a floor under each job's cost that no server code can lower."""
     folder.mkdir(parents=True, exist_ok=True)
     jpeg = bytes(3000)
     started = time.process_time()
