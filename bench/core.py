@@ -7,7 +7,9 @@ from this process. Each number is printed beside a baseline measured in the same
 - accept rate with group commit vs. with STORE_BATCH_ROWS=1 (one commit per request), and
   pipelined vs. one-request-at-a-time sending;
 - dispatch gap through the balancer, with 1 and with 8 backends (each in a process of its own,
-  bench/gap_backend.py), vs. a client loop per backend, in one process, calling it directly.
+  bench/gap_backend.py), vs. the floor peer (bench/dispatch_floor.py: the least a durable
+  balancer does per job, by hand) and vs. a client loop per backend, in one process, calling
+  it directly (no durability at all).
 
 Usage: .venv/bin/python -m bench.core [--requests N] [--jobs N]
 """
@@ -30,7 +32,7 @@ from aiohttp import web
 
 from app.demo_backends import DemoBackendState, automatic1111_app, serve_on_loopback
 from app.storage.group_commit import MAX_BATCH_ROWS
-from bench.processes import REPO_ROOT, ServerProcess
+from bench.processes import REPO_ROOT, ServerProcess, wait_until_answering
 from bench.sampling import cpu_seconds
 
 KEY = "bench-key"
@@ -252,6 +254,36 @@ async def dispatch_gaps(folder: Path, jobs: int, backends: int = 1) -> GapRun:
         return GapRun(await gpus.gaps(session, skip_first=True), cpu / jobs * 1000, loop_cpu / jobs * 1000)
 
 
+async def floor_gaps(folder: Path, jobs: int, backends: int = 1) -> GapRun:
+    """The same backlog through bench/dispatch_floor.py, the least a durable balancer does per
+    job (claim and result committed, image stored as JPEG and fsynced, `generating` and `ok`
+    sent), written by hand: the gap and the CPU per job that this much work leaves."""
+    folder.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    async with GapBackends(backends) as gpus, aiohttp.ClientSession() as session:
+        env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(REPO_ROOT)}
+        floor = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bench.dispatch_floor", str(port), str(folder), *gpus.urls, cwd=REPO_ROOT, env=env
+        )
+        try:
+            await wait_until_answering(f"http://127.0.0.1:{port}", lambda: None)
+            async with session.ws_connect(f"http://127.0.0.1:{port}/ws") as ws:
+                await ws.send_str(json.dumps({"jobs": jobs}))
+                await ws.receive()  # {"ready": jobs}: the rows are committed
+                cpu_before, loop_before = cpu_seconds(floor.pid), cpu_seconds(floor.pid, thread=floor.pid)
+                await gpus.open(session)
+                done = 0
+                while done < jobs:
+                    message = json.loads((await ws.receive()).data)
+                    done += message.get("gen_status") == "ok"
+                cpu = cpu_seconds(floor.pid) - cpu_before
+                loop_cpu = cpu_seconds(floor.pid, thread=floor.pid) - loop_before
+        finally:
+            floor.terminate()
+            await floor.wait()
+        return GapRun(await gpus.gaps(session, skip_first=True), cpu / jobs * 1000, loop_cpu / jobs * 1000)
+
+
 async def direct_gaps(jobs: int, backends: int = 1) -> list[float]:
     """Baseline: one client loop per backend, all in this process, calling it back to back
     with no balancer in between."""
@@ -299,6 +331,11 @@ async def main() -> None:
             print(
                 f"  through the balancer:          {summary(through.gaps)}   server CPU per job "
                 f"{through.cpu_ms_per_job:.2f} ms (event loop {through.loop_ms_per_job:.2f} ms)"
+            )
+            floor = await floor_gaps(root / f"floor-{backends}", args.jobs, backends)
+            print(
+                f"  floor peer (dispatch_floor):   {summary(floor.gaps)}   its CPU per job "
+                f"{floor.cpu_ms_per_job:.2f} ms (event loop {floor.loop_ms_per_job:.2f} ms)"
             )
             baseline = await direct_gaps(args.jobs, backends)
             print(f"  baseline, direct client loops: {summary(baseline)}")
