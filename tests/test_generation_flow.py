@@ -179,22 +179,30 @@ async def test_with_every_backend_down_a_request_waits_queued_then_ends_with_a_c
     assert done["result"]["content"].endswith("It was not generated.")
 
 
+@pytest.mark.parametrize(
+    ("executor", "answer", "reason"),
+    [
+        ("kandinsky", {"not": "an image"}, "returned an image that is not a readable image"),
+        ("automatic1111", {"images": [], "parameters": {}}, "answered without an image"),
+        ("automatic1111", {"images": ["this is not base64!"]}, "answered with an image that is not base64"),
+    ],
+)
 async def test_a_lone_backend_answering_something_that_is_not_an_image_fails_after_every_attempt(
-    start_backend, start_balancer
+    start_backend, start_balancer, executor, answer, reason
 ):
-    kandinsky = await start_backend("kandinsky")
-    kandinsky.state.fail_status = 200
-    kandinsky.state.fail_body = {"not": "an image"}
-    balancer = await start_balancer([kandinsky])
+    gpu = await start_backend(executor)
+    gpu.state.fail_status = 200
+    gpu.state.fail_body = answer
+    balancer = await start_balancer([gpu])
     bot = await balancer.connect("telegram")
 
-    queued = await bot.submit(request_message("kandinsky", "text2img", {"prompt": "x"}))
+    queued = await bot.submit(request_message(executor, "text2img", {"prompt": "x"}))
     done = await bot.final(queued["object_id"])
 
     assert done["gen_status"] == "error"
-    assert done["result"]["content"].startswith("Failed after 3 attempts; the last: backend kandinsky-")
-    assert "returned an image that is not a readable image" in done["result"]["content"]
-    assert len(kandinsky.state.received) == 3
+    assert done["result"]["content"].startswith(f"Failed after 3 attempts; the last: backend {executor}-")
+    assert reason in done["result"]["content"]
+    assert len(gpu.state.received) == 3
 
 
 def test_image_keys_survive_a_restart_and_symlinked_images_are_not_served(tmp_path):

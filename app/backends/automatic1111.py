@@ -35,12 +35,15 @@ class Automatic1111Backend(Backend):
     async def _call(self, gen_type: GenType, payload: dict[str, Any]) -> bytes:
         response = await self._post_json(f"{self.api_url}/{_ROUTES[gen_type]}", payload)
         async with response:
-            try:
-                body = await response.json(content_type=None, loads=json_text.loads)
-            except ValueError:
-                raise BackendFailed(
-                    f"backend {self.name} answered with a body that is not JSON", kind=FailureKind.MALFORMED
-                ) from None
+            return await response.read()
+
+    def _image_in(self, answer: bytes) -> bytes:
+        try:
+            body = json_text.loads(answer)
+        except ValueError:
+            raise BackendFailed(
+                f"backend {self.name} answered with a body that is not JSON", kind=FailureKind.MALFORMED
+            ) from None
         images = body.get("images") if isinstance(body, dict) else None
         if not images or not isinstance(images[0], str):
             raise BackendFailed(f"backend {self.name} answered without an image", kind=FailureKind.MALFORMED)

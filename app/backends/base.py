@@ -46,7 +46,8 @@ class Progress:
 class Backend:
     """A client for one backend instance; it runs one job at a time (the scheduler sees to it).
 
-    Subclasses implement `_call` (returns the raw bytes of the first image) and `_probe`.
+    Subclasses implement `_call` (returns the answer's body as it came), `_image_in` (the
+    image in such a body) and `_probe`.
     """
 
     supports_progress = False
@@ -67,8 +68,9 @@ class Backend:
         return f"<{type(self).__name__} {self.name} {self.spec.endpoint}>"
 
     async def generate(self, gen_type: GenType, payload: dict[str, Any], timeout_s: float) -> bytes:
-        """Run one generation and return its image as the backend sent it (PNG, usually).
-        The backend is free again once this returns; `to_jpeg` converts the image.
+        """Run one generation and return the backend's answer as it came (the body, read
+        whole). The backend is free again once this returns; `to_jpeg` takes the image out
+        of the answer and converts it.
 
         Raises BackendFailed with a readable reason and a `kind` (see BackendFailed).
         """
@@ -84,15 +86,27 @@ class Backend:
         except aiohttp.ClientError as exc:
             raise BackendFailed(f"backend {self.name} failed: {exc}") from None
 
-    async def to_jpeg(self, image: bytes) -> bytes:
-        """An image this backend returned, as JPEG (in a worker thread: decoding and encoding
-        a large image takes tens of milliseconds). Raises BackendFailed (`malformed`)."""
+    async def to_jpeg(self, answer: bytes) -> bytes:
+        """The image in an answer of `generate`, as JPEG. In one worker thread, all of it:
+        an AUTOMATIC1111 answer is JSON with the image as base64, and for img2img it echoes
+        the request's megabytes too; parsing it, decoding the image and re-encoding it take
+        milliseconds that the event loop (and with it every backend's next job) would wait.
+        Raises BackendFailed (`malformed`)."""
+        return await asyncio.to_thread(self._answer_to_jpeg, answer)
+
+    def _answer_to_jpeg(self, answer: bytes) -> bytes:
+        image = self._image_in(answer)
         try:
-            return await asyncio.to_thread(to_jpeg, image)
+            return to_jpeg(image)
         except NotAnImage as exc:
             raise BackendFailed(
                 f"backend {self.name} returned an image that is {exc}", kind=FailureKind.MALFORMED
             ) from None
+
+    def _image_in(self, answer: bytes) -> bytes:
+        """The image's bytes in an answer of `_call` (blocking: runs in a worker thread).
+        Raises BackendFailed (`malformed`)."""
+        return answer
 
     async def probe(self, timeout_s: float) -> str | None:
         """A cheap health check. Returns None when healthy, else a readable reason."""

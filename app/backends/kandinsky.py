@@ -1,4 +1,5 @@
-"""Devoid Kandinsky 2.1 API client (`/text2img`, `/mix2images`; JPEG bodies)."""
+"""Devoid Kandinsky 2.1 API client (`/text2img`, `/mix2images`; JPEG bodies, which are the
+answer's image as they are)."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """One attempt of a request on the backend the dispatcher gave it (app/engine/scheduler.py):
 the backend called at once while the claim (the attempt counted, `generating`) is committed,
 progress polled meanwhile, the backend released for its next job as soon as it answers, the
-image converted; then the attempt handed on: to Finishing when it succeeded or the request
-itself is bad (a 4xx), to Retries when the backend failed."""
+image taken out of its answer and converted; then the attempt handed on: to Finishing when it
+succeeded or the request itself is bad (a 4xx), to Retries when the backend failed."""
 
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ class Attempts:
     async def run(self, pool: ExecutorPool, slot: BackendSlot, tracked: TrackedRequest) -> None:
         job = tracked.job
         backend = slot.backend
-        image: bytes | None = None
+        answer: bytes | None = None  # the backend's body, as it came
         jpeg: bytes | None = None
         failure: BackendFailed | None = None
         seconds: float | None = None
@@ -81,7 +81,7 @@ class Attempts:
             claim = asyncio.create_task(self._claim(tracked, slot, timeout_s))
             started = time.monotonic()
             try:
-                image = await backend.generate(job.gen_type, job.payload, timeout_s)
+                answer = await backend.generate(job.gen_type, job.payload, timeout_s)
             except BackendFailed as exc:
                 failure = exc
             except BaseException:
@@ -109,27 +109,29 @@ class Attempts:
             failure = BackendFailed(
                 "internal error in the balancer; the request was not generated", kind=FailureKind.REJECTED
             )
-        if image is not None:
+        if answer is not None:
             # The backend is idle from here: it gets its next job before this one's claim is
             # committed (with instant backends that commit was most of the gap between jobs)
-            # and before its image is converted and stored. After a failure it waits until the
-            # failure is counted, so a backend failing at once cannot drain the line before
-            # its circuit breaker opens.
+            # and before its answer is parsed and its image converted and stored. After a
+            # failed call it waits until the failure is counted, so a backend failing at once
+            # cannot drain the line before its circuit breaker opens.
             self._release(slot, tracked)
         if claim is not None:
             try:
                 if not await claim:
                     # Cancelled while the claim was committed (it is being answered), or the
                     # store closed (shutdown: it runs again at the next start).
-                    image = failure = None
+                    answer = failure = None
             finally:
                 claim.cancel()
                 await self._progress.stop(job)  # one the claim started while the slot was left
         if tracked.slot is slot:
             self._release(slot, tracked)
-        if image is not None:
+        if answer is not None:
             try:
-                jpeg = await backend.to_jpeg(image)
+                # An answer that holds no readable image is found here, after the release,
+                # and counted against the backend like any failure.
+                jpeg = await backend.to_jpeg(answer)
             except BackendFailed as exc:
                 failure = exc
         try:
