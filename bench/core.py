@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -254,33 +256,38 @@ async def dispatch_gaps(folder: Path, jobs: int, backends: int = 1) -> GapRun:
         return GapRun(await gpus.gaps(session, skip_first=True), cpu / jobs * 1000, loop_cpu / jobs * 1000)
 
 
-async def floor_gaps(folder: Path, jobs: int, backends: int = 1) -> GapRun:
-    """The same backlog through bench/dispatch_floor.py, the least a durable balancer does per
-    job (claim and result committed, image stored as JPEG and fsynced, `generating` and `ok`
-    sent), written by hand: the gap and the CPU per job that this much work leaves."""
+@contextlib.asynccontextmanager
+async def floor_peer(folder: Path, backend_urls: list[str]) -> AsyncIterator[tuple[int, str]]:
+    """bench/dispatch_floor.py, the least a durable balancer does per request, in a process of
+    its own calling `backend_urls`: (its pid, its websocket URL) while the context lasts."""
     folder.mkdir(parents=True, exist_ok=True)
     port = free_port()
+    env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(REPO_ROOT)}
+    floor = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.dispatch_floor", str(port), str(folder), *backend_urls, cwd=REPO_ROOT, env=env
+    )
+    try:
+        await wait_until_answering(f"http://127.0.0.1:{port}", lambda: None)
+        yield floor.pid, f"http://127.0.0.1:{port}/ws"
+    finally:
+        floor.terminate()
+        await floor.wait()
+
+
+async def floor_gaps(folder: Path, jobs: int, backends: int = 1) -> GapRun:
+    """The backlog of dispatch_gaps through the floor peer (floor_peer): the gap and the CPU
+    per job that the least durable work per job leaves."""
     async with GapBackends(backends) as gpus, aiohttp.ClientSession() as session:
-        env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(REPO_ROOT)}
-        floor = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "bench.dispatch_floor", str(port), str(folder), *gpus.urls, cwd=REPO_ROOT, env=env
-        )
-        try:
-            await wait_until_answering(f"http://127.0.0.1:{port}", lambda: None)
-            async with session.ws_connect(f"http://127.0.0.1:{port}/ws") as ws:
-                await ws.send_str(json.dumps({"jobs": jobs}))
-                await ws.receive()  # {"ready": jobs}: the rows are committed
-                cpu_before, loop_before = cpu_seconds(floor.pid), cpu_seconds(floor.pid, thread=floor.pid)
-                await gpus.open(session)
-                done = 0
-                while done < jobs:
-                    message = json.loads((await ws.receive()).data)
-                    done += message.get("gen_status") == "ok"
-                cpu = cpu_seconds(floor.pid) - cpu_before
-                loop_cpu = cpu_seconds(floor.pid, thread=floor.pid) - loop_before
-        finally:
-            floor.terminate()
-            await floor.wait()
+        async with floor_peer(folder, gpus.urls) as (pid, ws_url), session.ws_connect(ws_url) as ws:
+            await _send_all(ws, jobs)
+            await _await_queued(ws, jobs)
+            cpu_before, loop_before = cpu_seconds(pid), cpu_seconds(pid, thread=pid)
+            await gpus.open(session)
+            done = 0
+            while done < jobs:
+                message = json.loads((await ws.receive()).data)
+                done += message.get("gen_status") == "ok"
+            cpu, loop_cpu = cpu_seconds(pid) - cpu_before, cpu_seconds(pid, thread=pid) - loop_before
         return GapRun(await gpus.gaps(session, skip_first=True), cpu / jobs * 1000, loop_cpu / jobs * 1000)
 
 

@@ -1,24 +1,26 @@
-"""The dispatch gap's floor peer: the least a durable balancer does per job, written by hand,
-in a process of its own, so the gap it leaves on a backend can be set beside the server's.
+"""The floor peer of the dispatch figures (bench/core.py's gap, bench/e2e.py's jobs/s): the
+least a durable balancer does per request, written by hand, in a process of its own, so what
+it leaves on the backends can be set beside the server's.
 
-Per job, exactly what the server owes its client and nothing else:
-- the claim (`generating`) committed, meanwhile the backend is called at once;
+Per request, exactly what the server owes its client and nothing else:
+- intake: the frame parsed (orjson), its row committed (WAL, synchronous=FULL) before its
+  `queued` is sent;
+- the claim (`generating`) committed, meanwhile the backend is called at once, one job at a
+  time per backend, in arrival order;
 - the backend's answer read, and the backend given its next job straight away;
-- the image stored durably off the event loop, in one worker-thread hop: PNG read, JPEG
-  written (the format every result is stored as), fsynced, renamed into place, its folder
-  fsynced;
-- the result committed (WAL, synchronous=FULL; one writer task commits whatever is waiting
-  together, so a job's result and the next job's claim share a commit);
-- `generating` and `ok` sent to the client over its websocket.
+- the image stored durably off the event loop, in one worker-thread hop: the answer parsed,
+  the PNG read and written as JPEG (the format every result is stored as), fsynced, renamed
+  into place, its folder fsynced;
+- the result committed, then `ok` sent.
+One writer task commits whatever is waiting together (new rows, claims, results: a group
+commit, as the server's store does). No validation beyond the envelope's keys, no estimates,
+no retries, no progress polling, no mirrors, no logging: what remains is SQLite, the
+filesystem, Pillow, aiohttp and asyncio, the same ones the server uses.
 
-No estimates, no retries, no progress polling, no mirrors, no validation: what remains is
-SQLite, the filesystem, Pillow, aiohttp and asyncio, the same ones the server uses.
+The bench connects to /ws and sends requests as it would to the server; every message is
+answered on that connection.
 
-The bench connects to /ws, sends {"jobs": N}; the floor commits N queued rows, answers
-{"ready": N}, and calls its backends (which hold every call until the bench opens them),
-one job at a time per backend, until all N are answered.
-
-Usage (by bench/core.py): python -m bench.dispatch_floor PORT FOLDER BACKEND_URL...
+Usage (by the benches): python -m bench.dispatch_floor PORT FOLDER BACKEND_URL...
 """
 
 from __future__ import annotations
@@ -31,11 +33,12 @@ import os
 import sqlite3
 import sys
 import threading
+from collections.abc import Coroutine
 from pathlib import Path
 
 import aiohttp
 import orjson
-from aiohttp import web
+from aiohttp import WSMsgType, web
 from PIL import Image
 
 JPEG_QUALITY = 92  # the server's (app/images.py)
@@ -43,18 +46,28 @@ JPEG_QUALITY = 92  # the server's (app/images.py)
 _ONE_WRITER = threading.Lock()
 
 
+REQUIRED_KEYS = ("message_type", "executor", "gen_type", "service_info", "payload")
+
+_ONE_WRITER = threading.Lock()
+
+Statement = tuple[str, tuple[object, ...]]
+INSERT = "INSERT INTO jobs (id, status, message) VALUES (?, 'queued', ?)"
+UPDATE = "UPDATE jobs SET status = ?, backend = coalesce(?, backend), image = ? WHERE id = ?"
+
+
 def open_database(path: Path) -> sqlite3.Connection:
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     db.execute("PRAGMA journal_mode = WAL")
     db.execute("PRAGMA synchronous = FULL")
-    db.execute("CREATE TABLE jobs (id INTEGER PRIMARY KEY, status TEXT, backend TEXT, image TEXT)")
+    db.execute("CREATE TABLE jobs (id INTEGER PRIMARY KEY, status TEXT, message TEXT, backend TEXT, image TEXT)")
     return db
 
 
-def commit(db: sqlite3.Connection, updates: list[tuple[str, str, str, int]]) -> None:
+def commit(db: sqlite3.Connection, statements: list[Statement]) -> None:
     with _ONE_WRITER:
         db.execute("BEGIN")
-        db.executemany("UPDATE jobs SET status = ?, backend = coalesce(?, backend), image = ? WHERE id = ?", updates)
+        for sql, parameters in statements:
+            db.execute(sql, parameters)
         db.execute("COMMIT")
 
 
@@ -81,17 +94,17 @@ def store_image(folder: Path, job_id: int, answer: bytes) -> str:
 
 
 class GroupWriter:
-    """One task; every update waiting when it wakes goes into one transaction."""
+    """One task; every statement waiting when it wakes goes into one transaction."""
 
     def __init__(self, db: sqlite3.Connection) -> None:
         self.db = db
-        self.waiting: list[tuple[tuple[str, str, str, int], asyncio.Future[None]]] = []
+        self.waiting: list[tuple[Statement, asyncio.Future[None]]] = []
         self.wake = asyncio.Event()
         self.task = asyncio.create_task(self.run())
 
-    def write(self, update: tuple[str, str | None, str | None, int]) -> asyncio.Future[None]:
+    def write(self, sql: str, *parameters: object) -> asyncio.Future[None]:
         done = asyncio.get_running_loop().create_future()
-        self.waiting.append((update, done))  # type: ignore[arg-type]
+        self.waiting.append(((sql, parameters), done))
         self.wake.set()
         return done
 
@@ -100,53 +113,84 @@ class GroupWriter:
             await self.wake.wait()
             self.wake.clear()
             batch, self.waiting = self.waiting, []
-            await asyncio.to_thread(commit, self.db, [update for update, _ in batch])
+            await asyncio.to_thread(commit, self.db, [statement for statement, _ in batch])
             for _, done in batch:
                 done.set_result(None)
+
+
+class Floor:
+    """The requests of one client connection, from its frames to their `ok`s."""
+
+    def __init__(self, folder: Path, backend_urls: list[str], ws: web.WebSocketResponse) -> None:
+        self.folder = folder
+        self.ws = ws
+        self.writer = GroupWriter(open_database(folder / f"floor-{id(ws)}.sqlite3"))
+        self.line: collections.deque[tuple[int, bytes]] = collections.deque()
+        self.waiting_work = asyncio.Condition()
+        self.next_id = 0
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.session = aiohttp.ClientSession()
+        self.dispatchers = [asyncio.create_task(self.dispatcher(url)) for url in backend_urls]
+
+    def in_background(self, coroutine: Coroutine[object, object, None]) -> None:
+        task = asyncio.create_task(coroutine)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def send(self, message: dict[str, object]) -> None:
+        if not self.ws.closed:  # the bench hung up: nobody is left to tell
+            await self.ws.send_str(orjson.dumps(message).decode())
+
+    async def accept(self, frame: str) -> None:
+        message = orjson.loads(frame)
+        if any(key not in message for key in REQUIRED_KEYS):
+            await self.send({"gen_status": "error", "reason": "missing keys"})
+            return
+        job_id, self.next_id = self.next_id, self.next_id + 1
+        await self.writer.write(INSERT, job_id, frame)
+        await self.send({"gen_status": "queued", "object_id": job_id})
+        self.line.append((job_id, orjson.dumps(message["payload"])))
+        async with self.waiting_work:
+            self.waiting_work.notify()
+
+    async def dispatcher(self, url: str) -> None:
+        while True:
+            async with self.waiting_work:
+                await self.waiting_work.wait_for(lambda: bool(self.line))
+            job_id, payload = self.line.popleft()
+            claimed = self.writer.write(UPDATE, "generating", url, None, job_id)
+            self.in_background(self.tell_generating(job_id, claimed))
+            async with self.session.post(f"{url}/sdapi/v1/txt2img", data=payload) as response:
+                answer = await response.read()
+            self.in_background(self.finish(job_id, claimed, answer))
+
+    async def tell_generating(self, job_id: int, claimed: asyncio.Future[None]) -> None:
+        await claimed
+        await self.send({"gen_status": "generating", "object_id": job_id})
+
+    async def finish(self, job_id: int, claimed: asyncio.Future[None], answer: bytes) -> None:
+        name = await asyncio.to_thread(store_image, self.folder, job_id, answer)
+        await claimed
+        await self.writer.write(UPDATE, "ok", None, name, job_id)
+        await self.send({"gen_status": "ok", "object_id": job_id, "image": name})
+
+    async def close(self) -> None:
+        for task in self.dispatchers:
+            task.cancel()
+        self.writer.task.cancel()
+        await self.session.close()
 
 
 async def serve(folder: Path, backend_urls: list[str], request: web.Request) -> web.WebSocketResponse:
     ws = web.WebSocketResponse()
     await ws.prepare(request)
-    jobs = orjson.loads((await ws.receive()).data)["jobs"]
-    db = open_database(folder / "floor.sqlite3")
-    db.executemany("INSERT INTO jobs (id, status) VALUES (?, 'queued')", [(n,) for n in range(jobs)])
-    line = collections.deque(range(jobs))
-    writer = GroupWriter(db)
-    await ws.send_bytes(orjson.dumps({"ready": jobs}))
-    finishing: set[asyncio.Task[None]] = set()
-
-    async def tell_generating(job_id: int, claimed: asyncio.Future[None]) -> None:
-        await claimed
-        await ws.send_bytes(orjson.dumps({"gen_status": "generating", "object_id": job_id}))
-
-    async def finish(job_id: int, claimed: asyncio.Future[None], answer: bytes) -> None:
-        name = await asyncio.to_thread(store_image, folder, job_id, answer)
-        await claimed
-        await writer.write(("ok", None, name, job_id))
-        await ws.send_bytes(orjson.dumps({"gen_status": "ok", "object_id": job_id, "image": name}))
-
-    def in_background(coroutine: object) -> None:
-        task = asyncio.create_task(coroutine)  # type: ignore[arg-type]
-        finishing.add(task)
-        task.add_done_callback(finishing.discard)
-
-    async def dispatcher(session: aiohttp.ClientSession, url: str) -> None:
-        while line:
-            job_id = line.popleft()
-            claimed = writer.write(("generating", url, None, job_id))
-            in_background(tell_generating(job_id, claimed))
-            async with session.post(
-                f"{url}/sdapi/v1/txt2img", data=orjson.dumps({"prompt": f"r{job_id}", "steps": 20})
-            ) as response:
-                answer = await response.read()
-            in_background(finish(job_id, claimed, answer))
-
-    async with aiohttp.ClientSession() as session:
-        await asyncio.gather(*(dispatcher(session, url) for url in backend_urls))
-        while finishing:
-            await asyncio.gather(*finishing)
-    await ws.close()
+    floor = Floor(folder, backend_urls, ws)
+    try:
+        async for message in ws:
+            if message.type is WSMsgType.TEXT:
+                floor.in_background(floor.accept(message.data))
+    finally:
+        await floor.close()
     return ws
 
 

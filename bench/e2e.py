@@ -1,7 +1,8 @@
 """End-to-end job throughput: no-op jobs per second through the whole balancer (accept ->
 commit -> dispatch -> instant backend -> image stored -> `ok` delivered), with 8 instant
-AUTOMATIC1111 test backends, beside huey running no-op tasks (bench/huey_peer.py) in the
-same run. Repeats interleaved; min / median / max. Then the CPU each job costs: the server's
+AUTOMATIC1111 test backends, beside the floor peer (bench/dispatch_floor.py: the least a
+durable balancer does per request, by hand, through the same backends) and huey running no-op
+tasks (bench/huey_peer.py) in the same run. Repeats interleaved; min / median / max. Then the CPU each job costs: the server's
 (all threads, and the event loop alone), the load's (this process: the backends and the
 client share the machine), and one image file stored the way results are, alone, which no
 server code can lower; from these, the most jobs/s the machine's cores allow, with this
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -25,13 +27,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 
 from app.demo_backends import DemoBackendState, automatic1111_app, serve_on_loopback
 from app.storage.results import image_file_name, write_atomically
-from bench.core import KEY, balancer
+from bench.core import KEY, balancer, floor_peer
 from bench.sampling import PY_SPY_MISSING, Sampler, cpu_seconds, print_loop_profile
 
 BACKENDS = 8
@@ -45,16 +48,8 @@ class Run:
     load_ms_per_job: float  # this bench process: the 8 backends and the client
 
 
-async def balancer_run(folder: Path, jobs: int, profile_to: Path | None = None) -> Run:
-    runners, specs = [], []
-    for number in range(BACKENDS):
-        runner, url = await serve_on_loopback(automatic1111_app(DemoBackendState()))
-        runners.append(runner)
-        specs.append({"name": f"gpu{number}", "exec_type": "automatic1111", "endpoint": url, "timeout": 60})
-    server = balancer(folder, specs)
-    await server.start()
-    sampler = Sampler(server.process.pid, profile_to) if profile_to is not None else None
-    texts = [
+def request_texts(jobs: int) -> list[str]:
+    return [
         json.dumps(
             {
                 "message_type": "request",
@@ -67,40 +62,77 @@ async def balancer_run(folder: Path, jobs: int, profile_to: Path | None = None) 
         )
         for n in range(jobs)
     ]
+
+
+@contextlib.asynccontextmanager
+async def instant_backends() -> AsyncIterator[list[str]]:
+    """BACKENDS instant AUTOMATIC1111 demo backends served from this process: their URLs."""
+    runners, urls = [], []
     try:
-        async with aiohttp.ClientSession() as session:
-            async with session.ws_connect(
-                f"{server.base_url}/ws/bench", max_msg_size=0, headers={"authorization": KEY, "service": "bench"}
-            ) as ws:
-                pid = server.process.pid
-                cpu_before, loop_before = cpu_seconds(pid), cpu_seconds(pid, thread=pid)
-                load_before = time.process_time()
-                started = time.perf_counter()
-
-                async def send() -> None:
-                    for text in texts:
-                        await ws.send_str(text)
-
-                sender = asyncio.create_task(send())
-                finals = 0
-                while finals < jobs:
-                    data = (await ws.receive()).data
-                    if '"gen_status":"ok"' in data or '"gen_status":"error"' in data:
-                        finals += 1
-                await sender
-                elapsed = time.perf_counter() - started
-                return Run(
-                    jobs / elapsed,
-                    (cpu_seconds(pid) - cpu_before) * 1000 / jobs,
-                    (cpu_seconds(pid, thread=pid) - loop_before) * 1000 / jobs,
-                    (time.process_time() - load_before) * 1000 / jobs,
-                )
+        for _ in range(BACKENDS):
+            runner, url = await serve_on_loopback(automatic1111_app(DemoBackendState()))
+            runners.append(runner)
+            urls.append(url)
+        yield urls
     finally:
-        if sampler is not None:
-            sampler.stop()
-        await server.stop()
         for runner in runners:
             await runner.cleanup()
+
+
+async def drive(ws: aiohttp.ClientWebSocketResponse, pid: int, jobs: int) -> Run:
+    """Send `jobs` requests down `ws` while reading its answers, until each has its final."""
+    texts = request_texts(jobs)
+    cpu_before, loop_before = cpu_seconds(pid), cpu_seconds(pid, thread=pid)
+    load_before = time.process_time()
+    started = time.perf_counter()
+
+    async def send() -> None:
+        for text in texts:
+            await ws.send_str(text)
+
+    sender = asyncio.create_task(send())
+    finals = 0
+    while finals < jobs:
+        data = (await ws.receive()).data
+        if '"gen_status":"ok"' in data or '"gen_status":"error"' in data:
+            finals += 1
+    await sender
+    elapsed = time.perf_counter() - started
+    return Run(
+        jobs / elapsed,
+        (cpu_seconds(pid) - cpu_before) * 1000 / jobs,
+        (cpu_seconds(pid, thread=pid) - loop_before) * 1000 / jobs,
+        (time.process_time() - load_before) * 1000 / jobs,
+    )
+
+
+async def balancer_run(folder: Path, jobs: int, profile_to: Path | None = None) -> Run:
+    async with instant_backends() as urls:
+        specs = [
+            {"name": f"gpu{number}", "exec_type": "automatic1111", "endpoint": url, "timeout": 60}
+            for number, url in enumerate(urls)
+        ]
+        server = balancer(folder, specs)
+        await server.start()
+        sampler = Sampler(server.process.pid, profile_to) if profile_to is not None else None
+        try:
+            async with aiohttp.ClientSession() as session:
+                async with session.ws_connect(
+                    f"{server.base_url}/ws/bench", max_msg_size=0, headers={"authorization": KEY, "service": "bench"}
+                ) as ws:
+                    return await drive(ws, server.process.pid, jobs)
+        finally:
+            if sampler is not None:
+                sampler.stop()
+            await server.stop()
+
+
+async def floor_run(folder: Path, jobs: int) -> Run:
+    """The same jobs through the floor peer (bench/dispatch_floor.py): the least a durable
+    balancer does per request, by hand."""
+    async with instant_backends() as urls, floor_peer(folder, urls) as (pid, ws_url):
+        async with aiohttp.ClientSession() as session, session.ws_connect(ws_url, max_msg_size=0) as ws:
+            return await drive(ws, pid, jobs)
 
 
 def huey_rate(folder: Path, jobs: int) -> float | None:
@@ -140,15 +172,18 @@ async def main() -> None:
     parser.add_argument("--profile", action="store_true", help="sample one extra run of this server (py-spy)")
     args = parser.parse_args()
     ours: list[Run] = []
+    floors: list[Run] = []
     peer = []
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeats):
             ours.append(await balancer_run(Path(tmp) / f"ours{repeat}", args.jobs))
+            floors.append(await floor_run(Path(tmp) / f"floor{repeat}", args.jobs))
             rate = huey_rate(Path(tmp), args.jobs)
             if rate is not None:
                 peer.append(rate)
     print(f"no-op jobs per second, {args.jobs} jobs, {args.repeats} repeats (min / median / max)")
     print(f"  this server, {BACKENDS} instant backends: {spread([run.jobs_per_s for run in ours], '.0f')}")
+    print(f"  floor peer (dispatch_floor):      {spread([run.jobs_per_s for run in floors], '.0f')}")
     if peer:
         print(f"  huey, 1 worker, no-op task:       {spread(peer, '.0f')}")
     else:
@@ -156,6 +191,8 @@ async def main() -> None:
     print("CPU per job, ms (min / median / max)")
     print(f"  this server, all threads:        {spread([run.cpu_ms_per_job for run in ours], '.2f')}")
     print(f"  this server, event loop alone:   {spread([run.loop_ms_per_job for run in ours], '.2f')}")
+    print(f"  floor peer, all threads:         {spread([run.cpu_ms_per_job for run in floors], '.2f')}")
+    print(f"  floor peer, event loop alone:    {spread([run.loop_ms_per_job for run in floors], '.2f')}")
     print(f"  the load (8 backends, client):   {spread([run.load_ms_per_job for run in ours], '.2f')}")
     with tempfile.TemporaryDirectory() as tmp:
         floor = image_file_ms(Path(tmp))
