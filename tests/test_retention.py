@@ -10,7 +10,7 @@ from yarl import URL
 
 from bench.bots import request_message, wait_until
 from bench.images import noisy_png_base64
-from tests.conftest import SERVICE_KEYS
+from tests.conftest import SERVICE_KEYS, cancel_action
 
 TELEGRAM = {"authorization": SERVICE_KEYS["telegram"], "service": "telegram"}
 
@@ -68,6 +68,26 @@ async def test_summaries_past_their_own_retention_are_deleted(start_backend, sta
     await wait_until(lambda: stored(balancer.config.database_path, queued["object_id"]) is None, timeout_s=10)
     response = await balancer.client.get(f"/api/v1/requests/{queued['object_id']}", headers=TELEGRAM)
     assert response.status == 404
+
+
+async def test_an_image_a_crash_left_half_written_goes_with_its_request(start_backend, start_balancer):
+    gpu = await start_backend("automatic1111")
+    gpu.state.gate.clear()
+    balancer = await start_balancer([gpu], RETENTION_S=0.5)
+    bot = await balancer.connect("telegram")
+    queued = await bot.submit(request_message("automatic1111", "text2img", {"prompt": "never finished"}))
+    # What a crash while its image was written leaves behind; the request is then cancelled
+    # before it runs again, so no later write renames or replaces the copy.
+    leftover = balancer.config.images_path / f"{queued['object_id']}.tmp"
+    leftover.write_bytes(b"\xff\xd8 half an image")
+
+    await bot.send(cancel_action(queued["object_id"]))
+    done = await bot.final(queued["object_id"])
+    await wait_until(lambda: stored(balancer.config.database_path, queued["object_id"])[3] is not None, timeout_s=10)
+
+    assert done["result"]["content"] == "cancelled"
+    assert not leftover.exists()
+    gpu.state.gate.set()
 
 
 async def test_a_request_still_waiting_is_never_pruned_however_old(start_backend, start_balancer):

@@ -151,9 +151,15 @@ def _base64_result(file_name: str, jpeg: bytes) -> dict[str, Any]:
     return {"content_type": "base64", "content": base64.b64encode(jpeg).decode("ascii"), "file_name": file_name}
 
 
+def unfinished_copy(path: Path) -> Path:
+    """Where write_atomically writes `path` before renaming it into place. A crash mid-write
+    leaves it behind; retention deletes it with its request."""
+    return path.with_suffix(".tmp")
+
+
 def write_atomically(path: Path, data: bytes) -> None:
     # A crash mid-write must not leave a truncated image behind the URL already sent.
-    temporary = path.with_suffix(".tmp")
+    temporary = unfinished_copy(path)
     with open(temporary, "wb") as file:
         file.write(data)
         file.flush()

@@ -3,12 +3,13 @@ older than SUMMARY_RETENTION_S are deleted, so the database and the images folde
 under a steady load.
 
 A pass takes the oldest finished requests past the retention time, at most PRUNE_BATCH_ROWS
-(and PRUNE_BATCH_PAYLOAD_CHARS of payload) at a time:
-their local image files are deleted, then one transaction drops their payloads and image
-results (app/storage/retention_rows.py `prune`). Batches are small and go through the store's writer
-queue like any other write, so intake's commits interleave with them instead of waiting
-behind one long delete. Files go first: a crash between the two leaves the rows unpruned,
-and the next pass finishes them (a missing file is fine), never an orphaned image.
+(and PRUNE_BATCH_PAYLOAD_CHARS of payload) at a time: their local image files are deleted
+(with any copy of one a crash left half-written), then one transaction drops their payloads
+and image results (app/storage/retention_rows.py `prune`). Batches are small and go through
+the store's writer queue like any other write, so intake's commits interleave with them
+instead of waiting behind one long delete. Files go first: a crash between the two leaves
+the rows unpruned, and the next pass finishes them (a missing file is fine), never an
+orphaned image.
 
 S3 images are not deleted here: a bucket lifecycle rule does that (docs/operations.md).
 """
@@ -21,7 +22,7 @@ import time
 from pathlib import Path
 
 from app.metrics import Metrics
-from app.storage.results import IMAGE_FILE_NAME
+from app.storage.results import IMAGE_FILE_NAME, image_file_name, unfinished_copy
 from app.storage.store import Store
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,11 @@ class Retention:
         if not rows:
             return 0
         files = [self._images_path / name for _, name in rows if name and IMAGE_FILE_NAME.match(name)]
-        await asyncio.to_thread(_delete, files)
+        # A crash while a request's image was written leaves its unfinished copy. The request
+        # runs again at the next start and writes over it, unless it ends first (cancelled,
+        # expired): then nothing else would ever delete it.
+        leftovers = [unfinished_copy(self._images_path / image_file_name(object_id)) for object_id, _ in rows]
+        await asyncio.to_thread(_delete, files + leftovers)
         await self._store.retention.prune([object_id for object_id, _ in rows], self._summary)
         self._metrics.pruned.inc(len(rows))
         log.info("retention: pruned %d finished requests (payloads, results, %d local images)", len(rows), len(files))
