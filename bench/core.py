@@ -241,19 +241,28 @@ async def dispatch_gaps(folder: Path, jobs: int, backends: int = 1) -> GapRun:
             async with session.ws_connect(
                 f"{server.base_url}/ws/bench", headers={"authorization": KEY, "service": "bench"}
             ) as ws:
-                await _send_all(ws, jobs)
-                await _await_queued(ws, jobs)
-                pid = server.process.pid
-                cpu_before, loop_before = cpu_seconds(pid), cpu_seconds(pid, thread=pid)
-                await gpus.open(session)
-                done = 0
-                while done < jobs:
-                    message = json.loads((await ws.receive()).data)
-                    done += message.get("gen_status") in ("ok", "error")
-                cpu, loop_cpu = cpu_seconds(pid) - cpu_before, cpu_seconds(pid, thread=pid) - loop_before
+                cpu_ms, loop_ms = await _run_backlog(ws, gpus, session, server.process.pid, jobs)
         finally:
             await server.stop()
-        return GapRun(await gpus.gaps(session, skip_first=True), cpu / jobs * 1000, loop_cpu / jobs * 1000)
+        return GapRun(await gpus.gaps(session, skip_first=True), cpu_ms, loop_ms)
+
+
+async def _run_backlog(
+    ws: aiohttp.ClientWebSocketResponse, gpus: GapBackends, session: aiohttp.ClientSession, pid: int, jobs: int
+) -> tuple[float, float]:
+    """`jobs` requests queued through `ws` while the backends hold them, then the backends
+    opened and every final awaited: process `pid`'s CPU per job meanwhile, in ms (all threads,
+    the event loop's thread alone)."""
+    await _send_all(ws, jobs)
+    await _await_queued(ws, jobs)
+    cpu_before, loop_before = cpu_seconds(pid), cpu_seconds(pid, thread=pid)
+    await gpus.open(session)
+    done = 0
+    while done < jobs:
+        message = json.loads((await ws.receive()).data)
+        done += message.get("gen_status") in ("ok", "error")
+    cpu, loop_cpu = cpu_seconds(pid) - cpu_before, cpu_seconds(pid, thread=pid) - loop_before
+    return cpu / jobs * 1000, loop_cpu / jobs * 1000
 
 
 @contextlib.asynccontextmanager
@@ -279,16 +288,8 @@ async def floor_gaps(folder: Path, jobs: int, backends: int = 1) -> GapRun:
     per job that the least durable work per job leaves."""
     async with GapBackends(backends) as gpus, aiohttp.ClientSession() as session:
         async with floor_peer(folder, gpus.urls) as (pid, ws_url), session.ws_connect(ws_url) as ws:
-            await _send_all(ws, jobs)
-            await _await_queued(ws, jobs)
-            cpu_before, loop_before = cpu_seconds(pid), cpu_seconds(pid, thread=pid)
-            await gpus.open(session)
-            done = 0
-            while done < jobs:
-                message = json.loads((await ws.receive()).data)
-                done += message.get("gen_status") == "ok"
-            cpu, loop_cpu = cpu_seconds(pid) - cpu_before, cpu_seconds(pid, thread=pid) - loop_before
-        return GapRun(await gpus.gaps(session, skip_first=True), cpu / jobs * 1000, loop_cpu / jobs * 1000)
+            cpu_ms, loop_ms = await _run_backlog(ws, gpus, session, pid, jobs)
+        return GapRun(await gpus.gaps(session, skip_first=True), cpu_ms, loop_ms)
 
 
 async def direct_gaps(jobs: int, backends: int = 1) -> list[float]:

@@ -28,68 +28,40 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
-import io
-import os
 import sqlite3
 import sys
-import threading
 from collections.abc import Coroutine
 from pathlib import Path
 
 import aiohttp
 import orjson
 from aiohttp import WSMsgType, web
-from PIL import Image
 
-JPEG_QUALITY = 92  # the server's (app/images.py)
-
-_ONE_WRITER = threading.Lock()
-
-
-REQUIRED_KEYS = ("message_type", "executor", "gen_type", "service_info", "payload")
-
-_ONE_WRITER = threading.Lock()
+from app.images import to_jpeg
+from app.storage.results import image_file_name, write_atomically
+from bench.peer_server import REQUIRED_KEYS, open_database
 
 Statement = tuple[str, tuple[object, ...]]
+JOBS_TABLE = "CREATE TABLE jobs (id INTEGER PRIMARY KEY, status TEXT, message TEXT, backend TEXT, image TEXT)"
 INSERT = "INSERT INTO jobs (id, status, message) VALUES (?, 'queued', ?)"
 UPDATE = "UPDATE jobs SET status = ?, backend = coalesce(?, backend), image = ? WHERE id = ?"
 
 
-def open_database(path: Path) -> sqlite3.Connection:
-    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    db.execute("PRAGMA journal_mode = WAL")
-    db.execute("PRAGMA synchronous = FULL")
-    db.execute("CREATE TABLE jobs (id INTEGER PRIMARY KEY, status TEXT, message TEXT, backend TEXT, image TEXT)")
-    return db
-
-
 def commit(db: sqlite3.Connection, statements: list[Statement]) -> None:
-    with _ONE_WRITER:
-        db.execute("BEGIN")
-        for sql, parameters in statements:
-            db.execute(sql, parameters)
-        db.execute("COMMIT")
+    """One transaction. Only the writer task calls it, one call at a time."""
+    db.execute("BEGIN")
+    for sql, parameters in statements:
+        db.execute(sql, parameters)
+    db.execute("COMMIT")
 
 
 def store_image(folder: Path, job_id: int, answer: bytes) -> str:
-    """The backend's answer to a JPEG file, durably; returns the file's name."""
+    """The backend's answer to a JPEG file, durably; returns the file's name. The conversion
+    and the write are the server's own (app/images.py, app/storage/results.py): what is
+    measured here is everything around them."""
     png = base64.b64decode(orjson.loads(answer)["images"][0])
-    with Image.open(io.BytesIO(png)) as image:
-        rgb = image.convert("RGB")
-    jpeg = io.BytesIO()
-    rgb.save(jpeg, format="JPEG", quality=JPEG_QUALITY)
-    name = f"{job_id:024x}.jpg"
-    temporary = folder / f"{name}.tmp"
-    with open(temporary, "wb") as file:
-        file.write(jpeg.getbuffer())
-        file.flush()
-        os.fsync(file.fileno())
-    os.rename(temporary, folder / name)
-    directory = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    name = image_file_name(f"{job_id:024x}")
+    write_atomically(folder / name, to_jpeg(png))
     return name
 
 
@@ -124,7 +96,7 @@ class Floor:
     def __init__(self, folder: Path, backend_urls: list[str], ws: web.WebSocketResponse) -> None:
         self.folder = folder
         self.ws = ws
-        self.writer = GroupWriter(open_database(folder / f"floor-{id(ws)}.sqlite3"))
+        self.writer = GroupWriter(open_database(folder / f"floor-{id(ws)}.sqlite3", JOBS_TABLE))
         self.line: collections.deque[tuple[int, bytes]] = collections.deque()
         self.waiting_work = asyncio.Condition()
         self.next_id = 0

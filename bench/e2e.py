@@ -2,11 +2,12 @@
 commit -> dispatch -> instant backend -> image stored -> `ok` delivered), with 8 instant
 AUTOMATIC1111 test backends, beside the floor peer (bench/dispatch_floor.py: the least a
 durable balancer does per request, by hand, through the same backends) and huey running no-op
-tasks (bench/huey_peer.py) in the same run. Repeats interleaved; min / median / max. Then the CPU each job costs: the server's
-(all threads, and the event loop alone), the load's (this process: the backends and the
-client share the machine), and one image file stored the way results are, alone, which no
-server code can lower; from these, the most jobs/s the machine's cores allow, with this
-server and with a server that cost nothing (the load alone).
+tasks (bench/huey_peer.py) in the same run. Repeats interleaved; min / median / max. Then the
+CPU each job costs: the server's and the floor's (all threads, and the event loop alone), the
+load's (this process: the backends and the client share the machine), and one image file
+stored the way results are, alone, which no server code can lower; from these, the most
+jobs/s the machine's cores allow, with this server and with a server that cost nothing (the
+load alone).
 
 Usage: .venv/bin/python -m bench.e2e [--jobs N] [--repeats N] [--profile]
   --profile: one extra run sampled by py-spy; self time, and the event loop's inclusive time,

@@ -44,11 +44,16 @@ MAX_BATCH = 512
 BASE64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 
 
-def open_database(path: str) -> sqlite3.Connection:
+REQUESTS_TABLE = "CREATE TABLE IF NOT EXISTS requests (object_id TEXT PRIMARY KEY, message TEXT)"
+
+
+def open_database(path: str | Path, table: str = REQUESTS_TABLE) -> sqlite3.Connection:
+    """A connection whose commits are durable (WAL, synchronous=FULL), transactions begun by
+    hand, with `table` created. bench/dispatch_floor.py opens its own this way too."""
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     db.execute("PRAGMA journal_mode = WAL")
     db.execute("PRAGMA synchronous = FULL")
-    db.execute("CREATE TABLE IF NOT EXISTS requests (object_id TEXT PRIMARY KEY, message TEXT)")
+    db.execute(table)
     return db
 
 
